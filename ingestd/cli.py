@@ -1,0 +1,298 @@
+"""The ``ingestd`` command: argument parsing and output only.
+
+Read commands print a table by default and one JSON document with ``--json``. Exit codes:
+0 ok, 1 failure, 2 usage, 3 not found, 4 conflict, 5 input refused. Expected errors are one line
+on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from typing import Any, Callable, Sequence
+
+import peewee as pw
+
+from ingestd import __version__, config as config_mod, db, intake, jobs, migrations
+from ingestd.errors import EXIT_FAILURE, EXIT_OK, IngestdError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- output helpers ------------------------------------------------------------------------------
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(line.format(*headers).rstrip())
+    for row in rows:
+        print(line.format(*row).rstrip())
+
+
+def _job_row(record: dict[str, Any]) -> list[str]:
+    return [str(record["id"]), record["status"], record["stage"],
+            f"{record['progress'] * 100:.0f}%", _human_size(record["byte_size"]),
+            (record["created_at"] or "")[:19].replace("T", " "), record["source_path"]]
+
+
+JOB_HEADERS = ["ID", "STATUS", "STAGE", "PROGRESS", "SIZE", "CREATED", "PATH"]
+
+
+def _print_job(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(record)
+        return
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+def _say_job(verb: str, job: Any, as_json: bool) -> None:
+    record = jobs.job_record(job)
+    if as_json:
+        _print_json(record)
+    else:
+        print(f"job {record['id']} {verb}: {record['status']}  {record['source_path']}")
+
+
+# --- context -----------------------------------------------------------------------------------
+
+def _config(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(getattr(args, "config", None))
+
+
+def _open(args: argparse.Namespace) -> config_mod.Config:
+    cfg = _config(args)
+    db.open_store(cfg.daemon.database)
+    return cfg
+
+
+def _job_id(text: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"invalid job id {text!r}: expected a positive integer")
+    return int(text)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    cfg.project(args.project)
+    page = jobs.list_jobs(args.project, status=args.status, stage=args.stage,
+                          source_id=args.source, limit=args.limit, cursor=args.cursor)
+    records = [jobs.job_record(job) for job in page.jobs]
+    if args.json:
+        _print_json({"jobs": records, "next_cursor": page.next_cursor})
+        return EXIT_OK
+    _table([_job_row(r) for r in records], JOB_HEADERS)
+    if page.next_cursor:
+        print(f"next page: --cursor {page.next_cursor}")
+    return EXIT_OK
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    cfg.project(args.project)
+    _print_job(jobs.job_record(jobs.get(args.project, _job_id(args.job))), args.json)
+    return EXIT_OK
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    project = cfg.project(args.project)
+    folder, version = intake.inspect(project, os.fsencode(args.path))
+    intake.check_type(project, version)
+    job, _ = jobs.create(project.name, str(folder), version, project.max_attempts, resubmit=True)
+    _say_job("queued", job, args.json)
+    return EXIT_OK
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    cfg.project(args.project)
+    job = jobs.cancel(args.project, _job_id(args.job))
+    verb = "cancellation requested" if job.status == "running" else "cancelled"
+    _say_job(verb, job, args.json)
+    return EXIT_OK
+
+
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    cfg.project(args.project)
+    _say_job("deleted", jobs.delete(args.project, _job_id(args.job)), args.json)
+    return EXIT_OK
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    cfg = _open(args)
+    cfg.project(args.project)
+    _say_job("re-queued", jobs.retry(args.project, _job_id(args.job)), args.json)
+    return EXIT_OK
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    url = cfg.daemon.database
+    database = db.connect(url)
+    with db.translate_errors(url):
+        applied = migrations.migrate(database)
+        version = migrations.current_version(database)
+    database.close()
+    if applied:
+        print(f"{db.describe(url)}: applied migrations {', '.join(map(str, applied))}; "
+              f"schema version {version}")
+    else:
+        print(f"{db.describe(url)}: up to date (schema version {version})")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    effective = config_mod.as_dict(cfg)
+    if args.json:
+        _print_json(effective)
+    else:
+        print(f"# effective configuration from {effective['source'] or 'the zero-config default'}")
+        _print_toml(effective)
+    return EXIT_OK
+
+
+def _print_toml(effective: dict[str, Any]) -> None:
+    def value(v: Any) -> str:
+        if v is None:
+            return '""  # unset'
+        return json.dumps(v, ensure_ascii=False)
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        print(f"\n[{name}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, v in values.items():
+            if key not in nested:
+                print(f"{key} = {value(v)}")
+        for key, v in nested.items():
+            table(f"{name}.{key}", v)
+
+    table("daemon", effective["daemon"])
+    for project, values in effective["projects"].items():
+        table(f"projects.{project}", values)
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="config file (default: $INGESTD_CONFIG, else zero-config)")
+    return common
+
+
+def _project_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--project", required=True, help="project name")
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="ingestd", parents=[common],
+                                     description="Ingest files dropped into watched folders.")
+    parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_jobs(commands, common)
+    _add_db(commands, common)
+    _add_config(commands, common)
+    return parser
+
+
+def _add_jobs(commands: Any, common: argparse.ArgumentParser) -> None:
+    group = commands.add_parser("jobs", parents=[common], help="list and manage jobs")
+    sub = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = sub.add_parser("list", parents=[common], help="newest first, one page")
+    _project_arg(listing)
+    listing.add_argument("--status", help="queued, running, completed, failed or cancelled")
+    listing.add_argument("--stage", help="initial, reading, extracting, indexing or done")
+    listing.add_argument("--source", type=int, help="source id")
+    listing.add_argument("--limit", type=int, default=jobs.DEFAULT_LIST_LIMIT,
+                         help=f"jobs per page (max {jobs.MAX_LIST_LIMIT})")
+    listing.add_argument("--cursor", help="the next_cursor printed with the previous page")
+    _json_arg(listing)
+    listing.set_defaults(handler=cmd_jobs_list)
+
+    for name, handler, text in (("show", cmd_jobs_show, "one job"),
+                                ("cancel", cmd_jobs_cancel, "cancel a queued or running job"),
+                                ("delete", cmd_jobs_delete, "soft-delete a job (not while running)"),
+                                ("retry", cmd_jobs_retry, "re-queue a failed or cancelled job")):
+        action = sub.add_parser(name, parents=[common], help=text)
+        _project_arg(action)
+        action.add_argument("job", help="job id")
+        _json_arg(action)
+        action.set_defaults(handler=handler)
+
+    submit = sub.add_parser("submit", parents=[common],
+                            help="queue a job for a file already inside the project's folders")
+    _project_arg(submit)
+    submit.add_argument("path")
+    _json_arg(submit)
+    submit.set_defaults(handler=cmd_jobs_submit)
+
+
+def _add_db(commands: Any, common: argparse.ArgumentParser) -> None:
+    group = commands.add_parser("db", parents=[common], help="database maintenance")
+    sub = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub.add_parser("migrate", parents=[common], help="bring the schema up to date"
+                   ).set_defaults(handler=cmd_db_migrate)
+
+
+def _add_config(commands: Any, common: argparse.ArgumentParser) -> None:
+    group = commands.add_parser("config", parents=[common], help="configuration")
+    sub = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = sub.add_parser("check", parents=[common], help="validate and print the effective config")
+    _json_arg(check)
+    check.set_defaults(handler=cmd_config_check)
+
+
+def _fail(exc: IngestdError) -> int:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"ingestd: {line}", file=sys.stderr)
+    return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (pw.PeeweeException, sqlite3.Error) as exc:
+        return _fail(db.as_store_error(exc))
+    except IngestdError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `ingestd ... | head`: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    finally:
+        db.close_store()

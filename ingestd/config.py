@@ -1,0 +1,400 @@
+"""TOML configuration -> frozen dataclasses.
+
+Lookup order: ``-c/--config FILE``, else ``$INGESTD_CONFIG``, else the zero-config default
+(project ``default`` watching ``./inbox``, state under ``./.ingestd``). Relative paths in a file
+are relative to that file's folder. Every problem is reported as one line naming the file, the
+key and what is wrong; all problems of a file are reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ingestd.errors import ConfigError
+
+CONFIG_ENV = "INGESTD_CONFIG"
+DEFAULT_PROJECT = "default"
+DEFAULT_EXCLUDE = (".*", "*.part", "*.tmp", "*.crdownload", "~$*", ".~lock.*", "*.swp")
+DEFAULT_ALLOWED_TYPES = ("text/*", "application/pdf", "application/json", "application/xml")
+AFTER_CHOICES = ("keep", "move", "delete")
+EMPTY_FILE_CHOICES = ("skip", "ingest")
+SINK_ERROR_CHOICES = ("fail", "warn")
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Where a project's extracted text goes; ``options`` are the kind's own keys."""
+
+    kind: str = "index"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """One project: its drop folders and how files in them are treated."""
+
+    name: str
+    folders: tuple[Path, ...]
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    settle_seconds: float = 1.0
+    max_bytes: int = 100 * 1024 * 1024
+    allowed_types: tuple[str, ...] = DEFAULT_ALLOWED_TYPES
+    empty_files: str = "skip"
+    after: str = "keep"
+    move_to: Path | None = None
+    max_attempts: int = 3
+    job_timeout_seconds: float = 300.0
+    recursive: bool = True
+    polling: bool = False
+    sink_errors: str = "fail"
+    sink: SinkConfig = SinkConfig()
+
+    def folder_of(self, path: Path) -> Path | None:
+        """The project folder that contains ``path`` (already resolved), if any."""
+        for folder in self.folders:
+            if path == folder or folder in path.parents:
+                return folder
+        return None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Settings of the daemon process and its database."""
+
+    state_dir: Path
+    database: str
+    workers: int
+    event_log: Path
+    event_socket: Path
+    socket_mode: int = 0o660
+    rescan_seconds: float = 300.0
+    event_retention_days: float = 30.0
+    lease_seconds: float = 30.0
+    shutdown_grace_seconds: float = 20.0
+    progress_events_per_second: float = 4.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration; ``source`` is the file it came from (None: zero-config)."""
+
+    source: Path | None
+    daemon: DaemonConfig
+    projects: Mapping[str, ProjectConfig]
+
+    def project(self, name: str) -> ProjectConfig:
+        from ingestd.errors import NotFound
+
+        try:
+            return self.projects[name]
+        except KeyError:
+            known = ", ".join(sorted(self.projects)) or "none"
+            raise NotFound(f"unknown project {name!r} (configured: {known})") from None
+
+
+# --- key specifications --------------------------------------------------------------------
+
+Check = Callable[[Any], str | None]  # returns what is wrong, or None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _octal_mode(value: Any) -> str | None:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        return "must be an octal mode such as \"0660\""
+    return None if 0 <= mode <= 0o777 else "must be an octal mode between 0000 and 0777"
+
+
+# key -> (accepted python types, type name for messages, extra check)
+_NUMBER = ((int, float), "a number")
+_INT = ((int,), "an integer")
+_STR = ((str,), "a string")
+_BOOL = ((bool,), "true or false")
+_STR_LIST = ((list,), "a list of strings")
+
+PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
+    "folders": (*_STR_LIST, None),
+    "include": (*_STR_LIST, None),
+    "exclude": (*_STR_LIST, None),
+    "settle_seconds": (*_NUMBER, _not_negative),
+    "max_bytes": (*_INT, _positive),
+    "allowed_types": (*_STR_LIST, None),
+    "empty_files": (*_STR, _one_of(EMPTY_FILE_CHOICES)),
+    "after": (*_STR, _one_of(AFTER_CHOICES)),
+    "move_to": (*_STR, None),
+    "max_attempts": (*_INT, _positive),
+    "job_timeout_seconds": (*_NUMBER, _positive),
+    "recursive": (*_BOOL, None),
+    "polling": (*_BOOL, None),
+    "sink_errors": (*_STR, _one_of(SINK_ERROR_CHOICES)),
+    "sink": ((dict,), "a table", None),
+}
+
+DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
+    "state_dir": (*_STR, None),
+    "database": (*_STR, None),
+    "workers": (*_INT, _positive),
+    "event_log": (*_STR, None),
+    "event_socket": (*_STR, None),
+    "socket_mode": (*_STR, _octal_mode),
+    "rescan_seconds": (*_NUMBER, _positive),
+    "event_retention_days": (*_NUMBER, _positive),
+    "lease_seconds": (*_NUMBER, _positive),
+    "shutdown_grace_seconds": (*_NUMBER, _not_negative),
+    "progress_events_per_second": (*_NUMBER, _positive),
+}
+
+PATH_KEYS = {"state_dir", "event_log", "event_socket", "move_to"}
+TUPLE_KEYS = {"include", "exclude", "allowed_types"}
+
+
+class _Problems:
+    """Collects one-line problems for a file; raises them together."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.lines: list[str] = []
+
+    def add(self, key: str, what: str) -> None:
+        self.lines.append(f"{self.where}: {key}: {what}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def _check_table(table: Mapping[str, Any], spec: Mapping, prefix: str,
+                 problems: _Problems, ignore: set[str] = frozenset()) -> dict[str, Any]:
+    """Type-check ``table`` against ``spec``; return only the valid entries."""
+    valid: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if key in ignore:
+            continue
+        if key not in spec:
+            problems.add(name, f"unknown key (known: {', '.join(sorted(spec))})")
+            continue
+        types, type_name, check = spec[key]
+        if isinstance(value, bool) and bool not in types:
+            problems.add(name, f"must be {type_name}, not a boolean")
+            continue
+        if not isinstance(value, types):
+            problems.add(name, f"must be {type_name}, not {type(value).__name__}")
+            continue
+        if type_name == "a list of strings" and not all(isinstance(v, str) for v in value):
+            problems.add(name, "must be a list of strings")
+            continue
+        wrong = check(value) if check else None
+        if wrong:
+            problems.add(name, wrong)
+            continue
+        valid[key] = value
+    return valid
+
+
+def _first_env_dir(name: str) -> Path | None:
+    """systemd's *_DIRECTORY variables may hold several colon-separated paths: take the first."""
+    value = os.environ.get(name, "")
+    return Path(value.split(":")[0]) if value else None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return (base / Path(value).expanduser()).absolute()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Load the configuration from ``path``, ``$INGESTD_CONFIG`` or the zero-config default."""
+    chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
+    if chosen is None:
+        return zero_config(Path.cwd())
+    file = Path(chosen).expanduser().absolute()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return from_mapping(raw, file)
+
+
+def zero_config(cwd: Path) -> Config:
+    """Project ``default`` watching ``./inbox`` (created), state under ``./.ingestd``."""
+    inbox = cwd / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    return from_mapping({"projects": {DEFAULT_PROJECT: {"folders": [str(inbox)]}}},
+                        None, base=cwd)
+
+
+def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = None) -> Config:
+    """Validate a parsed TOML document and build the effective :class:`Config`."""
+    base = base if base is not None else (file.parent if file else Path.cwd())
+    problems = _Problems(str(file) if file else "<zero-config>")
+    for key in raw:
+        if key not in ("daemon", "defaults", "projects"):
+            problems.add(key, "unknown section (known: daemon, defaults, projects)")
+    daemon = _daemon(_table(raw, "daemon", problems), base, problems)
+    defaults = _check_table(_table(raw, "defaults", problems), PROJECT_KEYS, "defaults.",
+                            problems)
+    if defaults.pop("folders", None) is not None:
+        problems.add("defaults.folders", "folders belong to a project, not to defaults")
+    projects = {}
+    for name, table in _table(raw, "projects", problems).items():
+        if not isinstance(table, dict):
+            problems.add(f"projects.{name}", "must be a table")
+            continue
+        project = _project(name, {**defaults, **table}, base, daemon, problems)
+        if project:
+            projects[name] = project
+    if not projects and not problems.lines:
+        problems.add("projects", "no project is configured (add a [projects.NAME] table)")
+    _check_folders(projects, daemon, problems)
+    problems.raise_if_any()
+    return Config(source=file, daemon=daemon, projects=projects)
+
+
+def _table(raw: Mapping[str, Any], key: str, problems: _Problems) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        problems.add(key, "must be a table")
+        return {}
+    return value
+
+
+def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> DaemonConfig:
+    values = _check_table(table, DAEMON_KEYS, "daemon.", problems)
+    state_dir = (_resolve(base, values["state_dir"]) if "state_dir" in values
+                 else _first_env_dir("STATE_DIRECTORY") or base / ".ingestd")
+    logs_dir = _first_env_dir("LOGS_DIRECTORY") or state_dir
+    runtime_dir = _first_env_dir("RUNTIME_DIRECTORY") or state_dir
+    database = values.pop("database", None) or f"sqlite:///{state_dir / 'ingestd.db'}"
+    if database.startswith("sqlite:///") and not database.startswith("sqlite:////"):
+        relative = database[len("sqlite:///"):]
+        if relative and relative != ":memory:":
+            database = f"sqlite:///{_resolve(base, relative)}"
+    for key in PATH_KEYS & values.keys():
+        values[key] = _resolve(base, values[key])
+    if "socket_mode" in values:
+        values["socket_mode"] = int(values["socket_mode"], 8)
+    values.setdefault("event_log", logs_dir / "events.jsonl")
+    values.setdefault("event_socket", runtime_dir / "events.sock")
+    values.setdefault("workers", os.cpu_count() or 1)
+    values.update(state_dir=state_dir, database=database)
+    return DaemonConfig(**values)
+
+
+def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConfig,
+             problems: _Problems) -> ProjectConfig | None:
+    prefix = f"projects.{name}."
+    values = _check_table(table, PROJECT_KEYS, prefix, problems)
+    if not name or "/" in name or name.strip() != name:
+        problems.add(f"projects.{name}", "a project name must be non-empty, without '/' "
+                                         "or surrounding spaces")
+        return None
+    folders = values.pop("folders", None)
+    if not folders:
+        if "folders" not in table:
+            problems.add(f"{prefix}folders", "missing: every project needs at least one folder")
+        elif isinstance(table["folders"], list):
+            problems.add(f"{prefix}folders", "must name at least one folder")
+        return None
+    resolved = []
+    for value in folders:
+        folder = _resolve(base, value)
+        if not folder.is_dir():
+            problems.add(f"{prefix}folders", f"{folder}: no such folder")
+            continue
+        resolved.append(folder.resolve())
+    sink = _sink(values.pop("sink", {}), prefix, problems)
+    for key in TUPLE_KEYS & values.keys():
+        values[key] = tuple(values[key])
+    if "move_to" in values:
+        values["move_to"] = _resolve(base, values["move_to"])
+    values.setdefault("move_to", daemon.state_dir / "projects" / name)
+    if "settle_seconds" in values:
+        values["settle_seconds"] = float(values["settle_seconds"])
+    if "job_timeout_seconds" in values:
+        values["job_timeout_seconds"] = float(values["job_timeout_seconds"])
+    return ProjectConfig(name=name, folders=tuple(resolved), sink=sink, **values)
+
+
+def _sink(table: Mapping[str, Any], prefix: str, problems: _Problems) -> SinkConfig:
+    kind = table.get("kind", "index")
+    if not isinstance(kind, str) or not kind:
+        problems.add(f"{prefix}sink.kind", "must be a non-empty string")
+        return SinkConfig()
+    return SinkConfig(kind=kind, options={k: v for k, v in table.items() if k != "kind"})
+
+
+def _check_folders(projects: Mapping[str, ProjectConfig], daemon: DaemonConfig,
+                   problems: _Problems) -> None:
+    """No folder may be watched twice, nested in another, or hold the state directory."""
+    seen: list[tuple[Path, str]] = []
+    for name, project in projects.items():
+        for folder in project.folders:
+            for other, owner in seen:
+                key = f"projects.{name}.folders"
+                if folder == other:
+                    problems.add(key, f"{folder}: already a folder of project {owner!r}")
+                elif other in folder.parents or folder in other.parents:
+                    problems.add(key, f"{folder}: overlaps {other} of project {owner!r}")
+            seen.append((folder, name))
+            if daemon.state_dir.resolve() == folder or folder in daemon.state_dir.resolve().parents:
+                problems.add(f"projects.{name}.folders",
+                             f"{folder}: holds the state directory {daemon.state_dir}, "
+                             "whose files would be ingested again")
+            if project.after == "move" and project.move_to is not None:
+                target = project.move_to.resolve()
+                if target == folder or folder in target.parents:
+                    problems.add(f"projects.{name}.move_to",
+                                 f"{project.move_to}: inside the watched folder {folder}")
+
+
+# --- presentation ----------------------------------------------------------------------------
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data (for ``config check`` and ``--json``)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, SinkConfig):
+            return {"kind": value.kind, **value.options}
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    daemon = {f.name: plain(getattr(config.daemon, f.name)) for f in fields(DaemonConfig)}
+    daemon["socket_mode"] = f"{config.daemon.socket_mode:04o}"
+    projects = {name: {f.name: plain(getattr(p, f.name)) for f in fields(ProjectConfig)
+                       if f.name != "name"}
+                for name, p in config.projects.items()}
+    return {"source": str(config.source) if config.source else None,
+            "daemon": daemon, "projects": projects}
+
+
+def with_database(config: Config, database: str) -> Config:
+    """A copy of ``config`` using another database URL (tests and tools)."""
+    return replace(config, daemon=replace(config.daemon, database=database))

@@ -1,0 +1,84 @@
+"""Whether a project takes a path, and the :class:`FileVersion` a job is made from.
+
+The rules are the same for ``jobs submit``, ``ingestd add`` and the watcher: the path must exist,
+be a regular file, resolve (symlinks included) inside one of the project's folders, and not be
+over ``max_bytes``; its type must be allowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from pathlib import Path
+
+from ingestd.config import ProjectConfig
+from ingestd.errors import InputRefused
+from ingestd.jobs import FileVersion
+from ingestd.sniff import sniff_file
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def display_path(path: str | bytes | os.PathLike) -> tuple[str, bytes | None]:
+    """Text to show for ``path`` and, when its bytes are not UTF-8, those exact bytes."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def resolve_in_project(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Path, Path]:
+    """``(resolved path, project folder holding it)``, or InputRefused saying why not."""
+    if not os.fsdecode(path).strip():
+        raise InputRefused("empty path: name a file")
+    given = Path(os.fsdecode(path))
+    shown = display_path(given)[0]
+    try:
+        resolved = given.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputRefused(f"{shown}: no such file") from None
+    except (OSError, RuntimeError) as exc:  # symlink loops, permissions
+        raise InputRefused(f"{shown}: cannot be resolved: {exc}") from None
+    folder = project.folder_of(resolved)
+    if folder is None:
+        raise InputRefused(f"{shown}: outside the folders of project {project.name!r} "
+                           f"(resolves to {display_path(resolved)[0]})")
+    return resolved, folder
+
+
+def inspect(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Path, FileVersion]:
+    """Check ``path`` against the project's rules; return its folder and file version."""
+    resolved, folder = resolve_in_project(project, path)
+    shown, raw = display_path(resolved)
+    try:
+        info = os.stat(resolved)
+    except OSError as exc:
+        raise InputRefused(f"{shown}: cannot stat: {exc.strerror}") from None
+    for is_kind, kind in _KINDS:
+        if is_kind(info.st_mode):
+            raise InputRefused(f"{shown}: not a regular file ({kind})")
+    if info.st_size > project.max_bytes:
+        raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's "
+                           f"max_bytes is {project.max_bytes})")
+    try:
+        mime = sniff_file(resolved)
+    except OSError as exc:
+        raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
+    version = FileVersion(path=shown, original_filename=display_path(resolved.name)[0],
+                          byte_size=info.st_size, mtime_ns=info.st_mtime_ns,
+                          inode=info.st_ino, mime_type=mime, raw_path=raw)
+    return folder, version
+
+
+def type_allowed(project: ProjectConfig, mime_type: str | None) -> bool:
+    return any(fnmatch.fnmatchcase(mime_type or "", pattern) for pattern in project.allowed_types)
+
+
+def check_type(project: ProjectConfig, version: FileVersion) -> None:
+    if not type_allowed(project, version.mime_type):
+        raise InputRefused(f"{version.path}: type {version.mime_type} is not allowed in project "
+                           f"{project.name!r} (allowed: {', '.join(project.allowed_types)})")

@@ -1,0 +1,497 @@
+"""The job state machine: the only code that changes a job's state.
+
+Every transition is ONE transaction that changes the job and inserts its event into the outbox
+(``ingest_events``), and is a compare-and-set on the state the caller expects: a transition that
+lost a race raises :class:`~ingestd.errors.Conflict` (or NotFound), it is never applied over the
+winner. The seed's rules are kept: list hides soft-deleted jobs, get is scoped by project, cancel
+only from queued or running, delete refused while running, ``message`` and ``error_message`` are
+separate fields.
+
+    queued --claim--> running --complete--> completed
+      ^                 |  |---fail-------> failed  --retry--> queued
+      |--retry_later----|  |---cancelled--> cancelled --retry--> queued
+      |--release/rescue-|
+    queued --cancel--> cancelled
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+import peewee as pw
+
+from ingestd.db import is_postgres
+from ingestd.errors import Conflict, NotFound, UsageError
+from ingestd.models import Event, Job, JobStatus, Source, Stage, database
+
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+SOURCE_KIND_FOLDER = "folder"
+
+# Event types (CloudEvents ``type``); the contract of DESIGN.md plus the two a worker needs.
+JOB_CREATED = "io.ingestd.job.created"
+JOB_STARTED = "io.ingestd.job.started"
+JOB_PROGRESS = "io.ingestd.job.progress"
+JOB_RETRYING = "io.ingestd.job.retrying"
+JOB_REQUEUED = "io.ingestd.job.requeued"
+JOB_CANCEL_REQUESTED = "io.ingestd.job.cancel_requested"
+JOB_COMPLETED = "io.ingestd.job.completed"
+JOB_FAILED = "io.ingestd.job.failed"
+JOB_CANCELLED = "io.ingestd.job.cancelled"
+JOB_DELETED = "io.ingestd.job.deleted"
+FILE_REJECTED = "io.ingestd.file.rejected"
+DAEMON_STARTED = "io.ingestd.daemon.started"
+DAEMON_RELOADED = "io.ingestd.daemon.reloaded"
+DAEMON_STOPPING = "io.ingestd.daemon.stopping"
+WATCH_RESCANNED = "io.ingestd.watch.rescanned"
+
+JOB_FIELDS = ("id", "project_id", "source_id", "source_path", "original_filename", "byte_size",
+              "mime_type", "stage", "status", "progress", "message", "error_message",
+              "canonical_document_id", "content_sha256", "attempts", "created_at", "updated_at",
+              "completed_at", "deleted_at")
+_TIME_FIELDS = ("created_at", "updated_at", "completed_at", "deleted_at")
+
+# SQL literals, not parameters: SQLite only uses a partial index when the query's WHERE
+# visibly implies the index's WHERE.
+_IS_QUEUED = pw.SQL("status = 'queued'")
+_IS_RUNNING = pw.SQL("status = 'running'")
+
+
+# --- values ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileVersion:
+    """What a job is made from: one version of one file, as seen on disk.
+
+    ``path`` is the text shown to people; ``raw_path`` holds the file name's exact bytes when they
+    are not valid UTF-8 (the text then carries backslash escapes), so the worker can reopen it.
+    """
+
+    path: str
+    original_filename: str
+    byte_size: int
+    mtime_ns: int | None
+    inode: int | None
+    mime_type: str | None
+    raw_path: bytes | None = None
+
+    def key(self, project_id: str) -> str:
+        """Identity of this version in the project: a second job for it is never created."""
+        raw = self.raw_path or self.path.encode("utf-8", "surrogateescape")
+        parts = [project_id.encode(), raw, str(self.byte_size).encode(),
+                 str(self.mtime_ns).encode(), str(self.inode).encode()]
+        return hashlib.sha256(b"\0".join(parts)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def now() -> float:
+    return time.time()
+
+
+def rfc3339(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_record(job: Job) -> dict[str, Any]:
+    """The job as the contract shows it (JSON output and event data)."""
+    record = {name: getattr(job, name) for name in JOB_FIELDS if name != "source_id"}
+    record["source_id"] = job.source_id
+    for name in _TIME_FIELDS:
+        record[name] = rfc3339(record[name])
+    return {name: record[name] for name in JOB_FIELDS}
+
+
+# --- the outbox ----------------------------------------------------------------------------------
+
+def _next_seq() -> int:
+    # One counter row, incremented inside the writer's transaction: the row lock (PostgreSQL) or
+    # the write lock (SQLite) is held until commit, so sequences commit in order with no gaps.
+    row = database.execute_sql(
+        "UPDATE ingest_event_sequence SET last_seq = last_seq + 1 WHERE id = 1 "
+        "RETURNING last_seq").fetchone()
+    return row[0]
+
+
+def emit(event_type: str, data: dict[str, Any], project_id: str | None = None,
+         job_id: int | None = None) -> int:
+    """Insert one event into the outbox, in the caller's transaction (or its own); its sequence."""
+    with database.atomic():
+        seq = _next_seq()
+        Event.insert(seq=seq, type=event_type, project_id=project_id, job_id=job_id, time=now(),
+                     data=json.dumps(data, ensure_ascii=False, separators=(",", ":"))).execute()
+    return seq
+
+
+def _emit_job(event_type: str, job: Job) -> None:
+    emit(event_type, job_record(job), project_id=job.project_id, job_id=job.id)
+
+
+# --- creating ------------------------------------------------------------------------------------
+
+_source_ids: dict[tuple[str, str, str], int] = {}
+_source_lock = threading.Lock()
+
+
+def ensure_source(project_id: str, folder: str) -> int:
+    """The id of the project's source row for ``folder``, created if missing."""
+    cache_key = (str(database.obj.database), project_id, folder)
+    with _source_lock:
+        if cache_key in _source_ids:
+            return _source_ids[cache_key]
+    with database.atomic():
+        found = Source.get_or_none(Source.project_id == project_id, Source.path == folder)
+        if found is None:
+            try:
+                with database.atomic():
+                    source_id = Source.insert(project_id=project_id, kind=SOURCE_KIND_FOLDER,
+                                              path=folder, created_at=now()).execute()
+            except pw.IntegrityError:  # another process created it first
+                source_id = Source.get(Source.project_id == project_id,
+                                       Source.path == folder).id
+        else:
+            source_id = found.id
+    with _source_lock:
+        _source_ids[cache_key] = source_id
+    return source_id
+
+
+def create(project_id: str, folder: str, version: FileVersion, max_attempts: int,
+           *, resubmit: bool = False, is_deep_scan: bool = False) -> tuple[Job, bool]:
+    """Queue a job for ``version``; return ``(job, created)``.
+
+    Idempotent in the database: a version that already has a job returns that job with
+    ``created=False``, whichever process or node created it. With ``resubmit`` (an operator's
+    explicit ``jobs submit``), a live job for the version is a Conflict, and a soft-deleted one
+    gives up the version to a new job.
+    """
+    key = version.key(project_id)
+    source_id = ensure_source(project_id, folder)
+    with database.atomic():
+        existing = Job.get_or_none(Job.version_key == key)
+        if existing is not None:
+            if not resubmit:
+                return existing, False
+            if existing.deleted_at is None:
+                hint = ("; use 'jobs retry' to run it again"
+                        if existing.status in (JobStatus.FAILED, JobStatus.CANCELLED) else "")
+                raise Conflict(f"{version.path}: this version of the file already has job "
+                               f"{existing.id} ({existing.status}){hint}")
+            Job.update(version_key=None).where(Job.id == existing.id).execute()
+        try:
+            with database.atomic():  # a savepoint: a lost race must not abort the transaction
+                job = _insert(project_id, source_id, version, key, max_attempts, is_deep_scan)
+        except pw.IntegrityError:
+            return Job.get(Job.version_key == key), False
+        _emit_job(JOB_CREATED, job)
+        return job, True
+
+
+def _insert(project_id: str, source_id: int, version: FileVersion, key: str,
+            max_attempts: int, is_deep_scan: bool) -> Job:
+    moment = now()
+    job = Job(project_id=project_id, source=source_id, source_path=version.path,
+              source_path_raw=version.raw_path, original_filename=version.original_filename,
+              byte_size=version.byte_size, mime_type=version.mime_type, stage=Stage.INITIAL.value,
+              status=JobStatus.QUEUED.value, progress=0.0, attempts=0, max_attempts=max_attempts,
+              is_deep_scan=is_deep_scan, version_key=key, file_mtime_ns=version.mtime_ns,
+              file_inode=version.inode, not_before=moment, cancel_requested=False,
+              created_at=moment, updated_at=moment)
+    job.save(force_insert=True)
+    return job
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def get(project_id: str, job_id: int) -> Job:
+    """The job, or NotFound when it does not exist, is deleted or belongs to another project."""
+    job = Job.get_or_none(Job.id == job_id, Job.project_id == project_id,
+                          Job.deleted_at.is_null())
+    if job is None:
+        raise NotFound(f"job {job_id} not found in project {project_id!r}")
+    return job
+
+
+def encode_cursor(job_id: int) -> str:
+    return base64.urlsafe_b64encode(f"j:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = text.partition(":")
+        if prefix != "j" or not value.isdigit():
+            raise ValueError
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise UsageError(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page") from None
+
+
+def parse_status(status: str) -> JobStatus:
+    try:
+        return JobStatus(status)
+    except ValueError:
+        raise UsageError(f"unknown status {status!r} (one of: "
+                         f"{', '.join(s.value for s in JobStatus)})") from None
+
+
+def parse_stage(stage: str) -> Stage:
+    try:
+        return Stage(stage)
+    except ValueError:
+        raise UsageError(f"unknown stage {stage!r} (one of: "
+                         f"{', '.join(s.value for s in Stage)})") from None
+
+
+def list_jobs(project_id: str, *, status: str | None = None, stage: str | None = None,
+              source_id: int | None = None, limit: int = DEFAULT_LIST_LIMIT,
+              cursor: str | None = None) -> Page:
+    """Newest first, soft-deleted never shown; ``limit`` is clamped to 1..MAX_LIST_LIMIT.
+
+    Keyset pagination on ``id``: a page is stable while jobs are being added (new jobs are newer
+    than every cursor), and a deep page costs what the first one does.
+    """
+    query = Job.select().where(Job.project_id == project_id, pw.SQL("deleted_at IS NULL"))
+    if status is not None:
+        query = query.where(Job.status == parse_status(status).value)
+    if stage is not None:
+        query = query.where(Job.stage == parse_stage(stage).value)
+    if source_id is not None:
+        query = query.where(Job.source == source_id)
+    if cursor:
+        query = query.where(Job.id < decode_cursor(cursor))
+    limit = max(1, min(int(limit), MAX_LIST_LIMIT))
+    rows = list(query.order_by(Job.id.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    return Page(rows[:limit], encode_cursor(rows[limit - 1].id) if more else None)
+
+
+# --- transitions -------------------------------------------------------------------------------
+
+def _lost(job_id: int, project_id: str | None, expected: Iterable[JobStatus], action: str) -> Exception:
+    """The error for a compare-and-set that matched no row: say what the job is now."""
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None or job.deleted_at is not None or (project_id and job.project_id != project_id):
+        where = f" in project {project_id!r}" if project_id else ""
+        return NotFound(f"job {job_id} not found{where}")
+    wanted = " or ".join(s.value for s in expected)
+    return Conflict(f"cannot {action} job {job_id}: it is {job.status}, not {wanted}")
+
+
+def _transition(job_id: int, *, expect: Sequence[JobStatus], event: str | None, action: str,
+                project_id: str | None = None, owner: str | None = None,
+                extra: Sequence[pw.Expression] = (), **changes: Any) -> Job:
+    """Compare-and-set the job from one of ``expect`` with ``changes``, writing ``event``."""
+    with database.atomic():
+        query = Job.update(updated_at=now(), **changes).where(
+            Job.id == job_id, Job.status.in_([s.value for s in expect]),
+            Job.deleted_at.is_null(), *extra)
+        if project_id is not None:
+            query = query.where(Job.project_id == project_id)
+        if owner is not None:
+            query = query.where(Job.lease_owner == owner)
+        if query.execute() != 1:
+            raise _lost(job_id, project_id, expect, action)
+        job = Job.get_by_id(job_id)
+        if event:
+            _emit_job(event, job)
+        return job
+
+
+_END = dict(lease_owner=None, lease_expires_at=None)
+
+
+def cancel(project_id: str, job_id: int) -> Job:
+    """Cancel a queued job at once; flag a running one (its worker stops at the next check)."""
+    job = get(project_id, job_id)
+    if job.status == JobStatus.QUEUED:
+        try:
+            return _transition(job_id, project_id=project_id, expect=[JobStatus.QUEUED],
+                               event=JOB_CANCELLED, action="cancel",
+                               status=JobStatus.CANCELLED.value, completed_at=now(),
+                               message="cancelled before it ran")
+        except Conflict:
+            job = get(project_id, job_id)  # a worker claimed it meanwhile: flag it instead
+    if job.status == JobStatus.RUNNING:
+        return _transition(job_id, project_id=project_id, expect=[JobStatus.RUNNING],
+                           event=JOB_CANCEL_REQUESTED, action="cancel", cancel_requested=True)
+    raise Conflict(f"cannot cancel job {job_id}: it is {job.status}, not queued or running")
+
+
+def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None = None) -> Job:
+    """Soft delete (refused while running); ``cleanup`` removes what the job produced, in the
+    same transaction. A queued job is also cancelled, so it never runs."""
+    with database.atomic():
+        job = get(project_id, job_id)
+        if job.status == JobStatus.RUNNING:
+            raise Conflict(f"cannot delete job {job_id}: it is running (cancel it first)")
+        status = JobStatus.CANCELLED if job.status == JobStatus.QUEUED else JobStatus(job.status)
+        moment = now()
+        deleted = _transition(job_id, project_id=project_id, expect=[JobStatus(job.status)],
+                              event=None, action="delete", status=status.value,
+                              deleted_at=moment, completed_at=job.completed_at or moment)
+        if cleanup is not None:
+            cleanup(deleted)
+        _emit_job(JOB_DELETED, deleted)
+        return deleted
+
+
+def retry(project_id: str, job_id: int) -> Job:
+    """An operator's retry: a failed or cancelled job goes back to the queue with fresh attempts."""
+    return _transition(job_id, project_id=project_id,
+                       expect=[JobStatus.FAILED, JobStatus.CANCELLED], event=JOB_RETRYING,
+                       action="retry", status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
+                       progress=0.0, attempts=0, not_before=now(), cancel_requested=False,
+                       completed_at=None, error_message=None, message="retry requested", **_END)
+
+
+# --- what a worker does ------------------------------------------------------------------------
+
+def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
+    """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease.
+
+    One UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING id: two
+    workers can never claim one job, and on PostgreSQL they never wait on each other's rows.
+    """
+    moment = now()
+    with database.atomic():
+        due = (Job.select(Job.id)
+               .where(_IS_QUEUED, pw.SQL("deleted_at IS NULL"), Job.not_before <= moment)
+               .order_by(Job.id).limit(limit))
+        if is_postgres():
+            due = due.for_update(skip_locked=True)
+        ids = [row.id for row in Job.update(
+            status=JobStatus.RUNNING.value, lease_owner=owner,
+            lease_expires_at=moment + lease_seconds, attempts=Job.attempts + 1,
+            started_at=moment, updated_at=moment,
+        ).where(Job.id.in_(due), _IS_QUEUED).returning(Job.id).execute()]
+        jobs = list(Job.select().where(Job.id.in_(ids)).order_by(Job.id)) if ids else []
+        for job in jobs:
+            _emit_job(JOB_STARTED, job)
+        return jobs
+
+
+def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[int, bool]:
+    """Renew ``owner``'s leases; return ``{job_id: cancel_requested}`` for the jobs still held."""
+    if not job_ids:
+        return {}
+    moment = now()
+    with database.atomic():
+        (Job.update(lease_expires_at=moment + lease_seconds)
+         .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING).execute())
+        rows = (Job.select(Job.id, Job.cancel_requested)
+                .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING))
+        return {row.id: bool(row.cancel_requested) for row in rows}
+
+
+def progress(job_id: int, owner: str, *, stage: Stage | None = None,
+             fraction: float | None = None, message: str | None = None,
+             event: bool = True) -> Job:
+    """Record a running job's stage and progress (0..1); ``event=False`` skips the event row
+    (the caller throttles progress events, never stage changes)."""
+    changes: dict[str, Any] = {}
+    if stage is not None:
+        changes["stage"] = stage.value
+    if fraction is not None:
+        changes["progress"] = min(1.0, max(0.0, float(fraction)))
+    if message is not None:
+        changes["message"] = message
+    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING],
+                       event=JOB_PROGRESS if event else None, action="update", **changes)
+
+
+def complete(job_id: int, owner: str, *, message: str | None = None,
+             canonical_document_id: int | None = None,
+             content_sha256: str | None = None) -> Job:
+    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_COMPLETED,
+                       action="complete", status=JobStatus.COMPLETED.value,
+                       stage=Stage.DONE.value, progress=1.0, completed_at=now(),
+                       message=message, canonical_document_id=canonical_document_id,
+                       content_sha256=content_sha256, **_END)
+
+
+def fail(job_id: int, owner: str | None, error_message: str, *,
+         content_sha256: str | None = None) -> Job:
+    """End a running job as failed; ``owner=None`` is for the lease rescuer."""
+    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_FAILED,
+                       action="fail", status=JobStatus.FAILED.value, completed_at=now(),
+                       error_message=error_message, content_sha256=content_sha256, **_END)
+
+
+def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: float) -> Job:
+    """A transient failure: back to the queue, due after ``delay_seconds``, if attempts remain.
+
+    With no attempt left the job fails instead (the caller gets the failed job back)."""
+    try:
+        return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_RETRYING,
+                           action="retry", extra=[Job.attempts < Job.max_attempts],
+                           status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
+                           progress=0.0, not_before=now() + delay_seconds,
+                           error_message=error_message, **_END)
+    except Conflict:
+        job = Job.get_by_id(job_id)
+        if job.status != JobStatus.RUNNING:
+            raise
+        return fail(job_id, owner, f"{error_message} (gave up after {job.attempts} attempts)")
+
+
+def finish_cancelled(job_id: int, owner: str | None) -> Job:
+    """A running job whose cancellation was requested has stopped."""
+    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_CANCELLED,
+                       action="cancel", status=JobStatus.CANCELLED.value, completed_at=now(),
+                       message="cancelled while running", **_END)
+
+
+def release(job_id: int, owner: str) -> Job:
+    """Give a running job back to the queue without counting the attempt (orderly shutdown)."""
+    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
+                       action="release", status=JobStatus.QUEUED.value,
+                       stage=Stage.INITIAL.value, progress=0.0, not_before=now(),
+                       attempts=Job.attempts - 1, message="re-queued at shutdown", **_END)
+
+
+def rescue_expired(limit: int = 100) -> list[Job]:
+    """Jobs whose lease expired (their worker died) go back to the queue, keeping the attempt they
+    used; those out of attempts fail and those whose cancel was requested end cancelled."""
+    moment = now()
+    expired = list(Job.select().where(_IS_RUNNING, Job.lease_expires_at < moment)
+                   .order_by(Job.lease_expires_at).limit(limit))
+    rescued = []
+    for job in expired:
+        still_expired = [Job.lease_owner == job.lease_owner, Job.lease_expires_at < moment]
+        try:
+            rescued.append(_rescue_one(job, still_expired))
+        except (Conflict, NotFound):
+            continue  # renewed or finished meanwhile, or another node rescued it
+    return rescued
+
+
+def _rescue_one(job: Job, still_expired: list[pw.Expression]) -> Job:
+    lost = f"worker {job.lease_owner} stopped renewing its lease"
+    common = dict(expect=[JobStatus.RUNNING], extra=still_expired, action="rescue", **_END)
+    if job.cancel_requested:
+        return _transition(job.id, event=JOB_CANCELLED, status=JobStatus.CANCELLED.value,
+                           completed_at=now(), message="cancelled while running", **common)
+    if job.attempts >= job.max_attempts:
+        return _transition(job.id, event=JOB_FAILED, status=JobStatus.FAILED.value,
+                           completed_at=now(),
+                           error_message=f"{lost} (gave up after {job.attempts} attempts)",
+                           **common)
+    return _transition(job.id, event=JOB_REQUEUED, status=JobStatus.QUEUED.value,
+                       stage=Stage.INITIAL.value, progress=0.0, not_before=now(),
+                       message=f"re-queued: {lost}", **common)

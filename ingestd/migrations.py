@@ -1,0 +1,172 @@
+"""Numbered schema migrations, recorded in ``schema_migrations``.
+
+Each migration runs in its own transaction; on PostgreSQL an advisory lock makes sure two nodes
+never migrate at once, on SQLite the IMMEDIATE transaction does. A database whose schema is newer
+than this code is refused and never touched. Migrations are plain SQL written for both dialects
+(``{pk}``, ``{real}``... are filled in per dialect), never derived from the current models, so
+that an old database is always brought forward by the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable
+
+import peewee as pw
+
+from ingestd.db import is_postgres
+from ingestd.errors import StoreError
+
+ADVISORY_LOCK_KEY = 0x1D6E57D  # "ingestd"
+
+DIALECTS = {
+    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER",
+               "real": "REAL", "blob": "BLOB", "bool": "INTEGER", "false": "0"},
+    "postgres": {"pk": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT",
+                 "real": "DOUBLE PRECISION", "blob": "BYTEA", "bool": "BOOLEAN",
+                 "false": "FALSE"},
+}
+
+V1_TABLES = [
+    """CREATE TABLE ingestd_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE ingest_sources (
+        id {pk},
+        project_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at {real} NOT NULL,
+        UNIQUE (project_id, path))""",
+    """CREATE TABLE ingest_jobs (
+        id {pk},
+        project_id TEXT NOT NULL,
+        source_id {bigint} REFERENCES ingest_sources (id),
+        source_path TEXT NOT NULL,
+        source_path_raw {blob},
+        original_filename TEXT,
+        byte_size {bigint},
+        mime_type TEXT,
+        stage TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress {real} NOT NULL DEFAULT 0,
+        message TEXT,
+        error_message TEXT,
+        canonical_document_id {bigint},
+        content_sha256 TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        is_deep_scan {bool} NOT NULL DEFAULT {false},
+        version_key TEXT UNIQUE,
+        file_mtime_ns {bigint},
+        file_inode {bigint},
+        not_before {real} NOT NULL,
+        lease_owner TEXT,
+        lease_expires_at {real},
+        cancel_requested {bool} NOT NULL DEFAULT {false},
+        created_at {real} NOT NULL,
+        updated_at {real} NOT NULL,
+        started_at {real},
+        completed_at {real},
+        deleted_at {real},
+        CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled')),
+        CHECK (progress >= 0 AND progress <= 1))""",
+    # Listing is keyset pagination newest-first inside one project, optionally by one filter;
+    # partial indexes leave soft-deleted rows out, so deep pages cost what the first one does.
+    """CREATE INDEX ix_jobs_project ON ingest_jobs (project_id, id) WHERE deleted_at IS NULL""",
+    """CREATE INDEX ix_jobs_project_status ON ingest_jobs (project_id, status, id)
+        WHERE deleted_at IS NULL""",
+    """CREATE INDEX ix_jobs_project_stage ON ingest_jobs (project_id, stage, id)
+        WHERE deleted_at IS NULL""",
+    """CREATE INDEX ix_jobs_project_source ON ingest_jobs (project_id, source_id, id)
+        WHERE deleted_at IS NULL""",
+    # Only queued jobs are in the claim index, only running ones in the lease index.
+    """CREATE INDEX ix_jobs_claimable ON ingest_jobs (id) WHERE status = 'queued'""",
+    """CREATE INDEX ix_jobs_leases ON ingest_jobs (lease_expires_at) WHERE status = 'running'""",
+    """CREATE TABLE ingest_events (
+        seq {bigint} PRIMARY KEY,
+        type TEXT NOT NULL,
+        project_id TEXT,
+        job_id {bigint},
+        time {real} NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE INDEX ix_events_time ON ingest_events (time)""",
+    """CREATE TABLE ingest_event_sequence (id INTEGER PRIMARY KEY, last_seq {bigint} NOT NULL)""",
+    """INSERT INTO ingest_event_sequence (id, last_seq) VALUES (1, 0)""",
+]
+
+
+def _v1(db: pw.Database, dialect: dict[str, str]) -> None:
+    for statement in V1_TABLES:
+        db.execute_sql(statement.format(**dialect))
+    db.execute_sql("INSERT INTO ingestd_meta (key, value) VALUES (%s, %s)" % (
+        db.param, db.param), ("instance_id", uuid.uuid4().hex))
+
+
+Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
+MIGRATIONS: list[Migration] = [
+    (1, "jobs, sources, events", _v1),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def _ensure_history(db: pw.Database) -> None:
+    real = DIALECTS[dialect_name(db)]["real"]
+    with db.atomic():
+        db.execute_sql("CREATE TABLE IF NOT EXISTS schema_migrations "
+                       f"(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at {real} NOT NULL)")
+
+
+def dialect_name(db: pw.Database) -> str:
+    return "postgres" if is_postgres(db) else "sqlite"
+
+
+def current_version(db: pw.Database) -> int:
+    """The highest applied migration (0 for a new database)."""
+    if "schema_migrations" not in db.get_tables():
+        return 0
+    row = db.execute_sql("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return row[0] or 0
+
+
+def check_not_newer(db: pw.Database) -> int:
+    version = current_version(db)
+    if version > LATEST:
+        raise StoreError(f"database schema is version {version}, newer than this ingestd "
+                         f"(knows up to {LATEST}): upgrade ingestd; the database was not touched")
+    return version
+
+
+def migrate(db: pw.Database) -> list[int]:
+    """Apply every pending migration; return the versions applied (empty when up to date)."""
+    if check_not_newer(db) == LATEST:
+        return []
+    with _migration_lock(db):
+        _ensure_history(db)
+        applied = []
+        for version, name, step in MIGRATIONS:
+            with db.atomic():
+                # Re-read inside the transaction: another process may have migrated meanwhile.
+                if check_not_newer(db) >= version:
+                    continue
+                step(db, DIALECTS[dialect_name(db)])
+                db.execute_sql(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)"
+                    % (db.param, db.param, db.param), (version, name, time.time()))
+            applied.append(version)
+        return applied
+
+
+class _migration_lock:
+    """A session-level advisory lock on PostgreSQL; nothing on SQLite (IMMEDIATE suffices)."""
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
+        self.postgres = is_postgres(db)
+
+    def __enter__(self) -> None:
+        if self.postgres:
+            self.db.execute_sql("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.postgres:
+            self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))

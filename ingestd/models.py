@@ -1,0 +1,141 @@
+"""Peewee models of the tables created by :mod:`ingestd.migrations`.
+
+The models are bound to :data:`database` (a proxy initialised by :func:`ingestd.db.open_store`).
+Times are stored as float seconds since the epoch (UTC), which both SQLite and PostgreSQL compare
+and aggregate natively; they are shown as RFC 3339 at the edges.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import peewee as pw
+
+database = pw.DatabaseProxy()
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Stage(str, enum.Enum):
+    INITIAL = "initial"
+    READING = "reading"
+    EXTRACTING = "extracting"
+    INDEXING = "indexing"
+    DONE = "done"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+
+
+class Meta(BaseModel):
+    """Facts about this database, such as the installation id used in event ids."""
+
+    key = pw.TextField(primary_key=True)
+    value = pw.TextField()
+
+    class Meta:
+        table_name = "ingestd_meta"
+
+
+class SchemaMigration(BaseModel):
+    version = pw.IntegerField(primary_key=True)
+    name = pw.TextField()
+    applied_at = pw.FloatField()
+
+    class Meta:
+        table_name = "schema_migrations"
+
+
+class Source(BaseModel):
+    """One watched folder of a project (the seed's implicit "default source")."""
+
+    id = pw.AutoField()
+    project_id = pw.TextField()
+    kind = pw.TextField()
+    path = pw.TextField()
+    created_at = pw.FloatField()
+
+    class Meta:
+        table_name = "ingest_sources"
+
+
+class Job(BaseModel):
+    """An ingest job: one version of one file of one project."""
+
+    id = pw.AutoField()
+    project_id = pw.TextField()
+    source = pw.ForeignKeyField(Source, column_name="source_id", null=True)
+    source_path = pw.TextField()
+    source_path_raw = pw.BlobField(null=True)
+    original_filename = pw.TextField(null=True)
+    byte_size = pw.BigIntegerField(null=True)
+    mime_type = pw.TextField(null=True)
+    stage = pw.TextField()
+    status = pw.TextField()
+    progress = pw.FloatField(default=0.0)
+    message = pw.TextField(null=True)
+    error_message = pw.TextField(null=True)
+    canonical_document_id = pw.BigIntegerField(null=True)
+    content_sha256 = pw.TextField(null=True)
+    attempts = pw.IntegerField(default=0)
+    max_attempts = pw.IntegerField()
+    is_deep_scan = pw.BooleanField(default=False)
+    version_key = pw.TextField(null=True)
+    file_mtime_ns = pw.BigIntegerField(null=True)
+    file_inode = pw.BigIntegerField(null=True)
+    not_before = pw.FloatField()
+    lease_owner = pw.TextField(null=True)
+    lease_expires_at = pw.FloatField(null=True)
+    cancel_requested = pw.BooleanField(default=False)
+    created_at = pw.FloatField()
+    updated_at = pw.FloatField()
+    started_at = pw.FloatField(null=True)
+    completed_at = pw.FloatField(null=True)
+    deleted_at = pw.FloatField(null=True)
+
+    class Meta:
+        table_name = "ingest_jobs"
+
+
+class Event(BaseModel):
+    """The outbox: one row per state change, numbered by a gap-free database-wide sequence."""
+
+    seq = pw.BigIntegerField(primary_key=True)
+    type = pw.TextField()
+    project_id = pw.TextField(null=True)
+    job_id = pw.BigIntegerField(null=True)
+    time = pw.FloatField()
+    data = pw.TextField()
+
+    class Meta:
+        table_name = "ingest_events"
+
+
+class EventSequence(BaseModel):
+    """A single row holding the last event sequence handed out (see jobs.emit)."""
+
+    id = pw.IntegerField(primary_key=True)
+    last_seq = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "ingest_event_sequence"
+
+
+ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence)

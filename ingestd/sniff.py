@@ -1,0 +1,62 @@
+"""What a file is, from its first bytes (never from its name alone).
+
+The name only refines a text type (``.md`` -> text/markdown); a PDF named ``.txt`` is a PDF and
+binary junk named ``.txt`` is ``application/octet-stream``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+
+SNIFF_BYTES = 8192
+OCTET_STREAM = "application/octet-stream"
+
+_MAGIC = (
+    (b"%PDF-", "application/pdf"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"PK\x03\x04", "application/zip"),
+    (b"\x1f\x8b", "application/gzip"),
+    (b"\x7fELF", "application/x-executable"),
+)
+_TEXT_BY_SUFFIX = {
+    ".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv",
+    ".tsv": "text/tab-separated-values", ".json": "application/json", ".html": "text/html",
+    ".htm": "text/html", ".xml": "application/xml", ".rst": "text/x-rst",
+}
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+# Control characters that do not occur in text (NUL and friends; tab, newlines, form feed are fine).
+_BINARY_CONTROLS = bytes(set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B})
+
+
+def sniff_head(head: bytes, name: str) -> str:
+    """The MIME type of a file whose first bytes are ``head``."""
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    if not (head.startswith(_BOMS) or looks_like_text(head)):
+        return OCTET_STREAM
+    return _TEXT_BY_SUFFIX.get(os.path.splitext(name)[1].lower(), "text/plain")
+
+
+def looks_like_text(head: bytes) -> bool:
+    """UTF-8 (a multi-byte character may be cut at the end) or 8-bit text without control bytes."""
+    if any(byte in _BINARY_CONTROLS for byte in head):
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        return True
+    except UnicodeDecodeError:
+        pass
+    try:
+        head.decode("cp1252")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def sniff_file(path: str | bytes | os.PathLike) -> str:
+    with open(path, "rb") as handle:
+        return sniff_head(handle.read(SNIFF_BYTES), os.fsdecode(path))
