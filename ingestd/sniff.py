@@ -28,7 +28,7 @@ _TEXT_BY_SUFFIX = {
 }
 _BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # Control characters that do not occur in text (NUL and friends; tab, newlines, form feed are fine).
-_BINARY_CONTROLS = bytes(set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B})
+BINARY_CONTROLS = bytes(set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B})
 
 
 def sniff_head(head: bytes, name: str) -> str:
@@ -43,7 +43,7 @@ def sniff_head(head: bytes, name: str) -> str:
 
 def looks_like_text(head: bytes) -> bool:
     """UTF-8 (a multi-byte character may be cut at the end) or 8-bit text without control bytes."""
-    if any(byte in _BINARY_CONTROLS for byte in head):
+    if any(byte in BINARY_CONTROLS for byte in head):
         return False
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)

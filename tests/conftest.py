@@ -1,0 +1,89 @@
+"""Shared fixtures: real folders, real config files, a real SQLite store per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from ingestd import config as config_mod, db
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(directory: Path, body: str) -> Path:
+    path = directory / "ingestd.toml"
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def drop(tmp_path: Path) -> Path:
+    """An empty drop folder of project ``acme``."""
+    folder = tmp_path / "drop" / "acme"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, drop: Path) -> Path:
+    """A config with projects ``acme`` (the ``drop`` folder) and ``other``."""
+    (tmp_path / "drop" / "other").mkdir()
+    return write_config(tmp_path, f"""
+        [daemon]
+        state_dir = "state"
+        workers = 2
+
+        [defaults]
+        max_bytes = 1000000
+
+        [projects.acme]
+        folders = ["{drop}"]
+
+        [projects.other]
+        folders = ["drop/other"]
+    """)
+
+
+@pytest.fixture
+def cfg(config_file: Path) -> config_mod.Config:
+    return config_mod.load(config_file)
+
+
+@pytest.fixture
+def store(cfg: config_mod.Config):
+    """The models bound to a fresh SQLite file, migrated."""
+    database = db.open_store(cfg.daemon.database)
+    yield database
+    db.close_store()
+
+
+def run_cli(*args: str, config: Path | None = None, cwd: Path | None = None,
+            stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m ingestd ARGS`` as a real subprocess."""
+    env = dict(os.environ)
+    env.pop("INGESTD_CONFIG", None)
+    command = [sys.executable, "-m", "ingestd"]
+    if config is not None:
+        command += ["-c", str(config)]
+    return subprocess.run(command + list(args), capture_output=True, text=True, env=env,
+                          cwd=cwd, input=stdin, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.02,
+             message: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

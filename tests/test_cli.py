@@ -1,0 +1,177 @@
+"""Every CLI command as a real subprocess: output, JSON and the exit codes of the contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ingestd import __version__
+
+from conftest import run_cli
+
+
+def submit(config, path, project="acme"):
+    return run_cli("jobs", "submit", "-p", project, os.fsdecode(path), "--json", config=config)
+
+
+def submitted_id(config, path) -> int:
+    result = submit(config, path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["id"]
+
+
+def test_version_and_module_entry_point():
+    """`ingestd --version` and `python -m ingestd --version` print the version."""
+    result = subprocess.run([sys.executable, "-m", "ingestd", "--version"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"ingestd {__version__}"
+
+
+def test_submit_list_show_cancel_retry_delete(config_file, drop):
+    """The seed's flow end to end, with the documented exit codes at each refusal."""
+    (drop / "a.txt").write_text("alpha")
+    job_id = submitted_id(config_file, drop / "a.txt")
+
+    listing = run_cli("jobs", "list", "-p", "acme", config=config_file)
+    assert listing.returncode == 0 and "queued" in listing.stdout and "a.txt" in listing.stdout
+    shown = json.loads(run_cli("jobs", "show", "-p", "acme", str(job_id), "--json",
+                               config=config_file).stdout)
+    assert shown["status"] == "queued" and shown["original_filename"] == "a.txt"
+
+    assert run_cli("jobs", "retry", "-p", "acme", str(job_id), config=config_file).returncode == 4
+    assert run_cli("jobs", "cancel", "-p", "acme", str(job_id), config=config_file).returncode == 0
+    assert run_cli("jobs", "cancel", "-p", "acme", str(job_id), config=config_file).returncode == 4
+    assert run_cli("jobs", "retry", "-p", "acme", str(job_id), config=config_file).returncode == 0
+    deleted = run_cli("jobs", "delete", "-p", "acme", str(job_id), config=config_file)
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    gone = run_cli("jobs", "show", "-p", "acme", str(job_id), config=config_file)
+    assert gone.returncode == 3 and f"job {job_id} not found" in gone.stderr
+
+
+def test_list_json_pages_with_a_cursor(config_file, drop):
+    """--json gives one document with next_cursor; following it reaches every job."""
+    for i in range(5):
+        (drop / f"{i}.txt").write_text(str(i))
+        submitted_id(config_file, drop / f"{i}.txt")
+    seen, cursor = [], None
+    while True:
+        args = ["jobs", "list", "-p", "acme", "--limit", "2", "--json"]
+        page = json.loads(run_cli(*args, *(["--cursor", cursor] if cursor else []),
+                                  config=config_file).stdout)
+        seen += [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["jobs", "list", "-p", "nope"], 3, "unknown project 'nope'"),
+    (["jobs", "list", "-p", "acme", "--status", "done"], 2, "unknown status 'done'"),
+    (["jobs", "list", "-p", "acme", "--cursor", "%%%"], 2, "invalid cursor"),
+    (["jobs", "show", "-p", "acme", "abc"], 2, "invalid job id 'abc'"),
+    (["jobs", "show", "-p", "acme", "42"], 3, "job 42 not found"),
+    (["jobs", "cancel", "-p", "acme", "42"], 3, "job 42 not found"),
+    (["jobs", "frobnicate"], 2, "invalid choice"),
+])
+def test_errors_have_their_exit_codes_and_one_line(config_file, args, code, text):
+    """Usage 2, not found 3; one line on stderr, never a traceback."""
+    result = run_cli(*args, config=config_file)
+    assert result.returncode == code, result.stderr
+    assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_another_projects_job_is_not_found(config_file, drop):
+    """A job of acme does not exist for project other."""
+    (drop / "a.txt").write_text("alpha")
+    job_id = submitted_id(config_file, drop / "a.txt")
+    for action in ("show", "cancel", "delete", "retry"):
+        assert run_cli("jobs", action, "-p", "other", str(job_id), config=config_file).returncode == 3
+
+
+def test_delete_of_a_running_job_is_a_conflict(config_file, drop, cfg):
+    """The seed's rule over the CLI: exit 4 while running."""
+    from ingestd import db, jobs
+
+    (drop / "a.txt").write_text("alpha")
+    job_id = submitted_id(config_file, drop / "a.txt")
+    db.open_store(cfg.daemon.database)
+    jobs.claim("w1")
+    db.close_store()
+    result = run_cli("jobs", "delete", "-p", "acme", str(job_id), config=config_file)
+    assert result.returncode == 4 and "running" in result.stderr
+    cancel = run_cli("jobs", "cancel", "-p", "acme", str(job_id), config=config_file)
+    assert cancel.returncode == 0 and "cancellation requested" in cancel.stdout
+
+
+class TestSubmitRefusals:
+    def refused(self, config_file, path, text):
+        result = submit(config_file, path)
+        assert result.returncode == 5, result.stderr
+        assert text in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    def test_missing_file(self, config_file, drop):
+        """A path that does not exist."""
+        self.refused(config_file, drop / "nope.txt", "no such file")
+
+    def test_directory(self, config_file, drop):
+        """A directory is not a regular file."""
+        (drop / "sub").mkdir()
+        self.refused(config_file, drop / "sub", "not a regular file (a directory)")
+
+    def test_fifo(self, config_file, drop):
+        """A FIFO is refused without opening it (which would block)."""
+        os.mkfifo(drop / "pipe")
+        self.refused(config_file, drop / "pipe", "not a regular file (a FIFO)")
+
+    def test_device(self, config_file, drop):
+        """A device node, reached through a symlink inside the folder, is outside the folder."""
+        (drop / "null").symlink_to("/dev/null")
+        self.refused(config_file, drop / "null", "outside the folders")
+
+    def test_symlink_out_of_the_folder(self, config_file, drop, tmp_path):
+        """A symlink inside the folder pointing outside is refused."""
+        secret = tmp_path / "secret.txt"
+        secret.write_text("secret")
+        (drop / "link.txt").symlink_to(secret)
+        self.refused(config_file, drop / "link.txt", "outside the folders of project 'acme'")
+
+    def test_dot_dot_traversal(self, config_file, drop, tmp_path):
+        """drop/../x resolves outside the folder."""
+        (tmp_path / "x.txt").write_text("x")
+        self.refused(config_file, f"{drop}/../../x.txt", "outside the folders")
+
+    def test_too_large(self, config_file, drop):
+        """Over max_bytes (1,000,000 in this config)."""
+        (drop / "big.txt").write_bytes(b"a" * 1_000_001)
+        self.refused(config_file, drop / "big.txt", "too large (1000001 bytes")
+
+    def test_type_not_allowed(self, config_file, drop):
+        """Binary content is refused whatever its name."""
+        (drop / "junk.txt").write_bytes(bytes(range(256)) * 4)
+        self.refused(config_file, drop / "junk.txt", "type application/octet-stream is not allowed")
+
+    def test_empty_path(self, config_file):
+        """An empty path says so."""
+        self.refused(config_file, "", "empty path")
+
+
+def test_a_non_utf8_file_name_is_recorded_faithfully(config_file, drop, cfg):
+    """A name that is not UTF-8 is shown with escapes and its exact bytes are kept."""
+    from ingestd import db
+    from ingestd.models import Job
+
+    raw = os.fsencode(drop) + b"/caf\xe9.txt"
+    with open(raw, "wb") as handle:
+        handle.write(b"latin-1 name")
+    result = submit(config_file, raw)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["original_filename"] == "caf\\xe9.txt"
+    db.open_store(cfg.daemon.database)
+    assert Job.get_by_id(record["id"]).source_path_raw == raw
+    db.close_store()

@@ -1,0 +1,326 @@
+"""The job state machine: the seed's rules, compare-and-set transitions, one event each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ingestd import intake, jobs
+from ingestd.errors import Conflict, NotFound, UsageError
+from ingestd.models import Event, Job, Source
+
+
+def make_file(folder: Path, name: str, text: str = "hello world\n") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def create(cfg, path: Path, project: str = "acme") -> Job:
+    folder, version = intake.inspect(cfg.projects[project], path)
+    job, created = jobs.create(project, str(folder), version, 3)
+    assert created
+    return job
+
+
+def events_of(job_id: int) -> list[Event]:
+    return list(Event.select().where(Event.job_id == job_id).order_by(Event.seq))
+
+
+def event_types(job_id: int) -> list[str]:
+    return [e.type.rsplit(".", 1)[1] for e in events_of(job_id)]
+
+
+@pytest.fixture
+def job(cfg, store, drop) -> Job:
+    return create(cfg, make_file(drop, "a.txt"))
+
+
+class TestCreate:
+    def test_a_new_job_is_queued_with_the_file_facts(self, cfg, store, drop):
+        """create fills status queued, stage initial, name, size, sniffed MIME type."""
+        job = create(cfg, make_file(drop, "notes.md", "# title\n"))
+        assert (job.status, job.stage, job.progress) == ("queued", "initial", 0.0)
+        assert job.original_filename == "notes.md"
+        assert job.byte_size == 8 and job.mime_type == "text/markdown"
+        assert job.source_path == str(drop / "notes.md") and job.message is None
+        assert event_types(job.id) == ["created"]
+
+    def test_the_project_folder_becomes_its_source_row(self, cfg, store, drop):
+        """The seed's implicit default source is the project's folder, created once."""
+        first = create(cfg, make_file(drop, "a.txt"))
+        second = create(cfg, make_file(drop, "b.txt"))
+        source = Source.get_by_id(first.source_id)
+        assert (source.project_id, source.kind, source.path) == ("acme", "folder", str(drop))
+        assert second.source_id == first.source_id and Source.select().count() == 1
+
+    def test_the_same_file_version_never_gets_a_second_job(self, cfg, store, drop):
+        """Creating the same version again returns the first job and writes no event."""
+        path = make_file(drop, "a.txt")
+        folder, version = intake.inspect(cfg.projects["acme"], path)
+        first, created = jobs.create("acme", str(folder), version, 3)
+        again, created_again = jobs.create("acme", str(folder), version, 3)
+        assert created and not created_again and again.id == first.id
+        assert Job.select().count() == 1 and Event.select().count() == 1
+
+    def test_a_changed_file_is_a_new_version(self, cfg, store, drop):
+        """A file whose size changed gets a job of its own."""
+        path = make_file(drop, "a.txt")
+        create(cfg, path)
+        path.write_text("longer content now\n")
+        assert create(cfg, path).id == 2
+
+    def test_explicit_resubmit_of_a_live_version_is_a_conflict(self, cfg, store, drop):
+        """jobs submit refuses a version that already has a live job."""
+        path = make_file(drop, "a.txt")
+        create(cfg, path)
+        folder, version = intake.inspect(cfg.projects["acme"], path)
+        with pytest.raises(Conflict, match="already has job 1"):
+            jobs.create("acme", str(folder), version, 3, resubmit=True)
+
+    def test_resubmit_after_delete_makes_a_new_job(self, cfg, store, drop):
+        """A deleted job gives up its file version to an operator's explicit resubmit."""
+        path = make_file(drop, "a.txt")
+        first = create(cfg, path)
+        jobs.delete("acme", first.id)
+        folder, version = intake.inspect(cfg.projects["acme"], path)
+        assert jobs.create("acme", str(folder), version, 3)[1] is False  # the watcher: still seen
+        job, created = jobs.create("acme", str(folder), version, 3, resubmit=True)
+        assert created and job.id != first.id
+
+
+class TestList:
+    def test_newest_first_without_deleted(self, cfg, store, drop):
+        """list shows the project's live jobs, newest first."""
+        ids = [create(cfg, make_file(drop, f"{i}.txt")).id for i in range(5)]
+        jobs.delete("acme", ids[2])
+        page = jobs.list_jobs("acme")
+        assert [j.id for j in page.jobs] == [ids[4], ids[3], ids[1], ids[0]]
+        assert page.next_cursor is None
+
+    def test_filters_by_status_stage_and_source(self, cfg, store, drop):
+        """status, stage and source filters narrow the page."""
+        a = create(cfg, make_file(drop, "a.txt"))
+        b = create(cfg, make_file(drop, "b.txt"))
+        jobs.cancel("acme", a.id)
+        assert [j.id for j in jobs.list_jobs("acme", status="cancelled").jobs] == [a.id]
+        assert [j.id for j in jobs.list_jobs("acme", status="queued").jobs] == [b.id]
+        assert len(jobs.list_jobs("acme", stage="initial").jobs) == 2
+        assert len(jobs.list_jobs("acme", source_id=a.source_id).jobs) == 2
+        assert jobs.list_jobs("acme", source_id=999).jobs == []
+
+    def test_unknown_status_or_stage_is_a_usage_error(self, store):
+        """An unknown status is an error, not an empty page."""
+        with pytest.raises(UsageError, match="unknown status 'done'"):
+            jobs.list_jobs("acme", status="done")
+        with pytest.raises(UsageError, match="unknown stage"):
+            jobs.list_jobs("acme", stage="sleeping")
+
+    def test_a_malformed_cursor_is_a_usage_error(self, store):
+        """A cursor that was not printed by list is refused."""
+        with pytest.raises(UsageError, match="invalid cursor"):
+            jobs.list_jobs("acme", cursor="garbage!")
+
+    def test_limit_is_clamped(self, cfg, store, drop):
+        """limit is clamped to 1..MAX_LIST_LIMIT."""
+        for i in range(3):
+            create(cfg, make_file(drop, f"{i}.txt"))
+        assert len(jobs.list_jobs("acme", limit=0).jobs) == 1
+        assert len(jobs.list_jobs("acme", limit=10**9).jobs) == 3
+
+    def test_pagination_walks_every_job_once_while_jobs_are_inserted(self, cfg, store, drop):
+        """Paging through while new jobs arrive yields each older job exactly once."""
+        existing = {create(cfg, make_file(drop, f"old{i}.txt")).id for i in range(95)}
+        seen: list[int] = []
+        cursor, page_number = None, 0
+        while True:
+            page = jobs.list_jobs("acme", limit=10, cursor=cursor)
+            seen += [j.id for j in page.jobs]
+            create(cfg, make_file(drop, f"new{page_number}.txt"))  # arrives mid-walk
+            page_number += 1
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+        assert len(seen) == len(set(seen))
+        assert existing <= set(seen)
+
+
+class TestScoping:
+    def test_get_show_cancel_delete_retry_are_scoped_by_project(self, cfg, store, job):
+        """Another project's job is not found by any operation."""
+        for operation in (jobs.get, jobs.cancel, jobs.delete, jobs.retry):
+            with pytest.raises(NotFound):
+                operation("other", job.id)
+        assert jobs.list_jobs("other").jobs == []
+
+    def test_a_deleted_job_is_not_found(self, store, job):
+        """get does not return soft-deleted jobs."""
+        jobs.delete("acme", job.id)
+        with pytest.raises(NotFound):
+            jobs.get("acme", job.id)
+
+
+class TestOperatorTransitions:
+    def test_cancel_a_queued_job(self, store, job):
+        """A queued job is cancelled at once, with completed_at set."""
+        cancelled = jobs.cancel("acme", job.id)
+        assert cancelled.status == "cancelled" and cancelled.completed_at is not None
+        assert event_types(job.id) == ["created", "cancelled"]
+
+    def test_cancel_a_running_job_flags_it(self, store, job):
+        """A running job stays running, flagged; the worker ends it cancelled at its next check."""
+        jobs.claim("w1")
+        flagged = jobs.cancel("acme", job.id)
+        assert flagged.status == "running" and flagged.cancel_requested
+        assert jobs.heartbeat("w1", [job.id], 30) == {job.id: True}
+        assert jobs.finish_cancelled(job.id, "w1").status == "cancelled"
+        assert event_types(job.id) == ["created", "started", "cancel_requested", "cancelled"]
+
+    @pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
+    def test_cancel_a_finished_job_is_a_conflict(self, store, job, end):
+        """Only queued or running jobs can be cancelled."""
+        jobs.claim("w1")
+        {"complete": lambda: jobs.complete(job.id, "w1"),
+         "fail": lambda: jobs.fail(job.id, "w1", "boom"),
+         "cancel": lambda: jobs.finish_cancelled(job.id, "w1")}[end]()
+        with pytest.raises(Conflict, match="not queued or running"):
+            jobs.cancel("acme", job.id)
+
+    def test_delete_is_refused_while_running(self, store, job):
+        """The seed's rule: a running job cannot be deleted."""
+        jobs.claim("w1")
+        with pytest.raises(Conflict, match="running"):
+            jobs.delete("acme", job.id)
+        assert Job.get_by_id(job.id).deleted_at is None
+
+    def test_delete_of_a_queued_job_cancels_it(self, store, job):
+        """A deleted queued job is cancelled and can never be claimed."""
+        deleted = jobs.delete("acme", job.id)
+        assert deleted.status == "cancelled" and deleted.deleted_at is not None
+        assert jobs.claim("w1") == []
+
+    def test_delete_keeps_a_completed_status_and_runs_cleanup_in_the_transaction(self, store, job):
+        """A completed job stays completed when deleted; a failing cleanup undoes the delete."""
+        jobs.claim("w1")
+        jobs.complete(job.id, "w1", canonical_document_id=7)
+        cleaned: list[int] = []
+        with pytest.raises(RuntimeError):
+            jobs.delete("acme", job.id, cleanup=lambda j: (_ for _ in ()).throw(RuntimeError()))
+        assert Job.get_by_id(job.id).deleted_at is None
+        assert event_types(job.id) == ["created", "started", "completed"]
+        deleted = jobs.delete("acme", job.id, cleanup=lambda j: cleaned.append(j.canonical_document_id))
+        assert cleaned == [7] and deleted.status == "completed"
+
+    def test_retry_requeues_failed_and_cancelled_only(self, store, job):
+        """retry takes failed or cancelled back to queued with fresh attempts; else conflict."""
+        with pytest.raises(Conflict):
+            jobs.retry("acme", job.id)
+        jobs.claim("w1")
+        jobs.fail(job.id, "w1", "disk on fire")
+        again = jobs.retry("acme", job.id)
+        assert (again.status, again.attempts, again.error_message) == ("queued", 0, None)
+        assert jobs.claim("w2")[0].id == job.id
+
+
+class TestWorkerTransitions:
+    def test_claim_complete(self, store, job):
+        """claim takes a queued job under a lease; complete ends it done at 100%."""
+        [claimed] = jobs.claim("w1", lease_seconds=30)
+        assert claimed.status == "running" and claimed.lease_owner == "w1"
+        assert claimed.attempts == 1 and claimed.lease_expires_at > claimed.started_at
+        done = jobs.complete(job.id, "w1", message="indexed 1 chunk", content_sha256="ab")
+        assert (done.status, done.stage, done.progress) == ("completed", "done", 1.0)
+        assert done.lease_owner is None and done.completed_at is not None
+
+    def test_message_and_error_message_stay_separate(self, store, job):
+        """The seed's bug: a message must not land in error_message, or the reverse."""
+        jobs.claim("w1")
+        jobs.progress(job.id, "w1", message="page 1 of 3")
+        failed = jobs.fail(job.id, "w1", "truncated PDF")
+        stored = Job.get_by_id(job.id)
+        assert (failed.message, failed.error_message) == ("page 1 of 3", "truncated PDF")
+        assert (stored.message, stored.error_message) == ("page 1 of 3", "truncated PDF")
+
+    def test_a_transition_by_someone_else_loses(self, store, job):
+        """Only the lease owner can move a running job; the loser gets a Conflict."""
+        jobs.claim("w1")
+        with pytest.raises(Conflict):
+            jobs.complete(job.id, "w2")
+        assert Job.get_by_id(job.id).status == "running"
+
+    def test_a_lost_race_is_reported_not_applied(self, store, job):
+        """Completing a job that was already failed is a Conflict and changes nothing."""
+        jobs.claim("w1")
+        jobs.fail(job.id, "w1", "first")
+        with pytest.raises(Conflict, match="it is failed"):
+            jobs.complete(job.id, "w1")
+        assert Job.get_by_id(job.id).status == "failed"
+        assert event_types(job.id) == ["created", "started", "failed"]
+
+    def test_retry_later_until_attempts_are_spent(self, store, job):
+        """A transient failure re-queues with a delay; the last attempt fails for good."""
+        for attempt in (1, 2):
+            [claimed] = jobs.claim("w1")
+            assert claimed.attempts == attempt
+            requeued = jobs.retry_later(job.id, "w1", "sink busy", delay_seconds=0)
+            assert requeued.status == "queued" and requeued.error_message == "sink busy"
+        jobs.claim("w1")
+        final = jobs.retry_later(job.id, "w1", "sink busy", delay_seconds=0)
+        assert final.status == "failed" and "gave up after 3 attempts" in final.error_message
+        assert event_types(job.id).count("retrying") == 2
+
+    def test_a_delayed_job_is_not_claimed_before_its_time(self, store, job):
+        """not_before holds a retried job back."""
+        jobs.claim("w1")
+        jobs.retry_later(job.id, "w1", "busy", delay_seconds=3600)
+        assert jobs.claim("w1") == []
+
+    def test_release_gives_the_attempt_back(self, store, job):
+        """A job released at shutdown is queued again without using an attempt."""
+        jobs.claim("w1")
+        released = jobs.release(job.id, "w1")
+        assert (released.status, released.attempts) == ("queued", 0)
+
+    def test_expired_leases_are_rescued(self, store, cfg, drop, job):
+        """A job whose worker died goes back to the queue (attempt counted), or fails when spent."""
+        jobs.claim("dead", lease_seconds=-1)
+        [rescued] = jobs.rescue_expired()
+        assert (rescued.status, rescued.attempts) == ("queued", 1)
+        Job.update(max_attempts=2).where(Job.id == job.id).execute()
+        jobs.claim("dead", lease_seconds=-1)
+        [failed] = jobs.rescue_expired()
+        assert failed.status == "failed" and "stopped renewing its lease" in failed.error_message
+
+    def test_a_live_lease_is_not_rescued(self, store, job):
+        """A renewed lease keeps its job."""
+        jobs.claim("w1", lease_seconds=30)
+        assert jobs.rescue_expired() == []
+
+    def test_progress_is_clamped(self, store, job):
+        """progress stays within 0..1."""
+        jobs.claim("w1")
+        assert jobs.progress(job.id, "w1", fraction=1.5).progress == 1.0
+
+
+class TestEvents:
+    def test_every_transition_writes_one_event_with_the_job_as_it_became(self, store, job):
+        """Each event's data is the job's record right after the change."""
+        jobs.claim("w1")
+        jobs.progress(job.id, "w1", stage=jobs.Stage.EXTRACTING, fraction=0.5)
+        jobs.complete(job.id, "w1")
+        events = events_of(job.id)
+        assert [json.loads(e.data)["status"] for e in events] == [
+            "queued", "running", "running", "completed"]
+        assert json.loads(events[2].data)["stage"] == "extracting"
+        assert json.loads(events[-1].data) == jobs.job_record(Job.get_by_id(job.id))
+
+    def test_sequence_is_gap_free(self, cfg, store, drop):
+        """Event sequences run 1..N without gaps, also across failed transitions."""
+        job = create(cfg, make_file(drop, "a.txt"))
+        with pytest.raises(Conflict):
+            jobs.retry("acme", job.id)
+        jobs.cancel("acme", job.id)
+        create(cfg, make_file(drop, "b.txt"))
+        assert [e.seq for e in Event.select().order_by(Event.seq)] == [1, 2, 3]

@@ -1,0 +1,95 @@
+"""The store: migrations, refusal of newer schemas, clear errors on bad or locked files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from ingestd import db, jobs, migrations
+from ingestd.errors import StoreError
+
+from conftest import run_cli
+
+
+def url_of(tmp_path, name="s.db") -> str:
+    return f"sqlite:///{tmp_path / name}"
+
+
+def test_migrate_from_an_empty_file_then_rerun_is_a_no_op(tmp_path):
+    """A new file gets every migration once; running again applies nothing."""
+    database = db.connect(url_of(tmp_path))
+    assert migrations.migrate(database) == [m[0] for m in migrations.MIGRATIONS]
+    assert migrations.migrate(database) == []
+    assert migrations.current_version(database) == migrations.LATEST
+    rows = database.execute_sql("SELECT version FROM schema_migrations").fetchall()
+    assert [r[0] for r in rows] == [m[0] for m in migrations.MIGRATIONS]
+    database.close()
+
+
+def test_sqlite_is_opened_with_wal_busy_timeout_and_foreign_keys(tmp_path):
+    """The pragmas that make SQLite a safe multi-process store are on."""
+    database = db.open_store(url_of(tmp_path))
+    pragma = lambda name: database.execute_sql(f"PRAGMA {name}").fetchone()[0]
+    assert pragma("journal_mode") == "wal"
+    assert pragma("foreign_keys") == 1
+    assert pragma("busy_timeout") == db.BUSY_TIMEOUT_SECONDS * 1000
+    db.close_store()
+
+
+def test_a_newer_schema_is_refused_and_not_touched(tmp_path):
+    """A database migrated by a newer ingestd is refused with a clear error, unchanged."""
+    path = tmp_path / "s.db"
+    database = db.connect(url_of(tmp_path))
+    migrations.migrate(database)
+    database.execute_sql("INSERT INTO schema_migrations VALUES (999, 'future', 0)")
+    database.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="version 999, newer than this ingestd"):
+        db.open_store(url_of(tmp_path))
+    db.close_store()
+    assert path.read_bytes() == before
+
+
+def test_a_corrupt_file_is_a_clear_error(tmp_path):
+    """A file that is not a database gives one line naming it."""
+    (tmp_path / "s.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="s.db: not a usable database"):
+        db.open_store(url_of(tmp_path))
+    db.close_store()
+
+
+def test_a_locked_database_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    """A write lock held by someone else ends a write in a clear error after the busy timeout."""
+    monkeypatch.setitem(db.SQLITE_PRAGMAS, "busy_timeout", 300)
+    db.open_store(url_of(tmp_path))
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError, match="database is locked"):
+            with db.translate_errors():
+                jobs.emit(jobs.DAEMON_STARTED, {})
+    finally:
+        holder.execute("ROLLBACK")
+        db.close_store()
+    assert time.monotonic() - started < 5
+
+
+def test_cli_reports_a_corrupt_database_in_one_line(tmp_path, config_file):
+    """The CLI prints one line and exits 1 for an unusable database."""
+    state = config_file.parent / "state"
+    state.mkdir()
+    (state / "ingestd.db").write_bytes(b"\0garbage" * 512)
+    result = run_cli("jobs", "list", "-p", "acme", config=config_file)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a usable database" in result.stderr
+
+
+def test_db_migrate_command(config_file):
+    """`db migrate` applies, then reports up to date."""
+    first = run_cli("db", "migrate", config=config_file)
+    assert first.returncode == 0 and "applied migrations 1" in first.stdout
+    second = run_cli("db", "migrate", config=config_file)
+    assert second.returncode == 0 and "up to date" in second.stdout
