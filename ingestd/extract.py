@@ -1,0 +1,161 @@
+"""Bytes to text, by the MIME type that ingestd.sniff found (never by the file name).
+
+Text: a UTF-8 BOM -> "utf-8-sig"; a UTF-16 BOM (LE or BE) -> "utf-16"; else strict UTF-8; else the
+one fallback, cp1252 (legacy Windows text), taken only if every byte is defined in cp1252 and no
+control byte but tab, LF, CR, form feed, ESC occurs (sniff's rule for text). Anything else is
+refused, not turned into mojibake. CRLF becomes LF. Markdown, CSV, JSON, XML and HTML stay as they
+are (markup included: the words are all there, and no offset is shifted by a lossy tag stripper).
+
+PDFs are read page by page with pypdf (strict=False). On a broken or hostile file pypdf raises
+nearly anything (ValueError, KeyError, a bare RecursionError...), so each pypdf call is guarded and
+any failure becomes one ExtractError; ``on_page`` runs outside the guard, so cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pypdf import PdfReader, PasswordType
+from pypdf.errors import DependencyError, PyPdfError
+
+from ingestd.sniff import BINARY_CONTROLS
+
+PDF = "application/pdf"
+TEXT_TYPES = ("application/json", "application/xml")  # besides every text/* type
+_MAX_REASON = 200
+T = TypeVar("T")
+
+OnPage = Callable[[int, int], None]
+Source = bytes | bytearray | memoryview | str | os.PathLike
+
+
+class ExtractError(Exception):
+    """Permanent: the file's content cannot be turned into text; str(exc) is one line saying why."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    text: str  # the whole text; PDF pages joined with "\n\n"
+    pages: tuple[tuple[int, int], ...]  # (start, end) of each page's text in `text`; one span for text files
+    encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "cp1252"; None for PDFs
+
+
+def extract(data_or_path: Source, mime_type: str, on_page: OnPage | None = None) -> Extracted:
+    """Dispatch on the sniffed type; a type we cannot read is a permanent ExtractError."""
+    if _base_type(mime_type) == PDF:
+        return extract_pdf(data_or_path, on_page)
+    return extract_text(_read(data_or_path), mime_type)
+
+
+def extract_text(data: bytes, mime_type: str) -> Extracted:
+    """Decode a text file (see the module docstring for the encodings tried) into one span."""
+    mime = _base_type(mime_type)
+    if not (mime.startswith("text/") or mime in TEXT_TYPES):
+        raise ExtractError(f"type {mime or '(none)'} cannot be extracted")
+    text, encoding = _decode(bytes(data))
+    text = text.replace("\r\n", "\n")
+    return Extracted(text, ((0, len(text)),), encoding)
+
+
+def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extracted:
+    """Text of each page, reporting on_page(done, total) after each so the caller can cancel."""
+    data = _read(path_or_bytes)  # outside the guard: an unreadable file is an OSError, not a bad PDF
+    texts: list[str] = []
+    with _quiet_pypdf():
+        reader = _guarded(lambda: _open_pdf(data))
+        total = _guarded(lambda: len(reader.pages))
+        for index in range(total):
+            texts.append(_guarded(lambda: reader.pages[index].extract_text() or ""))  # called at once
+            if on_page is not None:
+                on_page(index + 1, total)
+    if not any(text.strip() for text in texts):
+        raise ExtractError("PDF has no extractable text (scanned?)")
+    spans, start = [], 0
+    for text in texts:
+        spans.append((start, start + len(text)))
+        start += len(text) + 2
+    return Extracted("\n\n".join(texts), tuple(spans), None)
+
+
+def _base_type(mime_type: str) -> str:
+    return mime_type.split(";", 1)[0].strip().lower()
+
+
+def _read(source: Source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    with open(source, "rb") as handle:
+        return handle.read()
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    """(text, encoding name) by BOM, then UTF-8, then the cp1252 fallback; else ExtractError."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError as exc:
+            raise ExtractError(f"not text: invalid UTF-16 at byte {exc.start}") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8"), "utf-8-sig" if bom else "utf-8"
+    except UnicodeDecodeError as exc:
+        bad = bom + exc.start
+    if not bom and len(data.translate(None, BINARY_CONTROLS)) == len(data):
+        try:
+            return data.decode("cp1252"), "cp1252"
+        except UnicodeDecodeError:
+            pass
+    raise ExtractError(f"not text: invalid UTF-8 at byte {bad}" + ("" if bom else " and not cp1252 text"))
+
+
+def _open_pdf(data: bytes) -> PdfReader:
+    """A reader, decrypted with the empty password if the file is encrypted and that opens it."""
+    reader = PdfReader(io.BytesIO(data), strict=False)
+    if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+        raise ExtractError("encrypted PDF (needs a password)")
+    return reader
+
+
+def _guarded(call: Callable[[], T]) -> T:
+    """Run one pypdf call; whatever it raises on a bad file becomes a one-line ExtractError."""
+    try:
+        return call()
+    except ExtractError:
+        raise
+    except DependencyError as exc:  # e.g. AES encryption without the 'cryptography' package
+        raise ExtractError(f"PDF cannot be read here: {_reason(exc)}") from exc
+    except Exception as exc:  # pypdf's failure modes on junk are open-ended
+        raise ExtractError(f"truncated or malformed PDF: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError) or isinstance(exc.__cause__, RecursionError):
+        return "objects nested too deeply"
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, PyPdfError):  # "KeyError: '/Root'" says more than "'/Root'"
+        text = f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text[:_MAX_REASON] or type(exc).__name__
+
+
+@contextmanager
+def _quiet_pypdf() -> Iterator[None]:
+    """Mute pypdf's logger meanwhile: a broken file logs a warning per bad object (22k for one bomb),
+    and its only error-level message dumps a whole 256-glyph table.
+
+    A call that finds the logger already muted (overlapping calls) leaves it for the first to restore.
+    """
+    logger = logging.getLogger("pypdf")
+    saved = logger.level
+    logger.setLevel(max(saved, logging.CRITICAL))
+    try:
+        yield
+    finally:
+        if saved < logging.CRITICAL:
+            logger.setLevel(saved)

@@ -1,0 +1,170 @@
+"""extract: every encoding we accept, every PDF failure we must report as one clean line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+import corpus
+from ingestd.extract import ExtractError, Extracted, extract, extract_pdf, extract_text
+
+TEXT = "Grüße, naïve café – “quoted” €5\nsecond line"
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        (TEXT.encode("utf-8"), "utf-8"),
+        (b"\xef\xbb\xbf" + TEXT.encode("utf-8"), "utf-8-sig"),
+        (b"\xff\xfe" + TEXT.encode("utf-16-le"), "utf-16"),
+        (b"\xfe\xff" + TEXT.encode("utf-16-be"), "utf-16"),
+        (TEXT.encode("cp1252"), "cp1252"),
+    ],
+)
+def test_encodings(data: bytes, encoding: str) -> None:
+    """Each accepted encoding decodes to the same text (no BOM left) and names itself."""
+    got = extract_text(data, "text/plain")
+    assert got == Extracted(TEXT, ((0, len(TEXT)),), encoding)
+
+
+def test_corpus_utf16_and_cp1252_files(tmp_path: Path) -> None:
+    """The corpus's UTF-16 and cp1252 files come back as their text through extract() by path."""
+    assert extract(corpus.make_utf16(tmp_path / "u.txt", TEXT), "text/plain").encoding == "utf-16"
+    got = extract(corpus.make_cp1252(tmp_path / "c.md", TEXT), "text/markdown; charset=x")
+    assert (got.text, got.encoding) == (TEXT, "cp1252")
+
+
+def test_crlf_becomes_lf() -> None:
+    """CRLF line ends become LF, and the single span covers the normalised text."""
+    got = extract_text(b"a,b\r\n1,2\r\n", "text/csv")
+    assert (got.text, got.pages) == ("a,b\n1,2\n", ((0, 8),))
+
+
+def test_html_is_kept_as_text() -> None:
+    """HTML is text: markup and entities are kept verbatim, only line ends are normalised."""
+    page = b"<html>\r\n<p>Hello &amp; <b>bye</b></p>\r\n</html>"
+    assert extract_text(page, "text/html").text == "<html>\n<p>Hello &amp; <b>bye</b></p>\n</html>"
+
+
+def test_pdf_pages_and_offsets(tmp_path: Path) -> None:
+    """In a 40-page PDF, page 37's text lies exactly at the offsets of pages[36]."""
+    path = corpus.make_pdf(tmp_path / "long.pdf", [f"page {n} says (hi)" for n in range(1, 41)])
+    got = extract(path, "application/pdf")
+    start, end = got.pages[36]
+    assert len(got.pages) == 40 and got.encoding is None
+    assert got.text[start:end] == "page 37 says (hi)"
+    assert got.text == "\n\n".join(f"page {n} says (hi)" for n in range(1, 41))
+
+
+def test_on_page_progress(tmp_path: Path) -> None:
+    """on_page is called once per page, in order, with (pages done, total pages)."""
+    calls: list[tuple[int, int]] = []
+    data = Path(corpus.make_pdf(tmp_path / "p.pdf", ["one", "two", "three"])).read_bytes()
+    extract_pdf(data, on_page=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_on_page_exception_propagates(tmp_path: Path) -> None:
+    """An exception raised by on_page (cancellation) propagates unchanged, not as ExtractError."""
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done: int, total: int) -> None:
+        if done == 2:
+            raise Cancelled("stop")
+
+    path = corpus.make_pdf(tmp_path / "p.pdf", ["one", "two", "three"])
+    with pytest.raises(Cancelled, match="stop"):
+        extract_pdf(path, on_page=cancel)
+
+
+def test_encrypted_pdf_needs_password(tmp_path: Path) -> None:
+    """A PDF encrypted with a real password is refused with the 'needs a password' message."""
+    with pytest.raises(ExtractError, match=r"^encrypted PDF \(needs a password\)$"):
+        extract(corpus.make_encrypted_pdf(tmp_path / "e.pdf", "hunter2"), "application/pdf")
+
+
+def test_encrypted_pdf_empty_password(tmp_path: Path) -> None:
+    """A PDF encrypted with the empty user password is decrypted and extracted."""
+    got = extract(corpus.make_encrypted_pdf(tmp_path / "e.pdf", "", ["open sesame"]), "application/pdf")
+    assert got.text == "open sesame"
+
+
+def test_truncated_pdf(tmp_path: Path) -> None:
+    """A truncated PDF is reported as truncated or malformed, in one line."""
+    with pytest.raises(ExtractError, match=r"^truncated or malformed PDF: \S") as info:
+        extract(corpus.make_truncated_pdf(tmp_path / "t.pdf"), "application/pdf")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["content", "page"])
+def test_nested_bomb_fails_fast(tmp_path: Path, where: str) -> None:
+    """Deeply nested arrays end as an ExtractError within seconds, never a crash or a hang."""
+    path = corpus.make_nested_pdf_bomb(tmp_path / "bomb.pdf", where=where)
+    deadline = time.monotonic() + 5
+    with pytest.raises(ExtractError, match="^truncated or malformed PDF: objects nested too deeply$"):
+        extract(path, "application/pdf")
+    assert time.monotonic() < deadline
+
+
+def test_nested_dict_bomb_is_contained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nested dictionaries end quickly, quietly (no pypdf log spray), as an ExtractError or the page text.
+
+    pypdf (strict=False) salvages a dictionary cut short by RecursionError, so which outcome
+    occurs depends on how deep the caller's stack already is; either is acceptable, a crash is not.
+    """
+    path = corpus.make_nested_pdf_bomb(tmp_path / "bomb.pdf", where="dict")
+    deadline = time.monotonic() + 5
+    with caplog.at_level(logging.WARNING):
+        try:
+            assert extract(path, "application/pdf").text == "under the bomb"
+        except ExtractError as exc:
+            assert str(exc).startswith("truncated or malformed PDF: ")
+    assert time.monotonic() < deadline
+    assert not [record for record in caplog.records if record.name.startswith("pypdf")]
+    assert logging.getLogger("pypdf").level == logging.NOTSET
+
+
+def test_scanned_like_pdf(tmp_path: Path) -> None:
+    """A PDF whose pages carry no text is reported as having no extractable text."""
+    with pytest.raises(ExtractError, match=r"^PDF has no extractable text \(scanned\?\)$"):
+        extract(corpus.make_scanned_like_pdf(tmp_path / "s.pdf"), "application/pdf")
+
+
+def test_binary_junk_as_text(tmp_path: Path) -> None:
+    """Random bytes with NULs claimed as text/plain are refused, not decoded as cp1252 garbage."""
+    with pytest.raises(ExtractError, match="^not text: invalid UTF-8 at byte"):
+        extract(corpus.make_binary_junk(tmp_path / "junk.txt"), "text/plain")
+
+
+def test_binary_junk_as_pdf(tmp_path: Path) -> None:
+    """Random bytes claimed as a PDF are reported as malformed."""
+    with pytest.raises(ExtractError, match="^truncated or malformed PDF: "):
+        extract(corpus.make_binary_junk(tmp_path / "junk.pdf"), "application/pdf")
+
+
+def test_invalid_utf8_names_the_byte(tmp_path: Path) -> None:
+    """Invalid UTF-8 that is not cp1252 text either is refused, naming the first bad byte's offset."""
+    path = corpus.make_invalid_utf8(tmp_path / "bad.txt")
+    offset = len(corpus.INVALID_UTF8_PREFIX)
+    expected = f"not text: invalid UTF-8 at byte {offset} and not cp1252 text"
+    with pytest.raises(ExtractError) as info:
+        extract(path, "text/plain")
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("mime", ["image/png", "application/octet-stream", "application/zip", ""])
+def test_unknown_type(mime: str) -> None:
+    """A type that is neither text nor PDF is refused with a message naming the type."""
+    with pytest.raises(ExtractError, match="cannot be extracted$"):
+        extract(b"\x89PNG\r\n\x1a\n", mime)
+
+
+def test_missing_file_is_not_a_content_error(tmp_path: Path) -> None:
+    """An unreadable path raises OSError (maybe transient), not the permanent ExtractError."""
+    with pytest.raises(FileNotFoundError):
+        extract_pdf(tmp_path / "gone.pdf")
