@@ -148,6 +148,41 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ingestd import daemon, log
+
+    log.configure(args.log_level)
+    return daemon.run(getattr(args, "config", None))
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from ingestd import add
+
+    cfg = _open(args)
+    project = cfg.project(args.project)
+    if args.files.count("-") > 1:
+        raise UsageError("'-' (standard input) can be given once")
+    created = add.add_files(project, args.files, args.name)
+    if not args.wait:
+        for job in created:
+            _say_job("queued", job, args.json)
+        return EXIT_OK
+    show_progress = len(created) > 1 and sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show_progress:
+            print(f"\r{done}/{total} done", end="", file=sys.stderr, flush=True)
+
+    ended = add.wait_for([job.id for job in created], progress)
+    if show_progress:
+        print(file=sys.stderr)
+    for job in ended:
+        _say_job(job.status, job, args.json)
+        if job.error_message and not args.json:
+            print(f"  {job.error_message}")
+    return EXIT_OK if all(job.status == "completed" for job in ended) else EXIT_FAILURE
+
+
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     url = cfg.daemon.database
@@ -218,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Ingest files dropped into watched folders.")
     parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser("run", parents=[common], help="the daemon, in the foreground")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(handler=cmd_run)
+    add = commands.add_parser("add", parents=[common],
+                              help="hand files to a project safely (- reads standard input)")
+    _project_arg(add)
+    add.add_argument("files", nargs="+", metavar="FILE")
+    add.add_argument("--name", help="file name for standard input (or for a single file)")
+    add.add_argument("--wait", action="store_true", help="wait for the jobs and report them")
+    _json_arg(add)
+    add.set_defaults(handler=cmd_add)
     _add_jobs(commands, common)
     _add_db(commands, common)
     _add_config(commands, common)

@@ -12,9 +12,12 @@ import os
 import stat
 from pathlib import Path
 
+from ingestd import jobs
 from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.jobs import FileVersion
+from ingestd.models import Job, database
+from ingestd.settle import Ready
 from ingestd.sniff import sniff_file
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
@@ -50,8 +53,12 @@ def resolve_in_project(project: ProjectConfig, path: str | bytes | os.PathLike) 
     return resolved, folder
 
 
-def inspect(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Path, FileVersion]:
-    """Check ``path`` against the project's rules; return its folder and file version."""
+def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
+            enforce_size: bool = True) -> tuple[Path, FileVersion]:
+    """Check ``path`` against the project's rules; return its folder and file version.
+
+    ``enforce_size=False`` is for dropped files: a file over the limit still becomes a job, which
+    fails with the reason (a refusal would leave nobody told)."""
     resolved, folder = resolve_in_project(project, path)
     shown, raw = display_path(resolved)
     try:
@@ -61,7 +68,7 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Pa
     for is_kind, kind in _KINDS:
         if is_kind(info.st_mode):
             raise InputRefused(f"{shown}: not a regular file ({kind})")
-    if info.st_size > project.max_bytes:
+    if enforce_size and info.st_size > project.max_bytes:
         raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's "
                            f"max_bytes is {project.max_bytes})")
     try:
@@ -82,3 +89,34 @@ def check_type(project: ProjectConfig, version: FileVersion) -> None:
     if not type_allowed(project, version.mime_type):
         raise InputRefused(f"{version.path}: type {version.mime_type} is not allowed in project "
                            f"{project.name!r} (allowed: {', '.join(project.allowed_types)})")
+
+
+# --- settled files -> jobs -----------------------------------------------------------------------
+
+def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]:
+    """Jobs for settled files, in one transaction; returns (jobs created, (file, why) rejected).
+
+    Files are inspected (resolved, stat'ed, sniffed) before the transaction, so the database's
+    write lock is not held during file I/O. A version that already has a job is skipped.
+    """
+    inspected, rejected = [], []
+    for item in ready:
+        if item.signature[0] == 0 and item.project.empty_files == "skip":
+            rejected.append((item, "empty file (the project skips empty files)"))
+            continue
+        try:
+            inspected.append((item, *inspect(item.project, item.path, enforce_size=False)))
+        except InputRefused as exc:
+            rejected.append((item, str(exc)))
+    created = []
+    with database.atomic():
+        for item, folder, version in inspected:
+            job, is_new = jobs.create(item.project.name, str(folder), version,
+                                      item.project.max_attempts)
+            if is_new:
+                created.append(job)
+        for item, reason in rejected:
+            shown = display_path(item.path)[0]
+            jobs.emit(jobs.FILE_REJECTED, {"path": shown, "reason": reason},
+                      project_id=item.project.name)
+    return created, rejected

@@ -88,9 +88,23 @@ class FileVersion:
     def key(self, project_id: str) -> str:
         """Identity of this version in the project: a second job for it is never created."""
         raw = self.raw_path or self.path.encode("utf-8", "surrogateescape")
-        parts = [project_id.encode(), raw, str(self.byte_size).encode(),
-                 str(self.mtime_ns).encode(), str(self.inode).encode()]
-        return hashlib.sha256(b"\0".join(parts)).hexdigest()
+        return version_key(project_id, raw, self.byte_size, self.mtime_ns, self.inode)
+
+
+def version_key(project_id: str, raw_path: bytes, size: int, mtime_ns: int | None,
+                inode: int | None) -> str:
+    parts = [project_id.encode(), raw_path, str(size).encode(), str(mtime_ns).encode(),
+             str(inode).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()
+
+
+def existing_version_keys(keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` already have a job (deleted ones included: their files stay ingested)."""
+    if not keys:
+        return set()
+    marks = ", ".join("?" * len(keys))
+    rows = _execute(f"SELECT version_key FROM ingest_jobs WHERE version_key IN ({marks})", keys)
+    return {row[0] for row in rows.fetchall()}
 
 
 @dataclass(frozen=True)
@@ -230,7 +244,7 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
     """
     key = version.key(project_id)
     source_id = ensure_source(project_id, folder)
-    with database.atomic():
+    with _transaction():
         existing = _fetch("version_key = ?", (key,))
         if existing is not None:
             if not resubmit:
@@ -402,7 +416,7 @@ def cancel(project_id: str, job_id: int) -> Job:
 def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None = None) -> Job:
     """Soft delete (refused while running); ``cleanup`` removes what the job produced, in the
     same transaction. A queued job is also cancelled, so it never runs."""
-    with database.atomic():
+    with _transaction():
         job = get(project_id, job_id)
         if job.status == JobStatus.RUNNING:
             raise Conflict(f"cannot delete job {job_id}: it is running (cancel it first)")
@@ -436,7 +450,7 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
     """
     moment = now()
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
-    with database.atomic():
+    with _transaction():
         rows = _execute(
             "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
             "attempts = attempts + 1, started_at = ?, updated_at = ? "
@@ -455,7 +469,7 @@ def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[
     if not job_ids:
         return {}
     moment = now()
-    with database.atomic():
+    with _transaction():
         (Job.update(lease_expires_at=moment + lease_seconds)
          .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING).execute())
         rows = (Job.select(Job.id, Job.cancel_requested)
@@ -480,10 +494,13 @@ def progress(job_id: int, owner: str, *, stage: Stage | None = None,
 
 
 def complete(job_id: int, owner: str, *, message: str | None = None,
-             canonical_document_id: int | None = None,
-             content_sha256: str | None = None) -> Job:
+             canonical_document_id: int | None = None, content_sha256: str | None = None,
+             unless_cancel_requested: bool = False) -> Job:
+    """End a running job as completed; with ``unless_cancel_requested`` a cancellation requested
+    meanwhile wins (Conflict), so a cancelled job never completes."""
+    extra = ["NOT cancel_requested"] if unless_cancel_requested else []
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_COMPLETED,
-                       action="complete", status=JobStatus.COMPLETED.value,
+                       action="complete", extra=extra, status=JobStatus.COMPLETED.value,
                        stage=Stage.DONE.value, progress=1.0, completed_at=now(),
                        message=message, canonical_document_id=canonical_document_id,
                        content_sha256=content_sha256, **_END)
@@ -514,11 +531,13 @@ def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: floa
         return fail(job_id, owner, f"{error_message} (gave up after {job.attempts} attempts)")
 
 
-def finish_cancelled(job_id: int, owner: str | None) -> Job:
-    """A running job whose cancellation was requested has stopped."""
+def finish_cancelled(job_id: int, owner: str | None,
+                     message: str = "cancelled while running") -> Job:
+    """A running job stopped without a result: its cancellation was requested, or its file was
+    superseded by a newer version."""
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_CANCELLED,
                        action="cancel", status=JobStatus.CANCELLED.value, completed_at=now(),
-                       message="cancelled while running", **_END)
+                       message=message, **_END)
 
 
 def release(job_id: int, owner: str) -> Job:
@@ -535,11 +554,29 @@ def rescue_expired(limit: int = 100) -> list[Job]:
     moment = now()
     expired = list(Job.select().where(_IS_RUNNING, Job.lease_expires_at < moment)
                    .order_by(Job.lease_expires_at).limit(limit))
+    return _rescue_all(expired, [f"lease_expires_at < {moment!r}"])  # our float, not input
+
+
+def running_owners() -> list[str]:
+    """Lease owners that hold running jobs now."""
+    rows = _execute("SELECT DISTINCT lease_owner FROM ingest_jobs WHERE status = 'running'")
+    return [row[0] for row in rows.fetchall() if row[0]]
+
+
+def rescue_owned(owners: Sequence[str]) -> list[Job]:
+    """Rescue the running jobs of ``owners`` now, whatever their lease says: for owners known to
+    be dead (a process on this host that is gone)."""
+    if not owners:
+        return []
+    held = list(Job.select().where(_IS_RUNNING, Job.lease_owner.in_(list(owners))))
+    return _rescue_all(held, [])
+
+
+def _rescue_all(held: list[Job], still: list[str]) -> list[Job]:
     rescued = []
-    for job in expired:
-        still_expired = [f"lease_expires_at < {moment!r}"]  # a float we computed, not input
+    for job in held:
         try:
-            rescued.append(_rescue_one(job, still_expired))
+            rescued.append(_rescue_one(job, still))
         except (Conflict, NotFound):
             continue  # renewed or finished meanwhile, or another node rescued it
     return rescued

@@ -95,16 +95,42 @@ V1_TABLES = [
 ]
 
 
-def _v1(db: pw.Database, dialect: dict[str, str]) -> None:
-    for statement in V1_TABLES:
+def _run(db: pw.Database, dialect: dict[str, str], statements: list[str]) -> None:
+    for statement in statements:
         db.execute_sql(statement.format(**dialect))
+
+
+def _v1(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V1_TABLES)
     db.execute_sql("INSERT INTO ingestd_meta (key, value) VALUES (%s, %s)" % (
         db.param, db.param), ("instance_id", uuid.uuid4().hex))
+
+
+V2_DOCUMENTS = [
+    """CREATE TABLE documents (
+        id {pk},
+        project_id TEXT NOT NULL,
+        content_sha256 TEXT NOT NULL,
+        source_path TEXT NOT NULL,
+        original_filename TEXT,
+        mime_type TEXT,
+        text TEXT NOT NULL,
+        page_count INTEGER NOT NULL DEFAULT 1,
+        created_at {real} NOT NULL,
+        deleted_at {real})""",
+    """CREATE INDEX ix_documents_sha ON documents (project_id, content_sha256)
+        WHERE deleted_at IS NULL""",
+]
+
+
+def _v2(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V2_DOCUMENTS)
 
 
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
+    (2, "documents of the built-in index", _v2),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -138,4 +138,22 @@ class EventSequence(BaseModel):
         table_name = "ingest_event_sequence"
 
 
-ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence)
+class Document(BaseModel):
+    """A document of the built-in index: the text of one file content in one project."""
+
+    id = pw.AutoField()
+    project_id = pw.TextField()
+    content_sha256 = pw.TextField()
+    source_path = pw.TextField()
+    original_filename = pw.TextField(null=True)
+    mime_type = pw.TextField(null=True)
+    text = pw.TextField()
+    page_count = pw.IntegerField(default=1)
+    created_at = pw.FloatField()
+    deleted_at = pw.FloatField(null=True)
+
+    class Meta:
+        table_name = "documents"
+
+
+ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence, Document)

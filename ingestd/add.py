@@ -1,0 +1,121 @@
+"""``ingestd add``: hand files to a project without ever exposing a half-written file.
+
+Each file is written under an ignored temporary name in the project's first folder, flushed to
+disk, then linked to its final name (a link never replaces an existing file, so names cannot
+collide) and the temporary name removed. Its job is created at once, so this works whether or
+not a daemon is running; a daemon's watcher then finds the job already there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from ingestd import intake, jobs
+from ingestd.config import ProjectConfig
+from ingestd.errors import InputRefused
+from ingestd.models import Job, TERMINAL
+from ingestd.sniff import SNIFF_BYTES, sniff_head
+
+COPY_CHUNK = 1 << 20
+
+
+def check_source(project: ProjectConfig, path: str) -> None:
+    """Refuse what ``jobs submit`` would refuse: not a regular file, too large, type not allowed."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise InputRefused(f"{path}: {exc.strerror.lower()}") from None
+    if not os.path.isfile(path):
+        raise InputRefused(f"{path}: not a regular file")
+    if info.st_size > project.max_bytes:
+        raise InputRefused(f"{path}: too large ({info.st_size} bytes; the project's max_bytes "
+                           f"is {project.max_bytes})")
+    with open(path, "rb") as handle:
+        mime = sniff_head(handle.read(SNIFF_BYTES), path)
+    if not intake.type_allowed(project, mime):
+        raise InputRefused(f"{path}: type {mime} is not allowed in project {project.name!r} "
+                           f"(allowed: {', '.join(project.allowed_types)})")
+
+
+def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
+    """Copy ``source`` into the project's first folder as ``name`` (or ``name (N)``)."""
+    folder = project.folders[0]
+    temp = folder / f".ingestd-add-{uuid.uuid4().hex}.part"
+    try:
+        with open(temp, "xb") as out:
+            written = _copy(source, out, project.max_bytes)
+            out.flush()
+            os.fsync(out.fileno())
+        if written > project.max_bytes:
+            raise InputRefused(f"{name}: too large (over max_bytes {project.max_bytes})")
+        return _link_free_name(temp, folder, name)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> int:
+    written = 0
+    while chunk := source.read(COPY_CHUNK):
+        written += len(chunk)
+        if written > limit:
+            return written
+        out.write(chunk)
+    return written
+
+
+def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
+    stem, suffix = os.path.splitext(os.path.basename(name) or "stdin")
+    for number in range(10_000):
+        target = folder / (f"{stem}{suffix}" if number == 0 else f"{stem} ({number}){suffix}")
+        try:
+            os.link(temp, target)
+            return target
+        except FileExistsError:
+            continue
+    raise InputRefused(f"{name}: no free name left in {folder}")
+
+
+def add_files(project: ProjectConfig, paths: Iterable[str], stdin_name: str | None) -> list[Job]:
+    """Deliver each path (``-`` = stdin) and create its job; all are checked before any is copied."""
+    paths = list(paths)
+    for path in paths:
+        if path != "-":
+            check_source(project, path)
+    created = []
+    for path in paths:
+        if path == "-":
+            name = stdin_name or f"stdin-{time.strftime('%Y%m%dT%H%M%S')}"
+            target = deliver(project, sys.stdin.buffer, name)
+        else:
+            with open(path, "rb") as handle:
+                target = deliver(project, handle, stdin_name if len(paths) == 1 and stdin_name
+                                 else os.path.basename(path))
+        folder, version = intake.inspect(project, target)
+        try:
+            intake.check_type(project, version)
+        except InputRefused:
+            target.unlink(missing_ok=True)
+            raise
+        created.append(jobs.create(project.name, str(folder), version, project.max_attempts)[0])
+    return created
+
+
+def wait_for(job_ids: list[int], on_progress=None, poll: float = 0.2) -> list[Job]:
+    """Poll until every job has ended; ``on_progress(done, total)`` as they do."""
+    remaining, ended = set(job_ids), {}
+    while remaining:
+        for job in Job.select().where(Job.id.in_(list(remaining))):
+            if job.status in [s.value for s in TERMINAL]:
+                ended[job.id] = job
+                remaining.discard(job.id)
+        if on_progress:
+            on_progress(len(ended), len(job_ids))
+        if remaining:
+            time.sleep(poll)
+    return [ended[job_id] for job_id in job_ids]
+

@@ -1,0 +1,199 @@
+"""``ingestd run``: wires watching, settling, job creation and the worker pool together, and
+handles signals and systemd.
+
+SIGTERM/SIGINT: stop watching, let running jobs finish within ``shutdown_grace_seconds``, put the
+rest back in the queue, exit 0; a second signal exits at once (nothing is lost: leases of a dead
+process are rescued at the next start). SIGHUP: reload the config; a bad one is refused and the
+old one keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from ingestd import __version__, config as config_mod, db, intake, jobs, scan
+from ingestd.config import Config
+from ingestd.errors import IngestdError
+from ingestd.models import Job, JobStatus
+from ingestd.paths import ProjectMap
+from ingestd.settle import Ready, Settler
+from ingestd.systemd import Notifier
+from ingestd.watch import Watcher
+from ingestd.work import WorkerPool
+
+log = structlog.get_logger(__name__)
+CREATE_RETRY_SECONDS = 1.0
+STATUS_SECONDS = 5.0
+
+
+class Daemon:
+    def __init__(self, config: Config, config_arg: str | None = None) -> None:
+        self.config = config
+        self._config_arg = config_arg
+        self._signals: list[int] = []
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self.started_at = time.time()
+        self.last_scan: dict[str, Any] | None = None
+        self.notifier = Notifier()
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(4)}, timezone=timezone.utc,
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+        self.pool = WorkerPool(config, self.scheduler)
+        self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
+                               self._scan_directory)
+        self.watcher = Watcher(self.settler.note, lambda: self.request_rescan("overflow"))
+
+    # --- the main thread -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, self._on_signal)
+        db.open_store(self.config.daemon.database)
+        self._start()
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start(self) -> None:
+        self.settler.start()
+        self.watcher.start(self.config.projects.values())
+        self.pool.start()
+        self.scheduler.add_job(self.rescan, "interval", args=["periodic"], id="rescan",
+                               seconds=self.config.daemon.rescan_seconds)
+        self.scheduler.start()
+        self.request_rescan("start")
+        jobs.emit(jobs.DAEMON_STARTED, self._facts())
+        self.notifier.ready(self.status_line())
+        log.info("daemon_started", **self._facts())
+
+    def _main_loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval()
+        tick = min(STATUS_SECONDS, watchdog) if watchdog else STATUS_SECONDS
+        while True:
+            self._wakeup.wait(tick)
+            self._wakeup.clear()
+            while self._signals:
+                number = self._signals.pop(0)
+                if number == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("daemon_stopping", signal=signal.Signals(number).name)
+                    return
+            if watchdog:
+                self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+
+    def _on_signal(self, number: int, frame: object) -> None:
+        if number != signal.SIGHUP and self._stopping.is_set():
+            os._exit(1)  # second signal: at once; leases of this dead process are rescued later
+        if number != signal.SIGHUP:
+            self._stopping.set()
+        self._signals.append(number)
+        self._wakeup.set()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        try:
+            jobs.emit(jobs.DAEMON_STOPPING, self._facts())
+        except Exception as exc:
+            log.warning("stopping_event_not_written", reason=str(exc))
+        self.watcher.stop()
+        self.settler.stop()
+        self.pool.stop(self.config.daemon.shutdown_grace_seconds)
+        self.scheduler.shutdown(wait=False)
+        db.close_store()
+        log.info("daemon_stopped")
+
+    # --- reload --------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self._config_arg)
+        except IngestdError as exc:
+            log.error("reload_refused", reason=str(exc).replace("\n", "; "))
+            self.notifier.ready(self.status_line())
+            return
+        if new.daemon.database != self.config.daemon.database:
+            log.warning("reload_database_ignored", reason="a new database needs a restart")
+        self.watcher.stop()
+        self.config = new
+        self.settler.projects = ProjectMap(new.projects.values())
+        self.pool.reconfigure(new)
+        self.watcher.start(new.projects.values())
+        self.request_rescan("reload")
+        jobs.emit(jobs.DAEMON_RELOADED, self._facts())
+        log.info("daemon_reloaded", projects=sorted(new.projects))
+        self.notifier.ready(self.status_line())
+
+    # --- jobs from files -----------------------------------------------------------------------
+
+    def _create_jobs(self, ready: list[Ready]) -> None:
+        """Called by the settler; a database error is retried, never dropped (files are lost
+        only if we give up on them)."""
+        while True:
+            try:
+                created, rejected = intake.create_jobs(ready)
+                break
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return  # the start-up scan of the next run finds them again
+                log.warning("job_creation_failed", files=len(ready), reason=str(exc))
+                time.sleep(CREATE_RETRY_SECONDS)
+        for item, reason in rejected:
+            log.info("file_rejected", project=item.project.name, path=item.path, reason=reason)
+        if created:
+            self.pool.wake()
+
+    def request_rescan(self, reason: str) -> None:
+        """Scan every folder soon, on the scheduler's threads (several requests coalesce)."""
+        self.scheduler.add_job(self.rescan, args=[reason], id=f"rescan-{reason}",
+                               replace_existing=True)
+
+    def _scan_directory(self, path: str) -> None:
+        """A directory appeared (or moved in): files inside it raised no events of their own."""
+        self.scheduler.add_job(self.rescan, args=["directory", path])
+
+    def rescan(self, reason: str, top: str | None = None) -> scan.ScanResult:
+        started = time.monotonic()
+        result = scan.scan(list(self.config.projects.values()), self.settler.note,
+                           self.settler.is_pending, reason, top)
+        self.last_scan = {"reason": reason, "files": result.files, "missed": result.missed,
+                          "seconds": round(time.monotonic() - started, 3),
+                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if top is None:
+            jobs.emit(jobs.WATCH_RESCANNED, self.last_scan)
+        log.info("rescanned", **self.last_scan, **({"top": top} if top else {}))
+        return result
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def _facts(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__, "node": self.pool.owner,
+                "config": str(self.config.source) if self.config.source else None,
+                "projects": sorted(self.config.projects), "workers": self.pool.size}
+
+    def status_line(self) -> str:
+        queued = Job.select().where(Job.status == JobStatus.QUEUED.value).count()
+        return (f"{queued} queued, {self.pool.busy}/{self.pool.size} workers busy, "
+                f"{self.settler.pending_count} settling")
+
+
+def run(config_arg: str | None) -> int:
+    """Entry point of ``ingestd run``."""
+    config = config_mod.load(config_arg)
+    config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+    return Daemon(config, config_arg).run()
+

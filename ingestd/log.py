@@ -1,0 +1,44 @@
+"""Logging: every line is one JSON object on stderr (journald keeps it), from structlog and from
+the libraries that log through the standard library (watchdog, APScheduler, pypdf)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+_SHARED = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to one JSON renderer on ``stream`` (default stderr).
+
+    Tracebacks appear only where a log call passes ``exc_info`` (bugs); expected failures are
+    logged with their one-line reason.
+    """
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(ensure_ascii=False)],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # APScheduler reports every job run at INFO; that is one line per file.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,292 @@
+"""Running one claimed job: reading -> extracting -> indexing -> done.
+
+Reading streams the file once, computing its sha256, and checks it is still the version the job
+was made for. Extraction goes by the sniffed type (PDFs in a separate process, see procpool).
+The text goes to the project's sink. Every outcome ends in exactly one transition of
+:mod:`ingestd.jobs`: completed, failed (permanent reason), queued again (transient, with
+backoff), or cancelled. The original is moved or deleted only after the job's end committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from ingestd import intake, jobs
+from ingestd.config import ProjectConfig
+from ingestd.errors import Conflict
+from ingestd.extract import PDF, Extracted, ExtractError, extract_text
+from ingestd.models import Job, JobStatus, Stage, database
+from ingestd.procpool import ExtractionTimeout, ExtractorPool
+from ingestd.sinks import Document, Sink, SinkError
+from ingestd.sniff import SNIFF_BYTES, sniff_head
+
+log = structlog.get_logger(__name__)
+READ_CHUNK = 1 << 20
+MAX_BACKOFF_SECONDS = 300.0
+
+
+class Permanent(Exception):
+    """The file will never ingest as it is: fail now with this reason."""
+
+
+class Transient(Exception):
+    """Trying again later may work: retry with backoff while attempts remain."""
+
+
+class Cancelled(Exception):
+    """An operator cancelled the job."""
+
+
+class Superseded(Exception):
+    """The file changed or vanished for good after the job was made; its new version has (or will
+    get) its own job."""
+
+
+class Abandoned(Exception):
+    """The job is no longer ours (lease lost, or released at shutdown): stop without a transition."""
+
+
+@dataclass
+class Control:
+    """What the pool tells a running job, set from other threads."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    abandon: threading.Event = field(default_factory=threading.Event)
+    stage: str = Stage.INITIAL.value
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Context:
+    owner: str
+    project: ProjectConfig
+    sink: Sink
+    extractors: ExtractorPool
+    control: Control
+    progress_interval: float
+    deadline: float = 0.0
+
+    def check(self) -> None:
+        """Raise if the job must stop: abandoned, cancelled, or past its deadline."""
+        if self.control.abandon.is_set():
+            raise Abandoned()
+        if self.control.cancel.is_set():
+            raise Cancelled()
+        if time.monotonic() > self.deadline:
+            raise ExtractionTimeout()
+
+
+class _Progress:
+    """Stage and progress writes, throttled: a job faster than one interval writes none at all."""
+
+    def __init__(self, job: Job, ctx: Context) -> None:
+        self.job, self.ctx = job, ctx
+        self.last_write = time.monotonic()
+        self.stage: Stage = Stage.INITIAL
+        self.fraction = 0.0
+
+    def update(self, stage: Stage | None = None, fraction: float | None = None) -> None:
+        if stage is not None:
+            self.stage = stage
+            self.ctx.control.stage = stage.value
+        if fraction is not None:
+            self.fraction = fraction
+        now = time.monotonic()
+        if now - self.last_write >= self.ctx.progress_interval:
+            self.last_write = now
+            jobs.progress(self.job.id, self.ctx.owner, stage=self.stage, fraction=self.fraction)
+
+
+def run_job(job: Job, ctx: Context) -> Job | None:
+    """Run ``job`` to its end; return the final job (None when it was abandoned)."""
+    ctx.deadline = time.monotonic() + ctx.project.job_timeout_seconds
+    bound = log.bind(job_id=job.id, project=job.project_id, path=job.source_path)
+    sha = None
+    try:
+        progress = _Progress(job, ctx)
+        progress.update(Stage.READING, 0.0)
+        data, sha = read_version(job, ctx.project)
+        mime = _check_type(job, ctx.project, data)
+        ctx.check()
+        progress.update(Stage.EXTRACTING, 0.1)
+        extracted = _extract(data, mime, ctx, progress)
+        ctx.check()
+        progress.update(Stage.INDEXING, 0.9)
+        final = _index(job, ctx, extracted, mime, sha)
+    except Abandoned:
+        bound.info("job_abandoned")
+        return None
+    except Cancelled:
+        final = jobs.finish_cancelled(job.id, ctx.owner)
+    except Superseded as exc:
+        final = jobs.finish_cancelled(job.id, ctx.owner, message=f"superseded: {exc}")
+    except (Permanent, ExtractError) as exc:
+        final = jobs.fail(job.id, ctx.owner, str(exc), content_sha256=sha)
+    except ExtractionTimeout:
+        final = jobs.fail(job.id, ctx.owner, f"timed out after {ctx.project.job_timeout_seconds:g} s "
+                                             "(job_timeout_seconds)", content_sha256=sha)
+    except (Transient, SinkError) as exc:
+        final = _transient(job, ctx, exc)
+    except Conflict:
+        bound.warning("job_taken_over", reason="the job changed under this worker")
+        return None
+    _log_end(bound, final)
+    if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        dispose_original(final, ctx.project)
+    return final
+
+
+def _transient(job: Job, ctx: Context, exc: Exception) -> Job:
+    if isinstance(exc, SinkError):
+        if not exc.transient:
+            return jobs.fail(job.id, ctx.owner, f"sink: {exc}")
+        reason = f"sink: {exc}"
+    else:
+        reason = str(exc)
+    delay = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, job.attempts - 1))
+    return jobs.retry_later(job.id, ctx.owner, reason, delay)
+
+
+def _log_end(bound: structlog.BoundLogger, final: Job) -> None:
+    if final.status == JobStatus.FAILED:
+        bound.warning("job_failed", reason=final.error_message, attempts=final.attempts)
+    elif final.status == JobStatus.QUEUED:
+        bound.info("job_retrying", reason=final.error_message, attempts=final.attempts)
+    else:
+        bound.info(f"job_{final.status}", message=final.message)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def fs_path(job: Job) -> bytes:
+    return job.source_path_raw or os.fsencode(job.source_path)
+
+
+def _signature(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def read_version(job: Job, project: ProjectConfig) -> tuple[bytes, str]:
+    """The file's bytes and sha256, if it is still the version the job was made for."""
+    try:
+        fd = os.open(fs_path(job), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Transient("file vanished before it was read") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the name is now a symlink
+            raise Permanent("the file was replaced by a symlink") from None
+        raise Transient(f"cannot open: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise Permanent("not a regular file")
+        if job.file_mtime_ns is not None and _signature(before) != (
+                job.byte_size, job.file_mtime_ns, job.file_inode):
+            raise Superseded("the file changed after this job was made")
+        if before.st_size > project.max_bytes:
+            raise Permanent(f"too large ({before.st_size} bytes; max_bytes is {project.max_bytes})")
+        data, digest = _read_all(handle, project.max_bytes)
+        if _signature(os.fstat(fd)) != _signature(before):
+            raise Superseded("the file changed while it was being read")
+    return data, digest
+
+
+def _read_all(handle, limit: int) -> tuple[bytes, str]:
+    digest, chunks, size = hashlib.sha256(), [], 0
+    while chunk := handle.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise Permanent(f"too large (over max_bytes {limit} while reading)")
+        digest.update(chunk)
+        chunks.append(chunk)
+    return b"".join(chunks), digest.hexdigest()
+
+
+def _check_type(job: Job, project: ProjectConfig, data: bytes) -> str:
+    """Sniff the bytes actually read; a type the project does not allow fails the job."""
+    mime = sniff_head(data[:SNIFF_BYTES], job.original_filename or "")
+    if not intake.type_allowed(project, mime):
+        raise Permanent(f"type {mime} is not allowed (allowed: {', '.join(project.allowed_types)})")
+    return mime
+
+
+# --- extracting and indexing -------------------------------------------------------------------
+
+def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extracted:
+    if mime != PDF:
+        return extract_text(data, mime)
+
+    def on_page(done: int, total: int) -> None:
+        progress.update(fraction=0.1 + 0.8 * done / max(total, 1))
+
+    return ctx.extractors.extract_pdf(data, ctx.deadline, on_page, ctx.check)
+
+
+def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) -> Job:
+    document = Document(project_id=job.project_id, job_id=job.id, text=extracted.text,
+                        source_path=job.source_path, original_filename=job.original_filename or "",
+                        mime_type=mime, sha256=sha, pages=extracted.pages)
+    message = f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
+    if ctx.sink.transactional:  # the document and the job's end commit together, or neither
+        try:
+            with database.atomic():
+                document_id = ctx.sink.ingest(document)
+                return _complete(job, ctx, message, document_id, sha)
+        except Conflict:
+            return _after_lost_completion(job, ctx)
+    document_id = ctx.sink.ingest(document)
+    try:
+        return _complete(job, ctx, message, document_id, sha)
+    except Conflict:
+        ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
+        return _after_lost_completion(job, ctx)
+
+
+def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str) -> Job:
+    return jobs.complete(job.id, ctx.owner, message=message, canonical_document_id=document_id,
+                         content_sha256=sha, unless_cancel_requested=True)
+
+
+def _after_lost_completion(job: Job, ctx: Context) -> Job:
+    """Completion lost its compare-and-set: cancelled meanwhile, or no longer ours."""
+    current = Job.get_by_id(job.id)
+    if current.status == JobStatus.RUNNING and current.lease_owner == ctx.owner:
+        return jobs.finish_cancelled(job.id, ctx.owner)
+    raise Conflict(f"job {job.id} is {current.status}")
+
+
+# --- the original ------------------------------------------------------------------------------
+
+def dispose_original(job: Job, project: ProjectConfig) -> None:
+    """Keep, move (processed/ or failed/) or delete the original, if it is still this version."""
+    if project.after == "keep":
+        return
+    path = fs_path(job)
+    try:
+        if job.file_mtime_ns is not None and _signature(os.lstat(path)) != (
+                job.byte_size, job.file_mtime_ns, job.file_inode):
+            return  # a newer version is there now: it is not ours to touch
+        if project.after == "delete":
+            os.unlink(path)
+        else:
+            target_dir = Path(project.move_to) / (
+                "processed" if job.status == JobStatus.COMPLETED else "failed")
+            target_dir.mkdir(parents=True, exist_ok=True)
+            # The job id makes names unique; the original name stays readable after it.
+            shutil.move(path, os.fsencode(target_dir) + b"/" + f"{job.id}-".encode()
+                        + os.path.basename(path))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
+                    after=project.after, reason=exc.strerror)
+

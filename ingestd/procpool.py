@@ -1,0 +1,131 @@
+"""PDF extraction in separate processes: CPU-bound Python runs on every core, and a pathological
+file can be stopped by killing its process (a thread cannot be killed).
+
+Each child is a long-lived process fed over a pipe; it reports every page, so the parent can
+update progress, notice a cancellation between pages, and enforce the job's deadline. A child
+that is killed is replaced on the next request. Children are started with ``spawn`` (forking a
+threaded daemon can deadlock the child) and exit when the pipe to the parent closes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Callable
+
+import structlog
+
+from ingestd.extract import Extracted, ExtractError, extract_pdf
+
+log = structlog.get_logger(__name__)
+_CONTEXT = mp.get_context("spawn")
+
+
+class ExtractionTimeout(Exception):
+    """The extraction ran past the job's deadline and was stopped."""
+
+
+def _child(conn: Connection) -> None:
+    """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            result = extract_pdf(data, on_page=lambda done, total: conn.send(("page", done, total)))
+            conn.send(("done", result))
+        except ExtractError as exc:
+            conn.send(("error", str(exc)))
+        except Exception as exc:  # a bug in extraction must not hang the parent
+            conn.send(("bug", f"{type(exc).__name__}: {exc}"))
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.conn, child_conn = _CONTEXT.Pipe()
+        self.process = _CONTEXT.Process(target=_child, args=(child_conn,), daemon=True,
+                                        name="ingestd-extract")
+        self.process.start()
+        child_conn.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class ExtractorPool:
+    """Up to ``size`` extraction processes, started on demand and reused."""
+
+    def __init__(self, size: int) -> None:
+        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._slots = threading.Semaphore(size)
+        self._closed = False
+        self._all: set[_Worker] = set()
+        self._lock = threading.Lock()
+
+    def extract_pdf(self, data: bytes, deadline: float,
+                    on_page: Callable[[int, int], None],
+                    check: Callable[[], None]) -> Extracted:
+        """Extract ``data`` in a child before ``deadline`` (monotonic). ``on_page`` and ``check``
+        run in the calling thread; if either raises, the child is killed and the error raised."""
+        with self._slots:
+            worker = self._acquire()
+            try:
+                result = self._converse(worker, data, deadline, on_page, check)
+            except BaseException:
+                self._discard(worker)
+                raise
+            self._idle.put(worker)
+            return result
+
+    def _converse(self, worker: _Worker, data: bytes, deadline: float,
+                  on_page: Callable[[int, int], None], check: Callable[[], None]) -> Extracted:
+        worker.conn.send_bytes(data)
+        while True:
+            check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ExtractionTimeout()
+            if not worker.conn.poll(min(remaining, 0.25)):
+                if not worker.process.is_alive():
+                    raise ExtractError(f"the extraction process died (exit code "
+                                       f"{worker.process.exitcode}): the file may be a PDF bomb")
+                continue
+            kind, *payload = worker.conn.recv()
+            if kind == "page":
+                on_page(*payload)
+            elif kind == "done":
+                return payload[0]
+            elif kind == "error":
+                raise ExtractError(payload[0])
+            else:
+                raise RuntimeError(f"extraction failed: {payload[0]}")
+
+    def _acquire(self) -> _Worker:
+        while True:
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                worker = _Worker()
+                with self._lock:
+                    self._all.add(worker)
+                return worker
+            if worker.process.is_alive():
+                return worker
+            self._discard(worker)
+
+    def _discard(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._all.discard(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._all = list(self._all), set()
+        for worker in workers:
+            worker.kill()

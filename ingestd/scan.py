@@ -1,0 +1,87 @@
+"""Full scans of the drop folders: what kernel events missed (files dropped while the daemon was
+down, events lost in an inotify overflow) is found here and handed to the settler."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import structlog
+
+from ingestd import jobs
+from ingestd.config import ProjectConfig
+from ingestd.paths import is_excluded_name, is_wanted
+from ingestd.settle import FOUND
+
+log = structlog.get_logger(__name__)
+LOOKUP_BATCH = 500
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    reason: str
+    files: int    # wanted regular files seen
+    missed: int   # of those, files with no job that the settler was not already handling
+
+
+def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Wanted regular files below ``top`` (no symlinks followed), with their lstat."""
+    for folder in project.folders:
+        if top == str(folder) or top.startswith(f"{folder}/"):
+            break
+    else:
+        return
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            log.warning("scan_unreadable", path=directory, reason=exc.strerror)
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished meanwhile
+            if stat.S_ISDIR(info.st_mode):
+                if project.recursive and not is_excluded_name(project, entry.name):
+                    stack.append(entry.path)
+            elif stat.S_ISREG(info.st_mode) and is_wanted(project, folder, entry.path):
+                yield entry.path, info
+
+
+def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],
+         is_pending: Callable[[str], bool], reason: str, top: str | None = None) -> ScanResult:
+    """Find wanted files without a job in ``projects`` (below ``top`` only, if given) and
+    ``note`` each as FOUND; nothing is created here, the settler decides."""
+    files = missed = 0
+    for project in projects:
+        tops = [top] if top else [str(folder) for folder in project.folders]
+        for start in tops:
+            batch: list[tuple[str, str]] = []
+            for path, info in walk_files(project, start):
+                files += 1
+                batch.append((path, jobs.version_key(project.name, os.fsencode(path),
+                                                     info.st_size, info.st_mtime_ns, info.st_ino)))
+                if len(batch) == LOOKUP_BATCH:
+                    missed += _note_unknown(batch, note, is_pending)
+                    batch = []
+            missed += _note_unknown(batch, note, is_pending)
+    return ScanResult(reason, files, missed)
+
+
+def _note_unknown(batch: list[tuple[str, str]], note: Callable[[str, str], None],
+                  is_pending: Callable[[str], bool]) -> int:
+    if not batch:
+        return 0
+    known = jobs.existing_version_keys([key for _, key in batch])
+    missed = 0
+    for path, key in batch:
+        if key not in known:
+            if not is_pending(path):
+                missed += 1
+            note(path, FOUND)
+    return missed

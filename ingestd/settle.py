@@ -1,0 +1,201 @@
+"""Settling: a file becomes a job only when it is complete.
+
+Complete means: closed after writing, renamed into the folder, or found by a scan (whose writer
+we never saw), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
+the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
+owns all settling state, so nothing here needs a lock and no handler ever blocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import queue
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from ingestd.config import ProjectConfig
+from ingestd.paths import ProjectMap
+
+log = structlog.get_logger(__name__)
+
+# What a handler or a scan says of a path.
+WRITING = "writing"    # created or modified: a writer may still be at it
+COMPLETE = "complete"  # closed after writing, or moved in
+FOUND = "found"        # found by a scan
+GONE = "gone"          # deleted or moved away
+DIRECTORY = "directory"  # a directory appeared: scan it (files moved in with it make no events)
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
+CLOSE_FALLBACK_SECONDS = 30.0
+
+
+@dataclass
+class Pending:
+    project: ProjectConfig
+    signature: Signature | None
+    due: float
+    complete: bool
+    waited_for_close: bool = False
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A settled file: hand it to the job creator."""
+
+    project: ProjectConfig
+    path: str
+    signature: Signature
+
+
+def signature_of(info: os.stat_result) -> Signature:
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+class Settler:
+    """Turns a stream of (path, what) notes into batches of :class:`Ready` files."""
+
+    def __init__(self, projects: ProjectMap, on_ready: Callable[[list[Ready]], None],
+                 on_directory: Callable[[str], None], batch_size: int = 500) -> None:
+        self.inbox: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.projects = projects
+        self._on_ready = on_ready
+        self._on_directory = on_directory
+        self._batch_size = batch_size
+        self._pending: dict[str, Pending] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+
+    # --- called from other threads -------------------------------------------------------------
+
+    def note(self, path: str, what: str) -> None:
+        """Record what happened to ``path`` (never blocks, never raises)."""
+        self.inbox.put((path, what))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("", GONE))  # wake the loop
+        self._thread.join(timeout=10)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def is_pending(self, path: str) -> bool:
+        return path in self._pending
+
+    # --- the settling thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain_inbox(self._wait_time())
+                self._flush(self._due_files())
+            except Exception:  # a bug here must not stop settling for good
+                log.exception("settler_error")
+                time.sleep(0.5)
+
+    def _wait_time(self) -> float:
+        if not self._heap:
+            return 1.0
+        return max(0.0, min(1.0, self._heap[0][0] - time.monotonic()))
+
+    def _drain_inbox(self, timeout: float) -> None:
+        try:
+            path, what = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._note(path, what)
+            try:
+                path, what = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _note(self, path: str, what: str) -> None:
+        if not path:
+            return
+        if what == GONE:
+            self._pending.pop(path, None)  # deleted before it settled: becomes nothing
+            return
+        if what == DIRECTORY:
+            self._on_directory(path)
+            return
+        project = self.projects.project_of(path)
+        if project is None:
+            self._pending.pop(path, None)
+            return
+        info = _stat(path)
+        if info is None:
+            self._pending.pop(path, None)
+            return
+        now = time.monotonic()
+        entry = self._pending.get(path)
+        signature = signature_of(info)
+        unchanged = entry is not None and entry.signature == signature
+        if what == FOUND or (what == WRITING and unchanged):
+            # A scan cannot tell whether a writer is at it, and an event that changed nothing
+            # is no new write: keep what the events said, if any.
+            complete = entry.complete if entry is not None else what == FOUND
+        else:  # polling observers never see a close: for them the quiet window alone decides
+            complete = what == COMPLETE or project.polling
+        due = now + project.settle_seconds
+        if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
+            due = now  # unchanged for longer than the settle window already: no wait
+        self._pending[path] = Pending(project, signature, due, complete)
+        heapq.heappush(self._heap, (due, path))
+
+    def _due_files(self) -> list[Ready]:
+        now = time.monotonic()
+        ready: list[Ready] = []
+        while self._heap and self._heap[0][0] <= now and len(ready) < self._batch_size:
+            due, path = heapq.heappop(self._heap)
+            entry = self._pending.get(path)
+            if entry is None or entry.due != due:
+                continue  # superseded by a later note
+            result = self._check(path, entry, now)
+            if result is not None:
+                ready.append(result)
+        return ready
+
+    def _check(self, path: str, entry: Pending, now: float) -> Ready | None:
+        info = _stat(path)
+        if info is None:
+            del self._pending[path]
+            return None
+        current = signature_of(info)
+        if current != entry.signature:  # still changing: wait another window
+            entry.signature, entry.due = current, now + entry.project.settle_seconds
+            heapq.heappush(self._heap, (entry.due, path))
+            return None
+        if not entry.complete and not entry.waited_for_close:
+            # No close seen yet: a writer may hold the file open. Wait for its close event; if
+            # none comes (lost in an overflow, an mmap writer) a long quiet spell will do.
+            entry.waited_for_close = True
+            entry.due = now + max(CLOSE_FALLBACK_SECONDS, 10 * entry.project.settle_seconds)
+            heapq.heappush(self._heap, (entry.due, path))
+            return None
+        del self._pending[path]
+        return Ready(entry.project, path, current)
+
+    def _flush(self, ready: list[Ready]) -> None:
+        if ready:
+            self._on_ready(ready)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """The file's stat if it is a regular file (symlinks are not followed: see README)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
