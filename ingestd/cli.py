@@ -70,7 +70,8 @@ def _say_job(verb: str, job: Any, as_json: bool) -> None:
     if as_json:
         _print_json(record)
     else:
-        print(f"job {record['id']} {verb}: {record['status']}  {record['source_path']}")
+        state = "" if verb == record["status"] else f" ({record['status']})"
+        print(f"job {record['id']} {verb}{state}  {record['source_path']}")
 
 
 # --- context -----------------------------------------------------------------------------------

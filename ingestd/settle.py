@@ -141,13 +141,13 @@ class Settler:
         now = time.monotonic()
         entry = self._pending.get(path)
         signature = signature_of(info)
-        unchanged = entry is not None and entry.signature == signature
-        if what == FOUND or (what == WRITING and unchanged):
-            # A scan cannot tell whether a writer is at it, and an event that changed nothing
-            # is no new write: keep what the events said, if any.
-            complete = entry.complete if entry is not None else what == FOUND
-        else:  # polling observers never see a close: for them the quiet window alone decides
-            complete = what == COMPLETE or project.polling
+        if what == WRITING and entry is not None and entry.signature == signature:
+            complete = entry.complete  # an event that changed nothing is no new write
+        else:
+            # A scan finds files whose writers we never saw (or whose close event was lost in an
+            # overflow), and polling observers never see a close: for those the quiet window
+            # alone decides.
+            complete = what in (COMPLETE, FOUND) or project.polling
         due = now + project.settle_seconds
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait

@@ -26,6 +26,7 @@ _TEXT_BY_SUFFIX = {
     ".tsv": "text/tab-separated-values", ".json": "application/json", ".html": "text/html",
     ".htm": "text/html", ".xml": "application/xml", ".rst": "text/x-rst",
 }
+MAX_CONTROL_SHARE = 0.10  # binary formats have NULs; random bytes are ~11% controls
 _BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # Control characters that do not occur in text (NUL and friends; tab, newlines, form feed are fine).
 BINARY_CONTROLS = bytes(set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B})
@@ -42,19 +43,12 @@ def sniff_head(head: bytes, name: str) -> str:
 
 
 def looks_like_text(head: bytes) -> bool:
-    """UTF-8 (a multi-byte character may be cut at the end) or 8-bit text without control bytes."""
-    if any(byte in BINARY_CONTROLS for byte in head):
+    """No NUL byte and hardly any other control byte. Text with encoding errors still counts:
+    extraction then fails with the precise reason (which byte, which encodings were tried)."""
+    if b"\0" in head:
         return False
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-        return True
-    except UnicodeDecodeError:
-        pass
-    try:
-        head.decode("cp1252")
-        return True
-    except UnicodeDecodeError:
-        return False
+    controls = len(head) - len(head.translate(None, BINARY_CONTROLS))
+    return controls <= len(head) * MAX_CONTROL_SHARE
 
 
 def sniff_file(path: str | bytes | os.PathLike) -> str:

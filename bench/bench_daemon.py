@@ -1,0 +1,832 @@
+"""Daemon figures: how fast `ingestd run` turns dropped files into completed jobs.
+
+    python bench/bench_daemon.py [FIGURE ...] [--dir DIR] [--keep] [--profile] [--json FILE]
+
+FIGURE is any of floor, throughput, latency, startup, pdf (default: all of them, in that order).
+Everything is written under --dir (default: a fresh temp dir, removed afterwards unless --keep).
+Each daemon is a real subprocess (`python -m ingestd -c CONFIG run`, stderr in DIR/.../daemon.log),
+ready once its `io.ingestd.daemon.started` event is in the database, stopped with SIGTERM. The
+bench only reads the database (sqlite3, read-only), polling every 50 ms; every wait has a deadline.
+
+floor       The smallest loop that does the same work, kept here as the floor: a child process runs a
+            watchdog Observer on a folder; each FileClosedEvent -> read the file -> plain sqlite3
+            insert (WAL, synchronous=NORMAL), committed every 500 rows or 50 ms. The bench writes
+            N (--files, 10,000) unique 2 KB text files straight into the folder (open/write/close,
+            as fast as it can); files/s from the first drop to the last row committed (median
+            of --floor-runs runs, default 3: one run is short and noisy).
+throughput  The same N files dropped into a running daemon (one project, workers = 2, after = keep,
+            settle_seconds = 0.2; --throughput-settle adds more runs, e.g. 1.0); files/s from the
+            first drop to the last job completed (max completed_at), and the ratio to the floor.
+            Goal: >= 1,000 files/s and >= 0.5 x floor.
+latency     settle_seconds = 1.0; 500 files dropped at 50/s; for each, job created_at minus the
+            time.time() taken right after its close. Goal: p99 <= settle_seconds + 50 ms.
+startup     100,000 files of 200 bytes already in the folder when the daemon starts: seconds from
+            process start until every one has a job row, and the daemon's peak RSS (VmHWM)
+            meanwhile. Goal: <= 30 s and < 300 MB. Also (informative) seconds until all completed.
+pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once into a daemon with
+            workers = 1, then workers = 2 (settle_seconds = 0.2); pages/s from the first drop to
+            the last job completed, against bare pypdf in this process (PdfReader(f).pages[i]
+            .extract_text() for every page: the "one worker" baseline).
+            Goals: 2 workers >= 1.7 x 1 worker; 1 worker within 10% of bare pypdf.
+
+--profile [threads|gil] attaches `py-spy record --threads` (pip install py-spy) to each daemon once
+it is ready (threads: with --subprocesses; gil: with --gil, so only the thread holding the GIL is
+sampled, which shows where the interpreter's one core goes) and writes
+DIR/<run>/daemon.speedscope.json (open it at https://speedscope.app) plus a summary of the hottest
+frames to stdout. Profiling slows the daemon: figures taken with --profile are not the figures.
+Every daemon run also reports its CPU seconds (utime+stime from /proc) while under load, in all
+(extraction children included) and per thread (named with `py-spy dump` when py-spy is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+POLL_SECONDS = 0.05
+READY_EVENT = "io.ingestd.daemon.started"
+TERMINAL = ("completed", "failed", "cancelled")
+FIGURES = ("floor", "throughput", "latency", "startup", "pdf")
+WORDS = ("ingest daemon folder settle worker queue lease sqlite event record extract page text "
+         "scanner invoice contract report quarterly budget meeting summary archive customer "
+         "delivery warehouse shipment payment balance account review policy schedule").split()
+
+
+class Timeout(Exception):
+    """A wait ran past its deadline."""
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = POLL_SECONDS) -> Any:
+    """Poll ``predicate`` until it returns something truthy; Timeout after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, int(round(pct / 100 * len(ordered) + 0.4999)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def text_payload(index: int, size: int) -> bytes:
+    """``size`` bytes of unique, plain UTF-8 text (a header line with the index, then words)."""
+    rng = random.Random(index)
+    head = f"file {index:07d}\n".encode()
+    body = bytearray(head)
+    while len(body) < size:
+        body += sentence(rng, 12).encode() + b"\n"
+    return bytes(body[:size - 1]) + b"\n"
+
+
+def drop(path: Path, data: bytes) -> float:
+    """Write a file straight into a watched folder (open/write/close); time.time() after close."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return time.time()
+
+
+def drop_many(folder: Path, payloads: list[bytes], suffix: str = ".txt") -> tuple[float, float]:
+    """Drop every payload as fast as possible; (time of the first open, time of the last close)."""
+    first = time.time()
+    last = first
+    for index, data in enumerate(payloads):
+        last = drop(folder / f"f{index:07d}{suffix}", data)
+    return first, last
+
+
+def fresh(path: Path) -> Path:
+    """An empty directory at ``path`` (a previous run's leftovers there are removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def fmt_rate(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{value:,.0f} {unit}"
+
+
+# --- reading the daemon's database -------------------------------------------------------------
+
+class DbReader:
+    """Read-only sqlite3 access to a database another process writes (None until it exists)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple] | None:
+        if self._conn is None:
+            if not self.path.exists():
+                return None
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # no such table yet (migrations running), or busy
+            return None
+
+    def value(self, sql: str, params: tuple = ()) -> Any:
+        rows = self.rows(sql, params)
+        return rows[0][0] if rows else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def count_terminal(reader: DbReader) -> dict[str, int]:
+    rows = reader.rows("SELECT status, count(*) FROM ingest_jobs GROUP BY status") or []
+    return dict(rows)
+
+
+# --- the daemon under test ---------------------------------------------------------------------
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """utime + stime of ``pid``, its reaped children and (``children``) its live child processes
+    (the PDF extractors), in seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    if children:
+        for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                kids = listing.read_text().split()
+            except OSError:
+                continue
+            total += sum(cpu_seconds(int(kid), children=False) for kid in kids)
+    return total
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each live thread of ``pid``, by thread id."""
+    found = {}
+    for stat_file in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(stat_file.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by thread id, from `py-spy dump` ({} when py-spy is not installed)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.path.exists(spy):
+        return {}
+    try:
+        out = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for line in out.splitlines():
+        if line.startswith("Thread "):
+            tid, _, rest = line[len("Thread "):].partition(" ")
+            if tid.isdigit():
+                names[int(tid)] = rest.split(": ", 1)[-1].strip().strip('"')
+    return names
+
+
+def cpu_by_thread(pid: int, before: dict[int, float]) -> dict[str, float]:
+    """CPU seconds each thread used since ``before`` (a :func:`thread_cpu` snapshot), busiest
+    first; watchdog's unnamed threads are labelled by what they are in watchdog 6/7."""
+    after, names = thread_cpu(pid), thread_names(pid)
+    labels = {"Thread-1": "Thread-1 (watchdog inotify reader)",
+              "Thread-2": "Thread-2 (watchdog observer dispatch)",
+              "Thread-4": "Thread-4 (watchdog inotify emitter)"}
+    used = {}
+    for tid, seconds in after.items():
+        name = names.get(tid, str(tid))
+        used[labels.get(name, name)] = round(seconds - before.get(tid, 0.0), 2)
+    return dict(sorted(((k, v) for k, v in used.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in kB (empty once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(rest.split()[0])
+    return found
+
+
+@dataclass
+class Daemon:
+    """One `ingestd run` in its own folder: config, state, drop folder, log."""
+
+    home: Path
+    settle_seconds: float
+    workers: int
+    profile: str | None = None  # None, "threads" or "gil" (see --profile)
+    extra_project: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    peak_rss_kb: int = 0
+    _spy: subprocess.Popen | None = None
+    _log: Any = None
+
+    @property
+    def folder(self) -> Path:
+        return self.home / "drop"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "state" / "ingestd.db"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "ingestd.toml"
+
+    def write_config(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.home / "state").mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in self.extra_project.items())
+        self.config_path.write_text(textwrap.dedent(f"""\
+            [daemon]
+            state_dir = "{self.home / 'state'}"
+            workers = {self.workers}
+
+            [projects.bench]
+            folders = ["{self.folder}"]
+            settle_seconds = {self.settle_seconds}
+            after = "keep"
+            """) + extra)
+
+    def start(self) -> None:
+        """Start the process (the config must be written); ``started_at`` is time.time() before."""
+        self._log = open(self.home / "daemon.log", "wb")
+        self.started_at = time.time()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "-c", str(self.config_path), "run"],
+            stdout=self._log, stderr=self._log, cwd=self.home)
+
+    def wait_ready(self, reader: DbReader, timeout: float = 60.0) -> float:
+        """Seconds from start until the daemon.started event is in the database."""
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}; see "
+                                   f"{self.home / 'daemon.log'}")
+            return bool(reader.value("SELECT count(*) FROM ingest_events WHERE type = ?",
+                                     (READY_EVENT,)))
+        wait_for(ready, timeout, "the daemon.started event")
+        if self.profile:
+            self._start_profiler()
+        return time.time() - self.started_at
+
+    def sample_rss(self) -> dict[str, int]:
+        status = proc_status(self.process.pid)
+        self.peak_rss_kb = max(self.peak_rss_kb, status.get("VmHWM", 0), status.get("VmRSS", 0))
+        return status
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, wait (then SIGKILL at the deadline); the exit code."""
+        if self.process is None:
+            return None
+        self._stop_profiler()
+        if self.process.poll() is None:
+            self.sample_rss()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  ! daemon did not stop within {timeout:g} s: killed", file=sys.stderr)
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+    # --- profiling (optional) --------------------------------------------------------------------
+
+    def _start_profiler(self) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = self.home / "daemon.speedscope.json"
+        mode = ["--gil"] if self.profile == "gil" else ["--subprocesses"]
+        self._spy = subprocess.Popen(
+            [spy, "record", "--pid", str(self.process.pid), "--threads", *mode,
+             "--rate", "200", "--format", "speedscope", "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=open(self.home / "py-spy.log", "wb"))
+        time.sleep(0.5)  # let it attach before the load starts
+
+    def _stop_profiler(self) -> None:
+        if self._spy is None:
+            return
+        self._spy.send_signal(signal.SIGINT)
+        try:
+            self._spy.wait(60)
+        except subprocess.TimeoutExpired:
+            self._spy.kill()
+        self._spy = None
+        summarize_speedscope(self.home / "daemon.speedscope.json")
+
+
+def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
+               body: Callable[[Daemon, DbReader], dict[str, Any]],
+               before_start: Callable[[Daemon], None] | None = None,
+               ready_timeout: float = 60.0) -> dict[str, Any]:
+    """Write the config, run ``before_start``, start the daemon, wait until ready, run ``body``,
+    stop the daemon; ``body``'s result plus facts about the run."""
+    daemon = Daemon(fresh(home), settle, workers, profile)
+    daemon.write_config()
+    if before_start is not None:
+        before_start(daemon)
+    reader = DbReader(daemon.db_path)
+    daemon.start()
+    try:
+        ready = daemon.wait_ready(reader, ready_timeout)
+        cpu_before, wall_before = cpu_seconds(daemon.process.pid), time.time()
+        threads_before = thread_cpu(daemon.process.pid)
+        result = body(daemon, reader)
+        result["ready_seconds"] = round(ready, 3)
+        cpu = cpu_seconds(daemon.process.pid) - cpu_before
+        result["daemon_cpu_seconds"] = round(cpu, 2)
+        result["daemon_cpu_cores"] = round(cpu / (time.time() - wall_before), 2)
+        result["cpu_seconds_by_thread"] = cpu_by_thread(daemon.process.pid, threads_before)
+        result["rescans"] = reader.rows(
+            "SELECT json_extract(data, '$.reason'), json_extract(data, '$.missed') "
+            "FROM ingest_events WHERE type = 'io.ingestd.watch.rescanned' ORDER BY seq")
+    finally:
+        reader.close()
+        code = daemon.stop()
+    result["exit_code"] = code
+    result["peak_rss_mb"] = round(daemon.peak_rss_kb / 1024, 1)
+    result["log"] = str(home / "daemon.log")
+    return result
+
+
+def wait_all_ended(daemon: Daemon, reader: DbReader, total: int, timeout: float) -> dict[str, int]:
+    """Wait until ``total`` jobs are in a terminal status; the counts by status."""
+    counts: dict[str, int] = {}
+
+    def done() -> bool:
+        nonlocal counts
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"daemon died (exit {daemon.process.returncode})")
+        daemon.sample_rss()
+        counts = count_terminal(reader)
+        return sum(counts.get(s, 0) for s in TERMINAL) >= total
+    try:
+        wait_for(done, timeout, f"{total} jobs to end")
+    except Timeout as exc:
+        raise Timeout(f"{exc} (got {counts})") from None
+    return counts
+
+
+def job_times(reader: DbReader) -> dict[str, float]:
+    row = reader.rows("SELECT min(created_at), max(created_at), min(started_at), "
+                      "max(completed_at) FROM ingest_jobs")[0]
+    return dict(zip(("first_created", "last_created", "first_started", "last_completed"), row))
+
+
+# --- profile summary ---------------------------------------------------------------------------
+
+def summarize_speedscope(path: Path, top: int = 15) -> None:
+    """Print, per profiled process, the samples per thread and the frames with the most
+    inclusive (anywhere on the stack) and self (top of the stack) samples."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"  (no profile: {exc}; see {path.parent / 'py-spy.log'})")
+        return
+    frames = [f"{f['name']} ({Path(f.get('file', '?')).name}:{f.get('line', '?')})"
+              for f in doc["shared"]["frames"]]
+    print(f"  profile: {path}")
+    combined = {"name": "all threads combined", "samples": [
+        stack for profile in doc["profiles"] for stack in profile["samples"]]}
+    for profile in [*doc["profiles"], combined]:
+        samples = profile["samples"]
+        if not samples:
+            continue
+        inclusive: collections.Counter[int] = collections.Counter()
+        selfs: collections.Counter[int] = collections.Counter()
+        for stack in samples:
+            inclusive.update(set(stack))
+            if stack:
+                selfs[stack[-1]] += 1
+        print(f"    {profile['name']}: {len(samples)} samples")
+        for title, counter in (("inclusive", inclusive), ("self", selfs)):
+            for index, hits in counter.most_common(top if title == "inclusive" else 8):
+                print(f"      {title:<9} {100 * hits / len(samples):5.1f}%  {frames[index]}")
+
+
+# --- floor ---------------------------------------------------------------------------------------
+
+def floor_worker(folder: str, database: str, batch: int, interval: float) -> None:
+    """The floor loop (run in a child process): Observer -> closed -> read -> batched insert."""
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    conn = sqlite3.connect(database, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT, "
+                 "size INTEGER, body TEXT, inserted_at REAL)")
+    closed: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    class Closed(FileSystemEventHandler):
+        def on_closed(self, event) -> None:
+            if not event.is_directory:
+                closed.put(event.src_path)
+
+    observer = Observer()
+    observer.schedule(Closed(), folder, recursive=True)
+    observer.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("ready", flush=True)
+    _floor_loop(conn, closed, stop, batch, interval)
+    observer.stop()
+    observer.join(10)
+
+
+def _floor_loop(conn: sqlite3.Connection, closed: queue.SimpleQueue, stop: threading.Event,
+                batch: int, interval: float) -> None:
+    rows: list[tuple] = []
+    flushed = time.monotonic()
+    while not stop.is_set():
+        try:
+            path = closed.get(timeout=interval)
+            with open(path, "rb") as handle:
+                data = handle.read()
+            rows.append((path, len(data), data.decode("utf-8")))
+        except queue.Empty:
+            pass
+        except OSError:
+            continue
+        if rows and (len(rows) >= batch or time.monotonic() - flushed >= interval):
+            moment = time.time()
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO files (path, size, body, inserted_at) "
+                             "VALUES (?, ?, ?, ?)", [(*row, moment) for row in rows])
+            conn.execute("COMMIT")
+            rows, flushed = [], time.monotonic()
+
+
+def floor_once(home: Path, payloads: list[bytes], timeout: float) -> dict[str, Any]:
+    """One floor run in a fresh ``home``: seconds from the first drop to the last row committed."""
+    folder, database = fresh(home / "drop"), home / "floor.db"
+    child = subprocess.Popen([sys.executable, __file__, "_floor-worker", str(folder),
+                              str(database), "500", "0.05"], stdout=subprocess.PIPE, text=True)
+    try:
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the floor worker did not start")
+        cpu_before = cpu_seconds(child.pid)
+        first, last_close = drop_many(folder, payloads)
+        reader = DbReader(database)
+        wait_for(lambda: (reader.value("SELECT count(*) FROM files") or 0) >= len(payloads),
+                 timeout, f"{len(payloads)} floor rows")
+        last_row = reader.value("SELECT max(inserted_at) FROM files")
+        cpu = cpu_seconds(child.pid) - cpu_before
+        reader.close()
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(30)
+    seconds = last_row - first
+    return {"seconds": round(seconds, 3), "files_per_second": round(len(payloads) / seconds, 1),
+            "drop_seconds": round(last_close - first, 3), "cpu_seconds": round(cpu, 2)}
+
+
+def figure_floor(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The floor, ``--floor-runs`` times (it is short and noisy): the median run counts."""
+    payloads = [text_payload(i, args.size) for i in range(args.files)]
+    home = fresh(work / "floor")
+    runs = [floor_once(home / f"run{n}", payloads, args.timeout) for n in range(args.floor_runs)]
+    median = sorted(runs, key=lambda run: run["files_per_second"])[len(runs) // 2]
+    return {"files": args.files, "bytes_each": args.size, **median,
+            "runs_files_per_second": [run["files_per_second"] for run in runs]}
+
+
+# --- throughput -----------------------------------------------------------------------------------
+
+def figure_throughput(work: Path, args: argparse.Namespace, settle: float,
+                      workers: int = 2) -> dict[str, Any]:
+    payloads = [text_payload(i, args.size) for i in range(args.files)]
+
+    def body(daemon: Daemon, reader: DbReader) -> dict[str, Any]:
+        first, last_close = drop_many(daemon.folder, payloads)
+        counts = wait_all_ended(daemon, reader, args.files, args.timeout)
+        times = job_times(reader)
+        seconds = times["last_completed"] - first
+        return {"files": args.files, "settle_seconds": settle, "workers": workers,
+                "seconds": round(seconds, 3),
+                "files_per_second": round(counts.get("completed", 0) / seconds, 1),
+                "drop_seconds": round(last_close - first, 3),
+                "all_created_after": round(times["last_created"] - first, 3),
+                "statuses": counts}
+
+    return run_daemon(work / f"throughput-settle{settle:g}-workers{workers}", settle, workers,
+                      args.profile, body)
+
+
+# --- latency --------------------------------------------------------------------------------------
+
+def figure_latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    settle, count, rate = 1.0, args.latency_files, args.latency_rate
+
+    def body(daemon: Daemon, reader: DbReader) -> dict[str, Any]:
+        closes: dict[str, float] = {}
+        start = time.monotonic()
+        for index in range(count):
+            pause = start + index / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            path = daemon.folder / f"f{index:07d}.txt"
+            closes[str(path)] = drop(path, text_payload(index, args.size))
+        wait_for(lambda: (reader.value("SELECT count(*) FROM ingest_jobs") or 0) >= count,
+                 settle + args.timeout, f"{count} job rows")
+        created = dict(reader.rows("SELECT source_path, created_at FROM ingest_jobs"))
+        waits = [created[path] - closed for path, closed in closes.items() if path in created]
+        return {"files": count, "rate_per_second": rate, "settle_seconds": settle,
+                "matched": len(waits),
+                "p50_ms": round(1000 * percentile(waits, 50), 1),
+                "p99_ms": round(1000 * percentile(waits, 99), 1),
+                "max_ms": round(1000 * max(waits), 1),
+                "min_ms": round(1000 * min(waits), 1)}
+
+    return run_daemon(work / "latency", settle, 2, args.profile, body)
+
+
+# --- startup --------------------------------------------------------------------------------------
+
+def figure_startup(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    total, settle = args.startup_files, 1.0
+    made: dict[str, float] = {}
+
+    def before_start(daemon: Daemon) -> None:
+        started = time.perf_counter()
+        for index in range(total):
+            with open(daemon.folder / f"f{index:07d}.txt", "wb") as handle:
+                handle.write(text_payload(index, 200))
+        made["seconds"] = time.perf_counter() - started
+        time.sleep(settle + 0.1)  # all older than the settle window: no wait is owed
+
+    def body(daemon: Daemon, reader: DbReader) -> dict[str, Any]:
+        def all_rows() -> bool:
+            daemon.sample_rss()
+            return (reader.value("SELECT count(*) FROM ingest_jobs") or 0) >= total
+        wait_for(all_rows, args.timeout, f"{total} job rows", interval=0.1)
+        rows_after = time.time() - daemon.started_at
+        rss_at_rows = daemon.peak_rss_kb
+        result = {"files": total, "bytes_each": 200, "created_files_in": round(made["seconds"], 1),
+                  "all_rows_seconds": round(rows_after, 2),
+                  "peak_rss_mb_until_rows": round(rss_at_rows / 1024, 1)}
+        if args.startup_complete:
+            counts = wait_all_ended(daemon, reader, total, args.startup_complete_timeout)
+            result["all_ended_seconds"] = round(time.time() - daemon.started_at, 1)
+            result["statuses"] = counts
+        return result
+
+    return run_daemon(work / "startup", settle, 2, args.profile, body, before_start,
+                      ready_timeout=args.timeout)
+
+
+# --- pdf ----------------------------------------------------------------------------------------------
+
+def make_pdf_blobs(work: Path, count: int, pages: int) -> list[Path]:
+    """``count`` PDFs of ``pages`` pages of words (about 2 KB of text a page), outside any drop folder."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from corpus import make_pdf
+
+    source = fresh(work / "pdf-source")
+    paths = []
+    for index in range(count):
+        rng = random.Random(index)
+        texts = [f"Document {index} page {page + 1}\n" +
+                 "\n".join(sentence(rng, 10) for _ in range(30)) for page in range(pages)]
+        paths.append(Path(make_pdf(source / f"doc{index:03d}.pdf", texts)))
+    return paths
+
+
+def bare_pypdf(paths: list[Path]) -> dict[str, Any]:
+    from pypdf import PdfReader
+
+    pages = chars = 0
+    started = time.perf_counter()
+    for path in paths:
+        reader = PdfReader(path)
+        for index in range(len(reader.pages)):
+            chars += len(reader.pages[index].extract_text() or "")
+            pages += 1
+    seconds = time.perf_counter() - started
+    return {"pages": pages, "seconds": round(seconds, 3), "pages_per_second": round(pages / seconds, 1),
+            "characters": chars}
+
+
+def figure_pdf_daemon(work: Path, args: argparse.Namespace, blobs: list[bytes], pages: int,
+                      workers: int) -> dict[str, Any]:
+    settle = 0.2
+
+    def body(daemon: Daemon, reader: DbReader) -> dict[str, Any]:
+        first = time.time()
+        for index, data in enumerate(blobs):
+            drop(daemon.folder / f"doc{index:03d}.pdf", data)
+        counts = wait_all_ended(daemon, reader, len(blobs), args.timeout)
+        times = job_times(reader)
+        seconds = times["last_completed"] - first
+        total = pages * counts.get("completed", 0)
+        busy = times["last_completed"] - times["first_started"]
+        return {"workers": workers, "settle_seconds": settle, "pdfs": len(blobs),
+                "pages": total, "seconds": round(seconds, 3),
+                "pages_per_second": round(total / seconds, 1),
+                "pages_per_second_from_first_start": round(total / busy, 1),
+                "first_started_after": round(times["first_started"] - first, 3),
+                "statuses": counts}
+
+    return run_daemon(work / f"pdf-workers{workers}", settle, workers, args.profile, body)
+
+
+def figure_pdf(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    paths = make_pdf_blobs(work, args.pdfs, args.pdf_pages)
+    blobs = [path.read_bytes() for path in paths]
+    bare = bare_pypdf(paths)
+    one = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 1)
+    two = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 2)
+    return {"bare_pypdf": bare, "workers1": one, "workers2": two,
+            "speedup_2_vs_1": round(two["pages_per_second"] / one["pages_per_second"], 2),
+            "workers1_vs_bare": round(one["pages_per_second"] / bare["pages_per_second"], 3)}
+
+
+# --- the summary ----------------------------------------------------------------------------------
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, goal, verdict) for every figure that ran."""
+    rows = []
+    floor = results.get("floor", {}).get("files_per_second")
+    if floor:
+        rows.append(("floor (watchdog + sqlite3)", fmt_rate(floor, "files/s"), "-", "-"))
+    for key, run in results.items():
+        if not key.startswith("throughput"):
+            continue
+        rate = run["files_per_second"]
+        ratio = rate / floor if floor else None
+        label = f"throughput, settle {run['settle_seconds']:g} s, {run['workers']} workers"
+        goal = run["workers"] == 2
+        rows.append((label, fmt_rate(rate, "files/s"), ">= 1,000 files/s" if goal else "-",
+                     verdict(rate >= 1000) if goal else "-"))
+        rows.append((f"{label} / floor", "n/a" if ratio is None else f"{ratio:.2f} x",
+                     ">= 0.5 x" if goal else "-",
+                     verdict(None if ratio is None else ratio >= 0.5) if goal else "-"))
+    if "latency" in results:
+        run = results["latency"]
+        goal = 1000 * run["settle_seconds"] + 50
+        rows.append(("latency p50 (close -> job row)", f"{run['p50_ms']:.0f} ms", "-", "-"))
+        rows.append(("latency p99 (close -> job row)", f"{run['p99_ms']:.0f} ms",
+                     f"<= {goal:.0f} ms", verdict(run["p99_ms"] <= goal)))
+    if "startup" in results:
+        run = results["startup"]
+        rows.append((f"startup: {run['files']:,} rows", f"{run['all_rows_seconds']:.1f} s",
+                     "<= 30 s", verdict(run["all_rows_seconds"] <= 30)))
+        rows.append(("startup: daemon peak RSS", f"{run['peak_rss_mb']:.0f} MB", "< 300 MB",
+                     verdict(run["peak_rss_mb"] < 300)))
+        if "all_ended_seconds" in run:
+            rows.append(("startup: all completed", f"{run['all_ended_seconds']:.0f} s", "-", "-"))
+    if "pdf" in results:
+        run = results["pdf"]
+        rows.append(("pdf: bare pypdf, 1 process",
+                     fmt_rate(run["bare_pypdf"]["pages_per_second"], "pages/s"), "-", "-"))
+        rows.append(("pdf: daemon, 1 worker", fmt_rate(run["workers1"]["pages_per_second"], "pages/s"),
+                     ">= 0.9 x bare", verdict(run["workers1_vs_bare"] >= 0.9)))
+        rows.append(("pdf: daemon, 2 workers", fmt_rate(run["workers2"]["pages_per_second"], "pages/s"),
+                     ">= 1.7 x 1 worker", verdict(run["speedup_2_vs_1"] >= 1.7)))
+    return rows
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    rows = [("figure", "measured", "goal", "")] + summary_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print("\n== summary (2-core machine: %d CPUs seen) ==" % os.cpu_count())
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("figures", nargs="*", metavar="FIGURE",
+                        help=f"any of {', '.join(FIGURES)} (default: all)")
+    parser.add_argument("--dir", type=Path, help="work here (kept) instead of a temp dir")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--files", type=int, default=10_000, help="floor/throughput files")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per floor/throughput file")
+    parser.add_argument("--floor-runs", type=int, default=3, help="floor runs (median counts)")
+    parser.add_argument("--throughput-settle", type=float, nargs="+", default=[0.2],
+                        metavar="S", help="settle_seconds of the throughput runs (default 0.2)")
+    parser.add_argument("--throughput-workers", type=int, nargs="+", default=[2], metavar="W",
+                        help="workers of the throughput runs (default 2; the goal is for 2)")
+    parser.add_argument("--latency-files", type=int, default=500)
+    parser.add_argument("--latency-rate", type=float, default=50.0, help="files per second")
+    parser.add_argument("--startup-files", type=int, default=100_000)
+    parser.add_argument("--no-startup-complete", dest="startup_complete", action="store_false",
+                        help="stop the startup figure once every file has a job row")
+    parser.add_argument("--startup-complete-timeout", type=float, default=1200.0)
+    parser.add_argument("--pdfs", type=int, default=40)
+    parser.add_argument("--pdf-pages", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each wait, s")
+    parser.add_argument("--profile", nargs="?", const="threads", choices=("threads", "gil"),
+                        help="attach py-spy to each daemon (slows it; see the docstring): "
+                             "'threads' (default) samples every busy thread and the extraction "
+                             "children, 'gil' only the thread holding the GIL")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.figures) - set(FIGURES))
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)} (known: {', '.join(FIGURES)})")
+    return args
+
+
+def run_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen figures in order; a figure that fails is reported and the rest still run."""
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    for figure in args.figures or FIGURES:
+        if figure == "throughput":
+            steps += [(f"throughput-settle{s:g}-workers{w}",
+                       lambda s=s, w=w: figure_throughput(work, args, s, w))
+                      for s in args.throughput_settle for w in args.throughput_workers]
+        else:
+            steps.append((figure, lambda f=figure: FIGURE_FUNCS[f](work, args)))
+    results: dict[str, Any] = {}
+    for name, step in steps:
+        print(f"-- {name} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            results[name] = step()
+        except (Timeout, RuntimeError) as exc:
+            print(f"  ! {name} failed: {exc}")
+            results[name] = {"error": str(exc)}
+            continue
+        print(f"  ({time.perf_counter() - started:.0f} s) "
+              + json.dumps(results[name], default=str), flush=True)
+    return results
+
+
+FIGURE_FUNCS = {"floor": figure_floor, "latency": figure_latency, "startup": figure_startup,
+                "pdf": figure_pdf}
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_floor-worker"]:
+        floor_worker(argv[1], argv[2], int(argv[3]), float(argv[4]))
+        return 0
+    args = parse_args(argv)
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+    work = work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"working in {work}")
+    try:
+        results = run_figures(work, args)
+    finally:
+        if args.dir is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print_summary({k: v for k, v in results.items() if "error" not in v})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0 if all("error" not in v for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,158 @@
+"""The daemon as a real subprocess, with a fake systemd notify socket to know when it is ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+from ingestd import db
+from ingestd.models import Document, Event, Job
+
+from conftest import wait_for
+
+
+class NotifySocket:
+    """Records sd_notify datagrams, as systemd would receive them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 30,
+                 alive: Callable[[], bool] = lambda: True) -> str:
+        """The first message (new or already received) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if predicate(message):
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not alive():
+                raise AssertionError(f"no matching sd_notify message in {timeout}s "
+                                     f"(sender alive: {alive()}): {self.messages[-5:]}")
+            self.sock.settimeout(min(remaining, 0.5))
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """``python -m ingestd -c CONFIG run`` with its stderr in a log file."""
+
+    def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.root, self.config = root, config
+        self.extra_env = env or {}
+        self.process: subprocess.Popen | None = None
+        self.notify: NotifySocket | None = None
+        self.log_path = root / "daemon.log"
+        self.starts = 0
+
+    def start(self, wait_ready: bool = True) -> "Daemon":
+        self.starts += 1
+        self.notify = NotifySocket(self.root / f"notify-{self.starts}.sock")
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.extra_env}
+        env.pop("INGESTD_CONFIG", None)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "-c", str(self.config), "run"],
+            stdout=log, stderr=log, env=env, cwd=self.root)
+        log.close()
+        if wait_ready:
+            try:
+                self.notify.wait_for(lambda m: "READY=1" in m, alive=lambda: self.alive)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{self.log()[-2000:]}") from None
+        return self
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.notify:
+                self.notify.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        if self.notify:
+            self.notify.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def write_config(root: Path, body: str) -> Path:
+    path = root / "ingestd.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def open_db(config: Path) -> None:
+    """Bind the test process's models to the daemon's database (read mostly)."""
+    from ingestd import config as config_mod
+
+    db.open_store(config_mod.load(config).daemon.database)
+
+
+def jobs_for(path: Path) -> list[Job]:
+    return list(Job.select().where(Job.source_path == str(path)).order_by(Job.id))
+
+
+def wait_job(path: Path, status: str = "completed", timeout: float = 30) -> Job:
+    """The job of ``path`` once it reached ``status``."""
+
+    def reached() -> Job | None:
+        found = [job for job in jobs_for(path) if job.status == status]
+        return found[-1] if found else None
+
+    return wait_for(reached, timeout, message=f"{path.name} {status}")
+
+
+def wait_ended(path: Path, timeout: float = 30) -> Job:
+    """The job of ``path`` once it ended (completed, failed or cancelled)."""
+
+    def ended() -> Job | None:
+        found = [job for job in jobs_for(path)
+                 if job.status in ("completed", "failed", "cancelled")]
+        return found[-1] if found else None
+
+    return wait_for(ended, timeout, message=f"{path.name} ended")
+
+
+def document_text(job: Job) -> str:
+    return Document.get_by_id(job.canonical_document_id).text
+
+
+def events_of_type(event_type: str) -> list[Event]:
+    return list(Event.select().where(Event.type == event_type).order_by(Event.seq))

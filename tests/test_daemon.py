@@ -1,0 +1,393 @@
+"""The daemon as a real subprocess on real folders: every dropped file becomes exactly one
+completed (or clearly failed) job, through bursts, renames, restarts, kills and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ingestd import db
+from ingestd.models import Document, Event, Job
+
+import corpus
+from conftest import run_cli, wait_for
+from harness import (Daemon, document_text, events_of_type, jobs_for, open_db, wait_ended,
+                     wait_job, write_config)
+
+SETTLE = 0.3
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    made = {name: tmp_path / "drop" / name for name in ("acme", "other")}
+    for folder in made.values():
+        folder.mkdir(parents=True)
+    return made
+
+
+def config_text(folders: dict[str, Path], daemon_extra: str = "shutdown_grace_seconds = 5",
+                acme_extra: str = "") -> str:
+    return f"""
+        [daemon]
+        state_dir = "state"
+        workers = 2
+        {daemon_extra}
+
+        [defaults]
+        settle_seconds = {SETTLE}
+        max_bytes = 1000000
+
+        [projects.acme]
+        folders = ["{folders['acme']}"]
+        {acme_extra}
+
+        [projects.other]
+        folders = ["{folders['other']}"]
+    """
+
+
+@pytest.fixture
+def make_daemon(tmp_path, folders):
+    """Start a daemon on the two-project config (with extra keys); stopped after the test."""
+    started: list[Daemon] = []
+
+    def make(daemon_extra: str = "shutdown_grace_seconds = 5", acme_extra: str = "",
+             **options) -> Daemon:
+        config = write_config(tmp_path, config_text(folders, daemon_extra, acme_extra))
+        running = Daemon(tmp_path, config, **options).start()
+        started.append(running)
+        open_db(config)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+    db.close_store()
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    """A running daemon on the two-project config, its database bound in this process."""
+    return make_daemon()
+
+
+def drop(folder: Path, name: str, text: str = "hello world") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+BIG = "max_bytes = 100000000"
+
+
+def slow_pdf(path: Path) -> Path:
+    """A valid PDF that takes pypdf a few seconds (12,000 pages)."""
+    corpus.make_pdf(path, [f"page {i} lorem ipsum dolor sit amet" for i in range(12_000)])
+    return path
+
+
+def barrier(folder: Path, name: str = "zz-barrier.txt") -> None:
+    """Drop a file and wait for its job: everything noted before it has been settled."""
+    wait_job(drop(folder, name, f"barrier {time.monotonic()}"))
+
+
+class TestDropping:
+    def test_one_file_is_completed_with_its_text(self, daemon, folders):
+        """A dropped file becomes one completed job whose document holds its text."""
+        path = drop(folders["acme"], "hello.txt", "the quick brown fox")
+        job = wait_job(path)
+        assert (job.project_id, job.stage, job.progress) == ("acme", "done", 1.0)
+        assert document_text(job) == "the quick brown fox"
+        assert len(job.content_sha256) == 64 and job.attempts == 1
+
+    def test_a_pdf_is_extracted_page_by_page(self, daemon, folders):
+        """A dropped PDF is completed with the text of every page."""
+        path = folders["acme"] / "doc.pdf"
+        corpus.make_pdf(path, ["first page words", "second page words"])
+        job = wait_job(path)
+        assert "first page words" in document_text(job) and "second page words" in document_text(job)
+        assert job.mime_type == "application/pdf"
+
+    def test_a_slow_writer_becomes_one_job_with_the_full_content(self, make_daemon, folders):
+        """A file written in several open/write/close cycles over 5 s is one job, all of it."""
+        make_daemon(acme_extra="settle_seconds = 1.0")
+        path = folders["acme"] / "slow.txt"
+        parts = [f"part {i}\n" for i in range(13)]
+        for part in parts:
+            with open(path, "a") as handle:
+                handle.write(part)
+            time.sleep(0.4)  # the writer's pace, under settle_seconds: the test's input
+        job = wait_job(path)
+        assert document_text(job) == "".join(parts)
+        assert len(jobs_for(path)) == 1
+
+    def test_temp_then_rename_is_one_job_for_the_final_name(self, daemon, folders):
+        """A .part file renamed to its real name is ingested once, under the real name."""
+        temp = drop(folders["acme"], "report.txt.part", "final content")
+        final = folders["acme"] / "report.txt"
+        os.rename(temp, final)
+        assert document_text(wait_job(final)) == "final content"
+        assert jobs_for(temp) == []
+
+    def test_a_file_moved_in_from_outside_is_a_new_file(self, daemon, folders, tmp_path):
+        """rename(2) into the folder from elsewhere on the same file system counts as a drop."""
+        outside = tmp_path / "elsewhere.txt"
+        outside.write_text("moved in")
+        target = folders["acme"] / "moved.txt"
+        os.rename(outside, target)
+        assert document_text(wait_job(target, timeout=10)) == "moved in"
+
+    def test_a_file_moved_between_projects_is_new_in_the_second(self, daemon, folders):
+        """Moving a completed file into another project's folder makes a job there."""
+        first = drop(folders["acme"], "shared.txt", "travelling text")
+        wait_job(first)
+        second = folders["other"] / "shared.txt"
+        os.rename(first, second)
+        job = wait_job(second)
+        assert job.project_id == "other"
+
+    def test_a_directory_moved_in_brings_its_files(self, daemon, folders, tmp_path):
+        """Files inside a directory moved into the folder raise no events of their own: scanned."""
+        outside = tmp_path / "batch"
+        outside.mkdir()
+        for i in range(3):
+            drop(outside, f"{i}.txt", f"batch {i}")
+        os.rename(outside, folders["acme"] / "batch")
+        for i in range(3):
+            wait_job(folders["acme"] / "batch" / f"{i}.txt", timeout=10)
+
+    def test_a_file_deleted_before_it_settles_becomes_nothing(self, daemon, folders):
+        """Created and deleted within the settle window: no job, no event."""
+        path = drop(folders["acme"], "fleeting.txt", "here and gone")
+        path.unlink()
+        barrier(folders["acme"])
+        assert jobs_for(path) == []
+
+    def test_hidden_and_temp_names_are_ignored(self, daemon, folders):
+        """Default excludes: hidden files, .part, .tmp, ~$ lock files."""
+        ignored = [drop(folders["acme"], name) for name in
+                   (".hidden.txt", "x.part", "y.tmp", "~$doc.docx", "z.crdownload")]
+        barrier(folders["acme"])
+        assert all(jobs_for(path) == [] for path in ignored)
+
+    def test_the_same_bytes_under_two_names_are_two_files(self, daemon, folders):
+        """Two names are two files (content dedup is the index's business)."""
+        a = drop(folders["acme"], "a.txt", "same bytes")
+        b = drop(folders["acme"], "b.txt", "same bytes")
+        assert wait_job(a).content_sha256 == wait_job(b).content_sha256
+
+    def test_a_file_changed_after_ingest_is_ingested_again(self, daemon, folders):
+        """A new version of a completed file gets a new job with the new content."""
+        path = drop(folders["acme"], "notes.txt", "version one")
+        first = wait_job(path)
+        path.write_text("version two, longer")
+        wait_for(lambda: len([j for j in jobs_for(path) if j.status == "completed"]) == 2,
+                 message="second version completed")
+        second = jobs_for(path)[-1]
+        assert second.id != first.id and document_text(second) == "version two, longer"
+
+    def test_files_dropped_while_the_daemon_was_down_are_found_at_start(self, make_daemon, folders):
+        """The start-up scan makes jobs for files that arrived while no daemon ran."""
+        for i in range(5):
+            drop(folders["acme"], f"early{i}.txt", f"early {i}")
+        make_daemon()
+        for i in range(5):
+            wait_job(folders["acme"] / f"early{i}.txt")
+        assert '"missed":5' in events_of_type("io.ingestd.watch.rescanned")[0].data
+
+    def test_a_burst_of_20000_files_is_completed_exactly_once(self, daemon, folders):
+        """Past the kernel's event queue: the rescan after an overflow catches what was lost."""
+        count = 20_000
+        for i in range(count):
+            (folders["acme"] / f"burst{i:05d}.txt").write_text(f"burst file {i}")
+        wait_for(lambda: Job.select().where(Job.status == "completed").count() >= count,
+                 timeout=240, interval=0.5, message="20,000 completed")
+        per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
+        assert len(per_path) == count and set(per_path.values()) == {1}
+        assert Document.select().count() == count
+        assert daemon.alive
+
+
+class TestBadInput:
+    def test_broken_files_fail_with_a_clear_reason_and_the_daemon_keeps_running(self, daemon, folders):
+        """Each malformed file ends FAILED with a one-line reason; good files still complete."""
+        acme = folders["acme"]
+        corpus.make_truncated_pdf(acme / "truncated.pdf")
+        corpus.make_encrypted_pdf(acme / "locked.pdf", "secret")
+        corpus.make_nested_pdf_bomb(acme / "bomb.pdf")
+        corpus.make_scanned_like_pdf(acme / "scan.pdf")
+        corpus.make_binary_junk(acme / "junk.txt")
+        corpus.make_invalid_utf8(acme / "bad-encoding.txt")
+        (acme / "big.txt").write_bytes(b"x" * 1_000_001)
+        expected = {"truncated.pdf": "truncated or malformed PDF",
+                    "locked.pdf": "encrypted PDF (needs a password)",
+                    "bomb.pdf": "PDF",
+                    "scan.pdf": "no extractable text (scanned?)",
+                    "junk.txt": "type application/octet-stream is not allowed",
+                    "bad-encoding.txt": "not text: invalid UTF-8",
+                    "big.txt": "too large (1000001 bytes"}
+        for name, reason in expected.items():
+            job = wait_ended(acme / name, timeout=60)
+            assert job.status == "failed", (name, job.status, job.message)
+            assert reason in job.error_message and "\n" not in job.error_message, (name, job.error_message)
+        good = drop(acme, "fine.txt", "still working")
+        assert document_text(wait_job(good)) == "still working"
+        assert daemon.alive and "Traceback" not in daemon.log()
+
+    def test_an_empty_file_is_skipped_with_a_rejected_event(self, daemon, folders):
+        """By default a 0-byte file makes no job, and says so once."""
+        empty = folders["acme"] / "empty.txt"
+        empty.touch()
+        barrier(folders["acme"])
+        assert jobs_for(empty) == []
+        rejected = events_of_type("io.ingestd.file.rejected")
+        assert len(rejected) == 1 and "empty file" in rejected[0].data
+
+
+class TestLifecycle:
+    def test_sigkill_mid_burst_then_restart_completes_every_file_exactly_once(self, make_daemon, folders):
+        """Killed among 2,000 files, restarted: each file ends completed once, one document each."""
+        running = make_daemon()
+        for i in range(2000):
+            drop(folders["acme"], f"k{i:04d}.txt", f"kill test {i}")
+        wait_for(lambda: Job.select().where(Job.status == "completed").count() >= 300,
+                 timeout=60, message="some completed")
+        running.kill()
+        running.start()
+        wait_for(lambda: Job.select().where(Job.status == "completed").count() >= 2000,
+                 timeout=120, interval=0.2, message="all 2,000 completed")
+        per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
+        assert len(per_path) == 2000 and set(per_path.values()) == {1}
+        assert Document.select().count() == 2000
+
+    def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders):
+        """Jobs still running after the grace period go back to the queue; a restart finishes them."""
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=BIG)
+        path = slow_pdf(folders["acme"] / "long.pdf")
+        wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
+                 message="the PDF running")
+        assert running.stop() == 0
+        [job] = jobs_for(path)
+        assert (job.status, job.attempts) == ("queued", 0)
+        assert events_of_type("io.ingestd.daemon.stopping")
+        running.start()
+        assert wait_job(path, timeout=120).attempts == 1
+
+    def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
+        """A project added to the file and reloaded with SIGHUP is watched at once."""
+        extra = tmp_path / "drop" / "new"
+        extra.mkdir()
+        daemon.config.write_text(daemon.config.read_text() + f'\n[projects.new]\nfolders = ["{extra}"]\n')
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: events_of_type("io.ingestd.daemon.reloaded"), message="reloaded")
+        job = wait_job(drop(extra, "fresh.txt", "new project"))
+        assert job.project_id == "new"
+
+    def test_a_bad_config_on_sighup_is_refused_and_the_old_one_keeps_running(self, daemon, folders):
+        """A broken file at reload time changes nothing."""
+        good = daemon.config.read_text()
+        daemon.config.write_text(good + "\n[projects.broken]\nfolders = 7\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_refused" in daemon.log(), message="reload refused")
+        assert document_text(wait_job(drop(folders["acme"], "after.txt", "still here"))) == "still here"
+
+    def test_sd_notify_ready_status_reloading_stopping(self, make_daemon):
+        """The daemon speaks sd_notify: READY, STATUS, WATCHDOG, RELOADING+MONOTONIC_USEC, STOPPING."""
+        running = make_daemon(env={"WATCHDOG_USEC": "400000"})
+        notify = running.notify
+        try:
+            notify.wait_for(lambda m: m.startswith("READY=1\nSTATUS="))
+            notify.wait_for(lambda m: m == "WATCHDOG=1", timeout=5)
+            running.signal(signal.SIGHUP)
+            reloading = notify.wait_for(lambda m: m.startswith("RELOADING=1"))
+            assert reloading.split("\n")[1].startswith("MONOTONIC_USEC=")
+            after = notify.messages.index(reloading)
+            notify.wait_for(lambda _: any(m.startswith("READY=1")
+                                          for m in notify.messages[after + 1:]))
+        finally:
+            running.signal(signal.SIGTERM)
+            notify.wait_for(lambda m: m == "STOPPING=1")
+            assert running.process.wait(timeout=30) == 0
+
+
+class TestJobControl:
+    def test_cancel_a_running_job(self, make_daemon, folders):
+        """`jobs cancel` on a running PDF stops it between pages: cancelled, no document."""
+        daemon = make_daemon(acme_extra=BIG)
+        path = slow_pdf(folders["acme"] / "cancel-me.pdf")
+        job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"],
+                       timeout=30, message="running")[0]
+        result = run_cli("jobs", "cancel", "-p", "acme", str(job.id), config=daemon.config)
+        assert result.returncode == 0, result.stderr
+        ended = wait_ended(path)
+        assert ended.status == "cancelled" and ended.canonical_document_id is None
+
+    def test_a_job_over_its_timeout_fails(self, make_daemon, folders):
+        """A PDF that takes longer than job_timeout_seconds is stopped and failed."""
+        make_daemon(acme_extra=f"job_timeout_seconds = 1\n{BIG}")
+        path = slow_pdf(folders["acme"] / "slow.pdf")
+        job = wait_ended(path, timeout=60)
+        assert job.status == "failed" and "timed out after 1 s" in job.error_message
+
+    def test_after_move_puts_originals_in_processed_and_failed(self, make_daemon, folders, tmp_path):
+        """after = "move": completed originals under processed/, failed ones under failed/."""
+        make_daemon(acme_extra='after = "move"')
+        good = drop(folders["acme"], "good.txt", "fine")
+        bad = folders["acme"] / "bad.pdf"
+        corpus.make_truncated_pdf(bad)
+        good_job, bad_job = wait_job(good), wait_ended(bad)
+        moved = tmp_path / "state" / "projects" / "acme"
+        wait_for(lambda: not good.exists() and not bad.exists(), message="originals moved")
+        assert (moved / "processed" / f"{good_job.id}-good.txt").read_text() == "fine"
+        assert (moved / "failed" / f"{bad_job.id}-bad.pdf").exists()
+
+
+class TestAdd:
+    def test_add_with_wait_reports_each_job(self, daemon, folders, tmp_path):
+        """`ingestd add --wait` copies files in safely and waits for their end."""
+        sources = []
+        for i in range(3):
+            source = tmp_path / f"upload{i}.txt"
+            source.write_text(f"uploaded {i}")
+            sources.append(str(source))
+        result = run_cli("add", "-p", "acme", "--wait", *sources, config=daemon.config)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("completed") == 3
+        for i in range(3):
+            assert (folders["acme"] / f"upload{i}.txt").read_text() == f"uploaded {i}"
+
+    def test_add_from_stdin_and_name_collisions(self, daemon, folders):
+        """`-` reads standard input; an existing name gets a numbered sibling, never overwritten."""
+        drop(folders["acme"], "note.txt", "original")
+        result = run_cli("add", "-p", "acme", "--name", "note.txt", "--wait", "-",
+                         config=daemon.config, stdin="from stdin")
+        assert result.returncode == 0, result.stderr
+        assert (folders["acme"] / "note.txt").read_text() == "original"
+        assert (folders["acme"] / "note (1).txt").read_text() == "from stdin"
+
+    def test_add_refuses_what_submit_refuses(self, daemon, tmp_path):
+        """A binary file is refused with exit 5 and nothing is copied."""
+        junk = tmp_path / "junk.bin"
+        corpus.make_binary_junk(junk)
+        result = run_cli("add", "-p", "acme", str(junk), config=daemon.config)
+        assert result.returncode == 5 and "not allowed" in result.stderr
+
+    def test_add_with_wait_exits_1_when_a_job_fails(self, daemon, tmp_path):
+        """A failed job makes `add --wait` exit 1 and print the reason."""
+        bad = tmp_path / "broken.pdf"
+        corpus.make_truncated_pdf(bad)
+        result = run_cli("add", "-p", "acme", "--wait", str(bad), config=daemon.config)
+        assert result.returncode == 1 and "malformed" in result.stdout
+
+
+def test_event_rows_exist_for_every_job_transition(daemon, folders):
+    """created, started and completed events are in the outbox for a dropped file."""
+    job = wait_job(drop(folders["acme"], "evented.txt", "with events"))
+    types = [e.type for e in Event.select().where(Event.job_id == job.id).order_by(Event.seq)]
+    assert types[0] == "io.ingestd.job.created" and types[-1] == "io.ingestd.job.completed"
+    assert "io.ingestd.job.started" in types
