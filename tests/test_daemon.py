@@ -200,6 +200,21 @@ class TestDropping:
             wait_job(folders["acme"] / f"early{i}.txt")
         assert '"missed":5' in events_of_type("io.ingestd.watch.rescanned")[0].data
 
+    def test_a_polling_project_ingests_without_inotify(self, make_daemon, folders):
+        """polling = true (for NFS/SMB) finds and settles files by polling alone."""
+        make_daemon(acme_extra="polling = true")
+        path = drop(folders["acme"], "polled.txt", "seen by polling")
+        assert document_text(wait_job(path, timeout=20)) == "seen by polling"
+
+    def test_a_non_recursive_project_ignores_sub_folders(self, make_daemon, folders):
+        """recursive = false: files in sub-folders are not ingested, at start or later."""
+        (folders["acme"] / "sub").mkdir()
+        early = drop(folders["acme"] / "sub", "early.txt", "below")
+        make_daemon(acme_extra="recursive = false")
+        late = drop(folders["acme"] / "sub", "late.txt", "below")
+        barrier(folders["acme"])
+        assert jobs_for(early) == [] and jobs_for(late) == []
+
     def test_a_burst_of_20000_files_is_completed_exactly_once(self, daemon, folders):
         """Past the kernel's event queue: the rescan after an overflow catches what was lost."""
         count = 20_000
@@ -277,6 +292,20 @@ class TestLifecycle:
         assert events_of_type("io.ingestd.daemon.stopping")
         running.start()
         assert wait_job(path, timeout=120).attempts == 1
+
+    def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders):
+        """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=BIG)
+        path = slow_pdf(folders["acme"] / "interrupted.pdf")
+        wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
+                 message="the PDF running")
+        running.signal(signal.SIGTERM)
+        running.notify.wait_for(lambda m: m == "STOPPING=1")
+        running.signal(signal.SIGTERM)
+        assert running.process.wait(timeout=10) == 1
+        assert jobs_for(path)[0].status == "running"  # left as it was: its lease tells
+        running.start()
+        assert wait_job(path, timeout=120).attempts == 2
 
     def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
         """A project added to the file and reloaded with SIGHUP is watched at once."""
