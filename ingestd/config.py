@@ -77,6 +77,7 @@ class DaemonConfig:
     lease_seconds: float = 30.0
     shutdown_grace_seconds: float = 20.0
     progress_events_per_second: float = 4.0
+    subscriber_buffer_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "lease_seconds": (*_NUMBER, _positive),
     "shutdown_grace_seconds": (*_NUMBER, _not_negative),
     "progress_events_per_second": (*_NUMBER, _positive),
+    "subscriber_buffer_bytes": (*_INT, _positive),
 }
 
 PATH_KEYS = {"state_dir", "event_log", "event_socket", "move_to"}

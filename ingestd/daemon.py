@@ -20,12 +20,14 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ingestd import __version__, config as config_mod, db, intake, jobs, scan
+from ingestd import __version__, config as config_mod, db, events, intake, jobs, scan
 from ingestd.config import Config
 from ingestd.errors import IngestdError
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
+from ingestd.publish import Publisher
 from ingestd.settle import Ready, Settler
+from ingestd.stream import EventStream
 from ingestd.systemd import Notifier
 from ingestd.watch import Watcher
 from ingestd.work import WorkerPool
@@ -52,13 +54,16 @@ class Daemon:
         self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
                                self._scan_directory)
         self.watcher = Watcher(self.settler.note, lambda: self.request_rescan("overflow"))
+        self.stream: EventStream | None = None
+        self.publisher: Publisher | None = None
 
     # --- the main thread -----------------------------------------------------------------------
 
     def run(self) -> int:
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(number, self._on_signal)
         db.open_store(self.config.daemon.database)
+        self._start_events()
         self._start()
         try:
             self._main_loop()
@@ -66,12 +71,23 @@ class Daemon:
             self._shutdown()
         return 0
 
+    def _start_events(self) -> None:
+        """The socket first (a second daemon on the same paths stops here), then the publisher."""
+        settings = self.config.daemon
+        installation = events.installation_id()
+        self.stream = EventStream(settings.event_socket, settings.socket_mode, installation,
+                                  settings.subscriber_buffer_bytes)
+        self.stream.start()
+        self.publisher = Publisher(settings.event_log, self.stream, installation)
+        self.publisher.start()
+
     def _start(self) -> None:
         self.settler.start()
         self.watcher.start(self.config.projects.values())
         self.pool.start()
         self.scheduler.add_job(self.rescan, "interval", args=["periodic"], id="rescan",
                                seconds=self.config.daemon.rescan_seconds)
+        self.scheduler.add_job(self.prune_events, "interval", hours=1, id="prune-events")
         self.scheduler.start()
         self.request_rescan("start")
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
@@ -88,6 +104,8 @@ class Daemon:
                 number = self._signals.pop(0)
                 if number == signal.SIGHUP:
                     self.reload()
+                elif number == signal.SIGUSR1:
+                    self.publisher.reopen()
                 else:
                     log.info("daemon_stopping", signal=signal.Signals(number).name)
                     return
@@ -96,9 +114,10 @@ class Daemon:
             self.notifier.status(self.status_line())
 
     def _on_signal(self, number: int, frame: object) -> None:
-        if number != signal.SIGHUP and self._stopping.is_set():
+        stops = number in (signal.SIGTERM, signal.SIGINT)
+        if stops and self._stopping.is_set():
             os._exit(1)  # second signal: at once; leases of this dead process are rescued later
-        if number != signal.SIGHUP:
+        if stops:
             self._stopping.set()
         self._signals.append(number)
         self._wakeup.set()
@@ -113,6 +132,10 @@ class Daemon:
         self.settler.stop()
         self.pool.stop(self.config.daemon.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=False)
+        if self.publisher is not None:
+            self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
+        if self.stream is not None:
+            self.stream.stop()
         db.close_store()
         log.info("daemon_stopped")
 
@@ -177,6 +200,13 @@ class Daemon:
             jobs.emit(jobs.WATCH_RESCANNED, self.last_scan)
         log.info("rescanned", **self.last_scan, **({"top": top} if top else {}))
         return result
+
+    def prune_events(self) -> int:
+        """Delete events past their retention that every live event log has published."""
+        removed = events.prune(self.config.daemon.event_retention_days)
+        if removed:
+            log.info("events_pruned", count=removed)
+        return removed
 
     # --- state -----------------------------------------------------------------------------------
 

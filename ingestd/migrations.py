@@ -127,10 +127,23 @@ def _v2(db: pw.Database, dialect: dict[str, str]) -> None:
     _run(db, dialect, V2_DOCUMENTS)
 
 
+V3_PUBLISHING = [
+    """CREATE TABLE ingest_publish_cursors (
+        consumer TEXT PRIMARY KEY,
+        last_seq {bigint} NOT NULL,
+        updated_at {real} NOT NULL)""",
+]
+
+
+def _v3(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V3_PUBLISHING)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
     (2, "documents of the built-in index", _v2),
+    (3, "how far each event log was published", _v3),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -1,0 +1,133 @@
+"""Events: outbox rows as CloudEvents 1.0 JSON lines.
+
+Every state change is already a row of ``ingest_events`` (written by :mod:`ingestd.jobs` in the
+transaction of the change). This module turns rows into CloudEvents, one JSON object per line:
+``specversion, id, source, type, time, subject, datacontenttype, data`` plus the ``sequence``
+extension (the database-wide, gap-free ``seq``, zero-padded so that string order is sequence
+order). ``id`` is ``<installation>-<seq>``: unique per database and the same on every re-send.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ingestd import jobs
+from ingestd.errors import IngestdError
+from ingestd.models import Event, EventSequence, Meta, database
+
+SEQUENCE_DIGITS = 20  # fits any 64-bit sequence, so string order is numeric order
+OVERFLOW = "io.ingestd.stream.overflow"
+REPLAY_BATCH = 1000
+
+
+def installation_id() -> str:
+    """This database's installation id (made by the first migration)."""
+    return Meta.get_by_id("instance_id").value
+
+
+def format_sequence(seq: int) -> str:
+    return str(seq).zfill(SEQUENCE_DIGITS)
+
+
+def source_uri(installation: str, project_id: str | None) -> str:
+    base = f"urn:ingestd:{installation}"
+    return f"{base}:project:{project_id}" if project_id else base
+
+
+def _subject(row: Event) -> str | None:
+    if row.job_id is not None:
+        return str(row.job_id)
+    if row.type == jobs.FILE_REJECTED:
+        return json.loads(row.data).get("path")
+    return None
+
+
+def to_line(row: Event, installation: str) -> str:
+    """The event as one CloudEvents JSON line (no newline). ``data`` is spliced in as stored,
+    not parsed and dumped again: the publisher does this for every event."""
+    head = {
+        "specversion": "1.0",
+        "id": f"{installation}-{row.seq}",
+        "source": source_uri(installation, row.project_id),
+        "type": row.type,
+        "time": jobs.rfc3339(row.time),
+        "datacontenttype": "application/json",
+        "sequence": format_sequence(row.seq),
+    }
+    subject = _subject(row)
+    if subject is not None:
+        head["subject"] = subject
+    return json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"data":' + row.data + "}"
+
+
+def overflow_line(installation: str, last_sequence: int | None) -> str:
+    """The last line a subscriber gets when it fell too far behind."""
+    return json.dumps({
+        "specversion": "1.0", "id": f"{installation}-overflow-{last_sequence or 0}",
+        "source": source_uri(installation, None), "type": OVERFLOW,
+        "time": jobs.rfc3339(jobs.now()), "datacontenttype": "application/json",
+        "data": {"last_sequence": format_sequence(last_sequence or 0),
+                 "reason": "the subscriber read too slowly; resume with --since"},
+    }, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Retained:
+    """The outbox keeps sequences ``first..last``; everything before ``first`` was pruned."""
+
+    first: int
+    last: int
+
+    def check_since(self, since: int) -> None:
+        """Refuse a resume point whose next events were pruned (like HTTP 410 Gone)."""
+        if since + 1 < self.first:
+            raise Gone(f"events after sequence {since} are gone: the oldest kept is "
+                       f"{self.first} (event_retention_days); resume with --since {self.first - 1}")
+
+
+class Gone(IngestdError):
+    exit_code = 1
+
+
+def retained() -> Retained:
+    first, last = Event.select(Event.seq.min(), Event.seq.max()).tuples().get()
+    if first is None:  # empty: everything up to the counter was pruned (or nothing happened)
+        counter = EventSequence.get_by_id(1).last_seq
+        return Retained(counter + 1, counter)
+    return Retained(first, last)
+
+
+def rows_after(seq: int, limit: int = REPLAY_BATCH) -> list[Event]:
+    """Outbox rows with a sequence above ``seq``, in order."""
+    return list(Event.select().where(Event.seq > seq).order_by(Event.seq).limit(limit))
+
+
+def replay(after: int, installation: str | None = None) -> Iterator[tuple[int, str]]:
+    """``(seq, line)`` for every retained event after ``after``, in order, batch by batch."""
+    installation = installation or installation_id()
+    while True:
+        batch = rows_after(after)
+        for row in batch:
+            yield row.seq, to_line(row, installation)
+        if len(batch) < REPLAY_BATCH:
+            return
+        after = batch[-1].seq
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """A received line as a dict; its ``sequence`` as an int is ``int(event['sequence'])``."""
+    return json.loads(line)
+
+
+def prune(retention_days: float) -> int:
+    """Delete events older than ``retention_days`` that every event log active within that
+    period has published (an event is never pruned before it was published)."""
+    horizon = jobs.now() - retention_days * 86400
+    param = database.param
+    cursor = database.execute_sql(
+        f"DELETE FROM ingest_events WHERE time < {param} AND seq <= "
+        f"(SELECT MIN(last_seq) FROM ingest_publish_cursors WHERE updated_at >= {param})",
+        (horizon, horizon))
+    return cursor.rowcount

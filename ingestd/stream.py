@@ -1,0 +1,262 @@
+"""The event socket: every published event, as lines, to every connected client.
+
+No handshake: a client connects and reads (``socat - UNIX-CONNECT:PATH`` works). One thread
+with a selector serves all clients with non-blocking sockets, so hundreds are cheap. Publishing
+only appends to per-client buffers and never waits: a client whose buffer passes its bound gets
+a final ``io.ingestd.stream.overflow`` line naming the last sequence it received, and is
+disconnected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import structlog
+
+from ingestd.errors import IngestdError
+from ingestd.events import overflow_line
+from ingestd.systemd import listen_fds
+
+log = structlog.get_logger(__name__)
+OVERFLOW_GRACE_SECONDS = 5.0  # how long a stuck client may take to get its overflow line
+
+
+class SocketInUse(IngestdError):
+    """Another live process serves the event socket path."""
+
+
+class _Client:
+    """One subscriber: the lines not yet (fully) sent, bounded by ``limit`` bytes."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.lines: deque[tuple[int | None, bytes]] = deque()
+        self.head_sent = 0        # bytes of lines[0] already sent
+        self.queued_bytes = 0
+        self.sent_seq: int | None = None
+        self.closing_at: float | None = None
+
+    def queue(self, lines: list[tuple[int, bytes]], installation: str) -> None:
+        if self.closing_at is not None:
+            return
+        self.lines.extend(lines)
+        self.queued_bytes += sum(len(data) for _, data in lines)
+        if self.queued_bytes > self.limit:
+            self._overflow(installation)
+
+    def _overflow(self, installation: str) -> None:
+        """Drop what is queued, except a line already half sent, and say so in a last line."""
+        kept = [self.lines[0]] if self.head_sent else []
+        last = kept[0][0] if kept else self.sent_seq
+        notice = (overflow_line(installation, last) + "\n").encode()
+        self.lines = deque(kept + [(None, notice)])
+        self.queued_bytes = sum(len(data) for _, data in self.lines)
+        self.closing_at = time.monotonic() + OVERFLOW_GRACE_SECONDS
+        log.warning("subscriber_overflow", last_sequence=last)
+
+    def flush(self) -> bool:
+        """Send what the socket takes now; False when the client should be closed."""
+        if self.lines:
+            try:
+                sent = self.sock.send(self._chunk())
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return False
+            self._advance(sent)
+        if self.closing_at is not None:
+            return bool(self.lines) and time.monotonic() < self.closing_at
+        return True
+
+    def _chunk(self, size: int = 1 << 18) -> bytes:
+        parts, total = [], 0
+        for index, (_, data) in enumerate(self.lines):
+            part = data[self.head_sent:] if index == 0 else data
+            parts.append(part)
+            total += len(part)
+            if total >= size:
+                break
+        return b"".join(parts)
+
+    def _advance(self, sent: int) -> None:
+        self.queued_bytes -= sent
+        while sent and self.lines:
+            seq, data = self.lines[0]
+            left = len(data) - self.head_sent
+            if sent < left:
+                self.head_sent += sent
+                return
+            sent -= left
+            self.lines.popleft()
+            self.head_sent = 0
+            if seq is not None:
+                self.sent_seq = seq
+
+
+class EventStream:
+    """Serves the event socket from its own thread; :meth:`publish` is called by the publisher."""
+
+    def __init__(self, path: Path, mode: int, installation: str, buffer_bytes: int) -> None:
+        self.path, self.mode = path, mode
+        self.installation = installation
+        self.buffer_bytes = buffer_bytes
+        self.dropped = 0
+        self._clients: dict[int, _Client] = {}
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._owns_path = False
+        self._thread = threading.Thread(target=self._serve, name="event-socket", daemon=True)
+
+    @property
+    def subscribers(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def start(self) -> None:
+        self._listener = self._listen()
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread.start()
+
+    def _listen(self) -> socket.socket:
+        activated = listen_fds()
+        if activated:  # systemd's socket unit owns the path and its mode
+            log.info("event_socket_activated", fd=activated[0].fileno())
+            return activated[0]
+        _clear_stale(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        os.chmod(self.path, self.mode)
+        listener.listen(128)
+        self._owns_path = True
+        return listener
+
+    def publish(self, lines: list[tuple[int, str]]) -> None:
+        """Queue ``(seq, line)`` for every client; never blocks on a client."""
+        if not lines:
+            return
+        encoded = [(seq, (line + "\n").encode()) for seq, line in lines]
+        with self._lock:
+            for client in self._clients.values():
+                client.queue(encoded, self.installation)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # already awake
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for client in self._clients.values():
+                client.sock.close()
+            self._clients.clear()
+        if self._listener is not None:
+            self._listener.close()
+        if self._owns_path:
+            self.path.unlink(missing_ok=True)
+
+    # --- the serving thread --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for key, events in self._selector.select(timeout=1.0):
+                    self._handle(key, events)
+                self._sync_interest()
+            except Exception:
+                log.exception("event_socket_error")
+
+    def _handle(self, key: selectors.SelectorKey, events: int) -> None:
+        if key.data == "accept":
+            self._accept()
+        elif key.data == "wake":
+            os.read(self._wake_r, 4096)
+        elif events & selectors.EVENT_READ:
+            self._read_or_close(key.fileobj)  # clients send nothing: data or EOF means "bye"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            with self._lock:
+                self._clients[sock.fileno()] = _Client(sock, self.buffer_bytes)
+            self._selector.register(sock, selectors.EVENT_READ, "client")
+
+    def _read_or_close(self, sock: socket.socket) -> None:
+        try:
+            if sock.recv(4096):
+                return  # ignore input
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(sock.fileno())
+
+    def _sync_interest(self) -> None:
+        """Write to every client with something queued; watch for writability where blocked."""
+        with self._lock:
+            clients = list(self._clients.items())
+        for fd, client in clients:
+            with self._lock:
+                alive = client.flush()
+                blocked = bool(client.lines)
+            if not alive:
+                if client.closing_at is not None:
+                    self.dropped += 1
+                self._close(fd)
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if blocked else 0)
+            if self._selector.get_key(client.sock).events != events:
+                self._selector.modify(client.sock, events, "client")
+
+    def _close(self, fd: int) -> None:
+        with self._lock:
+            client = self._clients.pop(fd, None)
+        if client is not None:
+            self._selector.unregister(client.sock)
+            client.sock.close()
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file left by a crashed run; refuse one a live process still serves."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketInUse(f"{path}: exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)  # nobody listens: a crashed run's leftover
+            return
+        raise SocketInUse(f"{path}: cannot check the existing socket: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise SocketInUse(f"{path}: another ingestd is serving events here (is a daemon already "
+                      "running with this configuration?)")
