@@ -26,7 +26,7 @@ from ingestd.events import overflow_line
 from ingestd.systemd import listen_fds
 
 log = structlog.get_logger(__name__)
-OVERFLOW_GRACE_SECONDS = 5.0  # how long a stuck client may take to get its overflow line
+OVERFLOW_GRACE_SECONDS = 60.0  # a stuck client has this long to read its overflow line
 
 
 class SocketInUse(IngestdError):

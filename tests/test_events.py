@@ -1,0 +1,233 @@
+"""Publishing: the outbox reaches the event log and the socket exactly once, in order, through
+kills, rotation and slow subscribers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ingestd import db
+from ingestd.models import Event, Job
+
+import corpus
+from conftest import run_cli, wait_for
+from harness import Daemon, jobs_for, open_db, wait_job, write_config
+
+REQUIRED = {"specversion": str, "id": str, "source": str, "type": str, "time": str,
+            "datacontenttype": str, "sequence": str, "data": dict}
+
+
+def config_text(root: Path, extra: str = "") -> str:
+    drop = root / "drop"
+    drop.mkdir(exist_ok=True)
+    return f"""
+        [daemon]
+        state_dir = "state"
+        workers = 2
+        shutdown_grace_seconds = 5
+        {extra}
+
+        [defaults]
+        settle_seconds = 0.2
+        max_bytes = 100000000
+
+        [projects.acme]
+        folders = ["{drop}"]
+    """
+
+
+@pytest.fixture
+def start(tmp_path):
+    """Start a daemon (extra [daemon] keys allowed); stopped after the test."""
+    started: list[Daemon] = []
+
+    def make(extra: str = "") -> Daemon:
+        running = Daemon(tmp_path, write_config(tmp_path, config_text(tmp_path, extra))).start()
+        started.append(running)
+        open_db(running.config)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+    db.close_store()
+
+
+class Subscriber:
+    """A socket client reading lines in a thread (or not reading at all)."""
+
+    def __init__(self, path: Path, read: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.lines: list[dict] = []
+        self.closed = threading.Event()
+        if read:
+            threading.Thread(target=self.read_all, daemon=True).start()
+
+    def read_all(self) -> None:
+        with self.sock.makefile("r", encoding="utf-8") as stream:
+            for line in stream:
+                self.lines.append(json.loads(line))
+        self.closed.set()
+
+    def sequences(self) -> list[int]:
+        return [int(event["sequence"]) for event in self.lines
+                if event["type"] != "io.ingestd.stream.overflow"]
+
+
+def last_seq() -> int:
+    return Event.select(Event.seq).order_by(Event.seq.desc()).first().seq
+
+
+def log_sequences(path: Path) -> list[int]:
+    return [int(json.loads(line)["sequence"]) for line in path.read_text().splitlines()]
+
+
+def drop_files(folder: Path, count: int, prefix: str = "f") -> None:
+    for i in range(count):
+        (folder / f"{prefix}{i:05d}.txt").write_text(f"{prefix} {i}")
+
+
+def completed() -> int:
+    return Job.select().where(Job.status == "completed").count()
+
+
+def test_a_subscriber_sees_every_event_of_5000_jobs_in_order(start, tmp_path):
+    """Every sequence from the first received to the last committed, once each, in order."""
+    daemon = start()
+    subscriber = Subscriber(daemon.root / "state" / "events.sock")
+    drop_files(tmp_path / "drop", 5000)
+    wait_for(lambda: completed() == 5000, timeout=120, interval=0.2, message="5,000 completed")
+    final = last_seq()
+    wait_for(lambda: subscriber.sequences() and subscriber.sequences()[-1] >= final, timeout=30,
+             message="the subscriber caught up")
+    got = subscriber.sequences()
+    assert got == list(range(got[0], final + 1))
+    completed_events = [e for e in subscriber.lines if e["type"] == "io.ingestd.job.completed"]
+    assert len(completed_events) == 5000
+
+
+def test_a_subscriber_that_never_reads_is_dropped_with_an_overflow_line(start, tmp_path):
+    """Processing never waits for a stuck subscriber: it gets an overflow line and is cut off."""
+    daemon = start("subscriber_buffer_bytes = 1048576")
+    sock_path = daemon.root / "state" / "events.sock"
+    stuck = Subscriber(sock_path, read=False)
+    reader = Subscriber(sock_path)
+    began = time.monotonic()
+    drop_files(tmp_path / "drop", 5000)
+    wait_for(lambda: completed() == 5000, timeout=120, interval=0.2, message="5,000 completed")
+    assert time.monotonic() - began < 120
+    stuck.read_all()  # now read what it was sent: lines, then the overflow notice, then EOF
+    assert stuck.lines[-1]["type"] == "io.ingestd.stream.overflow"
+    received = stuck.sequences()
+    notice = int(stuck.lines[-1]["data"]["last_sequence"])
+    assert notice == (received[-1] if received else 0)
+    assert received == list(range(received[0], received[0] + len(received))) if received else True
+    wait_for(lambda: reader.sequences() and reader.sequences()[-1] >= last_seq(), timeout=30,
+             message="the reading subscriber caught up")
+    assert reader.lines[-1]["type"] != "io.ingestd.stream.overflow"
+
+
+def test_sigkill_between_commit_and_publish_then_restart_logs_every_event_once(start, tmp_path):
+    """Events committed while no publisher ran, or before a kill, appear once after restart."""
+    daemon = start()
+    drop_files(tmp_path / "drop", 800)
+    wait_for(lambda: completed() >= 100, timeout=60, message="some completed")
+    daemon.kill()
+    # Committed with no daemon at all: a job made by the CLI.
+    (tmp_path / "drop" / "while-down.txt").write_text("cli")
+    assert run_cli("jobs", "submit", "-p", "acme", str(tmp_path / "drop" / "while-down.txt"),
+                   config=daemon.config).returncode == 0
+    daemon.start()
+    wait_for(lambda: completed() == 801, timeout=120, message="all completed")
+    final = last_seq()
+    event_log = daemon.root / "state" / "events.jsonl"
+    wait_for(lambda: log_sequences(event_log)[-1] == final, timeout=30, message="log caught up")
+    assert log_sequences(event_log) == list(range(1, final + 1))
+
+
+def test_the_clis_cancel_shows_up_on_the_socket(start, tmp_path):
+    """A change made by another process (the CLI) is published by the running daemon."""
+    daemon = start()
+    subscriber = Subscriber(daemon.root / "state" / "events.sock")
+    path = tmp_path / "drop" / "long.pdf"
+    corpus.make_pdf(path, [f"page {i} lorem ipsum" for i in range(12_000)])
+    job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
+                   message="running")[0]
+    assert run_cli("jobs", "cancel", "-p", "acme", str(job.id), config=daemon.config).returncode == 0
+    wait_for(lambda: any(e["type"] == "io.ingestd.job.cancelled" and e["subject"] == str(job.id)
+                         for e in subscriber.lines), timeout=30, message="cancelled on the socket")
+    types = [e["type"] for e in subscriber.lines if e.get("subject") == str(job.id)]
+    assert "io.ingestd.job.cancel_requested" in types
+
+
+@pytest.mark.parametrize("use_sigusr1", [True, False])
+def test_rotation_by_rename_loses_no_line(start, tmp_path, use_sigusr1):
+    """logrotate without copytruncate: renamed away (with or without SIGUSR1), nothing lost."""
+    daemon = start()
+    event_log = daemon.root / "state" / "events.jsonl"
+    drop_files(tmp_path / "drop", 300, "a")
+    wait_for(lambda: completed() >= 50, timeout=60, message="some completed")
+    rotated = event_log.with_name("events.jsonl.1")
+    os.rename(event_log, rotated)
+    if use_sigusr1:
+        daemon.signal(signal.SIGUSR1)
+    drop_files(tmp_path / "drop", 300, "b")
+    wait_for(lambda: completed() == 600, timeout=60, message="all completed")
+    final = last_seq()
+    wait_for(lambda: event_log.exists() and log_sequences(event_log)[-1] == final, timeout=30,
+             message="new log caught up")
+    assert log_sequences(rotated) + log_sequences(event_log) == list(range(1, final + 1))
+
+
+def test_event_log_lines_are_valid_cloudevents(start, tmp_path):
+    """Each line is one JSON object with the required CloudEvents attributes and types."""
+    daemon = start()
+    (tmp_path / "drop" / "x.txt").write_text("x")
+    wait_job(tmp_path / "drop" / "x.txt")
+    event_log = daemon.root / "state" / "events.jsonl"
+    wait_for(lambda: len(log_sequences(event_log)) >= 4, message="events in the log")
+    for line in event_log.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        for name, kind in REQUIRED.items():
+            assert isinstance(event[name], kind), (name, event)
+        assert event["specversion"] == "1.0" and event["type"].startswith("io.ingestd.")
+        assert event["datacontenttype"] == "application/json"
+        assert event["time"].endswith("Z") and len(event["sequence"]) == 20
+        assert event["id"].endswith(f"-{int(event['sequence'])}")
+        if event["type"].startswith("io.ingestd.job."):
+            assert event["subject"] == str(event["data"]["id"])
+            assert event["source"].endswith(":project:acme")
+
+
+def test_socket_mode_and_a_stale_socket_is_replaced(start, tmp_path):
+    """A leftover socket file from a crashed run is replaced; the configured mode is applied."""
+    state = tmp_path / "state"
+    state.mkdir()
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(state / "events.sock"))
+    leftover.close()  # the file stays, nobody listens: what a SIGKILLed daemon leaves
+    daemon = start('socket_mode = "0640"')
+    mode = stat.S_IMODE(os.stat(state / "events.sock").st_mode)
+    assert mode == 0o640
+    Subscriber(state / "events.sock", read=False)  # and it is live
+
+
+def test_a_second_daemon_on_a_live_socket_is_refused(start, tmp_path):
+    """Another daemon serving the same socket path: a clear error, exit 1, no traceback."""
+    daemon = start()
+    second = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(daemon.config), "run"],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "another ingestd is serving events here" in second.stderr
+    assert "Traceback" not in second.stderr and daemon.alive
