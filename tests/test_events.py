@@ -231,3 +231,31 @@ def test_a_second_daemon_on_a_live_socket_is_refused(start, tmp_path):
     assert second.returncode == 1
     assert "another ingestd is serving events here" in second.stderr
     assert "Traceback" not in second.stderr and daemon.alive
+
+
+def test_systemd_socket_activation_is_used(tmp_path):
+    """With LISTEN_FDS/LISTEN_PID (a socket unit), the daemon serves the socket it was given."""
+    config = write_config(tmp_path, config_text(tmp_path))
+    activated = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(activated))
+    listener.listen(16)
+    env = {k: v for k, v in os.environ.items() if k != "INGESTD_CONFIG"}
+    env["LISTEN_FDS"] = "1"
+    # systemd sets LISTEN_PID to the service's pid: `exec` keeps the shell's pid for Python.
+    process = subprocess.Popen(
+        ["sh", "-c", f'LISTEN_PID=$$ exec "{sys.executable}" -m ingestd -c "{config}" run'],
+        close_fds=False, env=env, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.dup2(listener.fileno(), 3))  # the child's fd 3, as systemd does
+    try:
+        subscriber = Subscriber(activated)  # queued by the kernel until the daemon accepts it
+        open_db(config)
+        (tmp_path / "drop" / "a.txt").write_text("activated")
+        wait_for(lambda: any(e["type"] == "io.ingestd.job.completed" for e in subscriber.lines),
+                 message="events on the activated socket")
+        assert not (tmp_path / "state" / "events.sock").exists()
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+        listener.close()
+        db.close_store()

@@ -71,6 +71,7 @@ def test_event_socket_activates_the_service() -> None:
     assert socket_unit["ListenStream"] == "/run/ingestd/events.sock"
     assert socket_unit["SocketMode"] == "0660"
     assert socket_unit["Service"] == SERVICE.name
+    assert parse(SERVICE)["Service"]["Sockets"] == SOCKET.name
 
 
 def known_gaps(version: int) -> list[re.Pattern[str]]:
