@@ -45,7 +45,7 @@ def _subscribers(path: str, count: int, until_seq: int, parse: bool, results: mp
     def read(index: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
-        lines, latencies, last = 0, [], 0.0
+        lines, latencies = 0, []
         if not parse:
             while lines < until_seq:
                 chunk = sock.recv(1 << 20)

@@ -136,9 +136,36 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    from ingestd import documents
+    from ingestd.sinks import open_sink
+
+    cfg = _open(args)
+    sink = open_sink(cfg.project(args.project))
+
+    def cleanup(job: Any) -> None:  # in the delete's transaction: the index forgets it too
+        released = documents.released_by_delete(job)
+        if released is not None:
+            sink.delete(released)
+
+    _say_job("deleted", jobs.delete(args.project, _job_id(args.job), cleanup), args.json)
+    return EXIT_OK
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ingestd import search
+
     cfg = _open(args)
     cfg.project(args.project)
-    _say_job("deleted", jobs.delete(args.project, _job_id(args.job)), args.json)
+    hits = search.search(args.project, args.query, args.limit)
+    if args.json:
+        _print_json([hit.__dict__ for hit in hits])
+        return EXIT_OK
+    for rank, hit in enumerate(hits, start=1):
+        page = f" page {hit.page}" if hit.page else ""
+        print(f"{rank}. {hit.score:.2f}  {hit.source_path}{page}  (job {hit.job_id})")
+        print(f"   {hit.snippet}")
+    if not hits:
+        print("no match")
     return EXIT_OK
 
 
@@ -266,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(add)
     add.set_defaults(handler=cmd_add)
     _add_jobs(commands, common)
+    search = commands.add_parser("search", parents=[common],
+                                 help='ranked passages: words, "phrases", prefix*, OR')
+    _project_arg(search)
+    search.add_argument("query")
+    search.add_argument("--limit", type=int, default=10, help="passages (max 100)")
+    _json_arg(search)
+    search.set_defaults(handler=cmd_search)
     _add_db(commands, common)
     _add_config(commands, common)
     return parser

@@ -21,9 +21,9 @@ from ingestd.errors import StoreError
 ADVISORY_LOCK_KEY = 0x1D6E57D  # "ingestd"
 
 DIALECTS = {
-    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER",
+    "sqlite": {"name": "sqlite", "pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER",
                "real": "REAL", "blob": "BLOB", "bool": "INTEGER", "false": "0"},
-    "postgres": {"pk": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT",
+    "postgres": {"name": "postgres", "pk": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT",
                  "real": "DOUBLE PRECISION", "blob": "BYTEA", "bool": "BOOLEAN",
                  "false": "FALSE"},
 }
@@ -139,11 +139,52 @@ def _v3(db: pw.Database, dialect: dict[str, str]) -> None:
     _run(db, dialect, V3_PUBLISHING)
 
 
+V4_CHUNKS = [
+    """ALTER TABLE documents ADD COLUMN job_id {bigint}""",
+    """CREATE TABLE chunks (
+        id {pk},
+        document_id {bigint} NOT NULL REFERENCES documents (id),
+        project_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        page INTEGER,
+        start_offset INTEGER NOT NULL,
+        end_offset INTEGER NOT NULL,
+        text TEXT NOT NULL)""",
+    """CREATE INDEX ix_chunks_document ON chunks (document_id)""",
+    # Content dedup, re-ingest of a path, and clean-up on delete look jobs up by these.
+    """CREATE INDEX ix_jobs_content ON ingest_jobs (project_id, content_sha256)
+        WHERE status = 'completed'""",
+    """CREATE INDEX ix_jobs_path ON ingest_jobs (project_id, source_path, id)""",
+    """CREATE INDEX ix_jobs_document ON ingest_jobs (canonical_document_id)
+        WHERE canonical_document_id IS NOT NULL""",
+]
+V4_SQLITE_FTS = [
+    # External content: the text is stored once, in chunks; the FTS5 index follows by trigger.
+    """CREATE VIRTUAL TABLE chunks_fts USING fts5(
+        text, content='chunks', content_rowid='id', tokenize='unicode61 remove_diacritics 2')""",
+    """CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text); END""",
+    """CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+        INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text); END""",
+]
+V4_POSTGRES_FTS = [
+    """ALTER TABLE chunks ADD COLUMN tsv tsvector
+        GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED""",
+    """CREATE INDEX ix_chunks_tsv ON chunks USING GIN (tsv)""",
+]
+
+
+def _v4(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V4_CHUNKS)
+    _run(db, dialect, V4_SQLITE_FTS if dialect["name"] == "sqlite" else V4_POSTGRES_FTS)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
     (2, "documents of the built-in index", _v2),
     (3, "how far each event log was published", _v3),
+    (4, "chunks and the full-text index", _v4),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -149,6 +149,7 @@ class Document(BaseModel):
     mime_type = pw.TextField(null=True)
     text = pw.TextField()
     page_count = pw.IntegerField(default=1)
+    job_id = pw.BigIntegerField(null=True)
     created_at = pw.FloatField()
     deleted_at = pw.FloatField(null=True)
 
@@ -156,4 +157,20 @@ class Document(BaseModel):
         table_name = "documents"
 
 
-ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence, Document)
+class Chunk(BaseModel):
+    """A passage of a document, the unit of full-text search."""
+
+    id = pw.AutoField()
+    document = pw.ForeignKeyField(Document, column_name="document_id")
+    project_id = pw.TextField()
+    seq = pw.IntegerField()
+    page = pw.IntegerField(null=True)
+    start_offset = pw.IntegerField()
+    end_offset = pw.IntegerField()
+    text = pw.TextField()
+
+    class Meta:
+        table_name = "chunks"
+
+
+ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence, Document, Chunk)

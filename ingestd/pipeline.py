@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from ingestd import intake, jobs
+from ingestd import documents, intake, jobs
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -117,6 +117,9 @@ def run_job(job: Job, ctx: Context) -> Job | None:
         data, sha = read_version(job, ctx.project)
         mime = _check_type(job, ctx.project, data)
         ctx.check()
+        known = documents.current_for_content(job.project_id, sha)
+        if known is not None:  # nothing to extract: the project has this content already
+            return _finish(bound, _complete_duplicate(job, ctx, known, sha), ctx)
         progress.update(Stage.EXTRACTING, 0.1)
         extracted = _extract(data, mime, ctx, progress)
         ctx.check()
@@ -135,23 +138,30 @@ def run_job(job: Job, ctx: Context) -> Job | None:
         final = jobs.fail(job.id, ctx.owner, f"timed out after {ctx.project.job_timeout_seconds:g} s "
                                              "(job_timeout_seconds)", content_sha256=sha)
     except (Transient, SinkError) as exc:
-        final = _transient(job, ctx, exc)
+        final = _transient(job, ctx, exc, sha)
     except Conflict:
         bound.warning("job_taken_over", reason="the job changed under this worker")
         return None
+    return _finish(bound, final, ctx)
+
+
+def _finish(bound: structlog.BoundLogger, final: Job, ctx: Context) -> Job:
     _log_end(bound, final)
     if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
         dispose_original(final, ctx.project)
     return final
 
 
-def _transient(job: Job, ctx: Context, exc: Exception) -> Job:
-    if isinstance(exc, SinkError):
-        if not exc.transient:
-            return jobs.fail(job.id, ctx.owner, f"sink: {exc}")
-        reason = f"sink: {exc}"
-    else:
-        reason = str(exc)
+def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None) -> Job:
+    """Retry with backoff while attempts remain; a sink's failure may end as a warning."""
+    reason = f"sink: {exc}" if isinstance(exc, SinkError) else str(exc)
+    last_chance = job.attempts >= job.max_attempts or (
+        isinstance(exc, SinkError) and not exc.transient)
+    if isinstance(exc, SinkError) and last_chance:
+        if ctx.project.sink_errors == "warn":
+            return jobs.complete(job.id, ctx.owner, content_sha256=None,
+                                 message=f"completed without the sink (sink_errors = warn): {exc}")
+        return jobs.fail(job.id, ctx.owner, reason, content_sha256=sha)
     delay = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, job.attempts - 1))
     return jobs.retry_later(job.id, ctx.owner, reason, delay)
 
@@ -232,23 +242,48 @@ def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extra
 
 
 def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) -> Job:
+    """Hand the text to the sink and complete, retiring the path's previous document.
+
+    For a sink in our own database all of it is one transaction, which also re-checks for a
+    duplicate (two workers may have read the same content at once): a search sees the old
+    document or the new one, never neither or both, and a cancel leaves nothing behind."""
+    retire = documents.previous_version(job)
     document = Document(project_id=job.project_id, job_id=job.id, text=extracted.text,
                         source_path=job.source_path, original_filename=job.original_filename or "",
-                        mime_type=mime, sha256=sha, pages=extracted.pages)
+                        mime_type=mime, sha256=sha, pages=extracted.pages, replaces=retire)
     message = f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
-    if ctx.sink.transactional:  # the document and the job's end commit together, or neither
+    if ctx.sink.transactional:
         try:
             with database.atomic():
+                known = documents.current_for_content(job.project_id, sha)
+                if known is not None:
+                    return _complete_duplicate(job, ctx, known, sha)
                 document_id = ctx.sink.ingest(document)
+                _retire(ctx, retire)
                 return _complete(job, ctx, message, document_id, sha)
         except Conflict:
             return _after_lost_completion(job, ctx)
     document_id = ctx.sink.ingest(document)
     try:
-        return _complete(job, ctx, message, document_id, sha)
+        final = _complete(job, ctx, message, document_id, sha)
     except Conflict:
         ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
+    _retire(ctx, retire)
+    return final
+
+
+def _retire(ctx: Context, document_id: int | None) -> None:
+    if document_id is not None:
+        ctx.sink.delete(document_id)
+
+
+def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:
+    """Same content as a document the project keeps: point at it, index nothing."""
+    with database.atomic():
+        _retire(ctx, documents.previous_version(job))
+        return _complete(job, ctx, f"duplicate of document {known.document_id} "
+                                   f"(first seen as {known.first_path})", known.document_id, sha)
 
 
 def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str) -> Job:

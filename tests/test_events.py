@@ -217,7 +217,7 @@ def test_socket_mode_and_a_stale_socket_is_replaced(start, tmp_path):
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(state / "events.sock"))
     leftover.close()  # the file stays, nobody listens: what a SIGKILLed daemon leaves
-    daemon = start('socket_mode = "0640"')
+    start('socket_mode = "0640"')
     mode = stat.S_IMODE(os.stat(state / "events.sock").st_mode)
     assert mode == 0o640
     Subscriber(state / "events.sock", read=False)  # and it is live

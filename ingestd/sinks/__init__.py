@@ -27,6 +27,7 @@ class Document:
     mime_type: str
     sha256: str
     pages: tuple[tuple[int, int], ...]  # (start, end) offsets of each page in ``text``
+    replaces: int | None = None  # the previous version's document (same path), to retire
 
 
 class SinkError(Exception):
@@ -56,5 +57,9 @@ def open_sink(project: ProjectConfig) -> Sink:
         from ingestd.sinks.index import IndexSink
 
         return IndexSink(project)
+    if kind == "text":
+        from ingestd.sinks.text import TextSink
+
+        return TextSink(project)
     raise ConfigError(f"projects.{project.name}.sink.kind: unknown sink kind {kind!r} "
-                      "(known: index)")
+                      "(known: index, text)")

@@ -1,29 +1,37 @@
-"""The built-in sink: documents in ingestd's own database."""
+"""The built-in index (the default sink): documents, their chunks, and a full-text index over
+the chunks (SQLite FTS5; PostgreSQL: a tsvector column with a GIN index), all written in the
+transaction that completes the job."""
 
 from __future__ import annotations
 
-import time
-
+from ingestd import chunking
 from ingestd.config import ProjectConfig
-from ingestd.models import Document as DocumentRow
+from ingestd.extract import PDF
+from ingestd.models import Chunk, database
 from ingestd.sinks import Document
+from ingestd.sinks.text import TextSink
 
 
-class IndexSink:
-    """Stores each document's text in the ``documents`` table of the job database."""
-
-    transactional = True
+class IndexSink(TextSink):
+    options = ("chunk_size", "chunk_overlap")
 
     def __init__(self, project: ProjectConfig) -> None:
-        self.project = project
+        super().__init__(project)
+        self.size = self.option("chunk_size", chunking.DEFAULT_SIZE, int)
+        self.overlap = min(self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, int),
+                           self.size // 2)
 
-    def ingest(self, document: Document) -> int:
-        return DocumentRow.insert(
-            project_id=document.project_id, content_sha256=document.sha256,
-            source_path=document.source_path, original_filename=document.original_filename,
-            mime_type=document.mime_type, text=document.text, page_count=len(document.pages),
-            created_at=time.time()).execute()
+    def store_parts(self, document_id: int, document: Document) -> None:
+        pieces = chunking.chunk_text(document.text, document.pages, self.size, self.overlap,
+                                     paged=document.mime_type == PDF)
+        rows = [(document_id, document.project_id, seq, piece.page, piece.start, piece.end,
+                 piece.text) for seq, piece in enumerate(pieces)]
+        for start in range(0, len(rows), 500):
+            Chunk.insert_many(rows[start:start + 500], fields=[
+                Chunk.document, Chunk.project_id, Chunk.seq, Chunk.page, Chunk.start_offset,
+                Chunk.end_offset, Chunk.text]).execute()
 
     def delete(self, document_id: int) -> None:
-        (DocumentRow.update(deleted_at=time.time())
-         .where(DocumentRow.id == document_id, DocumentRow.deleted_at.is_null()).execute())
+        with database.atomic():
+            super().delete(document_id)
+            Chunk.delete().where(Chunk.document == document_id).execute()

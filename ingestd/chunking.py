@@ -1,0 +1,72 @@
+"""Splitting a document's text into overlapping chunks for the index.
+
+Chunks never cross a page (each keeps its page number) and end, where possible, at a paragraph
+break, else at a sentence end, else at a space; the next chunk starts ``overlap`` characters
+earlier, at a word start, so a phrase cut by one boundary is whole in one of the two chunks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_SIZE = 1000
+DEFAULT_OVERLAP = 150
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    start: int   # character offsets in the document's text
+    end: int
+    page: int | None  # 1-based page of a PDF; None for a text file
+
+
+def chunk_text(text: str, pages: tuple[tuple[int, int], ...], size: int = DEFAULT_SIZE,
+               overlap: int = DEFAULT_OVERLAP, paged: bool = False) -> list[Chunk]:
+    """Chunks of at most ``size`` characters covering every non-blank part of every page."""
+    chunks: list[Chunk] = []
+    for number, (page_start, page_end) in enumerate(pages or ((0, len(text)),), start=1):
+        for start, end in _spans(text, page_start, page_end, size, overlap):
+            piece = text[start:end].strip()
+            if piece:
+                chunks.append(Chunk(piece, start, end, number if paged else None))
+    return chunks
+
+
+def _spans(text: str, start: int, stop: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    spans = []
+    while start < stop:
+        end = stop if stop - start <= size else _break(text, start, start + size)
+        spans.append((start, end))
+        if end >= stop:
+            break
+        start = max(_word_start(text, end - overlap, end), start + 1)
+    return spans
+
+
+def _break(text: str, start: int, limit: int) -> int:
+    """The best place to end a chunk in ``text[start:limit]``, in its second half if possible."""
+    floor = start + (limit - start) // 2
+    paragraph = text.rfind("\n\n", floor, limit)
+    if paragraph != -1:
+        return paragraph + 2
+    sentence_ends = [m.end() for m in _SENTENCE_END.finditer(text, floor, limit)]
+    if sentence_ends:
+        return sentence_ends[-1]
+    space = max(text.rfind(" ", floor, limit), text.rfind("\n", floor, limit))
+    return space + 1 if space != -1 else limit
+
+
+def _word_start(text: str, position: int, limit: int) -> int:
+    """The first word start at or after ``position`` (before ``limit``)."""
+    position = max(position, 0)
+    if position == 0 or text[position - 1].isspace():
+        return position
+    space = -1
+    for index in range(position, limit):
+        if text[index].isspace():
+            space = index
+            break
+    return space + 1 if space != -1 else position

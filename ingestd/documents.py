@@ -1,0 +1,68 @@
+"""Which document a job's content already has, and which documents a job lets go of.
+
+A job is *current* for its document when it completed, is not deleted, and no newer completed
+job (deleted or not) exists for the same path: a path's newest version is what the index shows.
+A document is kept while any current job refers to it. These rules hold for every sink, since
+they are read from the jobs table: the built-in index and external sinks alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ingestd.models import Job, database
+
+_CURRENT = """
+    j.status = 'completed' AND j.deleted_at IS NULL AND j.canonical_document_id IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.project_id
+                    AND n.source_path = j.source_path AND n.id > j.id AND n.status = 'completed')
+"""
+
+
+@dataclass(frozen=True)
+class Known:
+    document_id: int
+    first_path: str
+
+
+def _query(sql: str, params: tuple) -> list[tuple]:
+    param = database.obj.param
+    return database.execute_sql(sql.replace("?", param), params).fetchall()
+
+
+def current_for_content(project_id: str, sha256: str) -> Known | None:
+    """A document of the project with this content, kept by a current job (the oldest)."""
+    rows = _query(f"""SELECT j.canonical_document_id, j.source_path FROM ingest_jobs j
+                      WHERE j.project_id = ? AND j.content_sha256 = ? AND {_CURRENT}
+                      ORDER BY j.id LIMIT 1""", (project_id, sha256))
+    return Known(rows[0][0], rows[0][1]) if rows else None
+
+
+def previous_version(job: Job) -> int | None:
+    """The document of the newest completed earlier job for the same path (deleted jobs too:
+    their document may still be kept by another job), if no other current job keeps it."""
+    rows = _query("""SELECT id, canonical_document_id FROM ingest_jobs
+                     WHERE project_id = ? AND source_path = ? AND id < ? AND status = 'completed'
+                     AND canonical_document_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
+                  (job.project_id, job.source_path, job.id))
+    if not rows:
+        return None
+    previous_id, document_id = rows[0]
+    return None if kept_by_others(document_id, (previous_id, job.id)) else document_id
+
+
+def kept_by_others(document_id: int, excluding: tuple[int, ...]) -> bool:
+    """Whether a current job other than ``excluding`` refers to the document."""
+    marks = ", ".join("?" * len(excluding))
+    return bool(_query(f"""SELECT 1 FROM ingest_jobs j WHERE j.canonical_document_id = ?
+                           AND j.id NOT IN ({marks}) AND {_CURRENT} LIMIT 1""",
+                       (document_id, *excluding)))
+
+
+def released_by_delete(job: Job) -> int | None:
+    """The document to remove when ``job`` is deleted: its own, unless another current job
+    keeps it (the job itself is already marked deleted when this runs)."""
+    document_id = job.canonical_document_id
+    if document_id is None or kept_by_others(document_id, (job.id,)):
+        return None
+    return document_id

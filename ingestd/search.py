@@ -1,0 +1,117 @@
+"""``ingestd search``: ranked passages from the built-in index of one project.
+
+Query syntax (documented in the README): words (all must occur), ``"a phrase"``, ``prefix*``,
+and ``OR`` between two terms. The query is parsed here and rebuilt for the database, so any
+user input is either a valid search or a clear usage error, never an SQL or FTS5 error, and a
+query can never reach outside its project. SQLite ranks with FTS5's BM25; PostgreSQL with
+ts_rank_cd over a tsvector column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import peewee as pw
+
+from ingestd.db import is_postgres
+from ingestd.errors import UsageError
+from ingestd.models import database
+
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 100
+MARK_START, MARK_END = "[", "]"
+_TOKEN = re.compile(r'"([^"]*)"|(\S+)')
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Term:
+    words: tuple[str, ...]   # one word, or a phrase
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    snippet: str
+    page: int | None
+    source_path: str
+    job_id: int | None
+    document_id: int
+
+
+def parse(query: str) -> list[list[Term]]:
+    """The query as OR-groups of terms that must all match; UsageError when malformed."""
+    if query.count('"') % 2:
+        raise UsageError('malformed query: a " is not closed')
+    groups: list[list[Term]] = [[]]
+    for phrase, word in _TOKEN.findall(query):
+        if word == "OR":
+            if not groups[-1]:
+                raise UsageError("malformed query: OR needs a term on each side")
+            groups.append([])
+            continue
+        text, prefix = (phrase, False) if phrase or not word else (word.rstrip("*"), word.endswith("*"))
+        words = tuple(w.lower() for w in _WORD.findall(text))
+        if words:  # punctuation alone is no term (the index does not store it either)
+            groups[-1].append(Term(words, prefix))
+    if not groups[-1]:
+        if len(groups) > 1:
+            raise UsageError("malformed query: OR needs a term on each side")
+        raise UsageError("malformed query: it has no word to search for" if query.strip()
+                         else "malformed query: it is empty")
+    return groups
+
+
+def _fts5(groups: list[list[Term]]) -> str:
+    def term(t: Term) -> str:
+        return '"' + " ".join(t.words) + '"' + ("*" if t.prefix else "")
+
+    return " OR ".join("(" + " AND ".join(term(t) for t in group) + ")" for group in groups)
+
+
+def _tsquery(groups: list[list[Term]]) -> str:
+    def term(t: Term) -> str:
+        words = [f"'{w}'" for w in t.words]
+        if t.prefix:
+            words[-1] += ":*"
+        return "(" + " <-> ".join(words) + ")"
+
+    return " | ".join("(" + " & ".join(term(t) for t in group) + ")" for group in groups)
+
+
+_LIVE_JOB = """(SELECT MIN(j.id) FROM ingest_jobs j WHERE j.canonical_document_id = d.id
+                AND j.status = 'completed' AND j.deleted_at IS NULL)"""
+
+_SQLITE = f"""
+SELECT -bm25(chunks_fts) AS score,
+       snippet(chunks_fts, 0, '{MARK_START}', '{MARK_END}', '…', 24),
+       c.page, d.source_path, {_LIVE_JOB}, d.id
+FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id
+WHERE chunks_fts MATCH ? AND c.project_id = ? AND d.deleted_at IS NULL
+ORDER BY bm25(chunks_fts) LIMIT ?"""
+
+_POSTGRES = f"""
+SELECT ts_rank_cd(c.tsv, q) AS score,
+       ts_headline('simple', c.text, q, 'StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=30, MinWords=10'),
+       c.page, d.source_path, {_LIVE_JOB}, d.id
+FROM chunks c JOIN documents d ON d.id = c.document_id, to_tsquery('simple', %s) q
+WHERE c.tsv @@ q AND c.project_id = %s AND d.deleted_at IS NULL
+ORDER BY score DESC LIMIT %s"""
+
+
+def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]:
+    """The best-matching passages of ``project_id``'s live documents, best first."""
+    groups = parse(query)
+    limit = max(1, min(int(limit), MAX_LIMIT))
+    if is_postgres():
+        sql, expression = _POSTGRES, _tsquery(groups)
+    else:
+        sql, expression = _SQLITE, _fts5(groups)
+    try:
+        rows = database.execute_sql(sql, (expression, project_id, limit)).fetchall()
+    except pw.OperationalError as exc:  # parse() should make this unreachable; say it plainly
+        raise UsageError(f"malformed query: {exc}") from None
+    return [Hit(float(score), " ".join(snippet.split()), page, path, job_id, document_id)
+            for score, snippet, page, path, job_id, document_id in rows]

@@ -1,0 +1,249 @@
+"""The built-in index: chunks with pages, BM25 ranking, content dedup, atomic re-ingest,
+deletes that clean up, and strict, safe search queries."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from ingestd import chunking, db, documents, intake, jobs, search
+from ingestd.errors import UsageError
+from ingestd.models import Chunk, Document, Job
+from ingestd.pipeline import Context, Control, run_job
+from ingestd.procpool import ExtractorPool
+from ingestd.sinks import open_sink
+from ingestd.sinks.index import IndexSink
+
+import corpus
+from conftest import run_cli
+
+
+@pytest.fixture
+def extractors():
+    pool = ExtractorPool(1)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def ingest(cfg, store, extractors):
+    """Drop-and-run: queue a file and run its job to the end, as a worker would."""
+
+    def run(path: Path, project: str = "acme", sink=None) -> Job:
+        settings = cfg.projects[project]
+        folder, version = intake.inspect(settings, path)
+        queued, _ = jobs.create(project, str(folder), version, 3)
+        [claimed] = jobs.claim("w1")
+        assert claimed.id == queued.id
+        context = Context(owner="w1", project=settings, sink=sink or open_sink(settings),
+                          extractors=extractors, control=Control(), progress_interval=60)
+        return run_job(claimed, context)
+
+    return run
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def delete(cfg):
+    """What `ingestd jobs delete` does: the soft delete with the index clean-up."""
+
+    def run(project: str, job: Job) -> None:
+        index = IndexSink(cfg.projects[project])
+
+        def cleanup(deleted: Job) -> None:
+            document_id = documents.released_by_delete(deleted)
+            if document_id is not None:
+                index.delete(document_id)
+
+        jobs.delete(project, job.id, cleanup)
+
+    return run
+
+
+class TestChunking:
+    def test_chunks_respect_size_pages_and_offsets(self):
+        """No chunk is longer than the size; each maps back to its text and its page."""
+        pages_text = ["First page. " * 200, "Second page! " * 150]
+        text = "\n\n".join(pages_text)
+        spans = ((0, len(pages_text[0])), (len(pages_text[0]) + 2, len(text)))
+        chunks = chunking.chunk_text(text, spans, size=400, overlap=60, paged=True)
+        assert all(len(c.text) <= 400 for c in chunks)
+        assert {c.page for c in chunks} == {1, 2}
+        for chunk in chunks:
+            assert chunk.text == text[chunk.start:chunk.end].strip()
+            assert spans[chunk.page - 1][0] <= chunk.start < chunk.end <= spans[chunk.page - 1][1]
+
+    def test_chunks_break_at_sentences_and_overlap(self):
+        """Chunks end at a sentence end and the next starts inside the previous one."""
+        text = " ".join(f"Sentence number {i} ends here." for i in range(100))
+        chunks = chunking.chunk_text(text, ((0, len(text)),), size=300, overlap=50)
+        assert all(c.text.endswith(".") for c in chunks)
+        assert all(b.start < a.end for a, b in zip(chunks, chunks[1:]))
+
+
+class TestSearch:
+    def test_a_phrase_from_page_37_is_found_with_its_page(self, ingest, drop):
+        """Passages of a PDF keep their page numbers."""
+        pages = [f"Page {n} talks about ordinary things." for n in range(1, 41)]
+        pages[36] = "Page 37 mentions the zanzibar accord in detail."
+        path = drop / "report.pdf"
+        corpus.make_pdf(path, pages)
+        job = ingest(path)
+        [hit] = search.search("acme", '"zanzibar accord"')
+        assert hit.page == 37 and hit.job_id == job.id and hit.source_path == str(path)
+        assert "[zanzibar] [accord]" in hit.snippet or "[zanzibar accord]" in hit.snippet
+
+    def test_ranking_prefers_more_mentions(self, ingest, drop):
+        """BM25: ten mentions rank above one."""
+        filler = " ".join(f"filler{i}" for i in range(60))
+        once = ingest(write(drop / "once.txt", f"{filler} turbine {filler}"))
+        often = ingest(write(drop / "often.txt", f"{filler} " + "turbine " * 10 + filler))
+        hits = search.search("acme", "turbine")
+        assert [h.job_id for h in hits] == [often.id, once.id]
+        assert hits[0].score > hits[1].score
+
+    def test_prefix_and_or(self, ingest, drop):
+        """prefix* matches word starts; OR takes either side."""
+        ingest(write(drop / "a.txt", "photosynthesis in plants"))
+        ingest(write(drop / "b.txt", "chlorophyll absorbs light"))
+        assert len(search.search("acme", "photo*")) == 1
+        assert len(search.search("acme", "photosynthesis OR chlorophyll")) == 2
+        assert search.search("acme", "photosynthesis chlorophyll") == []
+
+    @pytest.mark.parametrize("query, reason", [
+        ('"unclosed phrase', "not closed"), ("", "empty"), ("OR cats", "OR needs"),
+        ("cats OR", "OR needs"), ("***", "no word"), ('""', "no word")])
+    def test_malformed_queries_are_usage_errors(self, store, query, reason):
+        """A bad query is a clear UsageError, never a database error."""
+        with pytest.raises(UsageError, match=reason):
+            search.search("acme", query)
+
+    @pytest.mark.parametrize("query", ["text:secret", "secret NOT x", "NEAR(secret x)", "a-b*c",
+                                       "c.project_id", "'; DROP TABLE chunks; --", "^secret"])
+    def test_odd_input_is_searched_as_words_not_syntax(self, ingest, drop, query):
+        """Column filters, operators and SQL in a query are only words to look for."""
+        ingest(write(drop / "s.txt", "the secret word"))
+        search.search("acme", query)  # no error
+        assert Chunk.select().count() == 1
+
+    def test_search_is_scoped_to_the_project(self, ingest, drop, cfg):
+        """Another project's passages are never returned."""
+        ingest(write(drop / "mine.txt", "kumquat harvest"))
+        other = cfg.projects["other"].folders[0]
+        ingest(write(other / "theirs.txt", "kumquat festival"), project="other")
+        assert [h.source_path for h in search.search("acme", "kumquat")] == [str(drop / "mine.txt")]
+        assert len(search.search("other", "kumquat")) == 1
+
+    def test_the_cli_search_and_its_exit_codes(self, ingest, drop, config_file):
+        """`ingestd search` prints ranked passages; a malformed query exits 2."""
+        ingest(write(drop / "cli.txt", "the marmalade recipe"))
+        db.close_store()
+        found = run_cli("search", "-p", "acme", "marmalade", config=config_file)
+        assert found.returncode == 0 and "cli.txt" in found.stdout and "[marmalade]" in found.stdout
+        bad = run_cli("search", "-p", "acme", '"oops', config=config_file)
+        assert bad.returncode == 2 and "malformed query" in bad.stderr
+        assert run_cli("search", "-p", "nope", "x", config=config_file).returncode == 3
+
+
+class TestDedupAndChanges:
+    def test_the_same_bytes_under_two_names_make_one_document(self, ingest, drop):
+        """The second file completes as a duplicate pointing at the first's document."""
+        first = ingest(write(drop / "a.txt", "identical content here"))
+        second = ingest(write(drop / "b.txt", "identical content here"))
+        assert second.status == "completed"
+        assert second.canonical_document_id == first.canonical_document_id
+        assert second.message == (f"duplicate of document {first.canonical_document_id} "
+                                  f"(first seen as {drop / 'a.txt'})")
+        assert Document.select().count() == 1 and len(search.search("acme", "identical")) == 1
+
+    def test_a_changed_file_replaces_its_chunks(self, ingest, drop):
+        """The old phrase is gone, the new one found, one live document for the path."""
+        path = write(drop / "notes.txt", "the old phrase about walruses")
+        ingest(path)
+        write(path, "the new phrase about penguins, longer")
+        ingest(path)
+        assert search.search("acme", "walruses") == []
+        assert len(search.search("acme", "penguins")) == 1
+        assert Document.select().where(Document.deleted_at.is_null()).count() == 1
+
+    def test_a_failed_sink_is_never_taken_for_a_duplicate(self, ingest, drop, cfg):
+        """A failed attempt records no content: the same bytes later are indexed for real."""
+        class Failing(IndexSink):
+            def ingest(self, document):
+                from ingestd.sinks import SinkError
+                raise SinkError("index offline", transient=False)
+
+        failed = ingest(write(drop / "a.txt", "content once failed"),
+                        sink=Failing(cfg.projects["acme"]))
+        assert failed.status == "failed" and "index offline" in failed.error_message
+        ok = ingest(write(drop / "b.txt", "content once failed"))
+        assert ok.status == "completed" and not ok.message.startswith("duplicate")
+
+    def test_a_search_during_a_swap_finds_old_or_new_never_neither_or_both(self, ingest, drop, cfg):
+        """Re-ingest is atomic: a concurrent reader always finds exactly one version."""
+        path = drop / "swap.txt"
+        url = cfg.daemon.database
+        problems: list[int] = []
+        done = threading.Event()
+
+        def reader() -> None:
+            connection = db.connect(url)
+            query = search._fts5(search.parse("anchor"))
+            while not done.is_set():
+                count = connection.execute_sql(
+                    "SELECT count(*) FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                    "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
+                    "AND d.deleted_at IS NULL", (query,)).fetchone()[0]
+                if count != 1:
+                    problems.append(count)
+            connection.close()
+
+        write(path, "anchor version 0")
+        ingest(path)
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for version in range(1, 30):
+                write(path, f"anchor version {version} " + "x" * version)
+                ingest(path)
+        finally:
+            done.set()
+            thread.join()
+        assert problems == []
+
+
+class TestDeletes:
+    def test_deleting_the_only_job_removes_the_document_from_search(self, ingest, drop, delete):
+        """Soft-deleting the job takes its document and chunks out of the index."""
+        job = ingest(write(drop / "gone.txt", "ephemeral aardvark"))
+        delete("acme", job)
+        assert search.search("acme", "aardvark") == []
+        assert Chunk.select().count() == 0
+
+    def test_deleting_one_of_two_jobs_keeps_the_shared_document(self, ingest, drop, delete):
+        """A document still referenced by a live job stays searchable."""
+        first = ingest(write(drop / "a.txt", "shared okapi text"))
+        ingest(write(drop / "b.txt", "shared okapi text"))
+        delete("acme", first)
+        [hit] = search.search("acme", "okapi")
+        assert hit.job_id != first.id
+
+    def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
+        """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
+        class CancelledMidway(IndexSink):
+            def ingest(self, document):
+                document_id = super().ingest(document)
+                jobs.cancel(document.project_id, document.job_id)  # the CLI, meanwhile
+                return document_id
+
+        job = ingest(write(drop / "c.txt", "never to be indexed"),
+                     sink=CancelledMidway(cfg.projects["acme"]))
+        assert job.status == "cancelled"
+        assert Document.select().count() == 0 and Chunk.select().count() == 0
+
