@@ -151,6 +151,15 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from ingestd import follow
+
+    cfg = _open(args)
+    return follow.run_events(cfg, follow=args.follow, since=args.since, project=args.project,
+                             types=args.type or [], as_json=True if args.json else None,
+                             out=sys.stdout)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from ingestd import search
 
@@ -293,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(add)
     add.set_defaults(handler=cmd_add)
     _add_jobs(commands, common)
+    events = commands.add_parser("events", parents=[common],
+                                 help="recent events; --since replays, -f follows live")
+    events.add_argument("-f", "--follow", action="store_true",
+                        help="keep following live events (no gap, no duplicate)")
+    events.add_argument("--since", type=int, metavar="SEQ", help="replay every event after SEQ")
+    events.add_argument("-p", "--project", help="only this project's events")
+    events.add_argument("--type", action="append", metavar="PATTERN",
+                        help="glob on the event type, e.g. 'io.ingestd.job.*' (repeatable)")
+    events.add_argument("--json", action="store_true",
+                        help="raw CloudEvents JSON lines (the default when piped)")
+    events.set_defaults(handler=cmd_events)
     search = commands.add_parser("search", parents=[common],
                                  help='ranked passages: words, "phrases", prefix*, OR')
     _project_arg(search)

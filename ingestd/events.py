@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from peewee import fn
+
 from ingestd import jobs
 from ingestd.errors import IngestdError
 from ingestd.models import Event, EventSequence, Meta, database
@@ -92,7 +94,7 @@ class Gone(IngestdError):
 
 
 def retained() -> Retained:
-    first, last = Event.select(Event.seq.min(), Event.seq.max()).tuples().get()
+    first, last = Event.select(fn.MIN(Event.seq), fn.MAX(Event.seq)).tuples().get()
     if first is None:  # empty: everything up to the counter was pruned (or nothing happened)
         counter = EventSequence.get_by_id(1).last_seq
         return Retained(counter + 1, counter)

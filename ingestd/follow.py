@@ -30,7 +30,7 @@ import structlog
 
 from ingestd import events, jobs
 from ingestd.config import Config
-from ingestd.errors import EXIT_OK, UsageError
+from ingestd.errors import EXIT_OK, IngestdError, UsageError
 from ingestd.models import Event
 
 log = structlog.get_logger(__name__)
@@ -178,6 +178,7 @@ class Follower:
         self.installation = events.installation_id()
         self.sock: socket.socket | None = None
         self._socket_up: bool | None = None  # for logging changes only, not every retry
+        self._warned_foreign = False
 
     # the seam ----------------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class Follower:
             return
         if seq > self.last + 1:
             if live:
+                log.info("event_socket_gap", last=self.last, received=seq)
                 self.catch_up()
             if seq <= self.last:
                 return
@@ -228,15 +230,14 @@ class Follower:
                 self._check_reader()
                 time.sleep(POLL_SECONDS)
                 continue
-            delivered = self._pump(self.sock)
+            again_now = self._pump(self.sock)
             self._disconnect()
-            # Reconnect at once after a working connection (overflow, or a daemon restart):
-            # a socket that ends without a line (not ours, or shutting down) waits for the retry.
-            retry_at = 0.0 if delivered else time.monotonic() + RETRY_SECONDS
+            retry_at = 0.0 if again_now else time.monotonic() + RETRY_SECONDS
 
     def _connect(self) -> socket.socket | None:
         """The daemon's event socket, or None when nobody serves it here."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(IDLE_SECONDS)  # a stopped daemon with a full backlog must not hang us
         try:
             sock.connect(str(self.socket_path))
         except OSError as exc:
@@ -246,7 +247,6 @@ class Follower:
                          reason=exc.strerror or str(exc), polling_seconds=POLL_SECONDS)
             self._socket_up = False
             return None
-        sock.settimeout(IDLE_SECONDS)
         log.info("event_socket_connected", path=str(self.socket_path), after=self.last)
         self._socket_up = True
         return sock
@@ -256,8 +256,10 @@ class Follower:
             self.sock.close()
             self.sock = None
 
-    def _pump(self, sock: socket.socket) -> int:
-        """Print what the socket delivers until it ends; the number of lines it delivered."""
+    def _pump(self, sock: socket.socket) -> bool:
+        """Print what the socket delivers until it ends. True to reconnect at once (after an
+        overflow, or a connection that worked); False to wait for the retry (a socket that ends
+        without a line is shutting down, and one of another database is no use)."""
         pending, delivered = b"", 0
         while True:
             try:
@@ -267,33 +269,40 @@ class Follower:
                 continue
             except OSError as exc:
                 log.info("event_socket_lost", reason=exc.strerror or str(exc), last=self.last)
-                return delivered
+                return delivered > 0
             if not chunk:  # the daemon stopped; a half line left in ``pending`` is in the DB
                 log.info("event_socket_closed", last=self.last)
-                return delivered
+                return delivered > 0
             *lines, pending = (pending + chunk).split(b"\n")
             for raw in lines:
                 delivered += 1
-                if not self._take(raw):
-                    return delivered
+                ended = self._take(raw)
+                if ended is not None:
+                    return ended
             self.printer.flush()
 
-    def _take(self, raw: bytes) -> bool:
-        """Handle one socket line; False when the daemon said it dropped us (overflow)."""
+    def _take(self, raw: bytes) -> bool | None:
+        """Handle one socket line; None to go on, else the socket is done (see :meth:`_pump`)."""
         try:
             line = raw.decode("utf-8")
             event = events.parse_line(line)
+            if not str(event.get("id", "")).startswith(self.installation + "-"):
+                if not self._warned_foreign:
+                    log.warning("event_socket_foreign", path=str(self.socket_path),
+                                reason="the daemon serving it uses another database")
+                    self._warned_foreign = True
+                return False
             if event.get("type") == events.OVERFLOW:
                 log.info("event_socket_overflow", last=self.last,
                          last_sent=(event.get("data") or {}).get("last_sequence"))
-                return False
+                return True
             seq = int(event["sequence"])
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Skipping is safe: the next good line finds the hole and fills it from the DB.
             log.warning("event_line_unreadable", reason=str(exc), last=self.last)
-            return True
+            return None
         self.offer(seq, line, event, live=True)
-        return True
+        return None
 
     def _on_idle(self) -> None:
         """A quiet socket: print what the database has anyway (a stuck publisher, events
@@ -406,6 +415,9 @@ def run_events(config: Config, *, follow: bool, since: int | None, project: str 
     except BrokenPipeError:
         _silence(out)
         return EXIT_OK
+    except IngestdError:  # Gone while following: what was printed before it still goes out
+        _finish(out)
+        raise
     except KeyboardInterrupt:
         _finish(out)
         return EXIT_INTERRUPTED
