@@ -43,7 +43,7 @@ def connect(url: str) -> pw.Database:
         from playhouse.db_url import connect as connect_url
 
         try:
-            return connect_url(url, autorollback=True)
+            return connect_url(url)
         except pw.ImproperlyConfigured as exc:
             raise StoreError(f"{describe(url)}: {exc} (install ingestd[postgres])") from None
     raise StoreError(f"{describe(url)}: unsupported database URL "

@@ -158,6 +158,14 @@ def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
     return database.execute_sql(_sql(statement), tuple(params))
 
 
+def clock_sql() -> str:
+    """The database's clock in epoch seconds, as SQL. Leases and due times are set and compared
+    with it, so nodes whose clocks disagree still agree on whose lease expired."""
+    if is_postgres():
+        return "extract(epoch from clock_timestamp())::double precision"
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
 def _to_job(row: Sequence[Any]) -> Job:
     values = {f.name: (f.python_value(v) if v is not None else None) for f, v in zip(_FIELDS, row)}
     if isinstance(values.get("source_path_raw"), memoryview):
@@ -274,11 +282,13 @@ def _insert(project_id: str, source_id: int, version: FileVersion, key: str,
     moment = now()
     values = (project_id, source_id, version.path, version.raw_path, version.original_filename,
               version.byte_size, version.mime_type, Stage.INITIAL.value, JobStatus.QUEUED.value,
-              0.0, 0, max_attempts, is_deep_scan, key, version.mtime_ns, version.inode, moment,
+              0.0, 0, max_attempts, is_deep_scan, key, version.mtime_ns, version.inode,
               False, moment, moment)
+    marks = ["?"] * len(values)
+    marks.insert(_INSERT_COLUMNS.index("not_before"), clock_sql())
     row = _execute(
         f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) "
-        f"VALUES ({', '.join('?' * len(values))}) "
+        f"VALUES ({', '.join(marks)}) "
         f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", values).fetchone()
     return _to_job(row) if row else None
 
@@ -436,7 +446,7 @@ def retry(project_id: str, job_id: int) -> Job:
     return _transition(job_id, project_id=project_id,
                        expect=[JobStatus.FAILED, JobStatus.CANCELLED], event=JOB_RETRYING,
                        action="retry", status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
-                       progress=0.0, attempts=0, not_before=now(), cancel_requested=False,
+                       progress=0.0, attempts=0, not_before=Raw(clock_sql()), cancel_requested=False,
                        completed_at=None, error_message=None, message="retry requested", **_END)
 
 
@@ -445,19 +455,23 @@ def retry(project_id: str, job_id: int) -> Job:
 def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
     """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease.
 
-    One UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING id: two
-    workers can never claim one job, and on PostgreSQL they never wait on each other's rows.
+    One statement (a materialized CTE of due ids, locked with SKIP LOCKED on PostgreSQL, then
+    UPDATE ... RETURNING): two workers can never claim one job, and on PostgreSQL they never
+    wait on each other's rows.
     """
-    moment = now()
+    moment, clock = now(), clock_sql()
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
     with _transaction():
+        # MATERIALIZED: the CTE runs once. As a plain IN (subquery) PostgreSQL may run the
+        # subquery again during the update, and with SKIP LOCKED get other rows: more than n.
         rows = _execute(
-            "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
-            "attempts = attempts + 1, started_at = ?, updated_at = ? "
-            "WHERE id IN (SELECT id FROM ingest_jobs WHERE status = 'queued' "
-            f"AND deleted_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?{lock}) "
-            f"AND status = 'queued' RETURNING {_ALL_COLUMNS}",
-            (owner, moment + lease_seconds, moment, moment, moment, limit)).fetchall()
+            "WITH due AS MATERIALIZED (SELECT id FROM ingest_jobs WHERE status = 'queued' "
+            f"AND deleted_at IS NULL AND not_before <= {clock} ORDER BY id LIMIT ?{lock}) "
+            "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, "
+            f"lease_expires_at = {clock} + ?, attempts = attempts + 1, started_at = ?, "
+            "updated_at = ? WHERE id IN (SELECT id FROM due) AND status = 'queued' "
+            f"RETURNING {_ALL_COLUMNS}",
+            (limit, owner, float(lease_seconds), moment, moment)).fetchall()
         claimed = sorted((_to_job(row) for row in rows), key=lambda job: job.id)
         for job in claimed:
             _emit_job(JOB_STARTED, job)
@@ -468,9 +482,8 @@ def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[
     """Renew ``owner``'s leases; return ``{job_id: cancel_requested}`` for the jobs still held."""
     if not job_ids:
         return {}
-    moment = now()
     with _transaction():
-        (Job.update(lease_expires_at=moment + lease_seconds)
+        (Job.update(lease_expires_at=pw.SQL(f"{clock_sql()} + {float(lease_seconds)!r}"))
          .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING).execute())
         rows = (Job.select(Job.id, Job.cancel_requested)
                 .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING))
@@ -522,7 +535,8 @@ def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: floa
         return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_RETRYING,
                            action="retry", extra=["attempts < max_attempts"],
                            status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
-                           progress=0.0, not_before=now() + delay_seconds,
+                           progress=0.0,
+                           not_before=Raw(f"{clock_sql()} + {float(delay_seconds)!r}"),
                            error_message=error_message, **_END)
     except Conflict:
         job = Job.get_by_id(job_id)
@@ -544,17 +558,17 @@ def release(job_id: int, owner: str) -> Job:
     """Give a running job back to the queue without counting the attempt (orderly shutdown)."""
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
                        action="release", status=JobStatus.QUEUED.value,
-                       stage=Stage.INITIAL.value, progress=0.0, not_before=now(),
+                       stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),
                        attempts=Raw("attempts - 1"), message="re-queued at shutdown", **_END)
 
 
 def rescue_expired(limit: int = 100) -> list[Job]:
     """Jobs whose lease expired (their worker died) go back to the queue, keeping the attempt they
     used; those out of attempts fail and those whose cancel was requested end cancelled."""
-    moment = now()
-    expired = list(Job.select().where(_IS_RUNNING, Job.lease_expires_at < moment)
+    still_expired = f"lease_expires_at < {clock_sql()}"
+    expired = list(Job.select().where(_IS_RUNNING, pw.SQL(still_expired))
                    .order_by(Job.lease_expires_at).limit(limit))
-    return _rescue_all(expired, [f"lease_expires_at < {moment!r}"])  # our float, not input
+    return _rescue_all(expired, [still_expired])
 
 
 def running_owners() -> list[str]:
@@ -595,5 +609,5 @@ def _rescue_one(job: Job, still_expired: list[str]) -> Job:
                            error_message=f"{lost} (gave up after {job.attempts} attempts)",
                            **common)
     return _transition(job.id, event=JOB_REQUEUED, status=JobStatus.QUEUED.value,
-                       stage=Stage.INITIAL.value, progress=0.0, not_before=now(),
+                       stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),
                        message=f"re-queued: {lost}", **common)

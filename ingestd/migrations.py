@@ -202,10 +202,18 @@ def dialect_name(db: pw.Database) -> str:
 
 def current_version(db: pw.Database) -> int:
     """The highest applied migration (0 for a new database)."""
-    if "schema_migrations" not in db.get_tables():
+    if not _has_table(db, "schema_migrations"):
         return 0
     row = db.execute_sql("SELECT MAX(version) FROM schema_migrations").fetchone()
     return row[0] or 0
+
+
+def _has_table(db: pw.Database, name: str) -> bool:
+    """Whether ``name`` exists where unqualified names resolve (PostgreSQL: the search_path)."""
+    if is_postgres(db):
+        return db.execute_sql("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+    return bool(db.execute_sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (name,)).fetchone())
 
 
 def check_not_newer(db: pw.Database) -> int:

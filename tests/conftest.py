@@ -64,6 +64,44 @@ def store(cfg: config_mod.Config):
     db.close_store()
 
 
+PG_URL = os.environ.get("INGESTD_TEST_PG_URL")
+PG_SKIP = "PostgreSQL tests need INGESTD_TEST_PG_URL (set by .ci/run), e.g. postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A URL for a fresh, empty schema of the test PostgreSQL database, dropped afterwards."""
+    if not PG_URL:
+        pytest.skip(PG_SKIP)
+    import uuid
+
+    import psycopg
+
+    schema = f"ingestd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, cfg: config_mod.Config) -> config_mod.Config:
+    """The test's config on each database: its SQLite file, then a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return cfg
+    return config_mod.with_database(cfg, request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def any_store(backend: config_mod.Config):
+    """The models bound to a fresh database of each kind, migrated (state machine tests)."""
+    database = db.open_store(backend.daemon.database)
+    yield database
+    db.close_store()
+
+
 def run_cli(*args: str, config: Path | None = None, cwd: Path | None = None,
             stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m ingestd ARGS`` as a real subprocess."""

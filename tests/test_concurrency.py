@@ -28,12 +28,12 @@ def _claimer(url: str, owner: str, start: mp.Event, results: mp.Queue) -> None:
     results.put(claimed)
 
 
-def test_two_processes_racing_to_claim_never_claim_one_job_twice(cfg, store, drop):
+def test_two_processes_racing_to_claim_never_claim_one_job_twice(cfg, backend, any_store, drop):
     """1,000 jobs, two claiming processes: every job is claimed once, with one started event."""
     for i in range(1000):
         create(cfg, make_file(drop, f"{i}.txt", str(i)))
     start, results = SPAWN.Event(), SPAWN.Queue()
-    workers = [SPAWN.Process(target=_claimer, args=(cfg.daemon.database, f"w{n}", start, results))
+    workers = [SPAWN.Process(target=_claimer, args=(backend.daemon.database, f"w{n}", start, results))
                for n in range(2)]
     for worker in workers:
         worker.start()
@@ -69,11 +69,13 @@ def _snapshot_is_consistent(url: str) -> tuple[int, list[str]]:
     """In one read transaction: each job's latest event shows exactly the job's current row."""
     database = db.connect(url)
     problems: list[str] = []
-    with database.atomic("DEFERRED"):
-        rows = database.execute_sql("SELECT id, status, updated_at FROM ingest_jobs").fetchall()
-        latest = database.execute_sql(
-            "SELECT job_id, data FROM ingest_events WHERE seq IN "
-            "(SELECT MAX(seq) FROM ingest_events GROUP BY job_id)").fetchall()
+    database.execute_sql("BEGIN ISOLATION LEVEL REPEATABLE READ" if db.is_postgres(database)
+                         else "BEGIN")  # one snapshot for both reads
+    rows = database.execute_sql("SELECT id, status, updated_at FROM ingest_jobs").fetchall()
+    latest = database.execute_sql(
+        "SELECT job_id, data FROM ingest_events WHERE seq IN "
+        "(SELECT MAX(seq) FROM ingest_events GROUP BY job_id)").fetchall()
+    database.execute_sql("COMMIT")
     database.close()
     last = {job_id: json.loads(data) for job_id, data in latest}
     for job_id, status, updated_at in rows:
@@ -83,9 +85,9 @@ def _snapshot_is_consistent(url: str) -> tuple[int, list[str]]:
     return len(rows), problems
 
 
-def test_no_state_change_is_visible_without_its_event(cfg, store, drop):
+def test_no_state_change_is_visible_without_its_event(backend, any_store, drop):
     """A reader never sees a job row whose latest event does not describe it, or the reverse."""
-    url = cfg.daemon.database
+    url = backend.daemon.database
     writers = [SPAWN.Process(target=_writer, args=(url, str(drop), "acme", f"p{n}-", 150))
                for n in range(2)]
     for writer in writers:

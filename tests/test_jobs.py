@@ -34,12 +34,12 @@ def event_types(job_id: int) -> list[str]:
 
 
 @pytest.fixture
-def job(cfg, store, drop) -> Job:
+def job(cfg, any_store, drop) -> Job:
     return create(cfg, make_file(drop, "a.txt"))
 
 
 class TestCreate:
-    def test_a_new_job_is_queued_with_the_file_facts(self, cfg, store, drop):
+    def test_a_new_job_is_queued_with_the_file_facts(self, cfg, any_store, drop):
         """create fills status queued, stage initial, name, size, sniffed MIME type."""
         job = create(cfg, make_file(drop, "notes.md", "# title\n"))
         assert (job.status, job.stage, job.progress) == ("queued", "initial", 0.0)
@@ -48,7 +48,7 @@ class TestCreate:
         assert job.source_path == str(drop / "notes.md") and job.message is None
         assert event_types(job.id) == ["created"]
 
-    def test_the_project_folder_becomes_its_source_row(self, cfg, store, drop):
+    def test_the_project_folder_becomes_its_source_row(self, cfg, any_store, drop):
         """The seed's implicit default source is the project's folder, created once."""
         first = create(cfg, make_file(drop, "a.txt"))
         second = create(cfg, make_file(drop, "b.txt"))
@@ -56,7 +56,7 @@ class TestCreate:
         assert (source.project_id, source.kind, source.path) == ("acme", "folder", str(drop))
         assert second.source_id == first.source_id and Source.select().count() == 1
 
-    def test_the_same_file_version_never_gets_a_second_job(self, cfg, store, drop):
+    def test_the_same_file_version_never_gets_a_second_job(self, cfg, any_store, drop):
         """Creating the same version again returns the first job and writes no event."""
         path = make_file(drop, "a.txt")
         folder, version = intake.inspect(cfg.projects["acme"], path)
@@ -65,14 +65,14 @@ class TestCreate:
         assert created and not created_again and again.id == first.id
         assert Job.select().count() == 1 and Event.select().count() == 1
 
-    def test_a_changed_file_is_a_new_version(self, cfg, store, drop):
+    def test_a_changed_file_is_a_new_version(self, cfg, any_store, drop):
         """A file whose size changed gets a job of its own."""
         path = make_file(drop, "a.txt")
         create(cfg, path)
         path.write_text("longer content now\n")
         assert create(cfg, path).id == 2
 
-    def test_explicit_resubmit_of_a_live_version_is_a_conflict(self, cfg, store, drop):
+    def test_explicit_resubmit_of_a_live_version_is_a_conflict(self, cfg, any_store, drop):
         """jobs submit refuses a version that already has a live job."""
         path = make_file(drop, "a.txt")
         create(cfg, path)
@@ -80,7 +80,7 @@ class TestCreate:
         with pytest.raises(Conflict, match="already has job 1"):
             jobs.create("acme", str(folder), version, 3, resubmit=True)
 
-    def test_resubmit_after_delete_makes_a_new_job(self, cfg, store, drop):
+    def test_resubmit_after_delete_makes_a_new_job(self, cfg, any_store, drop):
         """A deleted job gives up its file version to an operator's explicit resubmit."""
         path = make_file(drop, "a.txt")
         first = create(cfg, path)
@@ -92,7 +92,7 @@ class TestCreate:
 
 
 class TestList:
-    def test_newest_first_without_deleted(self, cfg, store, drop):
+    def test_newest_first_without_deleted(self, cfg, any_store, drop):
         """list shows the project's live jobs, newest first."""
         ids = [create(cfg, make_file(drop, f"{i}.txt")).id for i in range(5)]
         jobs.delete("acme", ids[2])
@@ -100,7 +100,7 @@ class TestList:
         assert [j.id for j in page.jobs] == [ids[4], ids[3], ids[1], ids[0]]
         assert page.next_cursor is None
 
-    def test_filters_by_status_stage_and_source(self, cfg, store, drop):
+    def test_filters_by_status_stage_and_source(self, cfg, any_store, drop):
         """status, stage and source filters narrow the page."""
         a = create(cfg, make_file(drop, "a.txt"))
         b = create(cfg, make_file(drop, "b.txt"))
@@ -111,26 +111,26 @@ class TestList:
         assert len(jobs.list_jobs("acme", source_id=a.source_id).jobs) == 2
         assert jobs.list_jobs("acme", source_id=999).jobs == []
 
-    def test_unknown_status_or_stage_is_a_usage_error(self, store):
+    def test_unknown_status_or_stage_is_a_usage_error(self, any_store):
         """An unknown status is an error, not an empty page."""
         with pytest.raises(UsageError, match="unknown status 'done'"):
             jobs.list_jobs("acme", status="done")
         with pytest.raises(UsageError, match="unknown stage"):
             jobs.list_jobs("acme", stage="sleeping")
 
-    def test_a_malformed_cursor_is_a_usage_error(self, store):
+    def test_a_malformed_cursor_is_a_usage_error(self, any_store):
         """A cursor that was not printed by list is refused."""
         with pytest.raises(UsageError, match="invalid cursor"):
             jobs.list_jobs("acme", cursor="garbage!")
 
-    def test_limit_is_clamped(self, cfg, store, drop):
+    def test_limit_is_clamped(self, cfg, any_store, drop):
         """limit is clamped to 1..MAX_LIST_LIMIT."""
         for i in range(3):
             create(cfg, make_file(drop, f"{i}.txt"))
         assert len(jobs.list_jobs("acme", limit=0).jobs) == 1
         assert len(jobs.list_jobs("acme", limit=10**9).jobs) == 3
 
-    def test_pagination_walks_every_job_once_while_jobs_are_inserted(self, cfg, store, drop):
+    def test_pagination_walks_every_job_once_while_jobs_are_inserted(self, cfg, any_store, drop):
         """Paging through while new jobs arrive yields each older job exactly once."""
         existing = {create(cfg, make_file(drop, f"old{i}.txt")).id for i in range(95)}
         seen: list[int] = []
@@ -148,14 +148,14 @@ class TestList:
 
 
 class TestScoping:
-    def test_get_show_cancel_delete_retry_are_scoped_by_project(self, cfg, store, job):
+    def test_get_show_cancel_delete_retry_are_scoped_by_project(self, cfg, any_store, job):
         """Another project's job is not found by any operation."""
         for operation in (jobs.get, jobs.cancel, jobs.delete, jobs.retry):
             with pytest.raises(NotFound):
                 operation("other", job.id)
         assert jobs.list_jobs("other").jobs == []
 
-    def test_a_deleted_job_is_not_found(self, store, job):
+    def test_a_deleted_job_is_not_found(self, any_store, job):
         """get does not return soft-deleted jobs."""
         jobs.delete("acme", job.id)
         with pytest.raises(NotFound):
@@ -163,13 +163,13 @@ class TestScoping:
 
 
 class TestOperatorTransitions:
-    def test_cancel_a_queued_job(self, store, job):
+    def test_cancel_a_queued_job(self, any_store, job):
         """A queued job is cancelled at once, with completed_at set."""
         cancelled = jobs.cancel("acme", job.id)
         assert cancelled.status == "cancelled" and cancelled.completed_at is not None
         assert event_types(job.id) == ["created", "cancelled"]
 
-    def test_cancel_a_running_job_flags_it(self, store, job):
+    def test_cancel_a_running_job_flags_it(self, any_store, job):
         """A running job stays running, flagged; the worker ends it cancelled at its next check."""
         jobs.claim("w1")
         flagged = jobs.cancel("acme", job.id)
@@ -179,7 +179,7 @@ class TestOperatorTransitions:
         assert event_types(job.id) == ["created", "started", "cancel_requested", "cancelled"]
 
     @pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
-    def test_cancel_a_finished_job_is_a_conflict(self, store, job, end):
+    def test_cancel_a_finished_job_is_a_conflict(self, any_store, job, end):
         """Only queued or running jobs can be cancelled."""
         jobs.claim("w1")
         {"complete": lambda: jobs.complete(job.id, "w1"),
@@ -188,20 +188,20 @@ class TestOperatorTransitions:
         with pytest.raises(Conflict, match="not queued or running"):
             jobs.cancel("acme", job.id)
 
-    def test_delete_is_refused_while_running(self, store, job):
+    def test_delete_is_refused_while_running(self, any_store, job):
         """The seed's rule: a running job cannot be deleted."""
         jobs.claim("w1")
         with pytest.raises(Conflict, match="running"):
             jobs.delete("acme", job.id)
         assert Job.get_by_id(job.id).deleted_at is None
 
-    def test_delete_of_a_queued_job_cancels_it(self, store, job):
+    def test_delete_of_a_queued_job_cancels_it(self, any_store, job):
         """A deleted queued job is cancelled and can never be claimed."""
         deleted = jobs.delete("acme", job.id)
         assert deleted.status == "cancelled" and deleted.deleted_at is not None
         assert jobs.claim("w1") == []
 
-    def test_delete_keeps_a_completed_status_and_runs_cleanup_in_the_transaction(self, store, job):
+    def test_delete_keeps_a_completed_status_and_runs_cleanup_in_the_transaction(self, any_store, job):
         """A completed job stays completed when deleted; a failing cleanup undoes the delete."""
         jobs.claim("w1")
         jobs.complete(job.id, "w1", canonical_document_id=7)
@@ -213,7 +213,7 @@ class TestOperatorTransitions:
         deleted = jobs.delete("acme", job.id, cleanup=lambda j: cleaned.append(j.canonical_document_id))
         assert cleaned == [7] and deleted.status == "completed"
 
-    def test_retry_requeues_failed_and_cancelled_only(self, store, job):
+    def test_retry_requeues_failed_and_cancelled_only(self, any_store, job):
         """retry takes failed or cancelled back to queued with fresh attempts; else conflict."""
         with pytest.raises(Conflict):
             jobs.retry("acme", job.id)
@@ -225,7 +225,7 @@ class TestOperatorTransitions:
 
 
 class TestWorkerTransitions:
-    def test_claim_complete(self, store, job):
+    def test_claim_complete(self, any_store, job):
         """claim takes a queued job under a lease; complete ends it done at 100%."""
         [claimed] = jobs.claim("w1", lease_seconds=30)
         assert claimed.status == "running" and claimed.lease_owner == "w1"
@@ -234,7 +234,7 @@ class TestWorkerTransitions:
         assert (done.status, done.stage, done.progress) == ("completed", "done", 1.0)
         assert done.lease_owner is None and done.completed_at is not None
 
-    def test_message_and_error_message_stay_separate(self, store, job):
+    def test_message_and_error_message_stay_separate(self, any_store, job):
         """The seed's bug: a message must not land in error_message, or the reverse."""
         jobs.claim("w1")
         jobs.progress(job.id, "w1", message="page 1 of 3")
@@ -243,14 +243,14 @@ class TestWorkerTransitions:
         assert (failed.message, failed.error_message) == ("page 1 of 3", "truncated PDF")
         assert (stored.message, stored.error_message) == ("page 1 of 3", "truncated PDF")
 
-    def test_a_transition_by_someone_else_loses(self, store, job):
+    def test_a_transition_by_someone_else_loses(self, any_store, job):
         """Only the lease owner can move a running job; the loser gets a Conflict."""
         jobs.claim("w1")
         with pytest.raises(Conflict):
             jobs.complete(job.id, "w2")
         assert Job.get_by_id(job.id).status == "running"
 
-    def test_a_lost_race_is_reported_not_applied(self, store, job):
+    def test_a_lost_race_is_reported_not_applied(self, any_store, job):
         """Completing a job that was already failed is a Conflict and changes nothing."""
         jobs.claim("w1")
         jobs.fail(job.id, "w1", "first")
@@ -259,7 +259,7 @@ class TestWorkerTransitions:
         assert Job.get_by_id(job.id).status == "failed"
         assert event_types(job.id) == ["created", "started", "failed"]
 
-    def test_retry_later_until_attempts_are_spent(self, store, job):
+    def test_retry_later_until_attempts_are_spent(self, any_store, job):
         """A transient failure re-queues with a delay; the last attempt fails for good."""
         for attempt in (1, 2):
             [claimed] = jobs.claim("w1")
@@ -271,19 +271,19 @@ class TestWorkerTransitions:
         assert final.status == "failed" and "gave up after 3 attempts" in final.error_message
         assert event_types(job.id).count("retrying") == 2
 
-    def test_a_delayed_job_is_not_claimed_before_its_time(self, store, job):
+    def test_a_delayed_job_is_not_claimed_before_its_time(self, any_store, job):
         """not_before holds a retried job back."""
         jobs.claim("w1")
         jobs.retry_later(job.id, "w1", "busy", delay_seconds=3600)
         assert jobs.claim("w1") == []
 
-    def test_release_gives_the_attempt_back(self, store, job):
+    def test_release_gives_the_attempt_back(self, any_store, job):
         """A job released at shutdown is queued again without using an attempt."""
         jobs.claim("w1")
         released = jobs.release(job.id, "w1")
         assert (released.status, released.attempts) == ("queued", 0)
 
-    def test_expired_leases_are_rescued(self, store, cfg, drop, job):
+    def test_expired_leases_are_rescued(self, any_store, cfg, drop, job):
         """A job whose worker died goes back to the queue (attempt counted), or fails when spent."""
         jobs.claim("dead", lease_seconds=-1)
         [rescued] = jobs.rescue_expired()
@@ -293,19 +293,19 @@ class TestWorkerTransitions:
         [failed] = jobs.rescue_expired()
         assert failed.status == "failed" and "stopped renewing its lease" in failed.error_message
 
-    def test_a_live_lease_is_not_rescued(self, store, job):
+    def test_a_live_lease_is_not_rescued(self, any_store, job):
         """A renewed lease keeps its job."""
         jobs.claim("w1", lease_seconds=30)
         assert jobs.rescue_expired() == []
 
-    def test_progress_is_clamped(self, store, job):
+    def test_progress_is_clamped(self, any_store, job):
         """progress stays within 0..1."""
         jobs.claim("w1")
         assert jobs.progress(job.id, "w1", fraction=1.5).progress == 1.0
 
 
 class TestEvents:
-    def test_every_transition_writes_one_event_with_the_job_as_it_became(self, store, job):
+    def test_every_transition_writes_one_event_with_the_job_as_it_became(self, any_store, job):
         """Each event's data is the job's record right after the change."""
         jobs.claim("w1")
         jobs.progress(job.id, "w1", stage=jobs.Stage.EXTRACTING, fraction=0.5)
@@ -316,7 +316,7 @@ class TestEvents:
         assert json.loads(events[2].data)["stage"] == "extracting"
         assert json.loads(events[-1].data) == jobs.job_record(Job.get_by_id(job.id))
 
-    def test_sequence_is_gap_free(self, cfg, store, drop):
+    def test_sequence_is_gap_free(self, cfg, any_store, drop):
         """Event sequences run 1..N without gaps, also across failed transitions."""
         job = create(cfg, make_file(drop, "a.txt"))
         with pytest.raises(Conflict):
