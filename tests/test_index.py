@@ -28,7 +28,7 @@ def extractors():
 
 
 @pytest.fixture
-def ingest(cfg, store, extractors):
+def ingest(cfg, any_store, extractors):
     """Drop-and-run: queue a file and run its job to the end, as a worker would."""
 
     def run(path: Path, project: str = "acme", sink=None) -> Job:
@@ -119,7 +119,7 @@ class TestSearch:
     @pytest.mark.parametrize("query, reason", [
         ('"unclosed phrase', "not closed"), ("", "empty"), ("OR cats", "OR needs"),
         ("cats OR", "OR needs"), ("***", "no word"), ('""', "no word")])
-    def test_malformed_queries_are_usage_errors(self, store, query, reason):
+    def test_malformed_queries_are_usage_errors(self, any_store, query, reason):
         """A bad query is a clear UsageError, never a database error."""
         with pytest.raises(UsageError, match=reason):
             search.search("acme", query)
@@ -140,10 +140,13 @@ class TestSearch:
         assert [h.source_path for h in search.search("acme", "kumquat")] == [str(drop / "mine.txt")]
         assert len(search.search("other", "kumquat")) == 1
 
-    def test_the_cli_search_and_its_exit_codes(self, ingest, drop, config_file):
+    def test_the_cli_search_and_its_exit_codes(self, ingest, drop, config_file, backend):
         """`ingestd search` prints ranked passages; a malformed query exits 2."""
         ingest(write(drop / "cli.txt", "the marmalade recipe"))
         db.close_store()
+        text = config_file.read_text().replace(
+            "[daemon]", f'[daemon]\ndatabase = "{backend.daemon.database}"')
+        config_file.write_text(text)
         found = run_cli("search", "-p", "acme", "marmalade", config=config_file)
         assert found.returncode == 0 and "cli.txt" in found.stdout and "[marmalade]" in found.stdout
         bad = run_cli("search", "-p", "acme", '"oops', config=config_file)
@@ -188,21 +191,15 @@ class TestDedupAndChanges:
     def test_a_search_during_a_swap_finds_old_or_new_never_neither_or_both(self, ingest, drop, cfg):
         """Re-ingest is atomic: a concurrent reader always finds exactly one version."""
         path = drop / "swap.txt"
-        url = cfg.daemon.database
         problems: list[int] = []
         done = threading.Event()
 
-        def reader() -> None:
-            connection = db.connect(url)
-            query = search._fts5(search.parse("anchor"))
+        def reader() -> None:  # its own connection (peewee's are per thread)
             while not done.is_set():
-                count = connection.execute_sql(
-                    "SELECT count(*) FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                    "JOIN documents d ON d.id = c.document_id WHERE chunks_fts MATCH ? "
-                    "AND d.deleted_at IS NULL", (query,)).fetchone()[0]
+                count = len(search.search("acme", "anchor"))
                 if count != 1:
                     problems.append(count)
-            connection.close()
+            db.database.close()
 
         write(path, "anchor version 0")
         ingest(path)
