@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -189,7 +190,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ingestd import daemon, log
 
     log.configure(args.log_level)
-    return daemon.run(getattr(args, "config", None))
+    code = daemon.run(getattr(args, "config", None))
+    # A worker thread may still wait on a slow sink: its job was released (or will be rescued),
+    # so do not let the interpreter wait for it at exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -237,7 +243,10 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from ingestd.sinks import check_all
+
     cfg = _config(args)
+    check_all(cfg.projects.values())
     effective = config_mod.as_dict(cfg)
     if args.json:
         _print_json(effective)

@@ -382,8 +382,10 @@ def as_dict(config: Config) -> dict[str, Any]:
             return str(value)
         if isinstance(value, tuple):
             return [plain(v) for v in value]
-        if isinstance(value, SinkConfig):
-            return {"kind": value.kind, **value.options}
+        if isinstance(value, SinkConfig):  # header values may hold credentials
+            options = {k: ({h: "***" for h in v} if k == "headers" and isinstance(v, dict) else v)
+                       for k, v in value.options.items()}
+            return {"kind": value.kind, **options}
         if isinstance(value, Mapping):
             return {k: plain(v) for k, v in value.items()}
         return value

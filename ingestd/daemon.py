@@ -27,6 +27,7 @@ from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
 from ingestd.publish import Publisher
 from ingestd.settle import Ready, Settler
+from ingestd.sinks import check_all as check_sinks
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier
 from ingestd.watch import Watcher
@@ -60,6 +61,7 @@ class Daemon:
     # --- the main thread -----------------------------------------------------------------------
 
     def run(self) -> int:
+        check_sinks(self.config.projects.values())
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(number, self._on_signal)
         db.open_store(self.config.daemon.database)
@@ -85,9 +87,10 @@ class Daemon:
         self.settler.start()
         self.watcher.start(self.config.projects.values())
         self.pool.start()
-        self.scheduler.add_job(self.rescan, "interval", args=["periodic"], id="rescan",
-                               seconds=self.config.daemon.rescan_seconds)
-        self.scheduler.add_job(self.prune_events, "interval", hours=1, id="prune-events")
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), "interval", args=["periodic"],
+                               id="rescan", seconds=self.config.daemon.rescan_seconds)
+        self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
+                               id="prune-events")
         self.scheduler.start()
         self.request_rescan("start")
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
@@ -145,6 +148,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config_mod.load(self._config_arg)
+            check_sinks(new.projects.values())
         except IngestdError as exc:
             log.error("reload_refused", reason=str(exc).replace("\n", "; "))
             self.notifier.ready(self.status_line())
@@ -171,6 +175,7 @@ class Daemon:
                 created, rejected = intake.create_jobs(ready)
                 break
             except Exception as exc:
+                db.reset_connection()
                 if self._stopping.is_set():
                     return  # the start-up scan of the next run finds them again
                 log.warning("job_creation_failed", files=len(ready), reason=str(exc))
@@ -182,12 +187,12 @@ class Daemon:
 
     def request_rescan(self, reason: str) -> None:
         """Scan every folder soon, on the scheduler's threads (several requests coalesce)."""
-        self.scheduler.add_job(self.rescan, args=[reason], id=f"rescan-{reason}",
-                               replace_existing=True)
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=[reason],
+                               id=f"rescan-{reason}", replace_existing=True)
 
     def _scan_directory(self, path: str) -> None:
         """A directory appeared (or moved in): files inside it raised no events of their own."""
-        self.scheduler.add_job(self.rescan, args=["directory", path])
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["directory", path])
 
     def rescan(self, reason: str, top: str | None = None) -> scan.ScanResult:
         started = time.monotonic()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import peewee as pw
+import structlog
 
 from ingestd.errors import StoreError
 from ingestd.models import database
 
+T = TypeVar("T")
 BUSY_TIMEOUT_SECONDS = 10.0
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -74,6 +76,30 @@ def open_store(url: str, migrate: bool = True) -> pw.Database:
         else:
             migrations.check_not_newer(db)
     return db
+
+
+def reset_connection() -> None:
+    """Drop this thread's connection after a database error; the next query opens a new one
+    (how a lost PostgreSQL connection is survived)."""
+    try:
+        database.obj.close()
+    except Exception:
+        pass  # it was broken already
+
+
+def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
+    """``task`` for a background thread: a database error is logged in one line and the
+    thread's connection reset, so the next run reconnects; the thread never dies of it."""
+
+    def run(*args: object) -> T | None:
+        try:
+            return task(*args)
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            structlog.get_logger(__name__).warning(f"{name}_failed", reason=str(as_store_error(exc)))
+            reset_connection()
+            return None
+
+    return run
 
 
 def close_store() -> None:

@@ -33,6 +33,7 @@ import peewee as pw
 from ingestd.db import is_postgres
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Job, JobStatus, Source, Stage, database
+from ingestd.wakeup import notify_sql
 
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
@@ -267,6 +268,8 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
         if job is None:  # another process inserted this version since our look-up
             return _fetch("version_key = ?", (key,)), False
         _emit_job(JOB_CREATED, job)
+        if is_postgres():
+            _execute(notify_sql())  # idle workers of every node wake at commit
         return job, True
 
 

@@ -274,8 +274,14 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
 
 
 def _retire(ctx: Context, document_id: int | None) -> None:
-    if document_id is not None:
+    """Delete the path's previous document. The new one is in already, so a failure here is
+    logged, not the job's failure (the sink keeps one stale document)."""
+    if document_id is None:
+        return
+    try:
         ctx.sink.delete(document_id)
+    except SinkError as exc:
+        log.warning("previous_document_not_deleted", document_id=document_id, reason=str(exc))
 
 
 def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:

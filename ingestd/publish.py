@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from ingestd import events
+from ingestd import db, events
 from ingestd.models import database
 from ingestd.stream import EventStream
 
@@ -70,12 +70,10 @@ class Publisher:
     def _run(self) -> None:
         while True:
             stopping = self._stop.is_set()
-            try:
-                published = self._publish_batch()
-            except Exception as exc:  # database busy or gone: try again shortly
-                log.warning("publish_failed", reason=str(exc))
+            published = db.guarded("publish", self._publish_batch)()
+            if published is None:  # database busy or gone: try again shortly
                 published = 0
-                time.sleep(0.5)
+                self._stop.wait(0.5)
             if stopping and published < BATCH:
                 return
             if published < BATCH:

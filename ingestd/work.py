@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -22,7 +23,9 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ingestd import jobs
+import peewee as pw
+
+from ingestd import db, jobs
 from ingestd.config import Config
 from ingestd.models import Job
 from ingestd.pipeline import Context, Control, run_job
@@ -84,10 +87,10 @@ class WorkerPool:
     def start(self) -> None:
         lease = self.config.daemon.lease_seconds
         self._scheduler.add_executor(ThreadPoolExecutor(self.size), "workers")
-        self._scheduler.add_job(self.heartbeat, "interval", seconds=max(0.2, lease / 3),
-                                id="heartbeat")
-        self._scheduler.add_job(self.rescue, "interval", seconds=max(0.5, lease / 2),
-                                id="rescue")
+        self._scheduler.add_job(db.guarded("heartbeat", self.heartbeat), "interval",
+                                seconds=max(0.2, lease / 3), id="heartbeat")
+        self._scheduler.add_job(db.guarded("rescue", self.rescue), "interval",
+                                seconds=max(0.5, lease / 2), id="rescue")
         self.rescue_dead_local_owners()
         self._dispatcher.start()
 
@@ -138,11 +141,9 @@ class WorkerPool:
         while not self._stopping.is_set():
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
-            try:
-                while not self._stopping.is_set() and self._claim_and_submit():
-                    pass
-            except Exception as exc:  # the database may be busy or gone: try again at the next poll
-                log.warning("claim_failed", reason=str(exc))
+            claim = db.guarded("claim", self._claim_and_submit)
+            while not self._stopping.is_set() and claim():
+                pass
 
     def _claim_and_submit(self) -> bool:
         free = self.size - self.busy
@@ -167,6 +168,11 @@ class WorkerPool:
                 final = run_job(job, self._context(project, control))
             if final is not None and self._on_finished is not None:
                 self._on_finished(final)
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
+            log.warning("job_interrupted", job_id=job.id, project=job.project_id,
+                        reason=str(db.as_store_error(exc)))
+            db.reset_connection()
+            db.guarded("release", jobs.release)(job.id, self.owner)  # else its lease expires
         except Exception:
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)

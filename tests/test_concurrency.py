@@ -14,9 +14,9 @@ from test_jobs import create, make_file
 SPAWN = mp.get_context("spawn")
 
 
-def _claimer(url: str, owner: str, start: mp.Event, results: mp.Queue) -> None:
+def _claimer(url: str, owner: str, start: mp.Barrier, results: mp.Queue) -> None:
     db.open_store(url)
-    start.wait()
+    start.wait()  # both ready: the race starts together
     claimed: list[int] = []
     while True:
         batch = jobs.claim(owner, limit=3)
@@ -32,12 +32,11 @@ def test_two_processes_racing_to_claim_never_claim_one_job_twice(cfg, backend, a
     """1,000 jobs, two claiming processes: every job is claimed once, with one started event."""
     for i in range(1000):
         create(cfg, make_file(drop, f"{i}.txt", str(i)))
-    start, results = SPAWN.Event(), SPAWN.Queue()
+    start, results = SPAWN.Barrier(2), SPAWN.Queue()
     workers = [SPAWN.Process(target=_claimer, args=(backend.daemon.database, f"w{n}", start, results))
                for n in range(2)]
     for worker in workers:
         worker.start()
-    start.set()
     claimed = [results.get(timeout=120) for _ in workers]
     for worker in workers:
         worker.join(timeout=30)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -89,6 +91,22 @@ def slow_pdf(path: Path) -> Path:
     """A valid PDF that takes pypdf a few seconds (12,000 pages)."""
     corpus.make_pdf(path, [f"page {i} lorem ipsum dolor sit amet" for i in range(12_000)])
     return path
+
+
+def blocking_sink(root: Path) -> tuple[str, Path]:
+    """Config lines for a command sink that holds each document until ``release`` exists."""
+    release = root / "release"
+    script = root / "held_sink.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        sys.stdin.read()
+        while not os.path.exists({str(release)!r}):
+            time.sleep(0.05)
+        print(7)
+    """))
+    lines = (f'[projects.acme.sink]\nkind = "command"\n'
+             f'command = ["{sys.executable}", "{script}"]\ntimeout_seconds = 300')
+    return lines, release
 
 
 def barrier(folder: Path, name: str = "zz-barrier.txt") -> None:
@@ -280,32 +298,36 @@ class TestLifecycle:
         assert len(per_path) == 2000 and set(per_path.values()) == {1}
         assert Document.select().count() == 2000
 
-    def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders):
+    def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders, tmp_path):
         """Jobs still running after the grace period go back to the queue; a restart finishes them."""
-        running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=BIG)
-        path = slow_pdf(folders["acme"] / "long.pdf")
+        sink, release = blocking_sink(tmp_path)
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=sink)
+        path = drop(folders["acme"], "held.txt", "held by its sink")
         wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
-                 message="the PDF running")
-        assert running.stop() == 0
+                 message="the job running")
+        assert running.stop(timeout=30) == 0
         [job] = jobs_for(path)
         assert (job.status, job.attempts) == ("queued", 0)
         assert events_of_type("io.ingestd.daemon.stopping")
+        release.touch()
         running.start()
-        assert wait_job(path, timeout=120).attempts == 1
+        assert wait_job(path, timeout=60).attempts == 1
 
-    def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders):
+    def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
-        running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=BIG)
-        path = slow_pdf(folders["acme"] / "interrupted.pdf")
+        sink, release = blocking_sink(tmp_path)
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=sink)
+        path = drop(folders["acme"], "interrupted.txt", "held by its sink")
         wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
-                 message="the PDF running")
+                 message="the job running")
         running.signal(signal.SIGTERM)
         running.notify.wait_for(lambda m: m == "STOPPING=1")
         running.signal(signal.SIGTERM)
         assert running.process.wait(timeout=10) == 1
         assert jobs_for(path)[0].status == "running"  # left as it was: its lease tells
+        release.touch()
         running.start()
-        assert wait_job(path, timeout=120).attempts == 2
+        assert wait_job(path, timeout=60).attempts == 2
 
     def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
         """A project added to the file and reloaded with SIGHUP is watched at once."""

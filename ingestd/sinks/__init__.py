@@ -9,10 +9,10 @@ reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from ingestd.config import ProjectConfig
-from ingestd.errors import ConfigError
+from ingestd.errors import IngestdError
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class Document:
     replaces: int | None = None  # the previous version's document (same path), to retire
 
 
-class SinkError(Exception):
-    """The sink did not take the document; ``str(exc)`` is the one-line reason."""
+class SinkError(IngestdError):
+    """The sink did not take (or delete) the document; ``str(exc)`` is the one-line reason."""
 
     def __init__(self, reason: str, transient: bool = True) -> None:
         super().__init__(reason)
@@ -51,15 +51,26 @@ class Sink(Protocol):
 
 
 def open_sink(project: ProjectConfig) -> Sink:
-    """The sink configured for ``project`` (``[projects.NAME.sink] kind``)."""
+    """The sink configured for ``project`` (``[projects.NAME.sink] kind``): a built-in kind, else
+    a plugin installed under the ``ingestd.sinks`` entry-point group (see sinks/plugins.py).
+    Each sink's module is imported only when chosen (they import this one)."""
+    import importlib
+
+    builtin = {"index": ("ingestd.sinks.index", "IndexSink"),
+               "text": ("ingestd.sinks.text", "TextSink"),
+               "command": ("ingestd.sinks.command", "CommandSink"),
+               "http": ("ingestd.sinks.http", "HttpSink")}
     kind = project.sink.kind
-    if kind == "index":
-        from ingestd.sinks.index import IndexSink
+    if kind in builtin:
+        module, name = builtin[kind]
+        return getattr(importlib.import_module(module), name)(project)
+    from ingestd.sinks.plugins import open_plugin
 
-        return IndexSink(project)
-    if kind == "text":
-        from ingestd.sinks.text import TextSink
+    return open_plugin(project, builtin)
 
-        return TextSink(project)
-    raise ConfigError(f"projects.{project.name}.sink.kind: unknown sink kind {kind!r} "
-                      "(known: index, text)")
+
+def check_all(projects: Iterable[ProjectConfig]) -> None:
+    """Open every project's sink once, so a bad sink setting stops start-up (or a reload, or
+    `config check`) with its ConfigError instead of failing every job later."""
+    for project in projects:
+        open_sink(project)

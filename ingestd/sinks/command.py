@@ -1,0 +1,209 @@
+"""The command sink: the user's own program, run once per document.
+
+For people whose retrieval stack is a script: ingestd runs ``command`` (no shell) with one JSON
+object on stdin and reads the document id from stdout. The same JSON objects are what the http
+sink POSTs, so this module also holds that contract and the option checks both sinks share.
+
+stdin, to ingest::
+
+    {"action": "ingest", "project": "acme", "job_id": 12, "text": "...",
+     "source_path": "/srv/drop/acme/a.pdf", "original_filename": "a.pdf",
+     "mime_type": "application/pdf", "sha256": "<64 hex>", "pages": [[0, 1200], [1200, 2310]],
+     "replaces": 7}
+
+``pages`` are [start, end) offsets into ``text`` in characters (code points); ``replaces`` is
+the id of the same path's previous document, which ingestd deletes (with a delete run) after
+this one is stored, or null. stdout: the new document's id, a bare integer or a JSON object
+with an integer ``"id"``. A retry sends the same object again (same ``job_id`` and ``sha256``),
+so a program that wants exactly-once can key on them.
+
+stdin, to delete (a job that produced the document was deleted, or a newer version replaced
+it): ``{"action": "delete", "project": "acme", "document_id": 7}``; stdout is ignored. An
+unknown id must succeed (deletes are repeated after failures).
+
+Exit status: 0 is success. 75 (``EX_TEMPFAIL`` from sysexits.h) means "try again later": the job
+is retried with backoff. Any other status, or death by a signal, is permanent: the job fails (or
+completes with a warning under ``sink_errors = "warn"``). Either way the last non-empty line of
+stderr is the reason shown in the job's ``error_message``. A run longer than
+``timeout_seconds`` is killed with its whole process group and counts as transient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+from typing import Any
+
+from ingestd.config import ProjectConfig
+from ingestd.errors import ConfigError
+from ingestd.sinks import Document, SinkError
+
+EX_TEMPFAIL = 75
+DEFAULT_TIMEOUT_SECONDS = 30.0
+MAX_DOCUMENT_ID = 2**63 - 1  # the jobs table keeps it in a 64-bit column
+SHOWN_CHARS = 200  # how much of a program's output a reason quotes
+
+
+# --- the JSON contract (shared with the http sink) --------------------------------------------
+
+def ingest_message(document: Document) -> dict[str, Any]:
+    """The object a sink program or endpoint receives for one document."""
+    return {"action": "ingest", "project": document.project_id, "job_id": document.job_id,
+            "text": document.text, "source_path": document.source_path,
+            "original_filename": document.original_filename, "mime_type": document.mime_type,
+            "sha256": document.sha256, "pages": [[start, end] for start, end in document.pages],
+            "replaces": document.replaces}
+
+
+def delete_message(project: str, document_id: int) -> dict[str, Any]:
+    return {"action": "delete", "project": project, "document_id": document_id}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """ASCII JSON: any parser reads it, and a file name with undecodable bytes (a lone
+    surrogate in Python) still encodes, as a \\u escape."""
+    return json.dumps(message, ensure_ascii=True).encode("ascii")
+
+
+def parse_document_id(raw: bytes, source: str) -> int:
+    """The id in a reply (``42`` or ``{"id": 42, ...}``); anything else is a permanent error,
+    since the same program would answer the same way again."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DOCUMENT_ID:
+        return value
+    raise SinkError(f"expected a document id {source} (an integer, or a JSON object with an "
+                    f"integer \"id\"), got {shorten(text)!r}", transient=False)
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- options ----------------------------------------------------------------------------------
+
+class Options:
+    """A sink's options, checked when the sink is made: a typo is a ConfigError naming
+    ``projects.NAME.sink.KEY`` at start, not a failed job an hour later."""
+
+    def __init__(self, project: ProjectConfig, known: tuple[str, ...]) -> None:
+        self.project = project
+        self.values = dict(project.sink.options)
+        unknown = sorted(set(self.values) - set(known))
+        if unknown:
+            raise ConfigError("\n".join(
+                f"{self.key(name)}: unknown option for kind {project.sink.kind!r} "
+                f"(known: {', '.join(known)})" for name in unknown))
+
+    def key(self, name: str) -> str:
+        return f"projects.{self.project.name}.sink.{name}"
+
+    def required(self, name: str) -> Any:
+        if name not in self.values:
+            raise ConfigError(f"{self.key(name)}: required for kind {self.project.sink.kind!r}")
+        return self.values[name]
+
+    def positive_number(self, name: str, default: float) -> float:
+        value = self.values.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{self.key(name)}: must be a positive number of seconds")
+        return float(value)
+
+
+# --- the sink ---------------------------------------------------------------------------------
+
+class CommandSink:
+    """Runs the configured program per document; see the module docstring for its contract."""
+
+    transactional = False
+    options = ("command", "timeout_seconds")
+
+    def __init__(self, project: ProjectConfig) -> None:
+        options = Options(project, self.options)
+        self.project_id = project.name
+        self.argv = _argv(options)
+        self.timeout = options.positive_number("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
+
+    def ingest(self, document: Document) -> int:
+        stdout = self._run(ingest_message(document))
+        return parse_document_id(stdout, f"on the stdout of {self.argv[0]}")
+
+    def delete(self, document_id: int) -> None:
+        self._run(delete_message(self.project_id, document_id))
+
+    def _run(self, message: dict[str, Any]) -> bytes:
+        """One run with ``message`` on stdin; its stdout, or SinkError."""
+        process = self._start()
+        with process:
+            try:
+                stdout, stderr = process.communicate(encode(message), timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                raise SinkError(f"timed out after {self.timeout:g} s (timeout_seconds)") from None
+            except BaseException:  # interrupted: leave nothing running behind us
+                _kill_group(process)
+                raise
+        if process.returncode != 0:
+            raise _exit_error(process.returncode, stderr)
+        return stdout
+
+    def _start(self) -> subprocess.Popen:
+        # A session of its own: a timeout kills the program and everything it started, and
+        # the daemon's SIGTERM (or a terminal's ^C) does not reach it mid-document.
+        try:
+            return subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            missing = isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError))
+            raise SinkError(f"cannot run {self.argv[0]}: {exc.strerror or exc}",
+                            transient=not missing) from None
+
+
+def _argv(options: Options) -> list[str]:
+    """``command`` as an argv: a list of strings, or one string split like a shell would
+    (quotes respected) but never run by one."""
+    value, key = options.required("command"), options.key("command")
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: cannot split {value!r}: {exc}") from None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(part, str) for part in value) or not value[0]):
+        raise ConfigError(f"{key}: must be a non-empty list of strings (the program, then its "
+                          "arguments), or one string")
+    return value
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the program's process group and reap the program."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: group id == its pid
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _exit_error(code: int, stderr: bytes) -> SinkError:
+    """The failure of a finished run: its last stderr line, transient only for EX_TEMPFAIL."""
+    lines = [line.strip() for line in stderr.decode("utf-8", errors="replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), "")
+    reason = shorten(last) if last else f"{_how_it_ended(code)} (nothing on stderr)"
+    return SinkError(reason, transient=code == EX_TEMPFAIL)
+
+
+def _how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"

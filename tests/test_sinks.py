@@ -1,0 +1,500 @@
+"""The external sinks (command, http, plugins): real programs, a real HTTP server, a real
+installed entry point, and the daemon retrying, failing or warning on what they say."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ingestd import db
+from ingestd.config import ProjectConfig, SinkConfig
+from ingestd.errors import ConfigError
+from ingestd.jobs import JOB_RETRYING
+from ingestd.models import Event
+from ingestd.sinks import Document, SinkError, open_sink
+from ingestd.sinks.command import CommandSink
+from ingestd.sinks.http import HttpSink
+
+from conftest import wait_for
+from harness import Daemon, open_db, wait_ended, write_config
+
+DOCUMENT = Document(project_id="acme", job_id=12, text="héllo wörld\nsecond page",
+                    source_path="/srv/drop/acme/a.txt", original_filename="a.txt",
+                    mime_type="text/plain", sha256="ab" * 32, pages=((0, 11), (12, 23)),
+                    replaces=7)
+EXPECTED_MESSAGE = {"action": "ingest", "project": "acme", "job_id": 12,
+                    "text": "héllo wörld\nsecond page", "source_path": "/srv/drop/acme/a.txt",
+                    "original_filename": "a.txt", "mime_type": "text/plain", "sha256": "ab" * 32,
+                    "pages": [[0, 11], [12, 23]], "replaces": 7}
+
+
+def project(tmp_path: Path, kind: str, **options) -> ProjectConfig:
+    return ProjectConfig(name="acme", folders=(tmp_path,),
+                         sink=SinkConfig(kind=kind, options=options))
+
+
+def script(tmp_path: Path, body: str, name: str = "sink.py") -> list[str]:
+    """A Python program written to ``tmp_path``, as a ``command`` option runs it."""
+    path = tmp_path / name
+    path.write_text("import json, os, sys, time, subprocess\n" + textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (it has run its last instruction)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+# --- the command sink -------------------------------------------------------------------------
+
+class TestCommandSink:
+    def test_the_id_on_stdout_is_the_document_id(self, tmp_path):
+        """A program that prints a bare integer gives that integer as the document id."""
+        sink = open_sink(project(tmp_path, "command", command=script(tmp_path, "print(41)")))
+        assert isinstance(sink, CommandSink) and sink.transactional is False
+        assert sink.ingest(DOCUMENT) == 41
+
+    def test_a_json_object_with_an_id_is_accepted(self, tmp_path):
+        """A program that prints a JSON object with an integer id gives that id."""
+        command = script(tmp_path, 'print(json.dumps({"id": 9, "chunks": 3}))')
+        assert open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT) == 9
+
+    def test_the_program_receives_the_document_as_one_json_object(self, tmp_path):
+        """stdin holds exactly the documented ingest object, the text intact."""
+        got = tmp_path / "got.json"
+        command = script(tmp_path, f"""
+            data = sys.stdin.buffer.read()
+            open({str(got)!r}, "wb").write(data)
+            print(1)
+        """)
+        open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT)
+        assert json.loads(got.read_bytes()) == EXPECTED_MESSAGE
+
+    def test_a_command_string_is_split_without_a_shell(self, tmp_path):
+        """A string command is split like a shell would, quotes kept, and no shell runs it."""
+        command = script(tmp_path, "print(len(sys.argv[1]) + (sys.argv[2] == '$HOME'))",
+                         name="my sink.py")
+        line = f"{sys.executable} '{command[1]}' 'a b c' '$HOME'"
+        assert open_sink(project(tmp_path, "command", command=line)).ingest(DOCUMENT) == 6
+
+    def test_a_failure_gives_the_last_stderr_line_and_is_permanent(self, tmp_path):
+        """A non-zero exit other than 75 is permanent, its reason the last non-empty stderr line."""
+        command = script(tmp_path, """
+            print("connecting", file=sys.stderr)
+            print("rejected: schema mismatch", file=sys.stderr)
+            print("", file=sys.stderr)
+            sys.exit(1)
+        """)
+        with pytest.raises(SinkError) as caught:
+            open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT)
+        assert str(caught.value) == "rejected: schema mismatch"
+        assert caught.value.transient is False
+
+    def test_exit_75_is_transient(self, tmp_path):
+        """Exit status 75 (EX_TEMPFAIL) is a transient error, retried by the worker."""
+        command = script(tmp_path, 'print("index busy", file=sys.stderr); sys.exit(75)')
+        with pytest.raises(SinkError) as caught:
+            open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT)
+        assert (str(caught.value), caught.value.transient) == ("index busy", True)
+
+    def test_silent_failure_says_how_it_ended(self, tmp_path):
+        """With nothing on stderr, the reason is the exit status."""
+        command = script(tmp_path, "sys.exit(3)")
+        with pytest.raises(SinkError, match=r"exited with status 3 \(nothing on stderr\)"):
+            open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT)
+
+    def test_unparsable_stdout_is_permanent_and_quoted(self, tmp_path):
+        """A reply that is not an id is a permanent error quoting (a truncated) what came back."""
+        command = script(tmp_path, 'print("ok, stored " + "x" * 1000)')
+        with pytest.raises(SinkError) as caught:
+            open_sink(project(tmp_path, "command", command=command)).ingest(DOCUMENT)
+        assert caught.value.transient is False
+        assert "got 'ok, stored xxx" in str(caught.value) and len(str(caught.value)) < 400
+
+    def test_a_missing_program_is_permanent(self, tmp_path):
+        """A command that does not exist fails permanently, naming it."""
+        sink = open_sink(project(tmp_path, "command", command=[str(tmp_path / "nope")]))
+        with pytest.raises(SinkError, match="cannot run .*nope") as caught:
+            sink.ingest(DOCUMENT)
+        assert caught.value.transient is False
+
+    def test_a_timeout_kills_the_whole_process_group(self, tmp_path):
+        """Past timeout_seconds a transient error arrives promptly and the program and its
+        children are gone."""
+        pids = tmp_path / "pids"
+        command = script(tmp_path, f"""
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            open({str(pids)!r} + ".tmp", "w").write(f"{{os.getpid()}} {{child.pid}}")
+            os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
+            time.sleep(120)
+        """)
+        sink = open_sink(project(tmp_path, "command", command=command, timeout_seconds=3))
+        started = time.monotonic()
+        with pytest.raises(SinkError) as caught:
+            sink.ingest(DOCUMENT)
+        assert time.monotonic() - started < 15
+        assert (str(caught.value), caught.value.transient) == (
+            "timed out after 3 s (timeout_seconds)", True)
+        program, child = map(int, pids.read_text().split())
+        wait_for(lambda: gone(program) and gone(child), timeout=10,
+                 message="the timed-out program and its child to be gone")
+
+    def test_delete_runs_the_program_with_the_id(self, tmp_path):
+        """delete(N) runs the program with the delete object; its stdout does not matter."""
+        got = tmp_path / "got.json"
+        command = script(tmp_path, f"open({str(got)!r}, 'w').write(sys.stdin.read())")
+        open_sink(project(tmp_path, "command", command=command)).delete(7)
+        assert json.loads(got.read_text()) == {"action": "delete", "project": "acme",
+                                               "document_id": 7}
+
+    def test_a_failed_delete_is_a_sink_error(self, tmp_path):
+        """A delete that exits non-zero raises SinkError like an ingest does."""
+        command = script(tmp_path, 'print("no such index", file=sys.stderr); sys.exit(2)')
+        with pytest.raises(SinkError, match="no such index"):
+            open_sink(project(tmp_path, "command", command=command)).delete(7)
+
+
+class TestCommandOptions:
+    @pytest.mark.parametrize("options, key", [
+        ({}, "command"),
+        ({"command": []}, "command"),
+        ({"command": ["/bin/true", 3]}, "command"),
+        ({"command": "unclosed 'quote"}, "command"),
+        ({"command": ["/bin/true"], "timeout_seconds": "30"}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout_seconds": 0}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout_seconds": True}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout": 30}, "timeout"),
+    ])
+    def test_a_bad_option_names_its_key(self, tmp_path, options, key):
+        """A missing, mistyped or unknown option is a ConfigError naming projects.NAME.sink.KEY."""
+        with pytest.raises(ConfigError, match=rf"^projects\.acme\.sink\.{key}: "):
+            open_sink(project(tmp_path, "command", **options))
+
+
+# --- the http sink ----------------------------------------------------------------------------
+
+class Recorder(BaseHTTPRequestHandler):
+    """Records each request; replies with ``server.replies[path]`` (default 200 ``{"id": 7}``)."""
+
+    def do_POST(self) -> None:
+        self.answer()
+
+    def do_DELETE(self) -> None:
+        self.answer()
+
+    def answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append((self.command, self.path, dict(self.headers), body))
+        status, reply = self.server.replies.get(self.path, (200, b'{"id": 7}'))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A real HTTP server on 127.0.0.1, on a port of its own, in a thread."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # 127.0.0.1 must not go through a proxy
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    httpd.requests, httpd.replies = [], {}
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+class TestHttpSink:
+    def test_a_200_with_an_id_returns_it_and_the_json_is_posted(self, tmp_path, server):
+        """The document is POSTed as the documented JSON (with the configured headers); the
+        reply's id is the document id."""
+        sink = open_sink(project(tmp_path, "http", url=server.url + "/docs",
+                                 headers={"Authorization": "Bearer s3cret"}))
+        assert isinstance(sink, HttpSink) and sink.transactional is False
+        assert sink.ingest(DOCUMENT) == 7
+        [(method, path, headers, body)] = server.requests
+        assert (method, path) == ("POST", "/docs")
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Authorization"] == "Bearer s3cret"
+        assert json.loads(body) == EXPECTED_MESSAGE
+
+    def test_a_bare_integer_reply_is_an_id(self, tmp_path, server):
+        """A 2xx body that is a bare integer is the document id."""
+        server.replies["/docs"] = (201, b"12\n")
+        assert open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT) == 12
+
+    def test_a_500_is_transient(self, tmp_path, server):
+        """A 5xx reply is a transient error with the status and the body's reason."""
+        server.replies["/docs"] = (500, b'{"error": "index is rebuilding"}')
+        with pytest.raises(SinkError) as caught:
+            open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
+        assert (str(caught.value), caught.value.transient) == (
+            "HTTP 500: index is rebuilding", True)
+
+    def test_a_404_is_permanent(self, tmp_path, server):
+        """A 4xx reply is a permanent error with the status and the first line of the body."""
+        server.replies["/docs"] = (404, b"no such collection\nmore detail\n")
+        with pytest.raises(SinkError) as caught:
+            open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
+        assert (str(caught.value), caught.value.transient) == (
+            "HTTP 404: no such collection", False)
+
+    def test_a_2xx_without_an_id_is_permanent(self, tmp_path, server):
+        """A success reply that does not carry an id is a permanent error quoting it."""
+        server.replies["/docs"] = (200, b'{"status": "ok"}')
+        with pytest.raises(SinkError, match="got '{\"status\": \"ok\"}'") as caught:
+            open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
+        assert caught.value.transient is False
+
+    def test_a_refused_connection_is_transient(self, tmp_path, server):
+        """Nobody listening on the port is a transient error."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        sink = open_sink(project(tmp_path, "http", url=f"http://127.0.0.1:{port}/docs"))
+        with pytest.raises(SinkError, match=f"cannot reach http://127.0.0.1:{port}") as caught:
+            sink.ingest(DOCUMENT)
+        assert caught.value.transient is True
+
+    def test_a_silent_server_times_out_transiently(self, tmp_path, server):
+        """A server that accepts but never answers is a transient timeout after timeout_seconds."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            url = f"http://127.0.0.1:{silent.getsockname()[1]}/docs"
+            started = time.monotonic()
+            with pytest.raises(SinkError, match=r"timed out after 0\.5 s") as caught:
+                open_sink(project(tmp_path, "http", url=url, timeout_seconds=0.5)).ingest(DOCUMENT)
+        assert caught.value.transient is True and time.monotonic() - started < 10
+
+    def test_delete_sends_delete_to_the_url_and_id(self, tmp_path, server):
+        """delete(N) sends DELETE to the url with /N appended, the query string kept."""
+        open_sink(project(tmp_path, "http", url=server.url + "/docs/?token=t")).delete(42)
+        [(method, path, _, body)] = server.requests
+        assert (method, path, body) == ("DELETE", "/docs/42?token=t", b"")
+
+    def test_deleting_a_missing_document_succeeds(self, tmp_path, server):
+        """A 404 to a DELETE means the document is gone already: no error."""
+        server.replies["/docs/42"] = (404, b"not found")
+        open_sink(project(tmp_path, "http", url=server.url + "/docs")).delete(42)
+
+    def test_a_redirect_is_not_followed(self, tmp_path, server):
+        """A 3xx reply is a permanent error naming where it pointed; the POST is not replayed."""
+        server.replies["/docs"] = (308, b"")
+        with pytest.raises(SinkError, match="HTTP 308: redirected to") as caught:
+            open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
+        assert caught.value.transient is False and len(server.requests) == 1
+
+
+class TestHttpOptions:
+    @pytest.mark.parametrize("options, key", [
+        ({}, "url"),
+        ({"url": "ftp://example.com/x"}, "url"),
+        ({"url": "file:///etc/passwd"}, "url"),
+        ({"url": "http://user:pw@example.com/"}, "url"),
+        ({"url": "http://example.com:99999/"}, "url"),
+        ({"url": 5}, "url"),
+        ({"url": "http://example.com/", "timeout_seconds": -1}, "timeout_seconds"),
+        ({"url": "http://example.com/", "headers": ["a"]}, "headers"),
+        ({"url": "http://example.com/", "headers": {"X-Key": 5}}, r"headers\.X-Key"),
+        ({"url": "http://example.com/", "headers": {"X-Key": "a\r\nb"}}, r"headers\.X-Key"),
+        ({"url": "http://example.com/", "method": "PUT"}, "method"),
+    ])
+    def test_a_bad_option_names_its_key(self, tmp_path, options, key):
+        """Only http(s) URLs and well-formed options are accepted; the error names the key."""
+        with pytest.raises(ConfigError, match=rf"^projects\.acme\.sink\.{key}: "):
+            open_sink(project(tmp_path, "http", **options))
+
+
+# --- plugins ----------------------------------------------------------------------------------
+
+PLUGIN_MODULE = '''
+from ingestd.errors import ConfigError
+
+class MemorySink:
+    transactional = False
+
+    def __init__(self, project):
+        self.project = project
+        self.prefix = project.sink.options.get("prefix", 0)
+        if not isinstance(self.prefix, int):
+            raise ConfigError(f"projects.{project.name}.sink.prefix: must be an integer")
+
+    def ingest(self, document):
+        return self.prefix + document.job_id
+
+    def delete(self, document_id):
+        pass
+
+def not_a_sink(project):
+    return object()
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch):
+    """A really installed distribution (a dist-info with entry points) on sys.path, no pip."""
+    site = tmp_path / "site"
+    dist_info = site / "ingestd_memory_sink-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ingestd-memory-sink\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(textwrap.dedent("""
+        [ingestd.sinks]
+        memory = ingestd_memory_sink:MemorySink
+        broken = ingestd_memory_sink_missing:Nothing
+        notasink = ingestd_memory_sink:not_a_sink
+        text = ingestd_memory_sink:MemorySink
+    """))
+    (site / "ingestd_memory_sink.py").write_text(PLUGIN_MODULE)
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("ingestd_memory_sink", None)
+
+
+class TestPlugins:
+    def test_an_installed_entry_point_is_a_sink_kind(self, tmp_path, plugin_path):
+        """A kind named by an ingestd.sinks entry point opens that plugin, made for the project."""
+        sink = open_sink(project(tmp_path, "memory", prefix=1000))
+        assert type(sink).__name__ == "MemorySink" and sink.project.name == "acme"
+        assert sink.ingest(DOCUMENT) == 1012
+
+    def test_a_plugin_checks_its_own_options(self, tmp_path, plugin_path):
+        """A plugin's own ConfigError passes through unchanged."""
+        with pytest.raises(ConfigError, match=r"^projects\.acme\.sink\.prefix: must be an int"):
+            open_sink(project(tmp_path, "memory", prefix="x"))
+
+    def test_an_unknown_kind_lists_builtins_and_plugins(self, tmp_path, plugin_path):
+        """An unknown kind is a ConfigError listing the built-in kinds and installed plugins."""
+        with pytest.raises(ConfigError) as caught:
+            open_sink(project(tmp_path, "memroy"))
+        message = str(caught.value)
+        assert message.startswith("projects.acme.sink.kind: unknown sink kind 'memroy'")
+        assert "built-in: command, http, index, text" in message
+        assert "memory" in message and "broken" in message
+
+    def test_a_plugin_that_fails_to_load_is_a_config_error(self, tmp_path, plugin_path):
+        """A plugin whose module cannot be imported is a ConfigError with the reason."""
+        with pytest.raises(ConfigError, match=r"plugin 'broken' .* failed to load: "
+                                              r"ModuleNotFoundError: .*ingestd_memory_sink_missing"):
+            open_sink(project(tmp_path, "broken"))
+
+    def test_a_plugin_that_is_not_a_sink_is_refused(self, tmp_path, plugin_path):
+        """A plugin that returns something without the Sink protocol is a ConfigError."""
+        with pytest.raises(ConfigError, match="not a sink"):
+            open_sink(project(tmp_path, "notasink"))
+
+    def test_builtin_kinds_win_over_plugins(self, tmp_path, plugin_path):
+        """A plugin named like a built-in kind does not shadow it."""
+        assert type(open_sink(project(tmp_path, "text"))).__name__ == "TextSink"
+        assert type(open_sink(project(tmp_path, "index"))).__name__ == "IndexSink"
+
+
+# --- with the daemon --------------------------------------------------------------------------
+
+@pytest.fixture
+def sink_daemon(tmp_path):
+    """Start the daemon with project acme's sink running a given script; stopped afterwards."""
+    started: list[Daemon] = []
+    drop = tmp_path / "drop"
+    drop.mkdir()
+
+    def start(command: list[str], acme_extra: str = "") -> Path:
+        config = write_config(tmp_path, f"""
+            [daemon]
+            state_dir = "state"
+            workers = 2
+            shutdown_grace_seconds = 5
+
+            [defaults]
+            settle_seconds = 0.3
+            max_attempts = 3
+
+            [projects.acme]
+            folders = [{json.dumps(str(drop))}]
+            {acme_extra}
+
+            [projects.acme.sink]
+            kind = "command"
+            command = {json.dumps(command)}
+            timeout_seconds = 20
+        """)
+        started.append(Daemon(tmp_path, config).start())
+        open_db(config)
+        return drop
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    db.close_store()
+
+
+def retrying_events(job_id: int) -> int:
+    return Event.select().where(Event.type == JOB_RETRYING, Event.job_id == job_id).count()
+
+
+ALWAYS_REJECTS = """
+    sys.stdin.read()
+    print("rejected: schema mismatch", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+class TestWithTheDaemon:
+    def test_a_sink_failing_twice_then_succeeding_completes(self, tmp_path, sink_daemon):
+        """Two transient sink failures are retried (two retrying events) and the job completes
+        with the id the sink gave."""
+        counter = tmp_path / "calls"
+        command = script(tmp_path, f"""
+            message = json.load(sys.stdin)
+            calls = int(open({str(counter)!r}).read()) if os.path.exists({str(counter)!r}) else 0
+            open({str(counter)!r}, "w").write(str(calls + 1))
+            if message["action"] == "ingest" and calls < 2:
+                print("index busy, try later", file=sys.stderr)
+                sys.exit(75)
+            print(json.dumps({{"id": 4242}}))
+        """)
+        path = sink_daemon(command) / "doc.txt"
+        path.write_text("flaky sink content")
+        job = wait_ended(path, timeout=60)
+        assert (job.status, job.canonical_document_id, job.attempts) == ("completed", 4242, 3)
+        assert retrying_events(job.id) == 2
+        assert counter.read_text() == "3"
+
+    def test_a_permanent_sink_failure_fails_the_job(self, tmp_path, sink_daemon):
+        """A sink that fails permanently fails the job at once with the sink's reason."""
+        path = sink_daemon(script(tmp_path, ALWAYS_REJECTS)) / "doc.txt"
+        path.write_text("refused content")
+        job = wait_ended(path, timeout=60)
+        assert (job.status, job.error_message) == ("failed", "sink: rejected: schema mismatch")
+        assert job.attempts == 1 and retrying_events(job.id) == 0
+
+    def test_with_sink_errors_warn_a_failing_sink_completes_with_a_warning(self, tmp_path,
+                                                                          sink_daemon):
+        """Under sink_errors = "warn" a failing sink completes the job, the reason in message."""
+        path = sink_daemon(script(tmp_path, ALWAYS_REJECTS), 'sink_errors = "warn"') / "doc.txt"
+        path.write_text("warned content")
+        job = wait_ended(path, timeout=60)
+        assert job.status == "completed" and job.canonical_document_id is None
+        assert "rejected: schema mismatch" in job.message and "sink_errors = warn" in job.message
