@@ -30,6 +30,7 @@ from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier
+from ingestd.wakeup import JobListener
 from ingestd.watch import Watcher
 from ingestd.work import WorkerPool
 
@@ -57,6 +58,7 @@ class Daemon:
         self.watcher = Watcher(self.settler.note, lambda: self.request_rescan("overflow"))
         self.stream: EventStream | None = None
         self.publisher: Publisher | None = None
+        self.listener: JobListener | None = None
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -87,6 +89,9 @@ class Daemon:
         self.settler.start()
         self.watcher.start(self.config.projects.values())
         self.pool.start()
+        if db.is_postgres():
+            self.listener = JobListener(self.config.daemon.database, self.pool.wake)
+            self.listener.start()
         self.scheduler.add_job(db.guarded("rescan", self.rescan), "interval", args=["periodic"],
                                id="rescan", seconds=self.config.daemon.rescan_seconds)
         self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
@@ -133,6 +138,8 @@ class Daemon:
             log.warning("stopping_event_not_written", reason=str(exc))
         self.watcher.stop()
         self.settler.stop()
+        if self.listener is not None:
+            self.listener.stop()
         self.pool.stop(self.config.daemon.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=False)
         if self.publisher is not None:

@@ -1,0 +1,199 @@
+"""Several daemons on one PostgreSQL database and one shared folder: the work is shared, nothing
+is lost or doubled, a dead node's jobs are finished by the others, events are seen everywhere."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import socket
+import sys
+import textwrap
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ingestd import db, jobs
+from ingestd.jobs import FileVersion
+from ingestd.models import Document, Event, Job
+
+from conftest import wait_for
+from harness import Daemon, jobs_for
+
+SPAWN = mp.get_context("spawn")
+
+
+def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
+                sink: str = "") -> Path:
+    """A config for node ``name``: its own state, log and socket; the shared folder and database."""
+    home = root / name
+    home.mkdir(exist_ok=True)
+    path = home / "ingestd.toml"
+    path.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "state"
+        database = "{url}"
+        workers = 2
+        lease_seconds = 2
+        shutdown_grace_seconds = 5
+
+        [defaults]
+        settle_seconds = 0.3
+        {extra}
+
+        [projects.acme]
+        folders = ["{shared}"]
+        {sink}
+    """))
+    return path
+
+
+@pytest.fixture
+def cluster(tmp_path, pg_url):
+    """Start nodes on one database and one shared folder; all stopped after the test."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    nodes: list[Daemon] = []
+
+    def start(name: str, **options) -> Daemon:
+        config = node_config(tmp_path, name, pg_url, shared, **options)
+        node = Daemon(config.parent, config).start()
+        nodes.append(node)
+        return node
+
+    db.open_store(pg_url)
+    yield start, shared
+    for node in nodes:
+        node.stop()
+    db.close_store()
+
+
+def completed() -> int:
+    return Job.select().where(Job.status == "completed").count()
+
+
+class Subscriber:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.events: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with self.sock.makefile("r", encoding="utf-8") as stream:
+            for line in stream:
+                self.events.append(json.loads(line))
+
+
+def test_three_daemons_share_3000_files_each_completed_once(cluster):
+    """Three nodes on one folder (one polling): one job per file, all completed, work shared,
+    and one node's socket carries every node's events without a gap."""
+    start, shared = cluster
+    first = start("n1")
+    subscriber = Subscriber(first.root / "state" / "events.sock")
+    later = [start("n2"), start("n3", extra="polling = true")]
+    for i in range(3000):
+        (shared / f"s{i:04d}.txt").write_text(f"shared file number {i}")
+    wait_for(lambda: completed() == 3000, timeout=240, interval=0.5, message="3,000 completed")
+    per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
+    assert len(per_path) == 3000 and set(per_path.values()) == {1}
+    assert Document.select().count() == 3000
+    last = Event.select(Event.seq).order_by(Event.seq.desc()).first().seq
+    wait_for(lambda: subscriber.events and int(subscriber.events[-1]["sequence"]) >= last,
+             timeout=30, message="node 1's subscriber caught up")
+    sequences = [int(e["sequence"]) for e in subscriber.events]
+    assert sequences == list(range(sequences[0], last + 1))
+    started_pids = {e["data"]["pid"] for e in subscriber.events
+                    if e["type"] == "io.ingestd.daemon.started"}
+    assert {node.process.pid for node in later} <= started_pids  # other nodes' events, on n1
+    finishers = Counter(node for node in ("n1", "n2", "n3")
+                        for _ in range((first.root.parent / node / "daemon.log").read_text()
+                                       .count('"job_completed"')))
+    assert len(finishers) == 3, f"work was not shared: {finishers}"
+
+
+def test_a_killed_nodes_job_is_finished_by_another_after_its_lease_expires(cluster, tmp_path):
+    """SIGKILL the node holding a job: another node rescues it once the lease expires."""
+    start, shared = cluster
+    release = tmp_path / "never"
+    script = tmp_path / "held_sink.py"
+    script.write_text(f"import os, sys, time\nsys.stdin.read()\n"
+                      f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\nprint(7)\n")
+    holder = start("n1", sink=f'[projects.acme.sink]\nkind = "command"\n'
+                              f'command = ["{sys.executable}", "{script}"]')
+    path = shared / "held.txt"
+    path.write_text("held by the first node")
+    wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], message="running on n1")
+    start("n2")  # alive before n1 dies: only the lease can tell it n1 is gone
+    holder.kill()
+    job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "completed"], timeout=60,
+                   message="completed by n2")[0]
+    assert job.attempts == 2 and job.canonical_document_id is not None
+    rescued = [e for e in Event.select().where(Event.job_id == job.id, Event.type == jobs.JOB_REQUEUED)]
+    assert len(rescued) == 1 and "stopped renewing its lease" in rescued[0].data
+
+
+def _claimer(url: str, owner: str, start, results) -> None:
+    db.open_store(url)
+    start.wait()
+    mine: list[int] = []
+    while True:
+        batch = jobs.claim(owner, limit=4)
+        if not batch:
+            break
+        for job in batch:
+            jobs.complete(job.id, owner)
+            mine.append(job.id)
+    results.put(mine)
+
+
+def test_eight_workers_racing_for_10000_jobs_never_claim_one_twice(pg_url):
+    """SKIP LOCKED claims: 8 processes, 10,000 jobs, each claimed exactly once."""
+    db.open_store(pg_url)
+    try:
+        with db.database.atomic():
+            for i in range(10_000):
+                jobs.create("acme", "/srv/acme", FileVersion(f"/srv/acme/{i}", f"{i}", 1, i, i,
+                                                             "text/plain"), 3)
+        start, results = SPAWN.Barrier(8), SPAWN.Queue()
+        workers = [SPAWN.Process(target=_claimer, args=(pg_url, f"w{n}", start, results))
+                   for n in range(8)]
+        for worker in workers:
+            worker.start()
+        claimed = [results.get(timeout=300) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=30)
+        everything = [job_id for mine in claimed for job_id in mine]
+        assert len(everything) == 10_000 and len(set(everything)) == 10_000
+        assert sum(1 for mine in claimed if mine) >= 4  # they really raced
+        started = Counter(e.job_id for e in Event.select().where(Event.type == jobs.JOB_STARTED))
+        assert len(started) == 10_000 and set(started.values()) == {1}
+    finally:
+        db.close_store()
+
+
+def test_a_daemon_survives_losing_its_database_connections(cluster, pg_url):
+    """Connections killed by the server mid-burst: the daemon reconnects, nothing lost or doubled."""
+    import psycopg
+
+    from conftest import PG_URL
+
+    start, shared = cluster
+    start("n1")
+    for i in range(400):
+        (shared / f"c{i:03d}.txt").write_text(f"connection test {i}")
+    wait_for(lambda: completed() >= 50, timeout=60, message="some completed")
+    schema = pg_url.split("search_path%3D")[1]
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+            "AND application_name = '' AND backend_type = 'client backend' "
+            "AND query NOT LIKE %s", (f"%{schema}%",)).fetchone()[0]
+    assert killed >= 1
+    db.reset_connection()  # ours was among them
+    wait_for(lambda: completed() == 400, timeout=120, interval=0.5, message="all 400 completed")
+    per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
+    assert len(per_path) == 400 and set(per_path.values()) == {1}
+    assert Document.select().count() == 400
