@@ -226,6 +226,57 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK if all(job.status == "completed" for job in ended) else EXIT_FAILURE
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from ingestd import control
+
+    cfg = _config(args)
+    state = control.query(cfg.daemon.control_socket)
+    if args.json:
+        _print_json(state)
+        return EXIT_OK
+    workers, events = state["workers"], state["events"]
+    print(f"ingestd {state['version']} running, pid {state['pid']}, up "
+          f"{_human_duration(state['uptime_seconds'])}, node {state['node']}")
+    print(f"config: {state['config'] or 'zero-config default'}; database: {state['database']}")
+    for name, project in state["projects"].items():
+        for folder in project["folders"]:
+            print(f"project {name}: {folder['folder']} ({folder['observer']})")
+    print(f"workers: {workers['busy']}/{workers['total']} busy; "
+          f"{state['settling_files']} file(s) settling")
+    for job in workers["running"]:
+        print(f"  job {job['job_id']} {job['stage']} for {job['seconds']:.1f} s  {job['path']}")
+    scan = state["last_rescan"]
+    if scan:
+        print(f"last rescan: {scan['at']} ({scan['reason']}): {scan['files']} files, "
+              f"{scan['missed']} missed by events")
+    print(f"events: {events['published']} published (last sequence {events['last_sequence']}), "
+          f"{events['subscribers']} subscriber(s), {events['subscriber_drops']} dropped")
+    if state["metrics"]:
+        print(f"metrics: http://{state['metrics']}/metrics")
+    return EXIT_OK
+
+
+def _human_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ingestd import stats
+
+    cfg = _open(args)
+    projects = [cfg.project(args.project).name] if args.project else sorted(cfg.projects)
+    since = stats.parse_duration(args.since) if args.since else None
+    result = stats.collect(projects, since)
+    if args.json:
+        _print_json(result)
+    else:
+        print(stats.render(result))
+    return EXIT_OK
+
+
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     url = cfg.daemon.database
@@ -329,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=int, default=10, help="passages (max 100)")
     _json_arg(search)
     search.set_defaults(handler=cmd_search)
+    status = commands.add_parser("status", parents=[common],
+                                 help="the running daemon's live state (exit 3: not running)")
+    _json_arg(status)
+    status.set_defaults(handler=cmd_status)
+    stats = commands.add_parser("stats", parents=[common],
+                                help="counts, failure rate, durations, queue depth, index size")
+    stats.add_argument("-p", "--project", help="one project (default: all)")
+    stats.add_argument("--since", metavar="DURATION", help="window, e.g. 15m, 24h, 7d (default 24h)")
+    _json_arg(stats)
+    stats.set_defaults(handler=cmd_stats)
     _add_db(commands, common)
     _add_config(commands, common)
     return parser

@@ -78,6 +78,8 @@ class DaemonConfig:
     shutdown_grace_seconds: float = 20.0
     progress_events_per_second: float = 4.0
     subscriber_buffer_bytes: int = 4 * 1024 * 1024
+    control_socket: Path | None = None
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,14 @@ def _octal_mode(value: Any) -> str | None:
     return None if 0 <= mode <= 0o777 else "must be an octal mode between 0000 and 0777"
 
 
+def _host_port(value: Any) -> str | None:
+    if value == "":
+        return None
+    host, _, port = value.rpartition(":")
+    return None if host and port.isdigit() and 0 < int(port) < 65536 else \
+        "must be HOST:PORT, e.g. \"127.0.0.1:9464\" (or \"\" for off)"
+
+
 # key -> (accepted python types, type name for messages, extra check)
 _NUMBER = ((int, float), "a number")
 _INT = ((int,), "an integer")
@@ -161,9 +171,11 @@ DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "shutdown_grace_seconds": (*_NUMBER, _not_negative),
     "progress_events_per_second": (*_NUMBER, _positive),
     "subscriber_buffer_bytes": (*_INT, _positive),
+    "control_socket": (*_STR, None),
+    "metrics_address": (*_STR, _host_port),
 }
 
-PATH_KEYS = {"state_dir", "event_log", "event_socket", "move_to"}
+PATH_KEYS = {"state_dir", "event_log", "event_socket", "control_socket", "move_to"}
 TUPLE_KEYS = {"include", "exclude", "allowed_types"}
 
 
@@ -300,6 +312,7 @@ def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> Daemon
         values["socket_mode"] = int(values["socket_mode"], 8)
     values.setdefault("event_log", logs_dir / "events.jsonl")
     values.setdefault("event_socket", runtime_dir / "events.sock")
+    values.setdefault("control_socket", runtime_dir / "control.sock")
     values.setdefault("workers", os.cpu_count() or 1)
     values.update(state_dir=state_dir, database=database)
     return DaemonConfig(**values)

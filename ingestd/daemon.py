@@ -14,17 +14,19 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ingestd import __version__, config as config_mod, db, events, intake, jobs, scan
+from ingestd import __version__, config as config_mod, db, events, intake, jobs, metrics, scan
 from ingestd.config import Config
+from ingestd.control import ControlServer
 from ingestd.errors import IngestdError
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
+from ingestd.pipeline import Control
 from ingestd.publish import Publisher
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
@@ -52,13 +54,15 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4)}, timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
-        self.pool = WorkerPool(config, self.scheduler)
+        self.pool = WorkerPool(config, self.scheduler, self._job_finished)
         self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
                                self._scan_directory)
-        self.watcher = Watcher(self.settler.note, lambda: self.request_rescan("overflow"))
+        self.watcher = Watcher(self.settler.note, self._overflowed)
         self.stream: EventStream | None = None
         self.publisher: Publisher | None = None
         self.listener: JobListener | None = None
+        self.control: ControlServer | None = None
+        self._stop_metrics: Callable[[], None] | None = None
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -84,6 +88,11 @@ class Daemon:
         self.stream.start()
         self.publisher = Publisher(settings.event_log, self.stream, installation)
         self.publisher.start()
+        self.control = ControlServer(settings.control_socket, settings.socket_mode, self.status)
+        self.control.start()
+        if settings.metrics_address:
+            self._stop_metrics = metrics.serve(settings.metrics_address, metrics.LiveCollector(
+                lambda: list(self.config.projects), self._live_numbers))
 
     def _start(self) -> None:
         self.settler.start()
@@ -146,6 +155,10 @@ class Daemon:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:
             self.stream.stop()
+        if self.control is not None:
+            self.control.stop()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         db.close_store()
         log.info("daemon_stopped")
 
@@ -187,6 +200,10 @@ class Daemon:
                     return  # the start-up scan of the next run finds them again
                 log.warning("job_creation_failed", files=len(ready), reason=str(exc))
                 time.sleep(CREATE_RETRY_SECONDS)
+        for item in ready:
+            metrics.files_seen.labels(item.project.name).inc()
+        for job in created:
+            metrics.jobs_created.labels(job.project_id).inc()
         for item, reason in rejected:
             log.info("file_rejected", project=item.project.name, path=item.path, reason=reason)
         if created:
@@ -208,6 +225,8 @@ class Daemon:
         self.last_scan = {"reason": reason, "files": result.files, "missed": result.missed,
                           "seconds": round(time.monotonic() - started, 3),
                           "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        metrics.rescans.labels(reason).inc()
+        metrics.rescan_found.labels(reason).inc(result.missed)
         if top is None:
             jobs.emit(jobs.WATCH_RESCANNED, self.last_scan)
         log.info("rescanned", **self.last_scan, **({"top": top} if top else {}))
@@ -220,7 +239,47 @@ class Daemon:
             log.info("events_pruned", count=removed)
         return removed
 
+    def _overflowed(self) -> None:
+        metrics.inotify_overflows.inc()
+        self.request_rescan("overflow")
+
+    def _job_finished(self, job: Job, control: Control) -> None:
+        metrics.jobs_finished.labels(job.project_id, job.status).inc()
+        if job.status == JobStatus.COMPLETED and job.completed_at:
+            metrics.job_duration.labels(job.project_id).observe(job.completed_at - job.created_at)
+        for stage, seconds in control.stage_seconds.items():
+            metrics.stage_duration.labels(stage).observe(seconds)
+
     # --- state -----------------------------------------------------------------------------------
+
+    def _live_numbers(self) -> dict[str, float]:
+        return {"workers_busy": self.pool.busy, "workers": self.pool.size,
+                "subscribers": self.stream.subscribers if self.stream else 0,
+                "subscriber_drops": self.stream.dropped if self.stream else 0,
+                "events_published": self.publisher.published if self.publisher else 0,
+                "settling_files": self.settler.pending_count}
+
+    def status(self) -> dict[str, Any]:
+        """The live state ``ingestd status`` shows."""
+        settings = self.config.daemon
+        return {
+            "pid": os.getpid(), "version": __version__, "node": self.pool.owner,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "config": str(self.config.source) if self.config.source else None,
+            "database": db.describe(settings.database),
+            "projects": {name: {"folders": [w for w in self.watcher.watched if w["project"] == name]}
+                         for name in self.config.projects},
+            "workers": {"busy": self.pool.busy, "total": self.pool.size,
+                        "running": self.pool.running()},
+            "settling_files": self.settler.pending_count,
+            "last_rescan": self.last_scan,
+            "events": {"published": self.publisher.published if self.publisher else 0,
+                       "last_sequence": self.publisher.cursor if self.publisher else 0,
+                       "log": str(settings.event_log), "socket": str(settings.event_socket),
+                       "subscribers": self.stream.subscribers if self.stream else 0,
+                       "subscriber_drops": self.stream.dropped if self.stream else 0},
+            "metrics": settings.metrics_address or None,
+        }
 
     def _facts(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "node": self.pool.owner,

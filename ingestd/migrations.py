@@ -179,12 +179,24 @@ def _v4(db: pw.Database, dialect: dict[str, str]) -> None:
     _run(db, dialect, V4_SQLITE_FTS if dialect["name"] == "sqlite" else V4_POSTGRES_FTS)
 
 
+V5_STATS = [
+    # `ingestd stats` reads a window of ended jobs per project.
+    """CREATE INDEX ix_jobs_ended ON ingest_jobs (project_id, status, completed_at)
+        WHERE deleted_at IS NULL""",
+]
+
+
+def _v5(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V5_STATS)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
     (2, "documents of the built-in index", _v2),
     (3, "how far each event log was published", _v3),
     (4, "chunks and the full-text index", _v4),
+    (5, "an index for stats windows", _v5),
 ]
 LATEST = MIGRATIONS[-1][0]
 

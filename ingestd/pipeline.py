@@ -63,6 +63,16 @@ class Control:
     abandon: threading.Event = field(default_factory=threading.Event)
     stage: str = Stage.INITIAL.value
     started: float = field(default_factory=time.monotonic)
+    stage_started: float = field(default_factory=time.monotonic)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # for metrics
+
+    def enter(self, stage: str) -> None:
+        """Account the time of the stage being left; the last one is closed with ``enter("")``."""
+        now = time.monotonic()
+        if self.stage != Stage.INITIAL.value:
+            self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + (
+                now - self.stage_started)
+        self.stage, self.stage_started = stage, now
 
 
 @dataclass
@@ -97,7 +107,7 @@ class _Progress:
     def update(self, stage: Stage | None = None, fraction: float | None = None) -> None:
         if stage is not None:
             self.stage = stage
-            self.ctx.control.stage = stage.value
+            self.ctx.control.enter(stage.value)
         if fraction is not None:
             self.fraction = fraction
         now = time.monotonic()
@@ -146,6 +156,7 @@ def run_job(job: Job, ctx: Context) -> Job | None:
 
 
 def _finish(bound: structlog.BoundLogger, final: Job, ctx: Context) -> Job:
+    ctx.control.enter("")
     _log_end(bound, final)
     if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
         dispose_original(final, ctx.project)

@@ -1,11 +1,14 @@
 """``ingestd stats``: per project figures read from the database (the daemon up or down).
 
 Everything comes from a few aggregate queries per project that the partial job indexes serve
-(``(project_id, status, id) WHERE deleted_at IS NULL``); only the durations of the jobs that
-completed in the window are fetched, as floats, and their percentiles taken here (nearest rank).
+(``(project_id, status, id) WHERE deleted_at IS NULL``). Percentiles are taken in the database
+by nearest rank (``ROW_NUMBER() OVER``), so only the rows at the wanted ranks come back.
 Per-stage times come from the outbox: a slow job's progress events carry its stage, a fast one
 writes none, so its run time is only counted as ``running``. The SQL is the same on SQLite and
-PostgreSQL except for one byte-length function.
+PostgreSQL except for two functions: a text's byte length and a JSON field.
+
+The window queries read every completed/failed job of the project (no index has
+``completed_at``), so they cost in proportion to the project's history, not to the window.
 
 Counts are of live jobs (a soft-deleted job is left out, as ``jobs list`` leaves it out); the
 window holds the jobs whose end (``completed_at``) is at or after ``now - since``.
@@ -13,7 +16,6 @@ window holds the jobs whose end (``completed_at``) is at or after ``now - since`
 
 from __future__ import annotations
 
-import json
 import re
 import textwrap
 import time
@@ -94,7 +96,7 @@ def collect(project_ids: list[str], since_seconds: float | None,
     ``since_seconds`` None is the default window (24 h); ``now`` defaults to the clock."""
     now = time.time() if now is None else now
     since = DEFAULT_SINCE_SECONDS if since_seconds is None else float(since_seconds)
-    start = now - since
+    start = max(0.0, now - since)  # a window longer than the epoch is all of it
     # No transaction: on SQLite one would take the write lock (IMMEDIATE) and hold up workers.
     projects = {name: _project(name, start, now) for name in project_ids}
     return {"window": {"since_seconds": since, "start": rfc3339(start), "end": rfc3339(now)},
@@ -104,9 +106,10 @@ def collect(project_ids: list[str], since_seconds: float | None,
 def _project(project_id: str, start: float, now: float) -> dict[str, Any]:
     stats: dict[str, Any] = {"jobs_by_status": _by_status(project_id)}
     stats.update(_queue(project_id, now))
-    stats.update(_window(project_id, start))
+    window, earliest_start = _window(project_id, start)
+    stats.update(window)
     stats["top_failures"] = _top_failures(project_id, start)
-    stats.update(_durations(project_id, start))
+    stats.update(_durations(project_id, start, earliest_start))
     stats.update(_index(project_id))
     return stats
 
@@ -127,22 +130,24 @@ def _queue(project_id: str, now: float) -> dict[str, Any]:
     return {"queue_depth": int(depth), "oldest_queued_age_seconds": age}
 
 
-def _window(project_id: str, start: float) -> dict[str, Any]:
+def _window(project_id: str, start: float) -> tuple[dict[str, Any], float | None]:
     """Completed and failed counts, bytes read and pages of the documents the jobs created (a
-    duplicate points at another job's document, so its pages are not counted again)."""
-    found = {status: (int(count), int(size or 0), int(pages or 0)) for status, count, size, pages
-             in _rows("SELECT j.status, COUNT(*), SUM(j.byte_size), SUM(d.page_count) "
-                      "FROM ingest_jobs j LEFT JOIN documents d "
-                      "ON d.id = j.canonical_document_id AND d.job_id = j.id "
-                      "WHERE j.project_id = ? AND j.status IN ('completed', 'failed') "
-                      "AND j.deleted_at IS NULL AND j.completed_at >= ? GROUP BY j.status",
-                      (project_id, start))}
-    completed, size, pages = found.get("completed", (0, 0, 0))
-    failed = found.get("failed", (0, 0, 0))[0]
+    duplicate points at another job's document, so its pages are not counted again); and the
+    earliest start among the completed jobs (where their progress events begin)."""
+    found = {status: (int(count), int(size or 0), int(pages or 0), first)
+             for status, count, size, pages, first in _rows(
+                 "SELECT j.status, COUNT(*), SUM(j.byte_size), SUM(d.page_count), "
+                 "MIN(j.started_at) FROM ingest_jobs j LEFT JOIN documents d "
+                 "ON d.id = j.canonical_document_id AND d.job_id = j.id "
+                 "WHERE j.project_id = ? AND j.status IN ('completed', 'failed') "
+                 "AND j.deleted_at IS NULL AND j.completed_at >= ? GROUP BY j.status",
+                 (project_id, start))}
+    completed, size, pages, first = found.get("completed", (0, 0, 0, None))
+    failed = found.get("failed", (0, 0, 0, None))[0]
     ended = completed + failed
     return {"completed": completed, "failed": failed,
             "failure_rate": round(failed / ended, 4) if ended else None,
-            "bytes_ingested": size, "pages_ingested": pages}
+            "bytes_ingested": size, "pages_ingested": pages}, first
 
 
 def _top_failures(project_id: str, start: float) -> list[dict[str, Any]]:
@@ -154,48 +159,85 @@ def _top_failures(project_id: str, start: float) -> list[dict[str, Any]]:
             for reason, count in rows]
 
 
-def _durations(project_id: str, start: float) -> dict[str, Any]:
+# Nearest-rank percentiles in the database: each series is numbered in order and only the rows
+# at the wanted ranks come back, so a window of a million jobs costs a sort, not a transfer.
+_RANKED = """
+WITH w AS MATERIALIZED (
+    SELECT created_at, started_at, completed_at FROM ingest_jobs
+    WHERE project_id = ? AND status = 'completed' AND deleted_at IS NULL
+    AND completed_at >= ? AND started_at IS NOT NULL),
+series AS (
+    SELECT 'total' AS k, completed_at - created_at AS v FROM w
+    UNION ALL SELECT 'queued' AS k, started_at - created_at AS v FROM w
+    UNION ALL SELECT 'running' AS k, completed_at - started_at AS v FROM w),
+ranked AS (
+    SELECT k, v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v) AS rn,
+           COUNT(*) OVER (PARTITION BY k) AS n FROM series)
+SELECT k, n, rn, v FROM ranked
+WHERE rn IN ((50 * n + 99) / 100, (95 * n + 99) / 100, (99 * n + 99) / 100)
+"""
+
+
+def _durations(project_id: str, start: float, earliest_start: float | None) -> dict[str, Any]:
     """Created-to-completed percentiles, and per stage (see NOTES["stage_seconds"])."""
-    runs = [(job_id, float(created), float(started), float(completed))
-            for job_id, created, started, completed in _rows(
-                "SELECT id, created_at, started_at, completed_at FROM ingest_jobs "
-                "WHERE project_id = ? AND status = 'completed' AND deleted_at IS NULL "
-                "AND completed_at >= ? AND started_at IS NOT NULL", (project_id, start))]
-    stages: dict[str, list[float]] = {"queued": [r[2] - r[1] for r in runs],
-                                      "running": [r[3] - r[2] for r in runs]}
-    marks = _progress_marks(project_id, runs)
-    for job_id, _created, started, completed in runs:
-        if job_id in marks:
-            for stage, seconds in stage_spans(started, completed, marks[job_id]).items():
-                stages.setdefault(stage, []).append(seconds)
-    order = ["queued", "running", *(s.value for s in Stage)]
-    ordered = sorted(stages, key=lambda s: order.index(s) if s in order else len(order))
-    note = (f"{len(marks)} of {len(runs)} completed jobs wrote progress events: only their "
-            "run time is split by stage; the others' run time is counted in running only")
-    return {"duration_seconds": percentiles(r[3] - r[1] for r in runs),
-            "stage_seconds": {stage: percentiles(stages[stage]) for stage in ordered},
+    found: dict[str, tuple[int, dict[int, float]]] = {}
+    for series, count, rank, value in _rows(_RANKED, (project_id, start)):
+        found.setdefault(series, (int(count), {}))[1][int(rank)] = float(value)
+    entries = {series: _at_ranks(*found.get(series, (0, {})))
+               for series in ("total", "queued", "running")}
+    runs = _stage_marks(project_id, start, earliest_start)
+    split: dict[str, list[float]] = defaultdict(list)
+    for started, completed, marks in runs.values():
+        for stage, seconds in stage_spans(started, completed, marks).items():
+            split[stage].append(seconds)
+    order = [s.value for s in Stage]
+    for stage in sorted(split, key=lambda s: order.index(s) if s in order else len(order)):
+        entries[stage] = percentiles(split[stage])
+    note = (f"{len(runs)} of {entries['total']['count']} completed jobs wrote progress events: "
+            "only their run time is split by stage; the others' run time is counted in running "
+            "only")
+    return {"duration_seconds": entries.pop("total"), "stage_seconds": entries,
             "stage_note": note}
 
 
-def _progress_marks(project_id: str, runs: list[tuple[int, float, float, float]],
-                    ) -> dict[int, list[tuple[float, str]]]:
-    """``{job_id: [(time, stage), ...]}`` from the progress events of each job's last attempt.
+def _at_ranks(count: int, by_rank: dict[int, float]) -> dict[str, Any]:
+    result: dict[str, Any] = {"count": count}
+    for p in PERCENTILES:
+        value = by_rank.get(max(1, (p * count + 99) // 100))
+        result[f"p{p}"] = None if value is None else round(value, 3)
+    return result
 
-    One range read of the outbox by its time index, from the earliest start among ``runs``."""
-    if not runs:
+
+def _stage_sql() -> str:
+    """The stage recorded in a progress event's data (the job record, as JSON text)."""
+    return "CAST(e.data AS json) ->> 'stage'" if is_postgres() else "json_extract(e.data, '$.stage')"
+
+
+def _stage_marks(project_id: str, start: float, earliest_start: float | None,
+                 ) -> dict[int, tuple[float, float, list[tuple[float, str]]]]:
+    """``{job_id: (started, completed, [(time the stage was first shown, stage), ...])}`` for the
+    completed jobs of the window whose last attempt wrote progress events.
+
+    A range read of the outbox by its time index (from the earliest start of those jobs), joined
+    to the jobs by id; only the first event of each stage of each job comes back."""
+    if earliest_start is None:
         return {}
-    bounds = {job_id: (started, completed) for job_id, _c, started, completed in runs}
-    marks: dict[int, list[tuple[float, str]]] = defaultdict(list)
-    for job_id, moment, data in _rows(
-            "SELECT job_id, time, data FROM ingest_events WHERE time >= ? AND time <= ? "
-            "AND type = ? AND project_id = ? ORDER BY seq",
-            (min(r[2] for r in runs), max(r[3] for r in runs), JOB_PROGRESS, project_id)):
-        span = bounds.get(job_id)
-        if span is not None and span[0] <= moment <= span[1]:
-            stage = json.loads(data).get("stage")
-            if stage:
-                marks[job_id].append((float(moment), stage))
-    return dict(marks)
+    stage = _stage_sql()
+    runs: dict[int, tuple[float, float, list[tuple[float, str]]]] = {}
+    for job_id, stage_name, first, started, completed in _rows(
+            f"SELECT e.job_id, {stage}, MIN(e.time), MIN(j.started_at), MIN(j.completed_at) "
+            "FROM ingest_events e JOIN ingest_jobs j ON j.id = e.job_id "
+            "WHERE e.time >= ? AND e.type = ? AND e.project_id = ? "
+            "AND j.project_id = ? AND j.status = 'completed' AND j.deleted_at IS NULL "
+            "AND j.completed_at >= ? AND e.time >= j.started_at AND e.time <= j.completed_at "
+            f"GROUP BY e.job_id, {stage}",
+            (earliest_start, JOB_PROGRESS, project_id, project_id, start)):
+        if stage_name:
+            run = runs.setdefault(job_id, (float(started), float(completed), []))
+            run[2].append((float(first), stage_name))
+    for _started, _completed, marks in runs.values():
+        marks.sort()
+    return runs
 
 
 def stage_spans(started: float, completed: float,
@@ -260,7 +302,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def render(stats: dict[str, Any]) -> str:
-    """The readable form: one block per project, then the notes."""
+    """The readable form: one block per project, then the notes (no final newline: print it)."""
     window = stats["window"]
     header = (f"window: last {format_duration(window['since_seconds'])} "
               f"({window['start']} .. {window['end']})")
@@ -270,7 +312,7 @@ def render(stats: dict[str, Any]) -> str:
         blocks.append("no projects")
     notes = [textwrap.fill(f"{key}: {text}", 100, initial_indent="  ", subsequent_indent="    ")
              for key, text in stats.get("notes", {}).items()]
-    return "\n\n".join(blocks + (["notes:\n" + "\n".join(notes)] if notes else [])) + "\n"
+    return "\n\n".join(blocks + (["notes:\n" + "\n".join(notes)] if notes else []))
 
 
 def _render_project(name: str, p: dict[str, Any]) -> str:

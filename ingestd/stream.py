@@ -9,11 +9,9 @@ disconnected.
 
 from __future__ import annotations
 
-import errno
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections import deque
@@ -21,16 +19,12 @@ from pathlib import Path
 
 import structlog
 
-from ingestd.errors import IngestdError
 from ingestd.events import overflow_line
 from ingestd.systemd import listen_fds
+from ingestd.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 OVERFLOW_GRACE_SECONDS = 60.0  # a stuck client has this long to read its overflow line
-
-
-class SocketInUse(IngestdError):
-    """Another live process serves the event socket path."""
 
 
 class _Client:
@@ -137,12 +131,7 @@ class EventStream:
         if activated:  # systemd's socket unit owns the path and its mode
             log.info("event_socket_activated", fd=activated[0].fileno())
             return activated[0]
-        _clear_stale(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
-        os.chmod(self.path, self.mode)
-        listener.listen(128)
+        listener = bind_unix(self.path, self.mode)
         self._owns_path = True
         return listener
 
@@ -238,25 +227,3 @@ class EventStream:
         if client is not None:
             self._selector.unregister(client.sock)
             client.sock.close()
-
-
-def _clear_stale(path: Path) -> None:
-    """Remove a socket file left by a crashed run; refuse one a live process still serves."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketInUse(f"{path}: exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            path.unlink(missing_ok=True)  # nobody listens: a crashed run's leftover
-            return
-        raise SocketInUse(f"{path}: cannot check the existing socket: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise SocketInUse(f"{path}: another ingestd is serving events here (is a daemon already "
-                      "running with this configuration?)")

@@ -67,7 +67,7 @@ class WorkerPool:
     """Claims and runs jobs; ``wake()`` when new jobs may be due."""
 
     def __init__(self, config: Config, scheduler: BackgroundScheduler,
-                 on_finished: Callable[[Job], None] | None = None) -> None:
+                 on_finished: Callable[[Job, Control], None] | None = None) -> None:
         self.config = config
         self.owner = node_owner()
         self.size = config.daemon.workers
@@ -167,7 +167,7 @@ class WorkerPool:
             else:
                 final = run_job(job, self._context(project, control))
             if final is not None and self._on_finished is not None:
-                self._on_finished(final)
+                self._on_finished(final, control)
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
             log.warning("job_interrupted", job_id=job.id, project=job.project_id,
                         reason=str(db.as_store_error(exc)))

@@ -229,7 +229,7 @@ def test_a_second_daemon_on_a_live_socket_is_refused(start, tmp_path):
     second = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(daemon.config), "run"],
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 1
-    assert "another ingestd is serving events here" in second.stderr
+    assert "another ingestd is serving this socket" in second.stderr
     assert "Traceback" not in second.stderr and daemon.alive
 
 

@@ -1,0 +1,133 @@
+"""Is it up, is it keeping up, what fails and why: status, Prometheus metrics, and logs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingestd import db
+
+import corpus
+from conftest import run_cli, wait_for
+from harness import Daemon, open_db, wait_ended, wait_job, write_config
+
+ALLOWED_LABELS = {"project", "status", "stage", "reason", "le"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def observed(tmp_path: Path):
+    """A daemon with metrics on a free localhost port; (daemon, drop folder, metrics URL)."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    port = free_port()
+    config = write_config(tmp_path, f"""
+        [daemon]
+        state_dir = "state"
+        workers = 2
+        metrics_address = "127.0.0.1:{port}"
+
+        [defaults]
+        settle_seconds = 0.2
+
+        [projects.acme]
+        folders = ["{drop}"]
+    """)
+    daemon = Daemon(tmp_path, config).start()
+    open_db(config)
+    yield daemon, drop, f"http://127.0.0.1:{port}/metrics"
+    daemon.stop()
+    db.close_store()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the exposition, parsed by prometheus-client's own parser."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_status_of_a_running_daemon(observed):
+    """`ingestd status` reports pid, folders with their observer, workers and events; exit 0."""
+    daemon, drop, _ = observed
+    result = run_cli("status", "--json", config=daemon.config)
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
+    assert state["pid"] == daemon.process.pid and state["uptime_seconds"] >= 0
+    assert state["projects"]["acme"]["folders"][0] == {
+        "project": "acme", "folder": str(drop), "observer": "inotify"}
+    assert state["workers"]["total"] == 2 and state["last_rescan"]["reason"] == "start"
+    readable = run_cli("status", config=daemon.config)
+    assert readable.returncode == 0 and f"pid {daemon.process.pid}" in readable.stdout
+
+
+def test_status_without_a_daemon_exits_3(tmp_path):
+    """Like systemctl: exit 3 when nothing runs, with a one-line reason."""
+    (tmp_path / "drop").mkdir()
+    config = write_config(tmp_path, f'[projects.acme]\nfolders = ["{tmp_path / "drop"}"]\n')
+    result = run_cli("status", config=config)
+    assert result.returncode == 3 and "not running" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_parse_and_move_as_files_are_processed(observed):
+    """The scrape parses with prometheus-client's parser and its counters follow the work."""
+    daemon, drop, url = observed
+    before = scrape(url)
+    for i in range(5):
+        (drop / f"m{i}.txt").write_text(f"metric file {i}")
+    corpus.make_truncated_pdf(drop / "broken.pdf")
+    for i in range(5):
+        wait_job(drop / f"m{i}.txt")
+    wait_ended(drop / "broken.pdf")
+    after = wait_for(lambda: (s := scrape(url)) and value(
+        s, "ingestd_jobs_finished_total", project="acme", status="failed") >= 1 and s,
+        message="the failure counted")
+    assert value(after, "ingestd_jobs_finished_total", project="acme", status="completed") == 5
+    assert value(after, "ingestd_files_seen_total", project="acme") - value(
+        before, "ingestd_files_seen_total", project="acme") == 6
+    assert value(after, "ingestd_job_duration_seconds_count", project="acme") == 5
+    assert value(after, "ingestd_queue_depth", project="acme") == 0
+    assert value(after, "ingestd_events_published_total") > value(before, "ingestd_events_published_total")
+    assert value(after, "ingestd_rescans_total", reason="start") == 1
+    assert value(after, "ingestd_workers") == 2
+
+
+def test_no_metric_has_an_unbounded_label(observed):
+    """Labels are project, status, stage, reason (and le): never a path or a job id."""
+    daemon, drop, url = observed
+    (drop / "label.txt").write_text("labels")
+    wait_job(drop / "label.txt")
+    for name, labels in scrape(url):
+        if name.startswith("ingestd_"):
+            assert {key for key, _ in labels} <= ALLOWED_LABELS, (name, labels)
+
+
+def test_every_log_line_is_json_and_a_failure_is_logged_once(observed):
+    """One JSON object per line, job lines carry job id, project and path; no traceback."""
+    daemon, drop, _ = observed
+    corpus.make_truncated_pdf(drop / "bad.pdf")
+    job = wait_ended(drop / "bad.pdf")
+    (drop / "good.txt").write_text("fine")
+    wait_job(drop / "good.txt")
+    lines = [json.loads(line) for line in daemon.log().splitlines()]
+    failures = [line for line in lines if line["event"] == "job_failed"]
+    assert len(failures) == 1
+    assert failures[0]["job_id"] == job.id and failures[0]["project"] == "acme"
+    assert failures[0]["path"] == str(drop / "bad.pdf") and "malformed" in failures[0]["reason"]
+    assert all("exception" not in line for line in lines)
