@@ -182,7 +182,11 @@ def _v4(db: pw.Database, dialect: dict[str, str]) -> None:
 V5_STATS = [
     # `ingestd stats` reads a window of ended jobs per project.
     """CREATE INDEX ix_jobs_ended ON ingest_jobs (project_id, status, completed_at)
-        WHERE deleted_at IS NULL""",
+        WHERE deleted_at IS NULL AND completed_at IS NOT NULL""",
+    # The claim index, now exactly the claim's WHERE: the planner then never prefers another
+    # index plus a sort (it did, on PostgreSQL, before statistics caught up with a burst).
+    """DROP INDEX ix_jobs_claimable""",
+    """CREATE INDEX ix_jobs_claim ON ingest_jobs (id) WHERE status = 'queued' AND deleted_at IS NULL""",
 ]
 
 
@@ -196,7 +200,7 @@ MIGRATIONS: list[Migration] = [
     (2, "documents of the built-in index", _v2),
     (3, "how far each event log was published", _v3),
     (4, "chunks and the full-text index", _v4),
-    (5, "an index for stats windows", _v5),
+    (5, "indexes for stats windows and for claiming", _v5),
 ]
 LATEST = MIGRATIONS[-1][0]
 
