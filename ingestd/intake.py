@@ -93,6 +93,24 @@ def check_type(project: ProjectConfig, version: FileVersion) -> None:
 
 # --- settled files -> jobs -----------------------------------------------------------------------
 
+def _settled_version(item: Ready) -> tuple[Path, FileVersion]:
+    """The version of a settled file. Watched paths are already canonical (folders are
+    resolved, symlinks are neither followed nor taken), and the settler's stat is fresh: only
+    the content is sniffed here. A file over max_bytes still becomes a job, which fails."""
+    found = item.project.folder_of(Path(item.path))
+    if found is None:
+        raise InputRefused(f"{item.path}: outside the folders of project {item.project.name!r}")
+    shown, raw = display_path(item.path)
+    try:
+        mime = sniff_file(item.path)
+    except OSError as exc:
+        raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
+    size, mtime_ns, inode = item.signature
+    return found, FileVersion(path=shown, original_filename=display_path(os.path.basename(item.path))[0],
+                              byte_size=size, mtime_ns=mtime_ns, inode=inode, mime_type=mime,
+                              raw_path=raw)
+
+
 def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]:
     """Jobs for settled files, in one transaction; returns (jobs created, (file, why) rejected).
 
@@ -105,7 +123,7 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
             rejected.append((item, "empty file (the project skips empty files)"))
             continue
         try:
-            inspected.append((item, *inspect(item.project, item.path, enforce_size=False)))
+            inspected.append((item, *_settled_version(item)))
         except InputRefused as exc:
             rejected.append((item, str(exc)))
     created = []

@@ -61,6 +61,7 @@ class Control:
 
     cancel: threading.Event = field(default_factory=threading.Event)
     abandon: threading.Event = field(default_factory=threading.Event)
+    begun: bool = False  # claimed in a batch, and its turn came
     stage: str = Stage.INITIAL.value
     started: float = field(default_factory=time.monotonic)
     stage_started: float = field(default_factory=time.monotonic)

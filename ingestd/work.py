@@ -1,11 +1,14 @@
 """The worker pool: claim jobs from the database and run them on APScheduler's thread pool.
 
-APScheduler is a scheduler, not a queue: the queue is the jobs table. A dispatcher thread claims
-as many due jobs as there are free workers (one statement, see jobs.claim) and submits one run
-per job to the ``workers`` executor, with ``misfire_grace_time=None`` so a run is never skipped
-for starting late. Periodic tasks (heartbeat, lease rescue) run on the scheduler's default
-executor. CPU-bound PDF extraction runs in child processes (procpool), so threads here mostly
-wait, and ``workers`` threads keep ``workers`` cores busy.
+APScheduler is a scheduler, not a queue: the queue is the jobs table. Each of the ``workers``
+slots is a pool job on the ``workers`` executor (``misfire_grace_time=None``, so it is never
+skipped for starting late) that drains the queue: it claims a few due jobs in one statement (see
+jobs.claim), runs them, and claims again until nothing is due. ``wake()`` (new jobs, a NOTIFY,
+the poll) starts the idle slots. A slot claims as many jobs as it finishes in about 50 ms, so
+small files share one claim and a PDF is claimed alone (another slot may take the next one).
+Periodic tasks (heartbeat, lease rescue, the poll) run on the scheduler's default executor.
+CPU-bound PDF extraction runs in child processes (procpool), so ``workers`` threads keep
+``workers`` cores busy.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from ingestd.sinks import Sink, open_sink
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0  # a missed wake-up costs at most this much
+BATCH_SECONDS = 0.05  # a slot claims about this much work at once
+MAX_BATCH = 16
 
 
 def node_owner() -> str:
@@ -77,10 +82,9 @@ class WorkerPool:
         self._sinks: dict[str, Sink] = {}
         self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._draining: set[int] = set()
+        self._job_seconds = 0.01  # moving average of recent job run times (sizes the batches)
         self._stopping = threading.Event()
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher",
-                                            daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -91,8 +95,8 @@ class WorkerPool:
                                 seconds=max(0.2, lease / 3), id="heartbeat")
         self._scheduler.add_job(db.guarded("rescue", self.rescue), "interval",
                                 seconds=max(0.5, lease / 2), id="rescue")
+        self._scheduler.add_job(self.wake, "interval", seconds=POLL_SECONDS, id="poll")
         self.rescue_dead_local_owners()
-        self._dispatcher.start()
 
     def reconfigure(self, config: Config) -> None:
         """Settings of a reloaded config apply to jobs started from now on."""
@@ -100,18 +104,31 @@ class WorkerPool:
         self._sinks.clear()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Start every idle slot (it returns at once when nothing is due)."""
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            idle = [slot for slot in range(self.size) if slot not in self._draining]
+            self._draining.update(idle)
+        for slot in idle:
+            self._scheduler.add_job(self._drain, args=[slot], id=f"worker-{slot}",
+                                    executor="workers", misfire_grace_time=None,
+                                    replace_existing=True)
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop claiming; give running jobs ``grace_seconds`` to end, then re-queue the rest."""
+        """Stop claiming; give running jobs ``grace_seconds`` to end, then re-queue the rest
+        (claimed jobs whose turn had not come are re-queued at once)."""
         self._stopping.set()
-        self._wake.set()
-        self._dispatcher.join(timeout=10)
+        self._release(lambda running: not running.control.begun)
         deadline = time.monotonic() + grace_seconds
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._release(lambda running: True)
+        self._extractors.close()
+
+    def _release(self, which: Callable[[Running], bool]) -> None:
         with self._lock:
-            leftovers = list(self._running.items())
+            leftovers = [(job_id, r) for job_id, r in self._running.items() if which(r)]
         for job_id, running in leftovers:
             running.control.abandon.set()
             try:
@@ -119,7 +136,8 @@ class WorkerPool:
                 log.info("job_requeued_at_shutdown", job_id=job_id, project=running.job.project_id)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
-        self._extractors.close()
+            with self._lock:
+                self._running.pop(job_id, None)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -135,30 +153,32 @@ class WorkerPool:
                  "stage": r.control.stage,
                  "seconds": round(time.monotonic() - r.control.started, 3)} for r in items]
 
-    # --- dispatching ---------------------------------------------------------------------------
+    # --- draining ------------------------------------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(POLL_SECONDS)
-            self._wake.clear()
-            claim = db.guarded("claim", self._claim_and_submit)
-            while not self._stopping.is_set() and claim():
-                pass
-
-    def _claim_and_submit(self) -> bool:
-        free = self.size - self.busy
-        if free <= 0:
-            return False
-        claimed = jobs.claim(self.owner, limit=free, lease_seconds=self.config.daemon.lease_seconds)
-        for job in claimed:
-            control = Control()
+    def _drain(self, slot: int) -> None:
+        """One slot: claim and run due jobs until none is left."""
+        try:
+            while not self._stopping.is_set():
+                claimed = db.guarded("claim", jobs.claim)(
+                    self.owner, self._batch_size(), self.config.daemon.lease_seconds)
+                if not claimed:
+                    return
+                controls = [(job, Control()) for job in claimed]
+                with self._lock:
+                    self._running.update((job.id, Running(job, c)) for job, c in controls)
+                for job, control in controls:
+                    if not (self._stopping.is_set() or control.abandon.is_set()):
+                        self._run(job, control)  # else stop() releases it
+        finally:
             with self._lock:
-                self._running[job.id] = Running(job, control)
-            self._scheduler.add_job(self._run, args=[job, control], executor="workers",
-                                    misfire_grace_time=None, id=f"run-{job.id}")
-        return len(claimed) == free
+                self._draining.discard(slot)
+
+    def _batch_size(self) -> int:
+        return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
 
     def _run(self, job: Job, control: Control) -> None:
+        started = time.monotonic()
+        control.begun = True
         try:
             project = self.config.projects.get(job.project_id)
             if project is None:
@@ -180,7 +200,7 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._running.pop(job.id, None)
-            self._wake.set()
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)
 
     def _context(self, project, control: Control) -> Context:
         sink = self._sinks.get(project.name)

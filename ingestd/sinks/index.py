@@ -26,10 +26,10 @@ class IndexSink(TextSink):
                                      paged=document.mime_type == PDF)
         rows = [(document_id, document.project_id, seq, piece.page, piece.start, piece.end,
                  piece.text) for seq, piece in enumerate(pieces)]
-        for start in range(0, len(rows), 500):
-            Chunk.insert_many(rows[start:start + 500], fields=[
-                Chunk.document, Chunk.project_id, Chunk.seq, Chunk.page, Chunk.start_offset,
-                Chunk.end_offset, Chunk.text]).execute()
+        marks = ", ".join([database.param] * 7)
+        cursor = database.cursor()  # executemany: one prepared statement for every chunk
+        cursor.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
+                           f"end_offset, text) VALUES ({marks})", rows)
 
     def delete(self, document_id: int) -> None:
         with database.atomic():

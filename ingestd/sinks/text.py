@@ -32,15 +32,17 @@ class TextSink:
         return value
 
     def ingest(self, document: Document) -> int:
+        """The document row (and its parts); ``replaces`` is retired by the worker, not here."""
+        param = database.param
         with database.atomic():
-            document_id = DocumentRow.insert(
-                project_id=document.project_id, content_sha256=document.sha256,
-                source_path=document.source_path, original_filename=document.original_filename,
-                mime_type=document.mime_type, text=document.text, page_count=len(document.pages),
-                job_id=document.job_id, created_at=time.time()).execute()
+            document_id = database.execute_sql(
+                "INSERT INTO documents (project_id, content_sha256, source_path, "
+                "original_filename, mime_type, text, page_count, job_id, created_at) "
+                f"VALUES ({', '.join([param] * 9)}) RETURNING id",
+                (document.project_id, document.sha256, document.source_path,
+                 document.original_filename, document.mime_type, document.text,
+                 len(document.pages), document.job_id, time.time())).fetchone()[0]
             self.store_parts(document_id, document)
-            if document.replaces is not None:
-                self.delete(document.replaces)
         return document_id
 
     def store_parts(self, document_id: int, document: Document) -> None:
