@@ -15,9 +15,10 @@ floor       The smallest loop that does the same work, kept here as the floor: a
             as fast as it can); files/s from the first drop to the last row committed (median
             of --floor-runs runs, default 3: one run is short and noisy).
 throughput  The same N files dropped into a running daemon (one project, workers = 2, after = keep,
-            settle_seconds = 0.2; --throughput-settle adds more runs, e.g. 1.0); files/s from the
-            first drop to the last job completed (max completed_at), and the ratio to the floor.
-            Goal: >= 1,000 files/s and >= 0.5 x floor.
+            settle_seconds = 0.2); files/s from the first drop to the last job completed (max
+            completed_at), and the ratio to the floor. Goal: >= 1,000 files/s and >= 0.5 x floor.
+            --throughput-settle S... and --throughput-workers W... run every combination instead
+            (e.g. --throughput-settle 0.2 1.0 --throughput-workers 1 2 4; goals apply to 2).
 latency     settle_seconds = 1.0; 500 files dropped at 50/s; for each, job created_at minus the
             time.time() taken right after its close. Goal: p99 <= settle_seconds + 50 ms.
 startup     100,000 files of 200 bytes already in the folder when the daemon starts: seconds from
@@ -34,6 +35,9 @@ it is ready (threads: with --subprocesses; gil: with --gil, so only the thread h
 sampled, which shows where the interpreter's one core goes) and writes
 DIR/<run>/daemon.speedscope.json (open it at https://speedscope.app) plus a summary of the hottest
 frames to stdout. Profiling slows the daemon: figures taken with --profile are not the figures.
+Other processes on the machine skew every figure: each figure first waits (--quiet-wait, up to
+120 s) for a quiet machine, and reports other_processes_cpu_cores (machine busy CPU minus the
+daemon's and the bench's own); the summary flags figures taken at >= 0.2 such cores.
 Every daemon run also reports its CPU seconds (utime+stime from /proc) while under load, in all
 (extraction children included) and per thread (named with `py-spy dump` when py-spy is installed).
 """
@@ -43,20 +47,20 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import queue
 import random
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,8 +96,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile of ``values``."""
     ordered = sorted(values)
-    rank = max(1, int(round(pct / 100 * len(ordered) + 0.4999)))
-    return ordered[min(rank, len(ordered)) - 1]
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -172,6 +176,44 @@ def count_terminal(reader: DbReader) -> dict[str, int]:
 
 
 # --- the daemon under test ---------------------------------------------------------------------
+
+def machine_ticks() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over CPUs (/proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq + steal
+    return busy / tick, (busy + idle + iowait) / tick
+
+
+class LoadMeter:
+    """CPU cores the rest of the machine used during a figure: all busy CPU minus the daemon's
+    (or the floor's) and this process's own. Others share this 2-core machine (test suites):
+    a figure taken while they ran is not comparable."""
+
+    def __init__(self) -> None:
+        self.busy, _ = machine_ticks()
+        self.mine = sum(os.times()[:4])
+        self.wall = time.monotonic()
+
+    def others(self, measured_cpu: float) -> float:
+        busy, _ = machine_ticks()
+        mine = sum(os.times()[:4]) - self.mine
+        wall = time.monotonic() - self.wall
+        return round(max(0.0, busy - self.busy - mine - measured_cpu) / wall, 2)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``max_wait`` s) for a 2 s window in which the machine is nearly idle; the
+    busy cores seen in the last window."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = machine_ticks()[0]
+        time.sleep(2.0)
+        busy = (machine_ticks()[0] - before) / 2.0
+        if busy <= threshold or time.monotonic() > deadline:
+            return round(busy, 2)
+
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
     """utime + stime of ``pid``, its reaped children and (``children``) its live child processes
@@ -258,7 +300,6 @@ class Daemon:
     settle_seconds: float
     workers: int
     profile: str | None = None  # None, "threads" or "gil" (see --profile)
-    extra_project: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     peak_rss_kb: int = 0
@@ -280,7 +321,6 @@ class Daemon:
     def write_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.home / "state").mkdir(parents=True, exist_ok=True)
-        extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in self.extra_project.items())
         self.config_path.write_text(textwrap.dedent(f"""\
             [daemon]
             state_dir = "{self.home / 'state'}"
@@ -290,7 +330,7 @@ class Daemon:
             folders = ["{self.folder}"]
             settle_seconds = {self.settle_seconds}
             after = "keep"
-            """) + extra)
+            """))
 
     def start(self) -> None:
         """Start the process (the config must be written); ``started_at`` is time.time() before."""
@@ -375,9 +415,11 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
         ready = daemon.wait_ready(reader, ready_timeout)
         cpu_before, wall_before = cpu_seconds(daemon.process.pid), time.time()
         threads_before = thread_cpu(daemon.process.pid)
+        load = LoadMeter()
         result = body(daemon, reader)
         result["ready_seconds"] = round(ready, 3)
         cpu = cpu_seconds(daemon.process.pid) - cpu_before
+        result["other_processes_cpu_cores"] = load.others(cpu)
         result["daemon_cpu_seconds"] = round(cpu, 2)
         result["daemon_cpu_cores"] = round(cpu / (time.time() - wall_before), 2)
         result["cpu_seconds_by_thread"] = cpu_by_thread(daemon.process.pid, threads_before)
@@ -534,6 +576,7 @@ def floor_once(home: Path, payloads: list[bytes], timeout: float) -> dict[str, A
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError("the floor worker did not start")
         cpu_before = cpu_seconds(child.pid)
+        load = LoadMeter()
         first, last_close = drop_many(folder, payloads)
         reader = DbReader(database)
         wait_for(lambda: (reader.value("SELECT count(*) FROM files") or 0) >= len(payloads),
@@ -541,6 +584,7 @@ def floor_once(home: Path, payloads: list[bytes], timeout: float) -> dict[str, A
         last_row = reader.value("SELECT max(inserted_at) FROM files")
         overflows = reader.rows("SELECT count(*), coalesce(sum(rescanned), 0) FROM overflows")[0]
         cpu = cpu_seconds(child.pid) - cpu_before
+        others = load.others(cpu)
         reader.close()
     finally:
         child.send_signal(signal.SIGTERM)
@@ -548,7 +592,8 @@ def floor_once(home: Path, payloads: list[bytes], timeout: float) -> dict[str, A
     seconds = last_row - first
     return {"seconds": round(seconds, 3), "files_per_second": round(len(payloads) / seconds, 1),
             "drop_seconds": round(last_close - first, 3), "cpu_seconds": round(cpu, 2),
-            "inotify_overflows": overflows[0], "files_found_by_rescan": overflows[1]}
+            "inotify_overflows": overflows[0], "files_found_by_rescan": overflows[1],
+            "other_processes_cpu_cores": others}
 
 
 def figure_floor(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -558,7 +603,8 @@ def figure_floor(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     runs = [floor_once(home / f"run{n}", payloads, args.timeout) for n in range(args.floor_runs)]
     median = sorted(runs, key=lambda run: run["files_per_second"])[len(runs) // 2]
     return {"files": args.files, "bytes_each": args.size, **median,
-            "runs": [{k: run[k] for k in ("files_per_second", "drop_seconds", "inotify_overflows")}
+            "runs": [{k: run[k] for k in ("files_per_second", "drop_seconds", "inotify_overflows",
+                                          "other_processes_cpu_cores")}
                      for run in runs]}
 
 
@@ -667,6 +713,7 @@ def bare_pypdf(paths: list[Path]) -> dict[str, Any]:
     from pypdf import PdfReader
 
     pages = chars = 0
+    load = LoadMeter()
     started = time.perf_counter()
     for path in paths:
         reader = PdfReader(path)
@@ -675,7 +722,7 @@ def bare_pypdf(paths: list[Path]) -> dict[str, Any]:
             pages += 1
     seconds = time.perf_counter() - started
     return {"pages": pages, "seconds": round(seconds, 3), "pages_per_second": round(pages / seconds, 1),
-            "characters": chars}
+            "characters": chars, "other_processes_cpu_cores": load.others(0.0)}
 
 
 def figure_pdf_daemon(work: Path, args: argparse.Namespace, blobs: list[bytes], pages: int,
@@ -704,8 +751,12 @@ def figure_pdf_daemon(work: Path, args: argparse.Namespace, blobs: list[bytes], 
 def figure_pdf(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     paths = make_pdf_blobs(work, args.pdfs, args.pdf_pages)
     blobs = [path.read_bytes() for path in paths]
+    quiet = (lambda: wait_until_quiet(args.quiet_wait)) if args.quiet_wait else (lambda: None)
+    quiet()
     bare = bare_pypdf(paths)
+    quiet()
     one = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 1)
+    quiet()
     two = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 2)
     return {"bare_pypdf": bare, "workers1": one, "workers2": two,
             "speedup_2_vs_1": round(two["pages_per_second"] / one["pages_per_second"], 2),
@@ -761,12 +812,28 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def other_load(results: dict[str, Any]) -> list[str]:
+    """Figures during which other processes used a noticeable share of the 2 cores."""
+    noisy = []
+    for name, run in results.items():
+        for part, values in ([(name, run)] + [(f"{name}.{k}", v) for k, v in run.items()
+                                              if isinstance(v, dict)]):
+            cores = values.get("other_processes_cpu_cores") if isinstance(values, dict) else None
+            if cores is not None and cores >= 0.2:
+                noisy.append(f"{part}: {cores:.2f} cores")
+    return noisy
+
+
 def print_summary(results: dict[str, Any]) -> None:
     rows = [("figure", "measured", "goal", "")] + summary_rows(results)
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print("\n== summary (2-core machine: %d CPUs seen) ==" % os.cpu_count())
     for row in rows:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    noisy = other_load(results)
+    if noisy:
+        print("  ! other processes were busy during: " + "; ".join(noisy)
+              + " (figures skewed; run again on a quiet machine)")
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -799,6 +866,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "'threads' (default) samples every busy thread and the extraction "
                              "children, 'gil' only the thread holding the GIL")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quiet-wait", type=float, default=120.0, metavar="S",
+                        help="before each figure, wait up to S seconds for the machine to be "
+                             "idle (others' test runs skew every figure; 0: do not wait)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.figures) - set(FIGURES))
     if unknown:
@@ -819,6 +889,9 @@ def run_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, step in steps:
         print(f"-- {name} ...", flush=True)
+        if args.quiet_wait:
+            busy = wait_until_quiet(args.quiet_wait)
+            print(f"  (machine busy before the run: {busy:.2f} cores)", flush=True)
         started = time.perf_counter()
         try:
             results[name] = step()
@@ -835,6 +908,15 @@ FIGURE_FUNCS = {"floor": figure_floor, "latency": figure_latency, "startup": fig
                 "pdf": figure_pdf}
 
 
+def code_version() -> str:
+    """The package's commit, "-dirty" when the working tree has changes (others edit it live)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_floor-worker"]:
         floor_worker(argv[1], argv[2], int(argv[3]), float(argv[4]))
@@ -843,7 +925,8 @@ def main(argv: list[str]) -> int:
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"working in {work}")
+    version = code_version()
+    print(f"working in {work}; ingestd at {version}")
     try:
         results = run_figures(work, args)
     finally:
@@ -851,7 +934,7 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_summary({k: v for k, v in results.items() if "error" not in v})
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        args.json.write_text(json.dumps({"code": version, **results}, indent=2, default=str))
     return 0 if all("error" not in v for v in results.values()) else 1
 
 
