@@ -38,6 +38,7 @@ from ingestd.work import WorkerPool
 
 log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
+START_SETTLE_WAIT_SECONDS = 120.0
 STATUS_SECONDS = 5.0
 
 
@@ -106,7 +107,10 @@ class Daemon:
         self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
                                id="prune-events")
         self.scheduler.start()
-        self.request_rescan("start")
+        # Record first, then process: every file waiting in the folders gets its job before
+        # any worker competes with job creation for the interpreter.
+        self.pool.hold()
+        self.scheduler.add_job(self._start_scan, id="rescan-start")
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
         self.notifier.ready(self.status_line())
         log.info("daemon_started", **self._facts())
@@ -208,6 +212,13 @@ class Daemon:
             log.info("file_rejected", project=item.project.name, path=item.path, reason=reason)
         if created:
             self.pool.wake()
+
+    def _start_scan(self) -> None:
+        try:
+            db.guarded("rescan", self.rescan)("start")
+            self.settler.wait_idle(START_SETTLE_WAIT_SECONDS)
+        finally:
+            self.pool.resume()
 
     def request_rescan(self, reason: str) -> None:
         """Scan every folder soon, on the scheduler's threads (several requests coalesce)."""

@@ -68,6 +68,7 @@ class Settler:
         self._on_directory = on_directory
         self._batch_size = batch_size
         self._pending: dict[str, Pending] = {}
+        self._flushing = False
         self._heap: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
@@ -85,6 +86,17 @@ class Settler:
         self._stop.set()
         self.inbox.put(("", GONE))  # wake the loop
         self._thread.join(timeout=10)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every noted file that needs no more than its quiet window has become a job
+        (files still waiting for a writer's close do not count); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while (self._flushing or not self.inbox.empty()
+               or any(entry.complete for entry in list(self._pending.values()))):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     @property
     def pending_count(self) -> int:
@@ -189,7 +201,11 @@ class Settler:
 
     def _flush(self, ready: list[Ready]) -> None:
         if ready:
-            self._on_ready(ready)
+            self._flushing = True
+            try:
+                self._on_ready(ready)
+            finally:
+                self._flushing = False
 
 
 def _stat(path: str) -> os.stat_result | None:

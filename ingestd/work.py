@@ -85,6 +85,7 @@ class WorkerPool:
         self._draining: set[int] = set()
         self._job_seconds = 0.01  # moving average of recent job run times (sizes the batches)
         self._stopping = threading.Event()
+        self._held = threading.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -103,9 +104,17 @@ class WorkerPool:
         self.config = config
         self._sinks.clear()
 
+    def hold(self) -> None:
+        """Start no job until :meth:`resume` (start-up records every waiting file first)."""
+        self._held.set()
+
+    def resume(self) -> None:
+        self._held.clear()
+        self.wake()
+
     def wake(self) -> None:
         """Start every idle slot (it returns at once when nothing is due)."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._held.is_set():
             return
         with self._lock:
             idle = [slot for slot in range(self.size) if slot not in self._draining]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -156,3 +157,33 @@ def document_text(job: Job) -> str:
 
 def events_of_type(event_type: str) -> list[Event]:
     return list(Event.select().where(Event.type == event_type).order_by(Event.seq))
+
+
+# --- claim races -----------------------------------------------------------------------------
+
+def _claimer(url: str, owner: str, limit: int, start, results) -> None:
+    from ingestd import jobs
+
+    db.open_store(url)
+    start.wait()  # everyone ready: the race starts together
+    mine: list[int] = []
+    while batch := jobs.claim(owner, limit=limit):
+        for job in batch:
+            jobs.complete(job.id, owner)
+            mine.append(job.id)
+    results.put(mine)
+
+
+def claim_race(url: str, processes: int, limit: int) -> list[list[int]]:
+    """``processes`` real processes claim (and complete) until the queue is empty; the job ids
+    each one won."""
+    spawn = mp.get_context("spawn")
+    start, results = spawn.Barrier(processes), spawn.Queue()
+    workers = [spawn.Process(target=_claimer, args=(url, f"w{n}", limit, start, results))
+               for n in range(processes)]
+    for worker in workers:
+        worker.start()
+    won = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    return won

@@ -9,37 +9,17 @@ from collections import Counter
 from ingestd import db, jobs
 from ingestd.models import Event, Job
 
+from harness import claim_race
 from test_jobs import create, make_file
 
 SPAWN = mp.get_context("spawn")
-
-
-def _claimer(url: str, owner: str, start: mp.Barrier, results: mp.Queue) -> None:
-    db.open_store(url)
-    start.wait()  # both ready: the race starts together
-    claimed: list[int] = []
-    while True:
-        batch = jobs.claim(owner, limit=3)
-        if not batch and not Job.select().where(Job.status == "queued").exists():
-            break
-        for job in batch:
-            jobs.complete(job.id, owner)
-            claimed.append(job.id)
-    results.put(claimed)
 
 
 def test_two_processes_racing_to_claim_never_claim_one_job_twice(cfg, backend, any_store, drop):
     """1,000 jobs, two claiming processes: every job is claimed once, with one started event."""
     for i in range(1000):
         create(cfg, make_file(drop, f"{i}.txt", str(i)))
-    start, results = SPAWN.Barrier(2), SPAWN.Queue()
-    workers = [SPAWN.Process(target=_claimer, args=(backend.daemon.database, f"w{n}", start, results))
-               for n in range(2)]
-    for worker in workers:
-        worker.start()
-    claimed = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=30)
+    claimed = claim_race(backend.daemon.database, processes=2, limit=3)
     everything = claimed[0] + claimed[1]
     assert len(everything) == 1000 and len(set(everything)) == 1000
     assert all(claimed), "both processes should have won some claims"

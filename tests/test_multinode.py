@@ -4,7 +4,6 @@ is lost or doubled, a dead node's jobs are finished by the others, events are se
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import socket
 import sys
 import textwrap
@@ -19,10 +18,7 @@ from ingestd.jobs import FileVersion
 from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
-from harness import Daemon, jobs_for
-
-SPAWN = mp.get_context("spawn")
-
+from harness import Daemon, claim_race, jobs_for
 
 def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
                 sink: str = "") -> Path:
@@ -134,20 +130,6 @@ def test_a_killed_nodes_job_is_finished_by_another_after_its_lease_expires(clust
     assert len(rescued) == 1 and "stopped renewing its lease" in rescued[0].data
 
 
-def _claimer(url: str, owner: str, start, results) -> None:
-    db.open_store(url)
-    start.wait()
-    mine: list[int] = []
-    while True:
-        batch = jobs.claim(owner, limit=4)
-        if not batch:
-            break
-        for job in batch:
-            jobs.complete(job.id, owner)
-            mine.append(job.id)
-    results.put(mine)
-
-
 def test_eight_workers_racing_for_10000_jobs_never_claim_one_twice(pg_url):
     """SKIP LOCKED claims: 8 processes, 10,000 jobs, each claimed exactly once."""
     db.open_store(pg_url)
@@ -156,14 +138,7 @@ def test_eight_workers_racing_for_10000_jobs_never_claim_one_twice(pg_url):
             for i in range(10_000):
                 jobs.create("acme", "/srv/acme", FileVersion(f"/srv/acme/{i}", f"{i}", 1, i, i,
                                                              "text/plain"), 3)
-        start, results = SPAWN.Barrier(8), SPAWN.Queue()
-        workers = [SPAWN.Process(target=_claimer, args=(pg_url, f"w{n}", start, results))
-                   for n in range(8)]
-        for worker in workers:
-            worker.start()
-        claimed = [results.get(timeout=300) for _ in workers]
-        for worker in workers:
-            worker.join(timeout=30)
+        claimed = claim_race(pg_url, processes=8, limit=4)
         everything = [job_id for mine in claimed for job_id in mine]
         assert len(everything) == 10_000 and len(set(everything)) == 10_000
         assert sum(1 for mine in claimed if mine) >= 4  # they really raced
