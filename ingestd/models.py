@@ -171,6 +171,3 @@ class Chunk(BaseModel):
 
     class Meta:
         table_name = "chunks"
-
-
-ALL_MODELS = (Meta, SchemaMigration, Source, Job, Event, EventSequence, Document, Chunk)

@@ -64,7 +64,6 @@ class ExtractorPool:
     def __init__(self, size: int) -> None:
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._slots = threading.Semaphore(size)
-        self._closed = False
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
 

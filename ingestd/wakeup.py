@@ -30,7 +30,6 @@ class JobListener:
         self._on_jobs = on_jobs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-listener", daemon=True)
-        self.connected = False
 
     def start(self) -> None:
         self._thread.start()
@@ -46,7 +45,6 @@ class JobListener:
                 self._listen()
                 backoff = 0.5
             except Exception as exc:  # the server went away: wait, then listen again
-                self.connected = False
                 log.warning("job_listener_lost", reason=str(exc).strip().splitlines()[0:1],
                             retry_in=backoff)
                 self._stop.wait(backoff)
@@ -57,7 +55,6 @@ class JobListener:
 
         with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as connection:
             connection.execute(f"LISTEN {CHANNEL}")
-            self.connected = True
             self._on_jobs()  # jobs created while we were not listening
             while not self._stop.is_set():
                 for _ in connection.notifies(timeout=1.0, stop_after=1):
