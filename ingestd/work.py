@@ -142,7 +142,7 @@ class WorkerPool:
             running.control.abandon.set()
             try:
                 jobs.release(job_id, self.owner)
-                log.info("job_requeued_at_shutdown", job_id=job_id, project=running.job.project_id)
+                log.info("job_requeued", job_id=job_id, project=running.job.project_id)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
             with self._lock:
@@ -166,6 +166,7 @@ class WorkerPool:
 
     def _drain(self, slot: int) -> None:
         """One slot: claim and run due jobs until none is left."""
+        batch: set[int] = set()
         try:
             while not self._stopping.is_set():
                 claimed = db.guarded("claim", jobs.claim)(
@@ -173,11 +174,15 @@ class WorkerPool:
                 if not claimed:
                     return
                 controls = [(job, Control()) for job in claimed]
+                batch = {job.id for job in claimed}
                 with self._lock:
                     self._running.update((job.id, Running(job, c)) for job, c in controls)
                 for job, control in controls:
                     if not (self._stopping.is_set() or control.abandon.is_set()):
                         self._run(job, control)  # else stop() releases it
+        except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
+            log.exception("worker_slot_error", slot=slot)
+            self._release(lambda running: running.job.id in batch and not running.control.begun)
         finally:
             with self._lock:
                 self._draining.discard(slot)
@@ -201,7 +206,7 @@ class WorkerPool:
             log.warning("job_interrupted", job_id=job.id, project=job.project_id,
                         reason=str(db.as_store_error(exc)))
             db.reset_connection()
-            db.guarded("release", jobs.release)(job.id, self.owner)  # else its lease expires
+            self._release(lambda running: running.job.id == job.id)  # else its lease expires
         except Exception:
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)
