@@ -292,6 +292,9 @@ def proc_status(pid: int) -> dict[str, int]:
     return found
 
 
+SINK = {"kind": "index"}  # set from --sink before any daemon starts
+
+
 @dataclass
 class Daemon:
     """One `ingestd run` in its own folder: config, state, drop folder, log."""
@@ -300,6 +303,7 @@ class Daemon:
     settle_seconds: float
     workers: int
     profile: str | None = None  # None, "threads" or "gil" (see --profile)
+    sink: str = "index"  # the project's sink kind (--sink)
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     peak_rss_kb: int = 0
@@ -330,6 +334,9 @@ class Daemon:
             folders = ["{self.folder}"]
             settle_seconds = {self.settle_seconds}
             after = "keep"
+
+            [projects.bench.sink]
+            kind = "{self.sink}"
             """))
 
     def start(self) -> None:
@@ -405,7 +412,7 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
                ready_timeout: float = 60.0) -> dict[str, Any]:
     """Write the config, run ``before_start``, start the daemon, wait until ready, run ``body``,
     stop the daemon; ``body``'s result plus facts about the run."""
-    daemon = Daemon(fresh(home), settle, workers, profile)
+    daemon = Daemon(fresh(home), settle, workers, profile, SINK["kind"])
     daemon.write_config()
     if before_start is not None:
         before_start(daemon)
@@ -866,6 +873,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "'threads' (default) samples every busy thread and the extraction "
                              "children, 'gil' only the thread holding the GIL")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--sink", default="index", choices=("index", "text"),
+                        help="the project's sink (index: the default; text: no index)")
     parser.add_argument("--quiet-wait", type=float, default=120.0, metavar="S",
                         help="before each figure, wait up to S seconds for the machine to be "
                              "idle (others' test runs skew every figure; 0: do not wait)")
@@ -922,6 +931,7 @@ def main(argv: list[str]) -> int:
         floor_worker(argv[1], argv[2], int(argv[3]), float(argv[4]))
         return 0
     args = parse_args(argv)
+    SINK["kind"] = args.sink
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)

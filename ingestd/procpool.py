@@ -63,9 +63,22 @@ class ExtractorPool:
 
     def __init__(self, size: int) -> None:
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._size = size
         self._slots = threading.Semaphore(size)
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Start the children now, in the background: the first PDF then does not wait for a
+        Python interpreter to start (about 0.15 s)."""
+        def start() -> None:
+            for _ in range(self._size):
+                worker = _Worker()
+                with self._lock:
+                    self._all.add(worker)
+                self._idle.put(worker)
+
+        threading.Thread(target=start, name="extract-warm", daemon=True).start()
 
     def extract_pdf(self, data: bytes, deadline: float,
                     on_page: Callable[[int, int], None],

@@ -97,6 +97,7 @@ class WorkerPool:
         self._scheduler.add_job(db.guarded("rescue", self.rescue), "interval",
                                 seconds=max(0.5, lease / 2), id="rescue")
         self._scheduler.add_job(self.wake, "interval", seconds=POLL_SECONDS, id="poll")
+        self._extractors.warm()
         self.rescue_dead_local_owners()
 
     def reconfigure(self, config: Config) -> None:
