@@ -303,8 +303,7 @@ class TestLifecycle:
         sink, release = blocking_sink(tmp_path)
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=sink)
         path = drop(folders["acme"], "held.txt", "held by its sink")
-        wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
-                 message="the job running")
+        wait_job(path, "running")
         assert running.stop(timeout=30) == 0
         [job] = jobs_for(path)
         assert (job.status, job.attempts) == ("queued", 0)
@@ -318,8 +317,7 @@ class TestLifecycle:
         sink, release = blocking_sink(tmp_path)
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=sink)
         path = drop(folders["acme"], "interrupted.txt", "held by its sink")
-        wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
-                 message="the job running")
+        wait_job(path, "running")
         running.signal(signal.SIGTERM)
         running.notify.wait_for(lambda m: m == "STOPPING=1")
         running.signal(signal.SIGTERM)
@@ -371,8 +369,7 @@ class TestJobControl:
         """`jobs cancel` on a running PDF stops it between pages: cancelled, no document."""
         daemon = make_daemon(acme_extra=BIG)
         path = slow_pdf(folders["acme"] / "cancel-me.pdf")
-        job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"],
-                       timeout=30, message="running")[0]
+        job = wait_job(path, "running")
         result = run_cli("jobs", "cancel", "-p", "acme", str(job.id), config=daemon.config)
         assert result.returncode == 0, result.stderr
         ended = wait_ended(path)

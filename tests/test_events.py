@@ -21,7 +21,7 @@ from ingestd.models import Event, Job
 
 import corpus
 from conftest import run_cli, wait_for
-from harness import Daemon, jobs_for, open_db, wait_job, write_config
+from harness import Daemon, open_db, wait_job, write_config
 
 REQUIRED = {"specversion": str, "id": str, "source": str, "type": str, "time": str,
             "datacontenttype": str, "sequence": str, "data": dict}
@@ -162,8 +162,7 @@ def test_the_clis_cancel_shows_up_on_the_socket(start, tmp_path):
     subscriber = Subscriber(daemon.root / "state" / "events.sock")
     path = tmp_path / "drop" / "long.pdf"
     corpus.make_pdf(path, [f"page {i} lorem ipsum" for i in range(12_000)])
-    job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], timeout=30,
-                   message="running")[0]
+    job = wait_job(path, "running")
     assert run_cli("jobs", "cancel", "-p", "acme", str(job.id), config=daemon.config).returncode == 0
     wait_for(lambda: any(e["type"] == "io.ingestd.job.cancelled" and e["subject"] == str(job.id)
                          for e in subscriber.lines), timeout=30, message="cancelled on the socket")

@@ -18,7 +18,7 @@ from ingestd.jobs import FileVersion
 from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
-from harness import Daemon, claim_race, jobs_for
+from harness import Daemon, claim_race, jobs_for, wait_job
 
 def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
                 sink: str = "") -> Path:
@@ -120,7 +120,7 @@ def test_a_killed_nodes_job_is_finished_by_another_after_its_lease_expires(clust
                               f'command = ["{sys.executable}", "{script}"]')
     path = shared / "held.txt"
     path.write_text("held by the first node")
-    wait_for(lambda: [j for j in jobs_for(path) if j.status == "running"], message="running on n1")
+    wait_job(path, "running")
     start("n2")  # alive before n1 dies: only the lease can tell it n1 is gone
     holder.kill()
     job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "completed"], timeout=60,
