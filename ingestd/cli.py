@@ -172,7 +172,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return EXIT_OK
     for rank, hit in enumerate(hits, start=1):
         page = f" page {hit.page}" if hit.page else ""
-        print(f"{rank}. {hit.score:.2f}  {hit.source_path}{page}  (job {hit.job_id})")
+        print(f"{rank}. {hit.score:.3g}  {hit.source_path}{page}  (job {hit.job_id})")
         print(f"   {hit.snippet}")
     if not hits:
         print("no match")
