@@ -68,14 +68,19 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, ensure_ascii=True).encode("ascii")
 
 
+def decode_reply(raw: bytes) -> tuple[str, Any]:
+    """A reply's text, and its JSON value (None when it is not JSON)."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        return text, json.loads(text)
+    except ValueError:
+        return text, None
+
+
 def parse_document_id(raw: bytes, source: str) -> int:
     """The id in a reply (``42`` or ``{"id": 42, ...}``); anything else is a permanent error,
     since the same program would answer the same way again."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
+    text, value = decode_reply(raw)
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DOCUMENT_ID:

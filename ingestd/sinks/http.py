@@ -21,7 +21,6 @@ vetting and shipping in the systemd venv) would buy nothing here.
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import ssl
 import urllib.error
@@ -33,7 +32,7 @@ from ingestd import __version__
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.sinks import Document, SinkError
-from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, encode,
+from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
                                    ingest_message, parse_document_id, shorten)
 
 MAX_REPLY_BYTES = 1 << 20  # an id, or an error page: never more than this is read
@@ -115,11 +114,7 @@ def _check(status: int, reply: bytes) -> None:
 def _reason(status: int, reply: bytes) -> str:
     """A short why from an error body: a JSON ``error``/``detail``/``message``, else its first
     line, else the status's standard phrase."""
-    text = reply.decode("utf-8", errors="replace").strip()
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
+    text, parsed = decode_reply(reply)
     if isinstance(parsed, dict):
         for key in ("error", "detail", "message", "reason"):
             if isinstance(parsed.get(key), str) and parsed[key].strip():
