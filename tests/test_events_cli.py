@@ -204,6 +204,15 @@ def site(tmp_path: Path):
     made.close()
 
 
+def fake_event_socket(site: "Site") -> socket.socket:
+    """A listener at the daemon's event socket path, played by the test instead of a daemon."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(site.config.parent / "state" / "events.sock"))
+    listener.listen(4)
+    listener.settimeout(30)
+    return listener
+
+
 def last_seq() -> int:
     return Event.select(fn.MAX(Event.seq)).scalar() or 0
 
@@ -336,11 +345,7 @@ class TestFollow:
 
     def test_a_stream_that_skips_ahead_is_filled_from_the_database(self, site):
         """Whatever the socket does (skip, repeat, garble, overflow), each sequence prints once."""
-        path = site.config.parent / "state" / "events.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(4)
-        listener.settimeout(30)
+        listener = fake_event_socket(site)
         for i in range(10):
             reject(f"/drop/acme/before{i}.txt")
         installation = installation_id()
@@ -375,11 +380,7 @@ class TestFollow:
 
     def test_a_socket_of_another_database_is_not_trusted(self, site):
         """Lines from a daemon of another database are ignored: the follower polls its own."""
-        path = site.config.parent / "state" / "events.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(4)
-        listener.settimeout(30)
+        listener = fake_event_socket(site)
         for i in range(3):
             reject(f"/drop/acme/mine{i}.txt")
         try:
