@@ -557,12 +557,13 @@ def finish_cancelled(job_id: int, owner: str | None,
                        message=message, **_END)
 
 
-def release(job_id: int, owner: str) -> Job:
-    """Give a running job back to the queue without counting the attempt (orderly shutdown)."""
+def release(job_id: int, owner: str, reason: str = "re-queued at shutdown") -> Job:
+    """Give a running job back to the queue without counting the attempt: the worker stopped
+    for its own reasons (shutdown, a lost database connection), not the job's."""
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
                        action="release", status=JobStatus.QUEUED.value,
                        stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),
-                       attempts=Raw("attempts - 1"), message="re-queued at shutdown", **_END)
+                       attempts=Raw("attempts - 1"), message=reason, **_END)
 
 
 def rescue_expired(limit: int = 100) -> list[Job]:

@@ -136,14 +136,16 @@ class WorkerPool:
         self._release(lambda running: True)
         self._extractors.close()
 
-    def _release(self, which: Callable[[Running], bool]) -> None:
+    def _release(self, which: Callable[[Running], bool],
+                 reason: str = "re-queued at shutdown") -> None:
         with self._lock:
             leftovers = [(job_id, r) for job_id, r in self._running.items() if which(r)]
         for job_id, running in leftovers:
             running.control.abandon.set()
             try:
-                jobs.release(job_id, self.owner)
-                log.info("job_requeued", job_id=job_id, project=running.job.project_id)
+                jobs.release(job_id, self.owner, reason)
+                log.info("job_requeued", job_id=job_id, project=running.job.project_id,
+                         reason=reason)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
             with self._lock:
@@ -183,7 +185,8 @@ class WorkerPool:
                         self._run(job, control)  # else stop() releases it
         except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
             log.exception("worker_slot_error", slot=slot)
-            self._release(lambda running: running.job.id in batch and not running.control.begun)
+            self._release(lambda running: running.job.id in batch and not running.control.begun,
+                          "re-queued: its worker slot failed (see the daemon's log)")
         finally:
             with self._lock:
                 self._draining.discard(slot)
@@ -207,7 +210,8 @@ class WorkerPool:
             log.warning("job_interrupted", job_id=job.id, project=job.project_id,
                         reason=str(db.as_store_error(exc)))
             db.reset_connection()
-            self._release(lambda running: running.job.id == job.id)  # else its lease expires
+            self._release(lambda running: running.job.id == job.id,  # else its lease expires
+                          "re-queued after a database error")
         except Exception:
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)
