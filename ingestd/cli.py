@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ingestd import daemon, log
 
     log.configure(args.log_level)
-    code = daemon.run(getattr(args, "config", None))
+    code = daemon.run(getattr(args, "config", None), args.log_level)
     # A worker thread may still wait on a slow sink: its job was released (or will be rescued),
     # so do not let the interpreter wait for it at exit.
     logging.shutdown()

@@ -26,7 +26,6 @@ from ingestd.control import ControlServer
 from ingestd.errors import IngestdError
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
-from ingestd.pipeline import Control
 from ingestd.publish import Publisher
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
@@ -34,7 +33,8 @@ from ingestd.stream import EventStream
 from ingestd.systemd import Notifier
 from ingestd.wakeup import JobListener
 from ingestd.watch import Watcher
-from ingestd.work import WorkerPool
+from ingestd.work import node_owner
+from ingestd.workproc import Finished, WorkerProcesses
 
 log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
@@ -43,8 +43,10 @@ STATUS_SECONDS = 5.0
 
 
 class Daemon:
-    def __init__(self, config: Config, config_arg: str | None = None) -> None:
+    def __init__(self, config: Config, config_arg: str | None = None,
+                 log_level: str = "info") -> None:
         self.config = config
+        self.owner = node_owner()
         self._config_arg = config_arg
         self._signals: list[int] = []
         self._wakeup = threading.Event()
@@ -55,7 +57,7 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4)}, timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
-        self.pool = WorkerPool(config, self.scheduler, self._job_finished)
+        self.pool = WorkerProcesses(config, log_level, self._job_finished)
         self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
                                self._scan_directory)
         self.watcher = Watcher(self.settler.note, self._overflowed)
@@ -109,7 +111,6 @@ class Daemon:
         self.scheduler.start()
         # Record first, then process: every file waiting in the folders gets its job before
         # any worker competes with job creation for the interpreter.
-        self.pool.hold()
         self.scheduler.add_job(self._start_scan, id="rescan-start")
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
         self.notifier.ready(self.status_line())
@@ -137,6 +138,7 @@ class Daemon:
     def _on_signal(self, number: int, frame: object) -> None:
         stops = number in (signal.SIGTERM, signal.SIGINT)
         if stops and self._stopping.is_set():
+            self.pool.kill()
             os._exit(1)  # second signal: at once; leases of this dead process are rescued later
         if stops:
             self._stopping.set()
@@ -254,34 +256,42 @@ class Daemon:
         metrics.inotify_overflows.inc()
         self.request_rescan("overflow")
 
-    def _job_finished(self, job: Job, control: Control) -> None:
+    def _job_finished(self, job: Finished) -> None:
         metrics.jobs_finished.labels(job.project_id, job.status).inc()
         if job.status == JobStatus.COMPLETED and job.completed_at:
             metrics.job_duration.labels(job.project_id).observe(job.completed_at - job.created_at)
-        for stage, seconds in control.stage_seconds.items():
+        for stage, seconds in job.stage_seconds.items():
             metrics.stage_duration.labels(stage).observe(seconds)
 
     # --- state -----------------------------------------------------------------------------------
 
     def _live_numbers(self) -> dict[str, float]:
-        return {"workers_busy": self.pool.busy, "workers": self.pool.size,
+        return {"workers_busy": len(self._running()), "workers": self.pool.size,
                 "subscribers": self.stream.subscribers if self.stream else 0,
                 "subscriber_drops": self.stream.dropped if self.stream else 0,
                 "events_published": self.publisher.published if self.publisher else 0,
                 "settling_files": self.settler.pending_count}
 
+    def _running(self) -> list[dict[str, Any]]:
+        """The jobs this daemon's worker processes hold, from the database (the truth)."""
+        moment = time.time()
+        return [{"job_id": job.id, "project": job.project_id, "path": job.source_path,
+                 "stage": job.stage, "seconds": round(moment - (job.started_at or moment), 3)}
+                for job in jobs.running_under(self.pool.owners)]
+
     def status(self) -> dict[str, Any]:
         """The live state ``ingestd status`` shows."""
         settings = self.config.daemon
+        running = self._running()
         return {
-            "pid": os.getpid(), "version": __version__, "node": self.pool.owner,
+            "pid": os.getpid(), "version": __version__, "node": self.owner,
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "config": str(self.config.source) if self.config.source else None,
             "database": db.describe(settings.database),
             "projects": {name: {"folders": [w for w in self.watcher.watched if w["project"] == name]}
                          for name in self.config.projects},
-            "workers": {"busy": self.pool.busy, "total": self.pool.size,
-                        "running": self.pool.running()},
+            "workers": {"busy": len(running), "total": self.pool.size, "running": running,
+                        "processes": self.pool.pids},
             "settling_files": self.settler.pending_count,
             "last_rescan": self.last_scan,
             "events": {"published": self.publisher.published if self.publisher else 0,
@@ -293,19 +303,19 @@ class Daemon:
         }
 
     def _facts(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "version": __version__, "node": self.pool.owner,
+        return {"pid": os.getpid(), "version": __version__, "node": self.owner,
                 "config": str(self.config.source) if self.config.source else None,
                 "projects": sorted(self.config.projects), "workers": self.pool.size}
 
     def status_line(self) -> str:
         queued = Job.select().where(Job.status == JobStatus.QUEUED.value).count()
-        return (f"{queued} queued, {self.pool.busy}/{self.pool.size} workers busy, "
+        return (f"{queued} queued, {len(self._running())}/{self.pool.size} workers busy, "
                 f"{self.settler.pending_count} settling")
 
 
-def run(config_arg: str | None) -> int:
+def run(config_arg: str | None, log_level: str = "info") -> int:
     """Entry point of ``ingestd run``."""
     config = config_mod.load(config_arg)
     config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-    return Daemon(config, config_arg).run()
+    return Daemon(config, config_arg, log_level).run()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -59,8 +62,64 @@ def _sqlite(url: str) -> pw.SqliteDatabase:
     # IMMEDIATE: a write transaction takes the write lock at BEGIN, so two writers queue on the
     # busy timeout instead of one failing when it upgrades a read lock.
     # RETURNING (SQLite 3.35+) lets claim() be one statement, as on PostgreSQL.
-    return pw.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_SECONDS,
-                             lock_type="IMMEDIATE", returning_clause=True)
+    cls = pw.SqliteDatabase if path == ":memory:" else QueuedWriterSqlite
+    return cls(path, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_SECONDS,
+               lock_type="IMMEDIATE", returning_clause=True)
+
+
+class QueuedWriterSqlite(pw.SqliteDatabase):
+    """SQLite whose write transactions queue on a lock file (``flock``) before BEGIN.
+
+    SQLite's own busy handler sleeps and polls (1, 2, 5, 10... ms): the daemon's worker
+    processes and its job creation, all writing small transactions, would spend most of their
+    time asleep waiting for a lock that was free long before. The kernel hands a ``flock`` to
+    the next waiter the moment it is released. Every thread's connection has its own lock
+    file descriptor; the kernel releases the lock of a process that dies. Writers that do not
+    take it (the sqlite3 shell) are still kept out by SQLite's lock and its busy timeout.
+    """
+
+    def __init__(self, database: str, *args, **kwargs) -> None:
+        super().__init__(database, *args, **kwargs)
+        self._lock_path = f"{database}.writelock"
+        self._lock_fds = threading.local()
+
+    def _lock_fd(self) -> int:
+        fd = getattr(self._lock_fds, "fd", None)
+        if fd is None:
+            fd = self._lock_fds.fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                             0o660)
+        return fd
+
+    def _unlock(self) -> None:
+        fd = getattr(self._lock_fds, "fd", None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def begin(self, lock_type: str | None = None) -> None:
+        fcntl.flock(self._lock_fd(), fcntl.LOCK_EX)
+        try:
+            super().begin(lock_type)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._unlock()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._unlock()
+
+    def close(self) -> bool:
+        try:
+            return super().close()
+        finally:
+            self._unlock()
 
 
 def open_store(url: str, migrate: bool = True) -> pw.Database:
@@ -100,6 +159,12 @@ def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
             return None
 
     return run
+
+
+def transaction() -> contextlib.AbstractContextManager:
+    """A transaction, or nothing when already inside one: the outer transaction (or the
+    caller's savepoint) undoes the work on an error, and a savepoint would cost two statements."""
+    return contextlib.nullcontext() if database.in_transaction() else database.atomic()
 
 
 def close_store() -> None:

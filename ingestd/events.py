@@ -128,8 +128,9 @@ def prune(retention_days: float) -> int:
     period has published (an event is never pruned before it was published)."""
     horizon = jobs.now() - retention_days * 86400
     param = database.param
-    cursor = database.execute_sql(
-        f"DELETE FROM ingest_events WHERE time < {param} AND seq <= "
-        f"(SELECT MIN(last_seq) FROM ingest_publish_cursors WHERE updated_at >= {param})",
-        (horizon, horizon))
-    return cursor.rowcount
+    with database.atomic():  # a write transaction: it queues on the writers' lock (db.py)
+        cursor = database.execute_sql(
+            f"DELETE FROM ingest_events WHERE time < {param} AND seq <= "
+            f"(SELECT MIN(last_seq) FROM ingest_publish_cursors WHERE updated_at >= {param})",
+            (horizon, horizon))
+        return cursor.rowcount

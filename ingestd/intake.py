@@ -118,6 +118,7 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
     write lock is not held during file I/O. A version that already has a job is skipped.
     """
     inspected, rejected = [], []
+    projects = {item.project.name: item.project for item in ready}
     for item in ready:
         if item.signature[0] == 0 and item.project.empty_files == "skip":
             rejected.append((item, "empty file (the project skips empty files)"))
@@ -126,13 +127,13 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
             inspected.append((item, *_settled_version(item)))
         except InputRefused as exc:
             rejected.append((item, str(exc)))
+    by_project: dict[str, list[tuple[str, FileVersion]]] = {}
+    for item, folder, version in inspected:
+        by_project.setdefault(item.project.name, []).append((str(folder), version))
     created = []
     with database.atomic():
-        for item, folder, version in inspected:
-            job, is_new = jobs.create(item.project.name, str(folder), version,
-                                      item.project.max_attempts)
-            if is_new:
-                created.append(job)
+        for name, found in by_project.items():
+            created += jobs.create_many(name, found, projects[name].max_attempts)
         for item, reason in rejected:
             shown = display_path(item.path)[0]
             jobs.emit(jobs.FILE_REJECTED, {"path": shown, "reason": reason},

@@ -17,7 +17,6 @@ separate fields.
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
 import enum
 import hashlib
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import peewee as pw
 
-from ingestd.db import is_postgres
+from ingestd.db import is_postgres, transaction as db_transaction
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Job, JobStatus, Source, Stage, database
 from ingestd.wakeup import notify_sql
@@ -167,12 +166,16 @@ def clock_sql() -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
+_CONVERTERS = [(f.name, f.python_value) for f in _FIELDS]
+
+
 def _to_job(row: Sequence[Any]) -> Job:
-    values = {f.name: (f.python_value(v) if v is not None else None) for f, v in zip(_FIELDS, row)}
+    values = {name: (convert(v) if v is not None else None)
+              for (name, convert), v in zip(_CONVERTERS, row)}
     if isinstance(values.get("source_path_raw"), memoryview):
         values["source_path_raw"] = bytes(values["source_path_raw"])
-    job = Job(**{k: v for k, v in values.items() if k != "source"})
-    job.source_id = values["source"]
+    job = Job(__no_default__=True)
+    job.__data__ = values  # what peewee's own row readers fill, in one step (no dirty fields)
     return job
 
 
@@ -183,34 +186,43 @@ def _fetch(where: str, params: Sequence[Any]) -> Job | None:
 
 # --- the outbox ----------------------------------------------------------------------------------
 
-def _transaction() -> Any:
-    """A transaction, or nothing when already inside one (a savepoint would cost two statements)."""
-    return contextlib.nullcontext() if database.in_transaction() else database.atomic()
-
-
-def _next_seq() -> int:
-    # One counter row, incremented inside the writer's transaction: the row lock (PostgreSQL) or
-    # the write lock (SQLite) is held until commit, so sequences commit in order with no gaps.
-    row = database.execute_sql(
-        "UPDATE ingest_event_sequence SET last_seq = last_seq + 1 WHERE id = 1 "
-        "RETURNING last_seq").fetchone()
-    return row[0]
+_transaction = db_transaction
 
 
 def emit(event_type: str, data: dict[str, Any], project_id: str | None = None,
          job_id: int | None = None) -> int:
     """Insert one event into the outbox, in the caller's transaction (or its own); its sequence."""
+    return _emit_all([(event_type, data, project_id, job_id)])
+
+
+def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None]]) -> int:
+    """Insert events (type, data, project, job) with consecutive sequences; the last one.
+
+    The sequence is one counter row, incremented inside the writer's transaction: its row lock
+    (PostgreSQL) or the write lock (SQLite) is held until commit, so sequences commit in order
+    with no gaps."""
+    if not events:
+        return 0
     with _transaction():
-        seq = _next_seq()
-        _execute("INSERT INTO ingest_events (seq, type, project_id, job_id, time, data) "
-                 "VALUES (?, ?, ?, ?, ?, ?)",
-                 (seq, event_type, project_id, job_id, now(),
-                  json.dumps(data, ensure_ascii=False, separators=(",", ":"))))
-    return seq
+        last = database.execute_sql(
+            "UPDATE ingest_event_sequence SET last_seq = last_seq + ? WHERE id = 1 "
+            "RETURNING last_seq".replace("?", database.obj.param), (len(events),)).fetchone()[0]
+        moment, first = now(), last - len(events) + 1
+        rows = [(first + index, event_type, project_id, job_id, moment,
+                 json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+                for index, (event_type, data, project_id, job_id) in enumerate(events)]
+        database.cursor().executemany(
+            _sql("INSERT INTO ingest_events (seq, type, project_id, job_id, time, data) "
+                 "VALUES (?, ?, ?, ?, ?, ?)"), rows)
+    return last
 
 
 def _emit_job(event_type: str, job: Job) -> None:
-    emit(event_type, job_record(job), project_id=job.project_id, job_id=job.id)
+    _emit_jobs(event_type, [job])
+
+
+def _emit_jobs(event_type: str, changed: Sequence[Job]) -> None:
+    _emit_all([(event_type, job_record(job), job.project_id, job.id) for job in changed])
 
 
 # --- creating ------------------------------------------------------------------------------------
@@ -273,6 +285,29 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
         return job, True
 
 
+def create_many(project_id: str, found: Sequence[tuple[str, FileVersion]],
+                max_attempts: int) -> list[Job]:
+    """Queue a job for each ``(folder, version)`` that has none yet, in one transaction; the
+    jobs created (a version that has a job, whoever made it, is skipped: see :func:`create`)."""
+    keyed = {version.key(project_id): (folder, version) for folder, version in found}
+    fresh = [(key, folder, version) for key, (folder, version) in keyed.items()]
+    if not fresh:
+        return []
+    sources = {folder: ensure_source(project_id, folder) for _, folder, _ in fresh}
+    created: list[Job] = []
+    with _transaction():
+        for start in range(0, len(fresh), INSERT_BATCH):
+            rows = [(sources[folder], version, key) for key, folder, version
+                    in fresh[start:start + INSERT_BATCH]]
+            created += _insert_rows(project_id, rows, max_attempts)
+        created.sort(key=lambda job: job.id)
+        _emit_jobs(JOB_CREATED, created)
+        if created and is_postgres():
+            _execute(notify_sql())  # idle workers of every node wake at commit
+    return created
+
+
+INSERT_BATCH = 400  # rows per INSERT: 20 parameters each, well under SQLite's limit
 _INSERT_COLUMNS = ("project_id", "source_id", "source_path", "source_path_raw",
                    "original_filename", "byte_size", "mime_type", "stage", "status", "progress",
                    "attempts", "max_attempts", "is_deep_scan", "version_key", "file_mtime_ns",
@@ -282,18 +317,27 @@ _INSERT_COLUMNS = ("project_id", "source_id", "source_path", "source_path_raw",
 def _insert(project_id: str, source_id: int, version: FileVersion, key: str,
             max_attempts: int, is_deep_scan: bool) -> Job | None:
     """Insert the job unless its version exists (ON CONFLICT: no savepoint, no aborted txn)."""
+    created = _insert_rows(project_id, [(source_id, version, key)], max_attempts, is_deep_scan)
+    return created[0] if created else None
+
+
+def _insert_rows(project_id: str, rows: Sequence[tuple[int, FileVersion, str]],
+                 max_attempts: int, is_deep_scan: bool = False) -> list[Job]:
+    """One INSERT of ``(source_id, version, version_key)`` rows; versions that exist already
+    (another process was first) are skipped by ON CONFLICT. The jobs inserted."""
     moment = now()
-    values = (project_id, source_id, version.path, version.raw_path, version.original_filename,
-              version.byte_size, version.mime_type, Stage.INITIAL.value, JobStatus.QUEUED.value,
-              0.0, 0, max_attempts, is_deep_scan, key, version.mtime_ns, version.inode,
-              False, moment, moment)
-    marks = ["?"] * len(values)
+    params: list[Any] = []
+    for source_id, version, key in rows:
+        params += (project_id, source_id, version.path, version.raw_path,
+                   version.original_filename, version.byte_size, version.mime_type,
+                   Stage.INITIAL.value, JobStatus.QUEUED.value, 0.0, 0, max_attempts,
+                   is_deep_scan, key, version.mtime_ns, version.inode, False, moment, moment)
+    marks = ["?"] * (len(_INSERT_COLUMNS) - 1)
     marks.insert(_INSERT_COLUMNS.index("not_before"), clock_sql())
-    row = _execute(
-        f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) "
-        f"VALUES ({', '.join(marks)}) "
-        f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", values).fetchone()
-    return _to_job(row) if row else None
+    values = ", ".join([f"({', '.join(marks)})"] * len(rows))
+    cursor = _execute(f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) VALUES {values} "
+                      f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", params)
+    return [_to_job(row) for row in cursor.fetchall()]
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -394,7 +438,7 @@ def _transition(job_id: int, *, expect: Sequence[JobStatus], event: str | None, 
         if value is not None:
             conditions.append(f"{column} = ?")
             params.append(value)
-    with database.atomic():
+    with _transaction():  # nested: a lost compare-and-set wrote nothing, no savepoint needed
         row = _execute(f"UPDATE ingest_jobs SET {', '.join(assignments)} "
                        f"WHERE {' AND '.join(conditions)} RETURNING {_ALL_COLUMNS}",
                        params).fetchone()
@@ -476,8 +520,7 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
             f"RETURNING {_ALL_COLUMNS}",
             (limit, owner, float(lease_seconds), moment, moment)).fetchall()
         claimed = sorted((_to_job(row) for row in rows), key=lambda job: job.id)
-        for job in claimed:
-            _emit_job(JOB_STARTED, job)
+        _emit_jobs(JOB_STARTED, claimed)
         return claimed
 
 
@@ -579,6 +622,14 @@ def running_owners() -> list[str]:
     """Lease owners that hold running jobs now."""
     rows = _execute("SELECT DISTINCT lease_owner FROM ingest_jobs WHERE status = 'running'")
     return [row[0] for row in rows.fetchall() if row[0]]
+
+
+def running_under(owners: Sequence[str]) -> list[Job]:
+    """The running jobs whose lease ``owners`` hold."""
+    if not owners:
+        return []
+    return list(Job.select().where(_IS_RUNNING, Job.lease_owner.in_(list(owners)))
+                .order_by(Job.id))
 
 
 def rescue_owned(owners: Sequence[str]) -> list[Job]:

@@ -118,24 +118,72 @@ class _Progress:
 
 
 def run_job(job: Job, ctx: Context) -> Job | None:
-    """Run ``job`` to its end; return the final job (None when it was abandoned)."""
+    """Run ``job`` to its end and dispose of its original; the final job (None: abandoned)."""
+    final = execute(job, ctx)
+    if final is not None:
+        after_end(final, ctx.project)
+    return final
+
+
+def after_end(final: Job, project: ProjectConfig) -> None:
+    """What follows a committed end: the original of a completed or failed job is moved or
+    deleted as the project says."""
+    if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        dispose_original(final, project)
+
+
+def execute(job: Job, ctx: Context) -> Job | None:
+    """Run ``job`` to its end transition, touching no file; the final job (None: abandoned)."""
+    return conclude(job, ctx, prepare(job, ctx))
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` found: the text to index, a known document with the same content,
+    or the exception that decides the job's end."""
+
+    sha: str | None = None
+    mime: str = ""
+    extracted: Extracted | None = None
+    known: documents.Known | None = None
+    error: Exception | None = None
+
+
+def prepare(job: Job, ctx: Context) -> Prepared:
+    """Read and extract: everything before the job's end that writes nothing but (throttled)
+    progress. A worker prepares a group of small jobs, then concludes them in one transaction,
+    so the write lock is never held while files are read."""
     ctx.deadline = time.monotonic() + ctx.project.job_timeout_seconds
-    bound = log.bind(job_id=job.id, project=job.project_id, path=job.source_path)
-    sha = None
+    found = Prepared()
     try:
         progress = _Progress(job, ctx)
         progress.update(Stage.READING, 0.0)
-        data, sha = read_version(job, ctx.project)
-        mime = _check_type(job, ctx.project, data)
+        data, found.sha = read_version(job, ctx.project)
+        found.mime = _check_type(job, ctx.project, data)
         ctx.check()
-        known = documents.current_for_content(job.project_id, sha)
-        if known is not None:  # nothing to extract: the project has this content already
-            return _finish(bound, _complete_duplicate(job, ctx, known, sha), ctx)
-        progress.update(Stage.EXTRACTING, 0.1)
-        extracted = _extract(data, mime, ctx, progress)
+        found.known = documents.current_for_content(job.project_id, found.sha)
+        if found.known is None:  # else nothing to extract: the project has this content
+            progress.update(Stage.EXTRACTING, 0.1)
+            found.extracted = _extract(data, found.mime, ctx, progress)
+            progress.update(Stage.INDEXING, 0.9)
+    except (Abandoned, Cancelled, Superseded, Permanent, ExtractError, ExtractionTimeout,
+            Transient, SinkError, Conflict) as exc:
+        found.error = exc
+    return found
+
+
+def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
+    """The job's end transition for what :func:`prepare` found (None: abandoned)."""
+    bound = log.bind(job_id=job.id, project=job.project_id, path=job.source_path)
+    sha = found.sha
+    try:
+        if found.error is not None:
+            raise found.error
         ctx.check()
-        progress.update(Stage.INDEXING, 0.9)
-        final = _index(job, ctx, extracted, mime, sha)
+        if found.known is not None:
+            final = _complete_duplicate(job, ctx, found.known, sha)
+        else:
+            final = _index(job, ctx, found.extracted, found.mime, sha)
     except Abandoned:
         bound.info("job_abandoned")
         return None
@@ -159,8 +207,6 @@ def run_job(job: Job, ctx: Context) -> Job | None:
 def _finish(bound: structlog.BoundLogger, final: Job, ctx: Context) -> Job:
     ctx.control.enter("")
     _log_end(bound, final)
-    if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
-        dispose_original(final, ctx.project)
     return final
 
 
@@ -183,6 +229,10 @@ def _log_end(bound: structlog.BoundLogger, final: Job) -> None:
         bound.warning("job_failed", reason=final.error_message, attempts=final.attempts)
     elif final.status == JobStatus.QUEUED:
         bound.info("job_retrying", reason=final.error_message, attempts=final.attempts)
+    elif final.status == JobStatus.COMPLETED:
+        # Every completion is in the event log; at info, a burst would also flood the journal
+        # (journald drops a service's lines past its rate limit, 10,000 per 30 s by default).
+        bound.debug("job_completed", message=final.message)
     else:
         bound.info(f"job_{final.status}", message=final.message)
 

@@ -123,11 +123,12 @@ class Publisher:
 
     def _store_cursor(self) -> None:
         param = database.param
-        database.execute_sql(
-            "INSERT INTO ingest_publish_cursors (consumer, last_seq, updated_at) "
-            f"VALUES ({param}, {param}, {param}) ON CONFLICT (consumer) DO UPDATE SET "
-            "last_seq = excluded.last_seq, updated_at = excluded.updated_at",
-            (self.consumer, self.cursor, time.time()))
+        with database.atomic():  # a write transaction: it queues on the writers' lock (db.py)
+            database.execute_sql(
+                "INSERT INTO ingest_publish_cursors (consumer, last_seq, updated_at) "
+                f"VALUES ({param}, {param}, {param}) ON CONFLICT (consumer) DO UPDATE SET "
+                "last_seq = excluded.last_seq, updated_at = excluded.updated_at",
+                (self.consumer, self.cursor, time.time()))
 
 
 def _last_sequence_in(path: Path) -> int:

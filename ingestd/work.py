@@ -29,9 +29,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 import peewee as pw
 
 from ingestd import db, jobs
-from ingestd.config import Config
-from ingestd.models import Job
-from ingestd.pipeline import Context, Control, run_job
+from ingestd.config import Config, ProjectConfig
+from ingestd.models import Job, database
+from ingestd.extract import PDF
+from ingestd.pipeline import Context, Control, Prepared, after_end, conclude, execute, prepare
 from ingestd.procpool import ExtractorPool
 from ingestd.sinks import Sink, open_sink
 
@@ -39,6 +40,8 @@ log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0  # a missed wake-up costs at most this much
 BATCH_SECONDS = 0.05  # a slot claims about this much work at once
 MAX_BATCH = 16
+GROUP_SECONDS = 0.02  # small jobs prepared within about this long end in one transaction
+QUICK_BYTES = 1 << 20  # files up to this size end in groups
 
 
 def node_owner() -> str:
@@ -180,9 +183,7 @@ class WorkerPool:
                 batch = {job.id for job in claimed}
                 with self._lock:
                     self._running.update((job.id, Running(job, c)) for job, c in controls)
-                for job, control in controls:
-                    if not (self._stopping.is_set() or control.abandon.is_set()):
-                        self._run(job, control)  # else stop() releases it
+                self._run_batch(controls)
         except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
             log.exception("worker_slot_error", slot=slot)
             self._release(lambda running: running.job.id in batch and not running.control.begun,
@@ -194,47 +195,136 @@ class WorkerPool:
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
 
-    def _run(self, job: Job, control: Control) -> None:
+    def _run_batch(self, controls: list[tuple[Job, Control]]) -> None:
+        """Run a claimed batch. Small jobs are prepared (read, extracted) one after another,
+        then concluded in one transaction: processes that share a SQLite file hand its write
+        lock over once per group, not once per file, and never hold it while reading. A slow
+        job (a PDF, a large file, an external sink) runs alone, in its own transactions."""
+        group: list[tuple[Job, Control, Context, Prepared]] = []
+        opened = time.monotonic()
+        for job, control in controls:
+            if self._stopping.is_set() or control.abandon.is_set():
+                continue  # stop() releases it
+            project = self.config.projects.get(job.project_id)
+            if project is not None and self._is_quick(job, project):
+                if not group:
+                    opened = time.monotonic()
+                group.append(self._prepare(job, project, control))
+                if time.monotonic() - opened > GROUP_SECONDS:
+                    self._conclude(group, opened)
+                    group = []
+            else:
+                self._conclude(group, opened)
+                group = []
+                self._run(job, project, control)
+        self._conclude(group, opened)
+
+    def _is_quick(self, job: Job, project: ProjectConfig) -> bool:
+        return (job.mime_type != PDF and (job.byte_size or 0) <= QUICK_BYTES
+                and self._sink(project).transactional)
+
+    def _prepare(self, job: Job, project: ProjectConfig,
+                 control: Control) -> tuple[Job, Control, Context, Prepared]:
+        control.begun = True
+        ctx = self._context(project, control)
+        try:
+            return job, control, ctx, prepare(job, ctx)
+        except Exception as exc:  # a bug, or the database: conclude decides
+            return job, control, ctx, Prepared(error=_Unexpected(exc))
+
+    def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]],
+                  opened: float) -> None:
+        """End a group of prepared jobs in one transaction; then their aftermath."""
+        if not group:
+            return
+        ended = []
+        try:
+            with database.atomic():
+                for job, control, ctx, found in group:
+                    ended.append((job, control, self._end_one(job, ctx, found)))
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
+            self._database_failed([job for job, *_ in group], exc)
+            return
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (
+            (time.monotonic() - opened) / len(group))
+        for job, control, final in ended:
+            self._ended(job, final, control)
+
+    def _end_one(self, job: Job, ctx: Context, found: Prepared) -> Job | None:
+        try:
+            if isinstance(found.error, _Unexpected):
+                raise found.error.exc
+            with database.atomic():  # a savepoint: one job's bug does not undo the group
+                return conclude(job, ctx, found)
+        except (pw.PeeweeException, sqlite3.Error):
+            raise
+        except Exception:
+            log.exception("job_run_error", job_id=job.id, project=job.project_id,
+                          path=job.source_path)
+            return self._fail_after_bug(job)
+
+    def _run(self, job: Job, project: ProjectConfig | None, control: Control) -> None:
+        """Run one job on its own: each write is its own transaction."""
         started = time.monotonic()
         control.begun = True
+        final = None
         try:
-            project = self.config.projects.get(job.project_id)
             if project is None:
                 final = jobs.fail(job.id, self.owner, f"project {job.project_id!r} is no longer "
                                                       "configured")
             else:
-                final = run_job(job, self._context(project, control))
-            if final is not None and self._on_finished is not None:
-                self._on_finished(final, control)
+                final = execute(job, self._context(project, control))
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
-            log.warning("job_interrupted", job_id=job.id, project=job.project_id,
-                        reason=str(db.as_store_error(exc)))
-            db.reset_connection()
-            self._release(lambda running: running.job.id == job.id,  # else its lease expires
-                          "re-queued after a database error")
+            self._database_failed([job], exc)
+            return
         except Exception:
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)
-            self._fail_after_bug(job)
+            final = self._fail_after_bug(job)
         finally:
-            with self._lock:
-                self._running.pop(job.id, None)
             self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)
+        self._ended(job, final, control)
+
+    def _ended(self, job: Job, final: Job | None, control: Control) -> None:
+        """After the job's end committed: its original, the metrics, the slot's bookkeeping."""
+        with self._lock:
+            self._running.pop(job.id, None)
+        if final is None:
+            return
+        project = self.config.projects.get(job.project_id)
+        if project is not None:
+            after_end(final, project)
+        if self._on_finished is not None:
+            self._on_finished(final, control)
+
+    def _database_failed(self, lost: list[Job], exc: Exception) -> None:
+        """A database error: the jobs' ends (if any) were rolled back; they are still ours and
+        running, so they go back to the queue (else they wait for their leases to expire)."""
+        log.warning("jobs_interrupted", job_ids=[job.id for job in lost],
+                    reason=str(db.as_store_error(exc)))
+        db.reset_connection()
+        ids = {job.id for job in lost}
+        self._release(lambda running: running.job.id in ids, "re-queued after a database error")
 
     def _context(self, project, control: Control) -> Context:
-        sink = self._sinks.get(project.name)
-        if sink is None:
-            sink = self._sinks[project.name] = open_sink(project)
+        sink = self._sink(project)
         rate = self.config.daemon.progress_events_per_second
         return Context(owner=self.owner, project=project, sink=sink,
                        extractors=self._extractors, control=control,
                        progress_interval=1.0 / rate)
 
-    def _fail_after_bug(self, job: Job) -> None:
+    def _sink(self, project) -> Sink:
+        sink = self._sinks.get(project.name)
+        if sink is None:
+            sink = self._sinks[project.name] = open_sink(project)
+        return sink
+
+    def _fail_after_bug(self, job: Job) -> Job | None:
         try:
-            jobs.fail(job.id, self.owner, "internal error (see the daemon's log)")
+            return jobs.fail(job.id, self.owner, "internal error (see the daemon's log)")
         except Exception as exc:
             log.warning("job_not_failed", job_id=job.id, reason=str(exc))
+            return None
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -265,3 +355,14 @@ class WorkerPool:
         for job in jobs.rescue_owned(owners):
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status,
                      reason="its worker's process is gone")
+
+
+
+class _Unexpected(Exception):
+    """An exception :func:`prepare` does not map to an end (a bug, or the database), carried
+    to the group's conclusion."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+

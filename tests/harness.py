@@ -53,8 +53,9 @@ class NotifySocket:
 class Daemon:
     """``python -m ingestd -c CONFIG run`` with its stderr in a log file."""
 
-    def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None) -> None:
-        self.root, self.config = root, config
+    def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None,
+                 log_level: str = "info") -> None:
+        self.root, self.config, self.log_level = root, config, log_level
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
@@ -68,7 +69,8 @@ class Daemon:
         env.pop("INGESTD_CONFIG", None)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "-c", str(self.config), "run"],
+            [sys.executable, "-m", "ingestd", "-c", str(self.config), "run",
+             "--log-level", self.log_level],
             stdout=log, stderr=log, env=env, cwd=self.root)
         log.close()
         if wait_ready:

@@ -54,7 +54,7 @@ def cluster(tmp_path, pg_url):
 
     def start(name: str, **options) -> Daemon:
         config = node_config(tmp_path, name, pg_url, shared, **options)
-        node = Daemon(config.parent, config).start()
+        node = Daemon(config.parent, config, log_level="debug").start()  # job_completed
         nodes.append(node)
         return node
 

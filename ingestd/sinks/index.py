@@ -4,7 +4,7 @@ transaction that completes the job."""
 
 from __future__ import annotations
 
-from ingestd import chunking
+from ingestd import chunking, db
 from ingestd.config import ProjectConfig
 from ingestd.extract import PDF
 from ingestd.models import Chunk, database
@@ -32,6 +32,6 @@ class IndexSink(TextSink):
                            f"end_offset, text) VALUES ({marks})", rows)
 
     def delete(self, document_id: int) -> None:
-        with database.atomic():
+        with db.transaction():  # the worker's savepoint undoes it if the job's end fails
             super().delete(document_id)
             Chunk.delete().where(Chunk.document == document_id).execute()

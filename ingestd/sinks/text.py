@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ingestd import db
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.models import Document as DocumentRow, database
@@ -34,7 +35,7 @@ class TextSink:
     def ingest(self, document: Document) -> int:
         """The document row (and its parts); ``replaces`` is retired by the worker, not here."""
         param = database.param
-        with database.atomic():
+        with db.transaction():  # the worker's savepoint undoes it if the job's end fails
             document_id = database.execute_sql(
                 "INSERT INTO documents (project_id, content_sha256, source_path, "
                 "original_filename, mime_type, text, page_count, job_id, created_at) "

@@ -1,0 +1,270 @@
+"""Worker processes: the daemon's worker pool runs in child processes, so job runs use every core.
+
+One Python process runs one thread at a time; the daemon's own work (watching, settling, job
+creation, publishing events) already fills most of a core under a burst of small files. Each
+worker process is an ordinary consumer of the queue in the database, like a daemon on another
+node (leases, heartbeats, rescue and cancellation all go through the database): it runs a
+:class:`~ingestd.work.WorkerPool` with its share of the ``workers`` slots on its own APScheduler.
+
+The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
+(start-up scan done), ``config`` (a reload), ``stop``. Child -> parent: ``hello`` (its lease
+owner id) and ``finished`` (per job, for the metrics). A child that dies is replaced; the new
+one rescues its leases at once (its pid is gone). A child whose parent died sees the pipe close
+and stops as on SIGTERM, re-queueing what it runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timezone
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+import structlog
+
+from ingestd.config import Config
+
+log = structlog.get_logger(__name__)
+_CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
+RESTART_DELAY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the parent learns of each job a child ended (for the metrics)."""
+
+    project_id: str
+    status: str
+    created_at: float
+    completed_at: float | None
+    stage_seconds: dict[str, float]
+
+
+def split_slots(workers: int, cpus: int) -> list[int]:
+    """``workers`` slots over one process per core (at most one per slot): [2] -> [1, 1]."""
+    processes = max(1, min(workers, cpus))
+    base, extra = divmod(workers, processes)
+    return [base + (1 if index < extra else 0) for index in range(processes)]
+
+
+# --- the parent's side ---------------------------------------------------------------------------
+
+class _Child:
+    def __init__(self, index: int, slots: int, config: Config, log_level: str, held: bool) -> None:
+        self.index, self.slots = index, slots
+        self.conn, child_conn = _CONTEXT.Pipe()
+        self.process = _CONTEXT.Process(target=child_main, name=f"ingestd-worker-{index}",
+                                        args=(child_conn, config, slots, log_level, held))
+        self.process.start()
+        child_conn.close()
+        self.owner: str | None = None
+        self.send_lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self.send_lock:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                pass  # it died: the supervisor replaces it
+
+
+class WorkerProcesses:
+    """The parent's handle on the worker processes: start, wake, reconfigure, stop."""
+
+    def __init__(self, config: Config, log_level: str,
+                 on_finished: Callable[[Finished], None] | None = None) -> None:
+        self.config = config
+        self.size = config.daemon.workers
+        self._log_level = log_level
+        self._on_finished = on_finished
+        self._children: list[_Child] = []
+        self._lock = threading.Lock()
+        self._held = True
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def owners(self) -> list[str]:
+        """Lease owner ids of the live children (their jobs are this daemon's running jobs)."""
+        with self._lock:
+            return [child.owner for child in self._children if child.owner]
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [child.process.pid for child in self._children if child.process.pid]
+
+    def start(self) -> None:
+        """Start the children, held until :meth:`resume`."""
+        slots = split_slots(self.size, os.cpu_count() or 1)
+        with self._lock:
+            self._children = [self._spawn(index, n) for index, n in enumerate(slots)]
+        for target, name in ((self._supervise, "worker-supervisor"), (self._waker, "worker-waker")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _spawn(self, index: int, slots: int) -> _Child:
+        child = _Child(index, slots, self.config, self._log_level, self._held)
+        log.info("worker_process_started", index=index, pid=child.process.pid, slots=slots)
+        return child
+
+    def wake(self) -> None:
+        """New jobs may be due: tell every child (coalesced; never blocks the caller)."""
+        self._wake.set()
+
+    def resume(self) -> None:
+        self._held = False
+        self._broadcast(("resume",))
+
+    def reconfigure(self, config: Config) -> None:
+        """Settings of a reloaded config apply to jobs started from now on (``workers`` needs a
+        restart)."""
+        self.config = config
+        self._broadcast(("config", config))
+
+    def stop(self, grace_seconds: float) -> None:
+        """Each child lets its running jobs end within ``grace_seconds``, re-queues the rest and
+        exits; one that does not is killed (its leases are rescued at the next start)."""
+        self._stopping.set()
+        self._wake.set()
+        self._broadcast(("stop", grace_seconds))
+        deadline = time.monotonic() + grace_seconds + 10.0
+        for child in list(self._children):
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.warning("worker_process_killed", pid=child.process.pid,
+                            reason="did not stop in time")
+                child.process.kill()
+                child.process.join(5)
+            child.conn.close()
+
+    def kill(self) -> None:
+        """At once (a second stop signal): nothing is lost, leases are rescued at the next start."""
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _broadcast(self, message: tuple) -> None:
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            child.send(message)
+
+    def _waker(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if not self._stopping.is_set():
+                self._broadcast(("wake",))
+
+    def _supervise(self) -> None:
+        """Read what the children say; replace a child that died."""
+        while not self._stopping.is_set():
+            with self._lock:
+                by_conn = {child.conn: child for child in self._children}
+            for conn in mp.connection.wait(list(by_conn), timeout=0.5):
+                child = by_conn[conn]
+                try:
+                    self._handle(child, conn.recv())
+                except (EOFError, OSError):
+                    self._replace(child)
+
+    def _handle(self, child: _Child, message: tuple) -> None:
+        kind = message[0]
+        if kind == "hello":
+            child.owner = message[1]
+        elif kind == "finished" and self._on_finished is not None:
+            self._on_finished(message[1])
+
+    def _replace(self, child: _Child) -> None:
+        child.process.join(5)
+        if self._stopping.is_set():
+            return
+        log.error("worker_process_died", pid=child.process.pid, exit_code=child.process.exitcode)
+        time.sleep(RESTART_DELAY_SECONDS)  # a child that dies at once must not spin
+        child.conn.close()
+        replacement = self._spawn(child.index, child.slots)
+        with self._lock:
+            self._children[self._children.index(child)] = replacement
+        self._wake.set()
+
+
+# --- the child's side ------------------------------------------------------------------------------
+
+def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
+    """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
+    signalled (systemd signals the whole control group) or orphaned."""
+    from dataclasses import replace
+
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from ingestd import db, log as logging_setup
+    from ingestd.work import WorkerPool
+
+    logging_setup.configure(log_level)
+    stop = threading.Event()
+    grace = [config.daemon.shutdown_grace_seconds]
+    signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda number, frame: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and passes the config on
+    db.open_store(config.daemon.database, migrate=False)
+    config = replace(config, daemon=replace(config.daemon, workers=slots))
+    scheduler = BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(2)}, timezone=timezone.utc,
+        job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    def finished(job: Any, control: Any) -> None:
+        send(("finished", Finished(job.project_id, str(job.status), job.created_at,
+                                   job.completed_at, dict(control.stage_seconds))))
+
+    pool = WorkerPool(config, scheduler, finished)
+    if held:
+        pool.hold()
+    pool.start()
+    scheduler.start()
+    send(("hello", pool.owner))
+    reader = threading.Thread(target=_read_parent, args=(conn, pool, stop, grace),
+                              name="parent-reader", daemon=True)
+    reader.start()
+    stop.wait()
+    pool.stop(grace[0])
+    scheduler.shutdown(wait=False)
+    db.close_store()
+
+
+def _read_parent(conn: Connection, pool: Any, stop: threading.Event, grace: list[float]) -> None:
+    from dataclasses import replace
+
+    while not stop.is_set():
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            stop.set()
+            return
+        kind = message[0]
+        if kind == "wake":
+            pool.wake()
+        elif kind == "resume":
+            pool.resume()
+        elif kind == "config":
+            new = message[1]
+            pool.reconfigure(replace(new, daemon=replace(new.daemon, workers=pool.size)))
+            grace[0] = new.daemon.shutdown_grace_seconds
+        elif kind == "stop":
+            grace[0] = message[1]
+            stop.set()
