@@ -241,7 +241,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, project in state["projects"].items():
         for folder in project["folders"]:
             print(f"project {name}: {folder['folder']} ({folder['observer']})")
-    print(f"workers: {workers['busy']}/{workers['total']} busy; "
+    print(f"workers: {workers['busy']}/{workers['total']} busy in processes "
+          f"{', '.join(str(pid) for pid in workers['processes'])}; "
           f"{state['settling_files']} file(s) settling")
     for job in workers["running"]:
         print(f"  job {job['job_id']} {job['stage']} for {job['seconds']:.1f} s  {job['path']}")

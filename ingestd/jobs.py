@@ -19,8 +19,10 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -118,10 +120,19 @@ def now() -> float:
 
 
 def rfc3339(seconds: float | None) -> str | None:
+    """UTC with milliseconds, e.g. ``2026-11-28T13:43:51.123Z`` (every event carries four)."""
     if seconds is None:
         return None
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    fraction, whole = math.modf(seconds)
+    micros = round(fraction * 1_000_000)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return f"{_rfc3339_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _rfc3339_second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def job_record(job: Job) -> dict[str, Any]:

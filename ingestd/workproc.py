@@ -8,13 +8,14 @@ node (leases, heartbeats, rescue and cancellation all go through the database): 
 
 The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
 (start-up scan done), ``config`` (a reload), ``stop``. Child -> parent: ``hello`` (its lease
-owner id) and ``finished`` (per job, for the metrics). A child that dies is replaced; the new
+owner id) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is replaced; the new
 one rescues its leases at once (its pid is gone). A child whose parent died sees the pipe close
 and stops as on SIGTERM, re-queueing what it runs.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -32,6 +33,7 @@ from ingestd.config import Config
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
+REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ class WorkerProcesses:
         if kind == "hello":
             child.owner = message[1]
         elif kind == "finished" and self._on_finished is not None:
-            self._on_finished(message[1])
+            for item in message[1]:
+                self._on_finished(item)
 
     def _replace(self, child: _Child) -> None:
         child.process.join(5)
@@ -222,29 +225,54 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     scheduler = BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(2)}, timezone=timezone.utc,
         job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
-
-    def finished(job: Any, control: Any) -> None:
-        send(("finished", Finished(job.project_id, str(job.status), job.created_at,
-                                   job.completed_at, dict(control.stage_seconds))))
-
-    pool = WorkerPool(config, scheduler, finished)
+    report = _Reporter(conn)
+    pool = WorkerPool(config, scheduler, report.finished)
     if held:
         pool.hold()
     pool.start()
     scheduler.start()
-    send(("hello", pool.owner))
+    report.send(("hello", pool.owner))
     reader = threading.Thread(target=_read_parent, args=(conn, pool, stop, grace),
                               name="parent-reader", daemon=True)
     reader.start()
-    stop.wait()
+    while not stop.wait(REPORT_SECONDS):
+        report.flush()
     pool.stop(grace[0])
+    report.flush()
     scheduler.shutdown(wait=False)
     db.close_store()
+    # A slot may still wait on a slow sink: its job was released, so do not let the
+    # interpreter wait for that thread at exit.
+    logging.shutdown()
+    os._exit(0)
+
+
+class _Reporter:
+    """The child's messages to the parent; finished jobs go in batches (one message per
+    REPORT_SECONDS, not one per file)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._finished: list[Finished] = []
+
+    def finished(self, job: Any, control: Any) -> None:
+        item = Finished(job.project_id, str(job.status), job.created_at, job.completed_at,
+                        dict(control.stage_seconds))
+        with self._lock:
+            self._finished.append(item)
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._finished = self._finished, []
+        if items:
+            self.send(("finished", items))
+
+    def send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            pass  # the parent is gone: the reader thread stops this process
 
 
 def _read_parent(conn: Connection, pool: Any, stop: threading.Event, grace: list[float]) -> None:

@@ -50,6 +50,19 @@ class NotifySocket:
         self.sock.close()
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, their children, and so on."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(kid) for kid in listing.read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
+
+
 class Daemon:
     """``python -m ingestd -c CONFIG run`` with its stderr in a log file."""
 
@@ -100,9 +113,17 @@ class Daemon:
                 self.notify.close()
         return code
 
-    def kill(self) -> None:
+    def kill(self, with_children: bool = False) -> None:
+        """SIGKILL the daemon; ``with_children``: its worker processes too, as when the whole
+        node goes down (alone, the workers see it gone and re-queue their jobs)."""
         assert self.process is not None
+        children = descendants(self.process.pid) if with_children else []
         self.process.kill()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
         if self.notify:
             self.notify.close()

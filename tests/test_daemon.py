@@ -3,6 +3,7 @@ completed (or clearly failed) job, through bursts, renames, restarts, kills and 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -290,7 +291,7 @@ class TestLifecycle:
             drop(folders["acme"], f"k{i:04d}.txt", f"kill test {i}")
         wait_for(lambda: Job.select().where(Job.status == "completed").count() >= 300,
                  timeout=60, message="some completed")
-        running.kill()
+        running.kill(with_children=True)  # the whole process tree, mid-transaction
         running.start()
         wait_for(lambda: Job.select().where(Job.status == "completed").count() >= 2000,
                  timeout=120, interval=0.2, message="all 2,000 completed")
@@ -431,6 +432,61 @@ class TestAdd:
         corpus.make_truncated_pdf(bad)
         result = run_cli("add", "-p", "acme", "--wait", str(bad), config=daemon.config)
         assert result.returncode == 1 and "malformed" in result.stdout
+
+
+class TestWorkerProcesses:
+    """Jobs run in worker processes, which the daemon replaces when they die and which never
+    outlive it."""
+
+    @staticmethod
+    def worker_pids(daemon: Daemon) -> list[int]:
+        result = run_cli("status", "--json", config=daemon.config)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["workers"]["processes"]
+
+    @staticmethod
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    def test_a_killed_worker_process_is_replaced_and_its_job_finished(self, make_daemon,
+                                                                      folders, tmp_path):
+        """SIGKILL the process running a job: a new one starts, rescues the job at once (its
+        owner's pid is gone) and completes it."""
+        sink, release = blocking_sink(tmp_path)
+        daemon = make_daemon(acme_extra=sink)
+        before = self.worker_pids(daemon)
+        assert len(before) == min(2, os.cpu_count())
+        path = drop(folders["acme"], "held.txt", "held by the sink")
+        running = wait_job(path, "running")
+        holder = int(running.lease_owner.split("/")[1])
+        assert holder in before
+        os.kill(holder, signal.SIGKILL)
+        wait_for(lambda: holder not in self.worker_pids(daemon)
+                 and len(self.worker_pids(daemon)) == len(before), message="worker replaced")
+        release.touch()
+        job = wait_job(path)
+        assert job.attempts == 2 and job.canonical_document_id == 7
+        assert "worker_process_died" in daemon.log()
+
+    def test_worker_processes_requeue_and_exit_when_the_daemon_is_killed(self, make_daemon,
+                                                                         folders, tmp_path):
+        """SIGKILL the daemon: its worker processes see it gone, put their jobs back in the
+        queue within the grace period and exit."""
+        sink, release = blocking_sink(tmp_path)
+        daemon = make_daemon("shutdown_grace_seconds = 1", acme_extra=sink)
+        pids = self.worker_pids(daemon)
+        path = drop(folders["acme"], "held.txt", "held by the sink")
+        wait_job(path, "running")
+        daemon.process.kill()
+        wait_for(lambda: all(self.gone(pid) for pid in pids), timeout=30,
+                 message="worker processes exited")
+        job = wait_job(path, "queued")
+        release.touch()  # the orphaned sink command exits
+        assert job.message == "re-queued at shutdown" and job.lease_owner is None
 
 
 def test_event_rows_exist_for_every_job_transition(daemon, folders):

@@ -143,7 +143,7 @@ def test_sigkill_between_commit_and_publish_then_restart_logs_every_event_once(s
     daemon = start()
     drop_files(tmp_path / "drop", 800)
     wait_for(lambda: completed() >= 100, timeout=60, message="some completed")
-    daemon.kill()
+    daemon.kill(with_children=True)
     # Committed with no daemon at all: a job made by the CLI.
     (tmp_path / "drop" / "while-down.txt").write_text("cli")
     assert run_cli("jobs", "submit", "-p", "acme", str(tmp_path / "drop" / "while-down.txt"),

@@ -122,7 +122,7 @@ def test_a_killed_nodes_job_is_finished_by_another_after_its_lease_expires(clust
     path.write_text("held by the first node")
     wait_job(path, "running")
     start("n2")  # alive before n1 dies: only the lease can tell it n1 is gone
-    holder.kill()
+    holder.kill(with_children=True)
     job = wait_for(lambda: [j for j in jobs_for(path) if j.status == "completed"], timeout=60,
                    message="completed by n2")[0]
     assert job.attempts == 2 and job.canonical_document_id is not None
