@@ -22,8 +22,8 @@ throughput  The same N files dropped into a running daemon (one project, workers
 latency     settle_seconds = 1.0; 500 files dropped at 50/s; for each, job created_at minus the
             time.time() taken right after its close. Goal: p99 <= settle_seconds + 50 ms.
 startup     100,000 files of 200 bytes already in the folder when the daemon starts: seconds from
-            process start until every one has a job row, and the daemon's peak RSS (VmHWM)
-            meanwhile. Goal: <= 30 s and < 300 MB. Also (informative) seconds until all completed.
+            process start until every one has a job row, and the peak RSS meanwhile of the
+            daemon with its worker processes and their PDF extractors (sum of VmRSS). Goal: <= 30 s and < 300 MB. Also (informative) seconds until all completed.
 pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once into a daemon with
             workers = 1, then workers = 2 (settle_seconds = 0.2); pages/s from the first drop to
             the last job completed, against bare pypdf in this process (PdfReader(f).pages[i]
@@ -216,8 +216,8 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime of ``pid``, its reaped children and (``children``) its live child processes
-    (the PDF extractors), in seconds; 0 once it is gone."""
+    """utime + stime of ``pid``, its reaped children and (``children``) its live descendants
+    (worker processes, PDF extractors), in seconds; 0 once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -229,7 +229,7 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
                 kids = listing.read_text().split()
             except OSError:
                 continue
-            total += sum(cpu_seconds(int(kid), children=False) for kid in kids)
+            total += sum(cpu_seconds(int(kid)) for kid in kids)
     return total
 
 
@@ -278,6 +278,19 @@ def cpu_by_thread(pid: int, before: dict[int, float]) -> dict[str, float]:
     return dict(sorted(((k, v) for k, v in used.items() if v > 0), key=lambda kv: -kv[1]))
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, their children, and so on (live ones)."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(kid) for kid in listing.read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid`` in kB (empty once it is gone)."""
     try:
@@ -307,6 +320,7 @@ class Daemon:
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     peak_rss_kb: int = 0
+    peak_tree_rss_kb: int = 0
     _spy: subprocess.Popen | None = None
     _log: Any = None
 
@@ -361,8 +375,13 @@ class Daemon:
         return time.time() - self.started_at
 
     def sample_rss(self) -> dict[str, int]:
+        """Sample the daemon's RSS and its process tree's (worker processes and their PDF
+        extractors included: the tree's sum is the figure)."""
         status = proc_status(self.process.pid)
         self.peak_rss_kb = max(self.peak_rss_kb, status.get("VmHWM", 0), status.get("VmRSS", 0))
+        tree = status.get("VmRSS", 0) + sum(proc_status(pid).get("VmRSS", 0)
+                                            for pid in descendants(self.process.pid))
+        self.peak_tree_rss_kb = max(self.peak_tree_rss_kb, tree)
         return status
 
     def stop(self, timeout: float = 60.0) -> int | None:
@@ -438,6 +457,7 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
         code = daemon.stop()
     result["exit_code"] = code
     result["peak_rss_mb"] = round(daemon.peak_rss_kb / 1024, 1)
+    result["peak_tree_rss_mb"] = round(daemon.peak_tree_rss_kb / 1024, 1)
     result["log"] = str(home / "daemon.log")
     return result
 
@@ -685,10 +705,10 @@ def figure_startup(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             return (reader.value("SELECT count(*) FROM ingest_jobs") or 0) >= total
         wait_for(all_rows, args.timeout, f"{total} job rows", interval=0.1)
         rows_after = time.time() - daemon.started_at
-        rss_at_rows = daemon.peak_rss_kb
         result = {"files": total, "bytes_each": 200, "created_files_in": round(made["seconds"], 1),
                   "all_rows_seconds": round(rows_after, 2),
-                  "peak_rss_mb_until_rows": round(rss_at_rows / 1024, 1)}
+                  "peak_rss_mb_until_rows": round(daemon.peak_rss_kb / 1024, 1),
+                  "peak_tree_rss_mb_until_rows": round(daemon.peak_tree_rss_kb / 1024, 1)}
         if args.startup_complete:
             counts = wait_all_ended(daemon, reader, total, args.startup_complete_timeout)
             result["all_ended_seconds"] = round(time.time() - daemon.started_at, 1)
@@ -804,8 +824,9 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         run = results["startup"]
         rows.append((f"startup: {run['files']:,} rows", f"{run['all_rows_seconds']:.1f} s",
                      "<= 30 s", verdict(run["all_rows_seconds"] <= 30)))
-        rows.append(("startup: daemon peak RSS", f"{run['peak_rss_mb']:.0f} MB", "< 300 MB",
-                     verdict(run["peak_rss_mb"] < 300)))
+        rows.append(("startup: peak RSS, daemon + worker processes",
+                     f"{run['peak_tree_rss_mb']:.0f} MB", "< 300 MB",
+                     verdict(run["peak_tree_rss_mb"] < 300)))
         if "all_ended_seconds" in run:
             rows.append(("startup: all completed", f"{run['all_ended_seconds']:.0f} s", "-", "-"))
     if "pdf" in results:

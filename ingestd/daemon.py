@@ -308,8 +308,12 @@ class Daemon:
                 "projects": sorted(self.config.projects), "workers": self.pool.size}
 
     def status_line(self) -> str:
-        queued = Job.select().where(Job.status == JobStatus.QUEUED.value).count()
-        return (f"{queued} queued, {len(self._running())}/{self.pool.size} workers busy, "
+        """systemd's STATUS=; the database being away shows as such, it never stops the daemon."""
+        numbers = db.guarded("status", lambda: (
+            Job.select().where(Job.status == JobStatus.QUEUED.value).count(),
+            len(self._running())))()
+        queued, busy = numbers if numbers is not None else ("?", "?")
+        return (f"{queued} queued, {busy}/{self.pool.size} workers busy, "
                 f"{self.settler.pending_count} settling")
 
 

@@ -539,9 +539,15 @@ def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[
     """Renew ``owner``'s leases; return ``{job_id: cancel_requested}`` for the jobs still held."""
     if not job_ids:
         return {}
+    marks = ", ".join("?" * len(job_ids))
+    # PostgreSQL: SKIP LOCKED, as a worker may be ending some of these jobs in an open group
+    # transaction; waiting on their rows could close a cycle with that group (deadlock). Their
+    # leases are renewed next time, if they still run.
+    held = (f"SELECT id FROM ingest_jobs WHERE id IN ({marks}) AND lease_owner = ? "
+            "AND status = 'running'" + (" FOR UPDATE SKIP LOCKED" if is_postgres() else ""))
     with _transaction():
-        (Job.update(lease_expires_at=pw.SQL(f"{clock_sql()} + {float(lease_seconds)!r}"))
-         .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING).execute())
+        _execute(f"UPDATE ingest_jobs SET lease_expires_at = {clock_sql()} + ? "
+                 f"WHERE id IN ({held})", (float(lease_seconds), *job_ids, owner))
         rows = (Job.select(Job.id, Job.cancel_requested)
                 .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner, _IS_RUNNING))
         return {row.id: bool(row.cancel_requested) for row in rows}
