@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import functools
 import hashlib
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
@@ -202,8 +203,30 @@ _transaction = db_transaction
 
 def emit(event_type: str, data: dict[str, Any], project_id: str | None = None,
          job_id: int | None = None) -> int:
-    """Insert one event into the outbox, in the caller's transaction (or its own); its sequence."""
+    """Insert one event into the outbox, in the caller's transaction (or its own); its sequence
+    (0 inside :func:`events_at_end`, which inserts it later)."""
     return _emit_all([(event_type, data, project_id, job_id)])
+
+
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def events_at_end() -> Iterator[None]:
+    """Inside the caller's transaction: collect the events of the transitions made in the block
+    and insert them together at its end (one sequence update, one insert). For a worker that
+    ends a group of small jobs in one transaction; if the block raises, the transaction is
+    rolled back and the collected events are dropped with it."""
+    if getattr(_collecting, "events", None) is not None:
+        yield
+        return
+    _collecting.events = []
+    try:
+        yield
+        collected, _collecting.events = _collecting.events, None
+        _emit_all(collected)
+    finally:
+        _collecting.events = None
 
 
 def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None]]) -> int:
@@ -213,6 +236,10 @@ def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None
     (PostgreSQL) or the write lock (SQLite) is held until commit, so sequences commit in order
     with no gaps."""
     if not events:
+        return 0
+    collecting = getattr(_collecting, "events", None)
+    if collecting is not None:
+        collecting.extend(events)
         return 0
     with _transaction():
         last = database.execute_sql(

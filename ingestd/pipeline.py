@@ -17,10 +17,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from ingestd import documents, intake, jobs
+from ingestd import db, documents, intake, jobs
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -85,6 +86,13 @@ class Context:
     control: Control
     progress_interval: float
     deadline: float = 0.0
+    # Ending in a worker's group transaction: no savepoints, and a lost compare-and-set raises
+    # (the worker rolls the group back and ends its jobs one by one).
+    grouped: bool = False
+
+    def atomic(self) -> Any:
+        """A savepoint to undo this job's writes on its own; none in a group."""
+        return db.transaction() if self.grouped else database.atomic()
 
     def check(self) -> None:
         """Raise if the job must stop: abandoned, cancelled, or past its deadline."""
@@ -199,6 +207,8 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except (Transient, SinkError) as exc:
         final = _transient(job, ctx, exc, sha)
     except Conflict:
+        if ctx.grouped:
+            raise
         bound.warning("job_taken_over", reason="the job changed under this worker")
         return None
     return _finish(bound, final, ctx)
@@ -316,7 +326,7 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     message = f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
     if ctx.sink.transactional:
         try:
-            with database.atomic():
+            with ctx.atomic():
                 known = documents.current_for_content(job.project_id, sha)
                 if known is not None:
                     return _complete_duplicate(job, ctx, known, sha)
@@ -324,6 +334,8 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
                 _retire(ctx, retire)
                 return _complete(job, ctx, message, document_id, sha)
         except Conflict:
+            if ctx.grouped:
+                raise
             return _after_lost_completion(job, ctx)
     document_id = ctx.sink.ingest(document)
     try:
@@ -348,7 +360,7 @@ def _retire(ctx: Context, document_id: int | None) -> None:
 
 def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:
     """Same content as a document the project keeps: point at it, index nothing."""
-    with database.atomic():
+    with ctx.atomic():
         _retire(ctx, documents.previous_version(job))
         return _complete(job, ctx, f"duplicate of document {known.document_id} "
                                    f"(first seen as {known.first_path})", known.document_id, sha)

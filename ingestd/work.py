@@ -234,27 +234,50 @@ class WorkerPool:
 
     def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]],
                   opened: float) -> None:
-        """End a group of prepared jobs in one transaction; then their aftermath."""
+        """End a group of prepared jobs in one transaction, without savepoints and with their
+        events inserted together; then their aftermath. If one job's end does not go as
+        planned (cancelled meanwhile, a bug), the group is rolled back and its jobs end one
+        by one, each in its own transaction."""
         if not group:
             return
-        ended = []
         try:
-            with database.atomic():
-                for job, control, ctx, found in group:
-                    ended.append((job, control, self._end_one(job, ctx, found)))
+            with database.atomic(), jobs.events_at_end():
+                ended = [(job, control, self._end_grouped(job, ctx, found))
+                         for job, control, ctx, found in group]
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
             self._database_failed([job for job, *_ in group], exc)
             return
+        except Exception:
+            ended = self._conclude_one_by_one(group)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (
             (time.monotonic() - opened) / len(group))
         for job, control, final in ended:
             self._ended(job, final, control)
 
-    def _end_one(self, job: Job, ctx: Context, found: Prepared) -> Job | None:
+    @staticmethod
+    def _end_grouped(job: Job, ctx: Context, found: Prepared) -> Job | None:
+        if isinstance(found.error, _Unexpected):
+            raise found.error.exc
+        ctx.grouped = True
+        return conclude(job, ctx, found)
+
+    def _conclude_one_by_one(self, group: list[tuple[Job, Control, Context, Prepared]]
+                             ) -> list[tuple[Job, Control, Job | None]]:
+        ended = []
+        for index, (job, control, ctx, found) in enumerate(group):
+            ctx.grouped = False
+            try:
+                ended.append((job, control, self._end_alone(job, ctx, found)))
+            except (pw.PeeweeException, sqlite3.Error) as exc:
+                self._database_failed([job for job, *_ in group[index:]], exc)
+                break
+        return ended
+
+    def _end_alone(self, job: Job, ctx: Context, found: Prepared) -> Job | None:
         try:
             if isinstance(found.error, _Unexpected):
                 raise found.error.exc
-            with database.atomic():  # a savepoint: one job's bug does not undo the group
+            with database.atomic():
                 return conclude(job, ctx, found)
         except (pw.PeeweeException, sqlite3.Error):
             raise
