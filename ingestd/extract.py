@@ -20,10 +20,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pypdf import PdfReader, PasswordType
-from pypdf.errors import DependencyError, PyPdfError
 
 from ingestd.sniff import BINARY_CONTROLS
 
@@ -115,8 +113,13 @@ def _decode(data: bytes) -> tuple[str, str]:
     raise ExtractError(f"not text: invalid UTF-8 at byte {bad}" + ("" if bom else " and not cp1252 text"))
 
 
-def _open_pdf(data: bytes) -> PdfReader:
-    """A reader, decrypted with the empty password if the file is encrypted and that opens it."""
+def _open_pdf(data: bytes) -> Any:
+    """A reader, decrypted with the empty password if the file is encrypted and that opens it.
+
+    pypdf is imported here, not at the top: only the PDF extraction processes need it (about
+    20 MB in each process that imports it)."""
+    from pypdf import PasswordType, PdfReader
+
     reader = PdfReader(io.BytesIO(data), strict=False)
     if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
         raise ExtractError("encrypted PDF (needs a password)")
@@ -129,9 +132,11 @@ def _guarded(call: Callable[[], T]) -> T:
         return call()
     except ExtractError:
         raise
-    except DependencyError as exc:  # e.g. AES encryption without the 'cryptography' package
-        raise ExtractError(f"PDF cannot be read here: {_reason(exc)}") from exc
-    except Exception as exc:  # pypdf's failure modes on junk are open-ended
+    except Exception as exc:
+        from pypdf.errors import DependencyError
+
+        if isinstance(exc, DependencyError):  # AES encryption without 'cryptography'
+            raise ExtractError(f"PDF cannot be read here: {_reason(exc)}") from exc
         raise ExtractError(f"truncated or malformed PDF: {_reason(exc)}") from exc
 
 
@@ -139,6 +144,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, RecursionError) or isinstance(exc.__cause__, RecursionError):
         return "objects nested too deeply"
     text = " ".join(str(exc).split())
+    from pypdf.errors import PyPdfError
+
     if not isinstance(exc, PyPdfError):  # "KeyError: '/Root'" says more than "'/Root'"
         text = f"{type(exc).__name__}: {text}".rstrip(": ")
     return text[:_MAX_REASON] or type(exc).__name__

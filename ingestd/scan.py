@@ -37,20 +37,21 @@ def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_
     while stack:
         directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            entries = os.scandir(directory)
         except OSError as exc:
             log.warning("scan_unreadable", path=directory, reason=exc.strerror)
             continue
-        for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished meanwhile
-            if stat.S_ISDIR(info.st_mode):
-                if project.recursive and not is_excluded_name(project, entry.name):
-                    stack.append(entry.path)
-            elif stat.S_ISREG(info.st_mode) and is_wanted(project, folder, entry.path):
-                yield entry.path, info
+        with entries:  # read as we go: a folder of 100,000 files is never listed in memory
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished meanwhile
+                if stat.S_ISDIR(info.st_mode):
+                    if project.recursive and not is_excluded_name(project, entry.name):
+                        stack.append(entry.path)
+                elif stat.S_ISREG(info.st_mode) and is_wanted(project, folder, entry.path):
+                    yield entry.path, info
 
 
 def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],

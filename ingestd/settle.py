@@ -35,7 +35,7 @@ Signature = tuple[int, int, int]  # size, mtime_ns, inode
 CLOSE_FALLBACK_SECONDS = 30.0
 
 
-@dataclass
+@dataclass(slots=True)  # one per file waiting to settle: 100,000 at a start-up scan
 class Pending:
     project: ProjectConfig
     signature: Signature | None
@@ -44,7 +44,7 @@ class Pending:
     waited_for_close: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ready:
     """A settled file: hand it to the job creator."""
 
@@ -122,16 +122,19 @@ class Settler:
         return max(0.0, min(1.0, self._heap[0][0] - time.monotonic()))
 
     def _drain_inbox(self, timeout: float) -> None:
+        """Note what the inbox holds, up to one batch's worth: files already due (a start-up
+        scan's) then become jobs as they come instead of all being held here first."""
         try:
             path, what = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
             return
-        while True:
+        for _ in range(self._batch_size):
             self._note(path, what)
             try:
                 path, what = self.inbox.get_nowait()
             except queue.Empty:
                 return
+        self._note(path, what)
 
     def _note(self, path: str, what: str) -> None:
         if not path:

@@ -86,7 +86,9 @@ class WorkerPool:
         self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
         self._draining: set[int] = set()
-        self._job_seconds = 0.01  # moving average of recent job run times (sizes the batches)
+        # Moving average of recent job run times, which sizes the batches. It starts at a
+        # batch of one: a slot must not sit on several PDFs while another slot is idle.
+        self._job_seconds = BATCH_SECONDS
         self._stopping = threading.Event()
         self._held = threading.Event()
 
