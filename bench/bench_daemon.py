@@ -2,7 +2,7 @@
 
     python bench/bench_daemon.py [FIGURE ...] [--dir DIR] [--keep] [--profile] [--json FILE]
 
-FIGURE is any of floor, throughput, latency, startup, pdf (default: all of them, in that order).
+FIGURE is any of floor, throughput, latency, startup, pdf, index-cost (default: all, in that order).
 Everything is written under --dir (default: a fresh temp dir, removed afterwards unless --keep).
 Each daemon is a real subprocess (`python -m ingestd -c CONFIG run`, stderr in DIR/.../daemon.log),
 ready once its `io.ingestd.daemon.started` event is in the database, stopped with SIGTERM. The
@@ -31,6 +31,10 @@ pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once int
             2 processes at once (what the 2 cores give CPU-bound Python with no daemon at all).
             --pdf-rounds (3) rounds; each ratio is taken within a round, the median is reported.
             Goals: 2 workers >= 1.7 x 1 worker; 1 worker within 10% of bare pypdf.
+
+index-cost  Issue 5: the throughput run with the text sink, then with the index sink, in
+            --index-rounds (3) rounds; the median of the rounds' ratio of seconds per file.
+            Goal: <= 1.2 (indexing adds no more than 20% per small file).
 
 --profile [threads|gil] attaches `py-spy record --threads` (pip install py-spy) to each daemon once
 it is ready (threads: with --subprocesses; gil: with --gil, so only the thread holding the GIL is
@@ -71,7 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.05
 READY_EVENT = "io.ingestd.daemon.started"
 TERMINAL = ("completed", "failed", "cancelled")
-FIGURES = ("floor", "throughput", "latency", "startup", "pdf")
+FIGURES = ("floor", "throughput", "latency", "startup", "pdf", "index-cost")
 WORDS = ("ingest daemon folder settle worker queue lease sqlite event record extract page text "
          "scanner invoice contract report quarterly budget meeting summary archive customer "
          "delivery warehouse shipment payment balance account review policy schedule").split()
@@ -660,6 +664,29 @@ def figure_throughput(work: Path, args: argparse.Namespace, settle: float,
                       args.profile, body)
 
 
+def figure_index_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The throughput run with the plain text sink, then with the built-in index, in
+    --index-rounds rounds; per round, the index's seconds per file over the text sink's. The
+    median of the rounds' ratios is the figure (issue 5: at most 1.2)."""
+    rounds = []
+    saved = SINK["kind"]
+    try:
+        for _ in range(args.index_rounds):
+            runs = {}
+            for kind in ("text", "index"):
+                SINK["kind"] = kind
+                if args.quiet_wait:
+                    wait_until_quiet(args.quiet_wait)
+                runs[kind] = figure_throughput(work, args, 0.2)
+            rounds.append({"text_files_per_second": runs["text"]["files_per_second"],
+                           "index_files_per_second": runs["index"]["files_per_second"],
+                           "ratio": round(runs["index"]["seconds"] / runs["text"]["seconds"], 3)})
+    finally:
+        SINK["kind"] = saved
+    return {"rounds": rounds, "files": args.files,
+            "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3)}
+
+
 # --- latency --------------------------------------------------------------------------------------
 
 def figure_latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -869,6 +896,11 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      verdict(run["peak_tree_rss_mb"] < 300)))
         if "all_ended_seconds" in run:
             rows.append(("startup: all completed", f"{run['all_ended_seconds']:.0f} s", "-", "-"))
+    if "index-cost" in results and "median_ratio" in results["index-cost"]:
+        run = results["index-cost"]
+        rows.append(("index sink / text sink, seconds per file (median)",
+                     f"{run['median_ratio']:.2f} x", "<= 1.2 x",
+                     verdict(run["median_ratio"] <= 1.2)))
     if "pdf" in results:
         run = results["pdf"]
         rows.append(("pdf: bare pypdf, 1 process (median)",
@@ -931,6 +963,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-complete-timeout", type=float, default=1200.0)
     parser.add_argument("--pdfs", type=int, default=40)
     parser.add_argument("--pdf-pages", type=int, default=50)
+    parser.add_argument("--index-rounds", type=int, default=3,
+                        help="rounds of the index-cost figure (the ratios' median is the figure)")
     parser.add_argument("--pdf-rounds", type=int, default=3,
                         help="rounds of the pdf figure (the ratios' median is the figure)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each wait, s")
@@ -980,7 +1014,7 @@ def run_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 FIGURE_FUNCS = {"floor": figure_floor, "latency": figure_latency, "startup": figure_startup,
-                "pdf": figure_pdf}
+                "pdf": figure_pdf, "index-cost": figure_index_cost}
 
 
 def code_version() -> str:
