@@ -9,6 +9,7 @@ threaded daemon can deadlock the child) and exit when the pipe to the parent clo
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import queue
 import threading
@@ -30,6 +31,8 @@ class ExtractionTimeout(Exception):
 
 def _child(conn: Connection) -> None:
     """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
+    importlib.import_module("pypdf")  # now, while idle: the first PDF need not wait for it
+
     while True:
         try:
             data = conn.recv_bytes()
