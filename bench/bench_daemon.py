@@ -72,6 +72,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # corpus (test PDFs) and proctree
+from proctree import descendants  # noqa: E402
 POLL_SECONDS = 0.05
 READY_EVENT = "io.ingestd.daemon.started"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -223,20 +225,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime of ``pid``, its reaped children and (``children``) its live descendants
-    (worker processes, PDF extractors), in seconds; 0 once it is gone."""
+    """utime + stime of ``pid`` and its reaped children, and (``children``) of its live
+    descendants (worker processes, PDF extractors), in seconds; 0 once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     if children:
-        for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-            try:
-                kids = listing.read_text().split()
-            except OSError:
-                continue
-            total += sum(cpu_seconds(int(kid)) for kid in kids)
+        total += sum(cpu_seconds(kid, children=False) for kid in descendants(pid))
     return total
 
 
@@ -283,19 +280,6 @@ def cpu_by_thread(pid: int, before: dict[int, float]) -> dict[str, float]:
         name = names.get(tid, str(tid))
         used[labels.get(name, name)] = round(seconds - before.get(tid, 0.0), 2)
     return dict(sorted(((k, v) for k, v in used.items() if v > 0), key=lambda kv: -kv[1]))
-
-
-def descendants(pid: int) -> list[int]:
-    """The pids of a process's children, their children, and so on (live ones)."""
-    found = []
-    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids = [int(kid) for kid in listing.read_text().split()]
-        except OSError:
-            continue
-        for kid in kids:
-            found += [kid, *descendants(kid)]
-    return found
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -753,7 +737,6 @@ def figure_startup(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def make_pdf_blobs(work: Path, count: int, pages: int) -> list[Path]:
     """``count`` PDFs of ``pages`` pages of words (about 2 KB of text a page), outside any drop folder."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from corpus import make_pdf
 
     source = fresh(work / "pdf-source")

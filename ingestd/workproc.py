@@ -205,7 +205,7 @@ class WorkerProcesses:
 
 def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
-    signalled (systemd signals the whole control group) or orphaned."""
+    SIGTERM or orphaned."""
     from dataclasses import replace
 
     from apscheduler.executors.pool import ThreadPoolExecutor
@@ -218,8 +218,10 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     stop = threading.Event()
     grace = [config.daemon.shutdown_grace_seconds]
     signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
-    signal.signal(signal.SIGINT, lambda number, frame: stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and passes the config on
+    # Ctrl-C in a terminal reaches the whole process group: the parent alone decides, and tells
+    # its children to stop; likewise it reloads on SIGHUP and passes the new config on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     db.open_store(config.daemon.database, migrate=False)
     config = replace(config, daemon=replace(config.daemon, workers=slots))
     scheduler = BackgroundScheduler(

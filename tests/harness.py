@@ -17,6 +17,7 @@ from ingestd import db
 from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
+from proctree import descendants
 
 
 class NotifySocket:
@@ -48,19 +49,6 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """The pids of a process's children, their children, and so on."""
-    found = []
-    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids = [int(kid) for kid in listing.read_text().split()]
-        except OSError:
-            continue
-        for kid in kids:
-            found += [kid, *descendants(kid)]
-    return found
 
 
 class Daemon:

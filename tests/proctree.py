@@ -1,0 +1,19 @@
+"""The processes below a process (the daemon's worker processes and their PDF extractors), for
+the tests' harness and the benchmarks alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of a live process's children, their children, and so on."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(kid) for kid in listing.read_text().split()]
+        except OSError:
+            continue  # the thread or the process ended meanwhile
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
