@@ -29,7 +29,8 @@ pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once int
             the last job completed, against bare pypdf in this process (PdfReader(f).pages[i]
             .extract_text() for every page: the "one worker" baseline) and bare pypdf split over
             2 processes at once (what the 2 cores give CPU-bound Python with no daemon at all).
-            --pdf-rounds (3) rounds; each ratio is taken within a round, the median is reported.
+            --pdf-rounds (3) rounds; each ratio is taken within a round (1 worker against the mean
+            of bare runs just before and after it), the median is reported.
             Goals: 2 workers >= 1.7 x 1 worker; 1 worker within 10% of bare pypdf.
 
 index-cost  Issue 5: the throughput run with the text sink, then with the index sink, in
@@ -807,21 +808,28 @@ def figure_pdf_daemon(work: Path, args: argparse.Namespace, blobs: list[bytes], 
 
 
 def figure_pdf(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """--pdf-rounds rounds of: bare pypdf in 1 and in 2 processes, the daemon with 1 and with 2
-    workers. This machine's speed drifts by tens of percent from minute to minute (shared
-    host), so the ratios are taken within each round and their median is the figure."""
+    """--pdf-rounds rounds of: bare pypdf, the daemon with 1 worker, bare pypdf again, the
+    daemon with 2 workers, bare pypdf in 2 processes. This machine's speed drifts by tens of
+    percent from minute to minute (shared host), so the ratios are taken within each round
+    (1 worker against the mean of the bare runs around it) and their median is the figure."""
     paths = make_pdf_blobs(work, args.pdfs, args.pdf_pages)
     blobs = [path.read_bytes() for path in paths]
     quiet = (lambda: wait_until_quiet(args.quiet_wait)) if args.quiet_wait else (lambda: None)
     rounds = []
     for _ in range(args.pdf_rounds):
+        # Bare pypdf right before and right after the one-worker daemon: their mean is what
+        # the machine gave during it.
         quiet()
-        bare = bare_pypdf(paths)
-        bare2 = bare_pypdf(paths, 2)
+        before = bare_pypdf(paths)
         quiet()
         one = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 1)
+        after = bare_pypdf(paths)
+        bare = {**after, "pages_per_second": round(
+            (before["pages_per_second"] + after["pages_per_second"]) / 2, 1),
+            "before": before["pages_per_second"], "after": after["pages_per_second"]}
         quiet()
         two = figure_pdf_daemon(work, args, blobs, args.pdf_pages, 2)
+        bare2 = bare_pypdf(paths, 2)
         rounds.append({"bare_pypdf": bare, "bare_pypdf_2_processes": bare2, "workers1": one,
                        "workers2": two})
 
