@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingestd import config as config_mod, db, intake, jobs, search
+from ingestd import config as config_mod, db, intake, jobs, log, search
 from ingestd.pipeline import Context, Control, run_job
 from ingestd.procpool import ExtractorPool
 from ingestd.sinks import Document, open_sink
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--files", type=int, default=3000)
     args = parser.parse_args()
+    log.configure("warning")  # as the daemon logs: no line per job timed here
     directory = Path(tempfile.mkdtemp(prefix="ingestd-bench-index-"))
     fill(directory, args.documents)
     bench_search()
