@@ -83,20 +83,28 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
         self._lock_path = f"{database}.writelock"
         self._lock_fds = threading.local()
 
-    def _lock_fd(self) -> int:
-        fd = getattr(self._lock_fds, "fd", None)
-        if fd is None:
-            fd = self._lock_fds.fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                             0o660)
+    def _lock_fd(self) -> int | None:
+        """This thread's descriptor of the lock file (flock needs only read access, so an
+        operator whose group may read the state directory queues too); None if it cannot be
+        opened: then SQLite's own lock and busy timeout are all there is."""
+        fd = getattr(self._lock_fds, "fd", -1)
+        if fd == -1:
+            try:
+                fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            except OSError:
+                fd = None
+            self._lock_fds.fd = fd
         return fd
 
     def _unlock(self) -> None:
         fd = getattr(self._lock_fds, "fd", None)
-        if fd is not None:
+        if fd is not None and fd != -1:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def begin(self, lock_type: str | None = None) -> None:
-        fcntl.flock(self._lock_fd(), fcntl.LOCK_EX)
+        fd = self._lock_fd()
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             super().begin(lock_type)
         except BaseException:

@@ -93,3 +93,20 @@ def test_db_migrate_command(config_file):
     assert first.returncode == 0 and "applied migrations 1" in first.stdout
     second = run_cli("db", "migrate", config=config_file)
     assert second.returncode == 0 and "up to date" in second.stdout
+
+
+def test_writes_queue_on_a_lock_file_and_go_on_without_one(tmp_path):
+    """Write transactions take the lock file beside the database; where it cannot be opened
+    (here: a dangling symlink), SQLite's own lock is enough and writes still commit."""
+    queued = db.connect(f"sqlite:///{tmp_path / 'a.db'}")
+    with queued.atomic():
+        queued.execute_sql("CREATE TABLE t (a INTEGER)")
+    assert (tmp_path / "a.db.writelock").is_file()
+    (tmp_path / "b.db.writelock").symlink_to(tmp_path / "missing" / "lock")
+    unqueued = db.connect(f"sqlite:///{tmp_path / 'b.db'}")
+    with unqueued.atomic():
+        unqueued.execute_sql("CREATE TABLE t (a INTEGER)")
+        unqueued.execute_sql("INSERT INTO t VALUES (1)")
+    assert unqueued.execute_sql("SELECT count(*) FROM t").fetchone()[0] == 1
+    queued.close()
+    unqueued.close()
