@@ -67,6 +67,9 @@ def _sqlite(url: str) -> pw.SqliteDatabase:
                lock_type="IMMEDIATE", returning_clause=True)
 
 
+_NOT_OPENED = -1  # this thread has not tried to open the lock file yet
+
+
 class QueuedWriterSqlite(pw.SqliteDatabase):
     """SQLite whose write transactions queue on a lock file (``flock``) before BEGIN.
 
@@ -87,8 +90,8 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
         """This thread's descriptor of the lock file (flock needs only read access, so an
         operator whose group may read the state directory queues too); None if it cannot be
         opened: then SQLite's own lock and busy timeout are all there is."""
-        fd = getattr(self._lock_fds, "fd", -1)
-        if fd == -1:
+        fd = getattr(self._lock_fds, "fd", _NOT_OPENED)
+        if fd == _NOT_OPENED:
             try:
                 fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
             except OSError:
@@ -98,7 +101,7 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
 
     def _unlock(self) -> None:
         fd = getattr(self._lock_fds, "fd", None)
-        if fd is not None and fd != -1:
+        if fd not in (None, _NOT_OPENED):
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def begin(self, lock_type: str | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
-from ingestd.db import is_postgres, transaction as db_transaction
+from ingestd.db import is_postgres, transaction
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Job, JobStatus, Source, Stage, database
 from ingestd.wakeup import notify_sql
@@ -198,9 +198,6 @@ def _fetch(where: str, params: Sequence[Any]) -> Job | None:
 
 # --- the outbox ----------------------------------------------------------------------------------
 
-_transaction = db_transaction
-
-
 def emit(event_type: str, data: dict[str, Any], project_id: str | None = None,
          job_id: int | None = None) -> int:
     """Insert one event into the outbox, in the caller's transaction (or its own); its sequence
@@ -241,10 +238,9 @@ def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None
     if collecting is not None:
         collecting.extend(events)
         return 0
-    with _transaction():
-        last = database.execute_sql(
-            "UPDATE ingest_event_sequence SET last_seq = last_seq + ? WHERE id = 1 "
-            "RETURNING last_seq".replace("?", database.obj.param), (len(events),)).fetchone()[0]
+    with transaction():
+        last = _execute("UPDATE ingest_event_sequence SET last_seq = last_seq + ? WHERE id = 1 "
+                        "RETURNING last_seq", (len(events),)).fetchone()[0]
         moment, first = now(), last - len(events) + 1
         rows = [(first + index, event_type, project_id, job_id, moment,
                  json.dumps(data, ensure_ascii=False, separators=(",", ":")))
@@ -303,7 +299,7 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
     """
     key = version.key(project_id)
     source_id = ensure_source(project_id, folder)
-    with _transaction():
+    with transaction():
         existing = _fetch("version_key = ?", (key,))
         if existing is not None:
             if not resubmit:
@@ -323,21 +319,22 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
         return job, True
 
 
+INSERT_BATCH = 400  # rows per INSERT: 20 parameters each, well under SQLite's limit
+
+
 def create_many(project_id: str, found: Sequence[tuple[str, FileVersion]],
                 max_attempts: int) -> list[Job]:
     """Queue a job for each ``(folder, version)`` that has none yet, in one transaction; the
     jobs created (a version that has a job, whoever made it, is skipped: see :func:`create`)."""
-    keyed = {version.key(project_id): (folder, version) for folder, version in found}
-    fresh = [(key, folder, version) for key, (folder, version) in keyed.items()]
-    if not fresh:
+    sources = {folder: ensure_source(project_id, folder) for folder, _ in found}
+    keyed = {version.key(project_id): (sources[folder], version) for folder, version in found}
+    rows = [(source_id, version, key) for key, (source_id, version) in keyed.items()]
+    if not rows:
         return []
-    sources = {folder: ensure_source(project_id, folder) for _, folder, _ in fresh}
     created: list[Job] = []
-    with _transaction():
-        for start in range(0, len(fresh), INSERT_BATCH):
-            rows = [(sources[folder], version, key) for key, folder, version
-                    in fresh[start:start + INSERT_BATCH]]
-            created += _insert_rows(project_id, rows, max_attempts)
+    with transaction():
+        for start in range(0, len(rows), INSERT_BATCH):
+            created += _insert_rows(project_id, rows[start:start + INSERT_BATCH], max_attempts)
         created.sort(key=lambda job: job.id)
         _emit_jobs(JOB_CREATED, created)
         if created and is_postgres():
@@ -345,7 +342,6 @@ def create_many(project_id: str, found: Sequence[tuple[str, FileVersion]],
     return created
 
 
-INSERT_BATCH = 400  # rows per INSERT: 20 parameters each, well under SQLite's limit
 _INSERT_COLUMNS = ("project_id", "source_id", "source_path", "source_path_raw",
                    "original_filename", "byte_size", "mime_type", "stage", "status", "progress",
                    "attempts", "max_attempts", "is_deep_scan", "version_key", "file_mtime_ns",
@@ -476,7 +472,7 @@ def _transition(job_id: int, *, expect: Sequence[JobStatus], event: str | None, 
         if value is not None:
             conditions.append(f"{column} = ?")
             params.append(value)
-    with _transaction():  # nested: a lost compare-and-set wrote nothing, no savepoint needed
+    with transaction():  # nested: a lost compare-and-set wrote nothing, no savepoint needed
         row = _execute(f"UPDATE ingest_jobs SET {', '.join(assignments)} "
                        f"WHERE {' AND '.join(conditions)} RETURNING {_ALL_COLUMNS}",
                        params).fetchone()
@@ -511,7 +507,7 @@ def cancel(project_id: str, job_id: int) -> Job:
 def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None = None) -> Job:
     """Soft delete (refused while running); ``cleanup`` removes what the job produced, in the
     same transaction. A queued job is also cancelled, so it never runs."""
-    with _transaction():
+    with transaction():
         job = get(project_id, job_id)
         if job.status == JobStatus.RUNNING:
             raise Conflict(f"cannot delete job {job_id}: it is running (cancel it first)")
@@ -546,7 +542,7 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
     """
     moment, clock = now(), clock_sql()
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
-    with _transaction():
+    with transaction():
         # MATERIALIZED: the CTE runs once. As a plain IN (subquery) PostgreSQL may run the
         # subquery again during the update, and with SKIP LOCKED get other rows: more than n.
         rows = _execute(
@@ -572,7 +568,7 @@ def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[
     # leases are renewed next time, if they still run.
     held = (f"SELECT id FROM ingest_jobs WHERE id IN ({marks}) AND lease_owner = ? "
             "AND status = 'running'" + (" FOR UPDATE SKIP LOCKED" if is_postgres() else ""))
-    with _transaction():
+    with transaction():
         _execute(f"UPDATE ingest_jobs SET lease_expires_at = {clock_sql()} + ? "
                  f"WHERE id IN ({held})", (float(lease_seconds), *job_ids, owner))
         rows = (Job.select(Job.id, Job.cancel_requested)

@@ -231,8 +231,8 @@ class WorkerPool:
         ctx = self._context(project, control)
         try:
             return job, control, ctx, prepare(job, ctx)
-        except Exception as exc:  # a bug, or the database: conclude decides
-            return job, control, ctx, Prepared(error=_Unexpected(exc))
+        except Exception as exc:  # a bug, or the database: conclude raises it again
+            return job, control, ctx, Prepared(error=exc)
 
     def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]],
                   opened: float) -> None:
@@ -258,8 +258,6 @@ class WorkerPool:
 
     @staticmethod
     def _end_grouped(job: Job, ctx: Context, found: Prepared) -> Job | None:
-        if isinstance(found.error, _Unexpected):
-            raise found.error.exc
         ctx.grouped = True
         return conclude(job, ctx, found)
 
@@ -277,8 +275,6 @@ class WorkerPool:
 
     def _end_alone(self, job: Job, ctx: Context, found: Prepared) -> Job | None:
         try:
-            if isinstance(found.error, _Unexpected):
-                raise found.error.exc
             with database.atomic():
                 return conclude(job, ctx, found)
         except (pw.PeeweeException, sqlite3.Error):
@@ -380,14 +376,3 @@ class WorkerPool:
         for job in jobs.rescue_owned(owners):
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status,
                      reason="its worker's process is gone")
-
-
-
-class _Unexpected(Exception):
-    """An exception :func:`prepare` does not map to an end (a bug, or the database), carried
-    to the group's conclusion."""
-
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(str(exc))
-        self.exc = exc
-

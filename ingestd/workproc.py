@@ -8,9 +8,9 @@ node (leases, heartbeats, rescue and cancellation all go through the database): 
 
 The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
 (start-up scan done), ``config`` (a reload), ``stop``. Child -> parent: ``hello`` (its lease
-owner id) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is replaced; the new
-one rescues its leases at once (its pid is gone). A child whose parent died sees the pipe close
-and stops as on SIGTERM, re-queueing what it runs.
+owner id) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
+replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
+sees the pipe close and stops as on SIGTERM, re-queueing what it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timezone
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -89,7 +89,6 @@ class WorkerProcesses:
         self._held = True
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     @property
     def owners(self) -> list[str]:
@@ -108,9 +107,7 @@ class WorkerProcesses:
         with self._lock:
             self._children = [self._spawn(index, n) for index, n in enumerate(slots)]
         for target, name in ((self._supervise, "worker-supervisor"), (self._waker, "worker-waker")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def _spawn(self, index: int, slots: int) -> _Child:
         child = _Child(index, slots, self.config, self._log_level, self._held)
@@ -206,8 +203,6 @@ class WorkerProcesses:
 def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
     SIGTERM or orphaned."""
-    from dataclasses import replace
-
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -278,8 +273,6 @@ class _Reporter:
 
 
 def _read_parent(conn: Connection, pool: Any, stop: threading.Event, grace: list[float]) -> None:
-    from dataclasses import replace
-
     while not stop.is_set():
         try:
             message = conn.recv()

@@ -244,21 +244,18 @@ class TestHttpSink:
         server.replies["/docs"] = (201, b"12\n")
         assert open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT) == 12
 
-    def test_a_500_is_transient(self, tmp_path, server):
-        """A 5xx reply is a transient error with the status and the body's reason."""
-        server.replies["/docs"] = (500, b'{"error": "index is rebuilding"}')
+    @pytest.mark.parametrize("status, body, reason, transient", [
+        (500, b'{"error": "index is rebuilding"}', "HTTP 500: index is rebuilding", True),
+        (404, b"no such collection\nmore detail\n", "HTTP 404: no such collection", False),
+    ], ids=["5xx-transient", "4xx-permanent"])
+    def test_an_error_status_is_a_sink_error(self, tmp_path, server, status, body, reason,
+                                             transient):
+        """A 5xx reply is a transient error with the status and the body's reason; a 4xx is a
+        permanent one with the status and the first line of the body."""
+        server.replies["/docs"] = (status, body)
         with pytest.raises(SinkError) as caught:
             open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
-        assert (str(caught.value), caught.value.transient) == (
-            "HTTP 500: index is rebuilding", True)
-
-    def test_a_404_is_permanent(self, tmp_path, server):
-        """A 4xx reply is a permanent error with the status and the first line of the body."""
-        server.replies["/docs"] = (404, b"no such collection\nmore detail\n")
-        with pytest.raises(SinkError) as caught:
-            open_sink(project(tmp_path, "http", url=server.url + "/docs")).ingest(DOCUMENT)
-        assert (str(caught.value), caught.value.transient) == (
-            "HTTP 404: no such collection", False)
+        assert (str(caught.value), caught.value.transient) == (reason, transient)
 
     def test_a_2xx_without_an_id_is_permanent(self, tmp_path, server):
         """A success reply that does not carry an id is a permanent error quoting it."""
