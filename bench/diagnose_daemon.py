@@ -66,7 +66,8 @@ def diagnose_pipeline(work: Path, count: int) -> None:
     paths = [layout.folder / f"f{index:07d}.txt" for index in range(count)]
     for index, path in enumerate(paths):
         bench.drop(path, bench.text_payload(index, 2048))
-    ready = [Ready(project, str(path), signature_of(os.lstat(path))) for path in paths]
+    ready = [Ready(project, str(path), signature_of(os.lstat(path)), layout.folder)
+             for path in paths]
     for start in range(0, count, 500):
         intake.create_jobs(ready[start:start + 500])
     totals: collections.Counter = collections.Counter()

@@ -95,18 +95,16 @@ def check_type(project: ProjectConfig, version: FileVersion) -> None:
 
 def _settled_version(item: Ready) -> tuple[Path, FileVersion]:
     """The version of a settled file. Watched paths are already canonical (folders are
-    resolved, symlinks are neither followed nor taken), and the settler's stat is fresh: only
-    the content is sniffed here. A file over max_bytes still becomes a job, which fails."""
-    found = item.project.folder_of(Path(item.path))
-    if found is None:
-        raise InputRefused(f"{item.path}: outside the folders of project {item.project.name!r}")
+    resolved, symlinks are neither followed nor taken), the settler found the project folder
+    and its stat is fresh: only the content is sniffed here. A file over max_bytes still
+    becomes a job, which fails."""
     shown, raw = display_path(item.path)
     try:
         mime = sniff_file(item.path)
     except OSError as exc:
         raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
     size, mtime_ns, inode = item.signature
-    return found, FileVersion(path=shown, original_filename=display_path(os.path.basename(item.path))[0],
+    return item.folder, FileVersion(path=shown, original_filename=display_path(os.path.basename(item.path))[0],
                               byte_size=size, mtime_ns=mtime_ns, inode=inode, mime_type=mime,
                               raw_path=raw)
 

@@ -26,11 +26,16 @@ class ProjectMap:
 
     def project_of(self, path: str) -> ProjectConfig | None:
         """The project that holds ``path`` and wants it by its patterns, else None."""
+        found = self.wanted_in(path)
+        return None if found is None else found[0]
+
+    def wanted_in(self, path: str) -> tuple[ProjectConfig, Path] | None:
+        """``(project, folder)`` if a project holds ``path`` and wants it by its patterns."""
         found = self.locate(path)
         if found is None:
             return None
         project, folder = found
-        return project if is_wanted(project, folder, path) else None
+        return found if is_wanted(project, folder, path) else None
 
 
 def is_wanted(project: ProjectConfig, folder: Path, path: str) -> bool:

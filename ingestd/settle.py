@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import structlog
@@ -38,6 +39,7 @@ CLOSE_FALLBACK_SECONDS = 30.0
 @dataclass(slots=True)  # one per file waiting to settle: 100,000 at a start-up scan
 class Pending:
     project: ProjectConfig
+    folder: Path  # the project folder that holds the file
     signature: Signature | None
     due: float
     complete: bool
@@ -51,6 +53,7 @@ class Ready:
     project: ProjectConfig
     path: str
     signature: Signature
+    folder: Path  # the project folder that holds it
 
 
 def signature_of(info: os.stat_result) -> Signature:
@@ -125,16 +128,17 @@ class Settler:
         """Note what the inbox holds, up to one batch's worth: files already due (a start-up
         scan's) then become jobs as they come instead of all being held here first."""
         try:
-            path, what = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+            note = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
             return
-        for _ in range(self._batch_size):
+        notes = [note]
+        try:
+            while len(notes) < self._batch_size:
+                notes.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for path, what in fold(notes):
             self._note(path, what)
-            try:
-                path, what = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-        self._note(path, what)
 
     def _note(self, path: str, what: str) -> None:
         if not path:
@@ -145,10 +149,11 @@ class Settler:
         if what == DIRECTORY:
             self._on_directory(path)
             return
-        project = self.projects.project_of(path)
-        if project is None:
+        found = self.projects.wanted_in(path)
+        if found is None:
             self._pending.pop(path, None)
             return
+        project, folder = found
         info = _stat(path)
         if info is None:
             self._pending.pop(path, None)
@@ -166,7 +171,7 @@ class Settler:
         due = now + project.settle_seconds
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
-        self._pending[path] = Pending(project, signature, due, complete)
+        self._pending[path] = Pending(project, folder, signature, due, complete)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:
@@ -200,7 +205,7 @@ class Settler:
             heapq.heappush(self._heap, (entry.due, path))
             return None
         del self._pending[path]
-        return Ready(entry.project, path, current)
+        return Ready(entry.project, path, current, entry.folder)
 
     def _flush(self, ready: list[Ready]) -> None:
         if ready:
@@ -209,6 +214,44 @@ class Settler:
                 self._on_ready(ready)
             finally:
                 self._flushing = False
+
+
+def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The notes of one drain of the inbox, one per path where that changes nothing: a file
+    written in one go is created, modified and closed, and is looked at (stat, queued) once.
+
+    What the settler would make of a path's notes one by one, when they are handled in the
+    same instant (so each sees the same stat): gone if the last says so; else (after
+    forgetting the file if it went and came back) complete if any note says complete or
+    found, the last note's window (a scan's "found" may need none), and a write otherwise.
+    Directories keep every note, in order."""
+    by_path: dict[str, list[str]] = {}
+    folded: list[tuple[str, str]] = []
+    for path, what in notes:
+        if what == DIRECTORY:
+            folded.append((path, what))
+        elif path in by_path:
+            by_path[path].append(what)
+        else:
+            by_path[path] = [what]
+            folded.append((path, ""))  # its place, filled in below
+    result = []
+    for path, what in folded:
+        if what:
+            result.append((path, what))
+            continue
+        whats = by_path[path]
+        if whats[-1] == GONE or len(whats) == 1:
+            result.append((path, whats[-1]))
+            continue
+        if GONE in whats:
+            result.append((path, GONE))
+            whats = whats[len(whats) - whats[::-1].index(GONE):]
+        if whats[-1] == FOUND:
+            result.append((path, FOUND))
+        else:
+            result.append((path, COMPLETE if COMPLETE in whats or FOUND in whats else WRITING))
+    return result
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -52,5 +52,10 @@ def looks_like_text(head: bytes) -> bool:
 
 
 def sniff_file(path: str | bytes | os.PathLike) -> str:
-    with open(path, "rb") as handle:
-        return sniff_head(handle.read(SNIFF_BYTES), os.fsdecode(path))
+    # No file object (this runs once per new file); O_NONBLOCK: a FIFO swapped in cannot hang us.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        head = os.read(fd, SNIFF_BYTES)
+    finally:
+        os.close(fd)
+    return sniff_head(head, os.fsdecode(path))

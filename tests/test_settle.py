@@ -1,0 +1,54 @@
+"""The settler folds the notes of one inbox drain per path; that must change nothing it decides."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+from ingestd.paths import ProjectMap
+from ingestd.settle import COMPLETE, DIRECTORY, FOUND, GONE, WRITING, Settler, fold
+
+KINDS = (WRITING, COMPLETE, FOUND, GONE)
+
+
+def settler(cfg) -> Settler:
+    return Settler(ProjectMap(cfg.projects.values()), on_ready=lambda ready: None,
+                   on_directory=lambda path: None)
+
+
+def state(s: Settler, path: str) -> tuple | None:
+    """What the settler holds for ``path``: its signature, whether it is complete, and whether
+    it is due at once (a scan's old file) or after the quiet window."""
+    entry = s._pending.get(path)
+    if entry is None:
+        return None
+    return entry.signature, entry.complete, entry.due <= time.monotonic()
+
+
+def test_folding_a_drain_decides_as_noting_one_by_one(cfg, drop):
+    """Every sequence of up to four notes, on a file the settler knew already (complete, or
+    still being written) or did not know: folded, the settler ends in the same state."""
+    path = drop / "report.txt"
+    path.write_text("quarterly figures")
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # older than the window: a scan's note makes it due at once
+    for length, before in itertools.product(range(1, 5), (None, WRITING, COMPLETE)):
+        for whats in itertools.product(KINDS, repeat=length):
+            notes = [(str(path), what) for what in whats]
+            one_by_one, folded = settler(cfg), settler(cfg)
+            for s in (one_by_one, folded):
+                if before:
+                    s._note(str(path), before)
+            for note in notes:
+                one_by_one._note(*note)
+            for note in fold(notes):
+                folded._note(*note)
+            assert state(folded, str(path)) == state(one_by_one, str(path)), (before, whats)
+
+
+def test_a_file_written_in_one_go_is_looked_at_once_and_others_keep_their_order(drop):
+    a, b, sub = str(drop / "a.txt"), str(drop / "b.txt"), str(drop / "sub")
+    notes = [(a, WRITING), (b, WRITING), (a, WRITING), (sub, DIRECTORY), (a, COMPLETE),
+             (b, GONE), (sub, DIRECTORY)]
+    assert fold(notes) == [(a, COMPLETE), (b, GONE), (sub, DIRECTORY), (sub, DIRECTORY)]
