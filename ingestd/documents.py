@@ -9,6 +9,7 @@ they are read from the jobs table: the built-in index and external sinks alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ingestd.models import Job, database
 
@@ -36,6 +37,23 @@ def current_for_content(project_id: str, sha256: str) -> Known | None:
                       WHERE j.project_id = ? AND j.content_sha256 = ? AND {_CURRENT}
                       ORDER BY j.id LIMIT 1""", (project_id, sha256))
     return Known(rows[0][0], rows[0][1]) if rows else None
+
+
+def ever_completed(project_id: str, pairs: Sequence[tuple[str, str]]
+                   ) -> tuple[set[str], set[str]]:
+    """Of ``(sha256, path)`` pairs: the contents and the paths that a completed job of the
+    project has had (deleted jobs too), in one look-up."""
+    marks = ", ".join("?" * len(pairs))
+    # Two searches, one per index (with OR, SQLite reads every completed job of the project).
+    rows = _query(f"""SELECT content_sha256, source_path FROM ingest_jobs
+                      WHERE project_id = ? AND status = 'completed'
+                      AND content_sha256 IN ({marks})
+                      UNION ALL SELECT content_sha256, source_path FROM ingest_jobs
+                      WHERE project_id = ? AND source_path IN ({marks})
+                      AND status = 'completed'""",
+                  (project_id, *(sha for sha, _ in pairs), project_id,
+                   *(path for _, path in pairs)))
+    return {sha for sha, _ in rows}, {path for _, path in rows}
 
 
 def previous_version(job: Job) -> int | None:

@@ -136,13 +136,17 @@ def _rfc3339_second(whole: int) -> str:
     return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# The model keeps its values by field name ("source" for the column source_id).
+_RECORD_KEYS = [(name, "source" if name == "source_id" else name) for name in JOB_FIELDS]
+
+
 def job_record(job: Job) -> dict[str, Any]:
     """The job as the contract shows it (JSON output and event data)."""
-    record = {name: getattr(job, name) for name in JOB_FIELDS if name != "source_id"}
-    record["source_id"] = job.source_id
+    data = job.__data__  # read straight, not through each field's descriptor: one per event
+    record = {name: data.get(key) for name, key in _RECORD_KEYS}
     for name in _TIME_FIELDS:
         record[name] = rfc3339(record[name])
-    return {name: record[name] for name in JOB_FIELDS}
+    return record
 
 
 # --- plain SQL on the hot paths ------------------------------------------------------------------
@@ -158,6 +162,7 @@ class Raw:
 
 _FIELDS = Job._meta.sorted_fields
 _ALL_COLUMNS = ", ".join(f.column_name for f in _FIELDS)
+_QUALIFIED_COLUMNS = ", ".join(f"ingest_jobs.{f.column_name}" for f in _FIELDS)
 
 
 def _sql(statement: str) -> str:
@@ -178,12 +183,18 @@ def clock_sql() -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-_CONVERTERS = [(f.name, f.python_value) for f in _FIELDS]
+_NAMES = [f.name for f in _FIELDS]
+# Both drivers return numbers and text as Python wants them; only booleans (SQLite's 0/1) and
+# blobs (PostgreSQL's memoryview) need converting.
+_CONVERTED = [(index, f.python_value) for index, f in enumerate(_FIELDS)
+              if isinstance(f, (pw.BooleanField, pw.BlobField))]
 
 
 def _to_job(row: Sequence[Any]) -> Job:
-    values = {name: (convert(v) if v is not None else None)
-              for (name, convert), v in zip(_CONVERTERS, row)}
+    values = dict(zip(_NAMES, row))
+    for index, convert in _CONVERTED:
+        if row[index] is not None:
+            values[_NAMES[index]] = convert(row[index])
     if isinstance(values.get("source_path_raw"), memoryview):
         values["source_path_raw"] = bytes(values["source_path_raw"])
     job = Job(__no_default__=True)
@@ -603,6 +614,32 @@ def complete(job_id: int, owner: str, *, message: str | None = None,
                        stage=Stage.DONE.value, progress=1.0, completed_at=now(),
                        message=message, canonical_document_id=canonical_document_id,
                        content_sha256=content_sha256, **_END)
+
+
+def complete_many(owner: str, ends: Sequence[tuple[int, str, int, str]]) -> list[Job]:
+    """:func:`complete` (with ``unless_cancel_requested``) for many running jobs in one
+    statement: ``(job_id, message, canonical_document_id, content_sha256)`` each. All or
+    nothing: if any job is no longer ``owner``'s to complete (cancel requested, lease lost),
+    nothing is changed and Conflict is raised. The jobs in the order given."""
+    if not ends:
+        return []
+    moment = now()
+    values = ", ".join(["(?, ?, ?, ?)"] * len(ends))
+    with transaction():
+        rows = _execute(
+            "UPDATE ingest_jobs SET updated_at = ?, completed_at = ?, status = 'completed', "
+            "stage = 'done', progress = 1.0, message = v.column2, "
+            "canonical_document_id = v.column3, content_sha256 = v.column4, "
+            f"lease_owner = NULL, lease_expires_at = NULL FROM (VALUES {values}) AS v "
+            "WHERE ingest_jobs.id = v.column1 AND status = 'running' AND deleted_at IS NULL "
+            f"AND lease_owner = ? AND NOT cancel_requested RETURNING {_QUALIFIED_COLUMNS}",
+            [moment, moment, *(value for end in ends for value in end), owner]).fetchall()
+        if len(rows) != len(ends):  # the transaction this raises through undoes the rest
+            raise Conflict(f"{len(ends) - len(rows)} of {len(ends)} jobs could not complete")
+        by_id = {job.id: job for job in map(_to_job, rows)}
+        completed = [by_id[job_id] for job_id, *_ in ends]
+        _emit_jobs(JOB_COMPLETED, completed)
+        return completed
 
 
 def fail(job_id: int, owner: str | None, error_message: str, *,

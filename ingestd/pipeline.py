@@ -9,6 +9,7 @@ backoff), or cancelled. The original is moved or deleted only after the job's en
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import shutil
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import structlog
 
@@ -28,6 +29,7 @@ from ingestd.extract import PDF, Extracted, ExtractError, extract_text
 from ingestd.models import Job, JobStatus, Stage, database
 from ingestd.procpool import ExtractionTimeout, ExtractorPool
 from ingestd.sinks import Document, Sink, SinkError
+from ingestd.sinks.text import TextSink
 from ingestd.sniff import SNIFF_BYTES, sniff_head
 
 log = structlog.get_logger(__name__)
@@ -86,13 +88,22 @@ class Context:
     control: Control
     progress_interval: float
     deadline: float = 0.0
-    # Ending in a worker's group transaction: no savepoints, and a lost compare-and-set raises
+    # One of a worker's group of small jobs: prepared without the early duplicate look-up, and
+    # ended in the group's transaction with no savepoints, where a lost compare-and-set raises
     # (the worker rolls the group back and ends its jobs one by one).
     grouped: bool = False
 
     def atomic(self) -> Any:
         """A savepoint to undo this job's writes on its own; none in a group."""
         return db.transaction() if self.grouped else database.atomic()
+
+    def must_stop(self) -> bool:
+        """Whether :meth:`check` would raise."""
+        try:
+            self.check()
+        except (Abandoned, Cancelled, ExtractionTimeout):
+            return True
+        return False
 
     def check(self) -> None:
         """Raise if the job must stop: abandoned, cancelled, or past its deadline."""
@@ -155,6 +166,10 @@ class Prepared:
     extracted: Extracted | None = None
     known: documents.Known | None = None
     error: Exception | None = None
+    # In a group, for a sink that takes many documents at once: the document and the sink's
+    # rows for it, made before the group's transaction.
+    document: Document | None = None
+    parts: list[tuple] = field(default_factory=list)
 
 
 def prepare(job: Job, ctx: Context) -> Prepared:
@@ -169,11 +184,15 @@ def prepare(job: Job, ctx: Context) -> Prepared:
         data, found.sha = read_version(job, ctx.project)
         found.mime = _check_type(job, ctx.project, data)
         ctx.check()
-        found.known = documents.current_for_content(job.project_id, found.sha)
+        if not ctx.grouped:  # a group's small files are cheap to extract: only its end looks
+            found.known = documents.current_for_content(job.project_id, found.sha)
         if found.known is None:  # else nothing to extract: the project has this content
             progress.update(Stage.EXTRACTING, 0.1)
             found.extracted = _extract(data, found.mime, ctx, progress)
             progress.update(Stage.INDEXING, 0.9)
+            if ctx.grouped and isinstance(ctx.sink, TextSink):  # the built-in sinks
+                found.document = _document(job, found.extracted, found.mime, found.sha, None)
+                found.parts = ctx.sink.parts_of(found.document)
     except (Abandoned, Cancelled, Superseded, Permanent, ExtractError, ExtractionTimeout,
             Transient, SinkError, Conflict) as exc:
         found.error = exc
@@ -313,6 +332,73 @@ def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extra
     return ctx.extractors.extract_pdf(data, ctx.deadline, on_page, ctx.check)
 
 
+def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job | None]:
+    """End a worker's group of small prepared jobs, in its transaction; the final jobs.
+
+    New content under a path with no earlier version, the bulk of any burst, goes in together:
+    one look-up, one insert per sink table, one update and one event insert for them all. The
+    rest (duplicates, new versions, failures, cancels) then end one by one through
+    :func:`conclude`, each as if alone (a duplicate of a file earlier in the group finds the
+    document just made). A job of the group that cannot complete raises Conflict (from
+    ``jobs.complete_many``): the worker rolls the group back and ends its jobs one by one."""
+    together = _new_in_group(group)
+    finals: dict[int, Job | None] = {}
+    for sink, items in _by_sink(together).items():
+        ids = sink.ingest_many([(found.document, found.parts) for _, _, found in items])
+        owner = items[0][1].owner
+        completed = jobs.complete_many(owner, [
+            (job.id, _indexed_message(found.extracted), document_id, found.sha)
+            for (job, _, found), document_id in zip(items, ids)])
+        for (job, ctx, _), final in zip(items, completed):
+            ctx.control.enter("")
+            log.debug("job_completed", job_id=job.id, project=job.project_id,
+                      path=job.source_path, message=final.message)
+            finals[job.id] = final
+    for job, ctx, found in group:
+        if job.id not in finals:
+            finals[job.id] = conclude(job, ctx, found)
+    return [finals[job.id] for job, _, _ in group]
+
+
+def _new_in_group(group: Sequence[tuple[Job, Context, Prepared]]
+                  ) -> list[tuple[Job, Context, Prepared]]:
+    """The jobs of ``group`` whose end is to index their document and complete: prepared, not
+    stopped, content and path unique in the group and never completed in the project before."""
+    candidates = [(job, ctx, found) for job, ctx, found in group
+                  if found.document is not None and not ctx.must_stop()]
+    shas = collections.Counter(found.sha for _, _, found in candidates)
+    paths = collections.Counter(job.source_path for job, _, _ in candidates)
+    candidates = [(job, ctx, found) for job, ctx, found in candidates
+                  if shas[found.sha] == 1 and paths[job.source_path] == 1]
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for job, _, found in candidates:
+        by_project.setdefault(job.project_id, []).append((found.sha, job.source_path))
+    seen = {project_id: documents.ever_completed(project_id, pairs)
+            for project_id, pairs in by_project.items()}
+    return [(job, ctx, found) for job, ctx, found in candidates
+            if found.sha not in seen[job.project_id][0]
+            and job.source_path not in seen[job.project_id][1]]
+
+
+def _by_sink(items: Sequence[tuple[Job, Context, Prepared]]
+             ) -> dict[TextSink, list[tuple[Job, Context, Prepared]]]:
+    grouped: dict[TextSink, list[tuple[Job, Context, Prepared]]] = {}
+    for item in items:
+        grouped.setdefault(item[1].sink, []).append(item)
+    return grouped
+
+
+def _document(job: Job, extracted: Extracted, mime: str, sha: str,
+              replaces: int | None) -> Document:
+    return Document(project_id=job.project_id, job_id=job.id, text=extracted.text,
+                    source_path=job.source_path, original_filename=job.original_filename or "",
+                    mime_type=mime, sha256=sha, pages=extracted.pages, replaces=replaces)
+
+
+def _indexed_message(extracted: Extracted) -> str:
+    return f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
+
+
 def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) -> Job:
     """Hand the text to the sink and complete, retiring the path's previous document.
 
@@ -320,10 +406,8 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     duplicate (two workers may have read the same content at once): a search sees the old
     document or the new one, never neither or both, and a cancel leaves nothing behind."""
     retire = documents.previous_version(job)
-    document = Document(project_id=job.project_id, job_id=job.id, text=extracted.text,
-                        source_path=job.source_path, original_filename=job.original_filename or "",
-                        mime_type=mime, sha256=sha, pages=extracted.pages, replaces=retire)
-    message = f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
+    document = _document(job, extracted, mime, sha, retire)
+    message = _indexed_message(extracted)
     if ctx.sink.transactional:
         try:
             with ctx.atomic():

@@ -32,7 +32,8 @@ from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
 from ingestd.models import Job, database
 from ingestd.extract import PDF
-from ingestd.pipeline import Context, Control, Prepared, after_end, conclude, execute, prepare
+from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
+                              execute, prepare)
 from ingestd.procpool import ExtractorPool
 from ingestd.sinks import Sink, open_sink
 
@@ -176,16 +177,16 @@ class WorkerPool:
         """One slot: claim and run due jobs until none is left."""
         batch: set[int] = set()
         try:
+            following = None
             while not self._stopping.is_set():
-                claimed = db.guarded("claim", jobs.claim)(
-                    self.owner, self._batch_size(), self.config.daemon.lease_seconds)
-                if not claimed:
+                if following is None:
+                    claimed = db.guarded("claim", jobs.claim)(
+                        self.owner, self._batch_size(), self.config.daemon.lease_seconds)
+                    following = self._register(claimed or [])
+                if not following:
                     return
-                controls = [(job, Control()) for job in claimed]
-                batch = {job.id for job in claimed}
-                with self._lock:
-                    self._running.update((job.id, Running(job, c)) for job, c in controls)
-                self._run_batch(controls)
+                batch = {job.id for job, _ in following}
+                following = self._run_batch(following)
         except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
             log.exception("worker_slot_error", slot=slot)
             self._release(lambda running: running.job.id in batch and not running.control.begun,
@@ -194,14 +195,23 @@ class WorkerPool:
             with self._lock:
                 self._draining.discard(slot)
 
+    def _register(self, claimed: list[Job]) -> list[tuple[Job, Control]]:
+        """Claimed jobs are ours to heartbeat (and to release at a stop) from now on."""
+        controls = [(job, Control()) for job in claimed]
+        with self._lock:
+            self._running.update((job.id, Running(job, c)) for job, c in controls)
+        return controls
+
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
 
-    def _run_batch(self, controls: list[tuple[Job, Control]]) -> None:
-        """Run a claimed batch. Small jobs are prepared (read, extracted) one after another,
-        then concluded in one transaction: processes that share a SQLite file hand its write
-        lock over once per group, not once per file, and never hold it while reading. A slow
-        job (a PDF, a large file, an external sink) runs alone, in its own transactions."""
+    def _run_batch(self, controls: list[tuple[Job, Control]]) -> list[tuple[Job, Control]] | None:
+        """Run a claimed batch; the next batch, if the last group's transaction claimed it.
+
+        Small jobs are prepared (read, extracted) one after another, then concluded in one
+        transaction: processes that share a SQLite file hand its write lock over once per
+        group, not once per file, and never hold it while reading. A slow job (a PDF, a large
+        file, an external sink) runs alone, in its own transactions."""
         group: list[tuple[Job, Control, Context, Prepared]] = []
         opened = time.monotonic()
         for job, control in controls:
@@ -219,7 +229,7 @@ class WorkerPool:
                 self._conclude(group, opened)
                 group = []
                 self._run(job, project, control)
-        self._conclude(group, opened)
+        return self._conclude(group, opened, claim_next=True)
 
     def _is_quick(self, job: Job, project: ProjectConfig) -> bool:
         return (job.mime_type != PDF and (job.byte_size or 0) <= QUICK_BYTES
@@ -229,37 +239,42 @@ class WorkerPool:
                  control: Control) -> tuple[Job, Control, Context, Prepared]:
         control.begun = True
         ctx = self._context(project, control)
+        ctx.grouped = True
         try:
             return job, control, ctx, prepare(job, ctx)
         except Exception as exc:  # a bug, or the database: conclude raises it again
             return job, control, ctx, Prepared(error=exc)
 
-    def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]],
-                  opened: float) -> None:
+    def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]], opened: float,
+                  claim_next: bool = False) -> list[tuple[Job, Control]] | None:
         """End a group of prepared jobs in one transaction, without savepoints and with their
-        events inserted together; then their aftermath. If one job's end does not go as
-        planned (cancelled meanwhile, a bug), the group is rolled back and its jobs end one
-        by one, each in its own transaction."""
+        events inserted together; then their aftermath. With ``claim_next`` the transaction
+        also claims the slot's next batch, which it returns (one write transaction per batch,
+        not two). If one job's end does not go as planned (cancelled meanwhile, a bug), the
+        group is rolled back and its jobs end one by one, each in its own transaction."""
         if not group:
-            return
+            return None
+        claimed = None
         try:
             with database.atomic(), jobs.events_at_end():
-                ended = [(job, control, self._end_grouped(job, ctx, found))
-                         for job, control, ctx, found in group]
+                finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
+                if claim_next and not self._stopping.is_set():
+                    claimed = jobs.claim(self.owner, self._batch_size(),
+                                         self.config.daemon.lease_seconds)
+            ended = [(job, control, final)
+                     for (job, control, _, _), final in zip(group, finals)]
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
             self._database_failed([job for job, *_ in group], exc)
-            return
+            return None
         except Exception:
+            claimed = None  # rolled back with the group
             ended = self._conclude_one_by_one(group)
+        following = None if claimed is None else self._register(claimed)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (
             (time.monotonic() - opened) / len(group))
         for job, control, final in ended:
             self._ended(job, final, control)
-
-    @staticmethod
-    def _end_grouped(job: Job, ctx: Context, found: Prepared) -> Job | None:
-        ctx.grouped = True
-        return conclude(job, ctx, found)
+        return following
 
     def _conclude_one_by_one(self, group: list[tuple[Job, Control, Context, Prepared]]
                              ) -> list[tuple[Job, Control, Job | None]]:

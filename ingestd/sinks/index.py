@@ -21,11 +21,14 @@ class IndexSink(TextSink):
         self.overlap = min(self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, int),
                            self.size // 2)
 
-    def store_parts(self, document_id: int, document: Document) -> None:
+    def parts_of(self, document: Document) -> list[tuple]:
         pieces = chunking.chunk_text(document.text, document.pages, self.size, self.overlap,
                                      paged=document.mime_type == PDF)
-        rows = [(document_id, document.project_id, seq, piece.page, piece.start, piece.end,
-                 piece.text) for seq, piece in enumerate(pieces)]
+        return [(document.project_id, seq, piece.page, piece.start, piece.end, piece.text)
+                for seq, piece in enumerate(pieces)]
+
+    def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
+        rows = [(document_id, *row) for document_id, chunks in parts for row in chunks]
         marks = ", ".join([database.param] * 7)
         cursor = database.cursor()  # executemany: one prepared statement for every chunk
         cursor.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from ingestd import db
 from ingestd.config import ProjectConfig
@@ -34,20 +34,39 @@ class TextSink:
 
     def ingest(self, document: Document) -> int:
         """The document row (and its parts); ``replaces`` is retired by the worker, not here."""
-        param = database.param
+        return self.ingest_many([(document, self.parts_of(document))])[0]
+
+    def parts_of(self, document: Document) -> list[tuple]:
+        """What the sink keeps besides the document row, as rows without the document's id
+        (the index: its chunks). A worker works these out before its transaction, so the
+        database's write lock is not held while text is split."""
+        return []
+
+    def ingest_many(self, documents: Sequence[tuple[Document, list[tuple]]]) -> list[int]:
+        """Insert documents with their parts (from :meth:`parts_of`) in one statement per
+        table; their ids, in order."""
+        param, moment = database.param, time.time()
+        values = ", ".join([f"({', '.join([param] * 9)})"] * len(documents))
+        params: list[Any] = []
+        for document, _ in documents:
+            params += (document.project_id, document.sha256, document.source_path,
+                       document.original_filename, document.mime_type, document.text,
+                       len(document.pages), document.job_id, moment)
         with db.transaction():  # the worker's savepoint undoes it if the job's end fails
-            document_id = database.execute_sql(
+            rows = database.execute_sql(
                 "INSERT INTO documents (project_id, content_sha256, source_path, "
                 "original_filename, mime_type, text, page_count, job_id, created_at) "
-                f"VALUES ({', '.join([param] * 9)}) RETURNING id",
-                (document.project_id, document.sha256, document.source_path,
-                 document.original_filename, document.mime_type, document.text,
-                 len(document.pages), document.job_id, time.time())).fetchone()[0]
-            self.store_parts(document_id, document)
-        return document_id
+                f"VALUES {values} RETURNING id, job_id", params).fetchall()
+            by_job = {job_id: document_id for document_id, job_id in rows}
+            if len(by_job) != len(documents):
+                raise ValueError("ingest_many takes one document per job")
+            ids = [by_job[document.job_id] for document, _ in documents]
+            self.store_parts([(document_id, parts)
+                              for document_id, (_, parts) in zip(ids, documents) if parts])
+        return ids
 
-    def store_parts(self, document_id: int, document: Document) -> None:
-        """What a subclass keeps besides the document row (the index: its chunks)."""
+    def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
+        """Store each document's parts under its id."""
 
     def delete(self, document_id: int) -> None:
         (DocumentRow.update(deleted_at=time.time())
