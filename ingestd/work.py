@@ -40,7 +40,7 @@ from ingestd.sinks import Sink, open_sink
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0  # a missed wake-up costs at most this much
 BATCH_SECONDS = 0.05  # a slot claims about this much work at once
-MAX_BATCH = 16
+MAX_BATCH = 48
 GROUP_SECONDS = 0.02  # small jobs prepared within about this long end in one transaction
 QUICK_BYTES = 1 << 20  # files up to this size end in groups
 
