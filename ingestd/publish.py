@@ -24,6 +24,9 @@ from ingestd.stream import EventStream
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 0.02  # how soon an event committed by another process is seen
+# How often how far we got is written down: it is a write transaction, which would queue with
+# the workers' after every batch; a restart resumes from the log itself anyway.
+CURSOR_SECONDS = 1.0
 BATCH = 1000
 TAIL_BYTES = 1 << 16
 
@@ -36,6 +39,7 @@ class Publisher:
         self.consumer = f"log:{socket.gethostname()}:{log_path}"
         self.published = 0
         self.cursor = 0
+        self._cursor_stored_at = 0.0
         self._file = None
         self._reopen = threading.Event()
         self._wake = threading.Event()
@@ -75,6 +79,7 @@ class Publisher:
                 published = 0
                 self._stop.wait(0.5)
             if stopping and published < BATCH:
+                db.guarded("publish", self._store_cursor)()
                 return
             if published < BATCH:
                 self._wake.wait(POLL_SECONDS)
@@ -90,7 +95,8 @@ class Publisher:
             self.stream.publish(lines)
         self.cursor = rows[-1].seq
         self.published += len(rows)
-        self._store_cursor()
+        if time.monotonic() - self._cursor_stored_at >= CURSOR_SECONDS:
+            self._store_cursor()
         return len(rows)
 
     def _write(self, lines: list[tuple[int, str]]) -> None:
@@ -122,6 +128,8 @@ class Publisher:
         return row[0] if row else 0
 
     def _store_cursor(self) -> None:
+        """Record how far the log got (event pruning never deletes past it)."""
+        self._cursor_stored_at = time.monotonic()
         param = database.param
         with database.atomic():  # a write transaction: it queues on the writers' lock (db.py)
             database.execute_sql(
