@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import structlog
@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
 START_SETTLE_WAIT_SECONDS = 120.0
 STATUS_SECONDS = 5.0
+OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
 
 
 class Daemon:
@@ -255,6 +256,12 @@ class Daemon:
     def _overflowed(self) -> None:
         metrics.inotify_overflows.inc()
         self.request_rescan("overflow")
+        # Once more a little later: a file created while watchdog re-adds its watches can be
+        # missed by the kernel and by a scan already under way (seen in a 20,000-file burst).
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), "date", args=["overflow"],
+                               run_date=datetime.now(timezone.utc) + timedelta(
+                                   seconds=OVERFLOW_RESCAN_AGAIN_SECONDS),
+                               id="rescan-overflow-again", replace_existing=True)
 
     def _job_finished(self, job: Finished) -> None:
         metrics.jobs_finished.labels(job.project_id, job.status).inc()
