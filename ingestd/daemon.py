@@ -223,10 +223,13 @@ class Daemon:
         finally:
             self.pool.resume()
 
-    def request_rescan(self, reason: str) -> None:
-        """Scan every folder soon, on the scheduler's threads (several requests coalesce)."""
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=[reason],
-                               id=f"rescan-{reason}", replace_existing=True)
+    def request_rescan(self, reason: str, after: float = 0.0) -> None:
+        """Scan every folder soon (in ``after`` seconds), on the scheduler's threads (several
+        requests for the same moment coalesce)."""
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), "date", args=[reason],
+                               run_date=datetime.now(timezone.utc) + timedelta(seconds=after),
+                               id=f"rescan-{reason}" + (f"-in-{after:g}s" if after else ""),
+                               replace_existing=True)
 
     def _scan_directory(self, path: str) -> None:
         """A directory appeared (or moved in): files inside it raised no events of their own."""
@@ -258,10 +261,7 @@ class Daemon:
         self.request_rescan("overflow")
         # Once more a little later: a file created while watchdog re-adds its watches can be
         # missed by the kernel and by a scan already under way (seen in a 20,000-file burst).
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), "date", args=["overflow"],
-                               run_date=datetime.now(timezone.utc) + timedelta(
-                                   seconds=OVERFLOW_RESCAN_AGAIN_SECONDS),
-                               id="rescan-overflow-again", replace_existing=True)
+        self.request_rescan("overflow", after=OVERFLOW_RESCAN_AGAIN_SECONDS)
 
     def _job_finished(self, job: Finished) -> None:
         metrics.jobs_finished.labels(job.project_id, job.status).inc()

@@ -603,6 +603,9 @@ def progress(job_id: int, owner: str, *, stage: Stage | None = None,
                        event=JOB_PROGRESS if event else None, action="update", **changes)
 
 
+_COMPLETED = dict(status=JobStatus.COMPLETED.value, stage=Stage.DONE.value, progress=1.0, **_END)
+
+
 def complete(job_id: int, owner: str, *, message: str | None = None,
              canonical_document_id: int | None = None, content_sha256: str | None = None,
              unless_cancel_requested: bool = False) -> Job:
@@ -610,10 +613,10 @@ def complete(job_id: int, owner: str, *, message: str | None = None,
     meanwhile wins (Conflict), so a cancelled job never completes."""
     extra = ["NOT cancel_requested"] if unless_cancel_requested else []
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_COMPLETED,
-                       action="complete", extra=extra, status=JobStatus.COMPLETED.value,
-                       stage=Stage.DONE.value, progress=1.0, completed_at=now(),
-                       message=message, canonical_document_id=canonical_document_id,
-                       content_sha256=content_sha256, **_END)
+                       action="complete", extra=extra, completed_at=now(), message=message,
+                       canonical_document_id=canonical_document_id,
+                       content_sha256=content_sha256, **_COMPLETED)
+
 
 
 def complete_many(owner: str, ends: Sequence[tuple[int, str, int, str]]) -> list[Job]:
@@ -625,15 +628,16 @@ def complete_many(owner: str, ends: Sequence[tuple[int, str, int, str]]) -> list
         return []
     moment = now()
     values = ", ".join(["(?, ?, ?, ?)"] * len(ends))
+    common = "".join(f", {column} = ?" for column in _COMPLETED)
     with transaction():
         rows = _execute(
-            "UPDATE ingest_jobs SET updated_at = ?, completed_at = ?, status = 'completed', "
-            "stage = 'done', progress = 1.0, message = v.column2, "
-            "canonical_document_id = v.column3, content_sha256 = v.column4, "
-            f"lease_owner = NULL, lease_expires_at = NULL FROM (VALUES {values}) AS v "
-            "WHERE ingest_jobs.id = v.column1 AND status = 'running' AND deleted_at IS NULL "
-            f"AND lease_owner = ? AND NOT cancel_requested RETURNING {_QUALIFIED_COLUMNS}",
-            [moment, moment, *(value for end in ends for value in end), owner]).fetchall()
+            f"UPDATE ingest_jobs SET updated_at = ?, completed_at = ?{common}, "
+            "message = v.column2, canonical_document_id = v.column3, content_sha256 = v.column4 "
+            f"FROM (VALUES {values}) AS v WHERE ingest_jobs.id = v.column1 "
+            "AND status = 'running' AND deleted_at IS NULL AND lease_owner = ? "
+            f"AND NOT cancel_requested RETURNING {_QUALIFIED_COLUMNS}",
+            [moment, moment, *_COMPLETED.values(), *(value for end in ends for value in end),
+             owner]).fetchall()
         if len(rows) != len(ends):  # the transaction this raises through undoes the rest
             raise Conflict(f"{len(ends) - len(rows)} of {len(ends)} jobs could not complete")
         by_id = {job.id: job for job in map(_to_job, rows)}
