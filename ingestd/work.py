@@ -8,13 +8,16 @@ the poll) starts the idle slots. A slot claims as many jobs as it finishes in ab
 small files share one claim and a PDF is claimed alone (another slot may take the next one).
 Periodic tasks (heartbeat, lease rescue, the poll) run on the scheduler's default executor.
 CPU-bound PDF extraction runs in child processes (procpool), so ``workers`` threads keep
-``workers`` cores busy.
+``workers`` cores busy. A slow job's end (indexing its text, its final transition) is handed to
+a thread of its own while the slot goes on to the next job: the slot's extraction process
+starts the next PDF at once instead of waiting for the last one to be indexed.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 import sqlite3
 import threading
 import time
@@ -33,7 +36,7 @@ from ingestd.config import Config, ProjectConfig
 from ingestd.models import Job, database
 from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
-                              execute, prepare)
+                              prepare)
 from ingestd.procpool import ExtractorPool
 from ingestd.sinks import Sink, open_sink
 
@@ -87,6 +90,8 @@ class WorkerPool:
         self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
         self._draining: set[int] = set()
+        self._enders = EndingThreads(self.size, thread_name_prefix="job-end")
+        self._ending: dict[int, Future] = {}  # by slot: the end of its last slow job
         # Moving average of recent job run times, which sizes the batches. It starts at a
         # batch of one: a slot must not sit on several PDFs while another slot is idle.
         self._job_seconds = BATCH_SECONDS
@@ -140,6 +145,7 @@ class WorkerPool:
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.05)
         self._release(lambda running: True)
+        self._enders.shutdown(wait=False)
         self._extractors.close()
 
     def _release(self, which: Callable[[Running], bool],
@@ -186,7 +192,7 @@ class WorkerPool:
                 if not following:
                     return
                 batch = {job.id for job, _ in following}
-                following = self._run_batch(following)
+                following = self._run_batch(following, slot)
         except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
             log.exception("worker_slot_error", slot=slot)
             self._release(lambda running: running.job.id in batch and not running.control.begun,
@@ -205,13 +211,14 @@ class WorkerPool:
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
 
-    def _run_batch(self, controls: list[tuple[Job, Control]]) -> list[tuple[Job, Control]] | None:
+    def _run_batch(self, controls: list[tuple[Job, Control]],
+                   slot: int = 0) -> list[tuple[Job, Control]] | None:
         """Run a claimed batch; the next batch, if the last group's transaction claimed it.
 
         Small jobs are prepared (read, extracted) one after another, then concluded in one
         transaction: processes that share a SQLite file hand its write lock over once per
         group, not once per file, and never hold it while reading. A slow job (a PDF, a large
-        file, an external sink) runs alone, in its own transactions."""
+        file, an external sink) runs alone, in its own transactions (see :meth:`_run`)."""
         group: list[tuple[Job, Control, Context, Prepared]] = []
         opened = time.monotonic()
         for job, control in controls:
@@ -221,25 +228,25 @@ class WorkerPool:
             if project is not None and self._is_quick(job, project):
                 if not group:
                     opened = time.monotonic()
-                group.append(self._prepare(job, project, control))
+                group.append(self._prepare(job, project, control, grouped=True))
                 if time.monotonic() - opened > GROUP_SECONDS:
                     self._conclude(group, opened)
                     group = []
             else:
                 self._conclude(group, opened)
                 group = []
-                self._run(job, project, control)
+                self._run(job, project, control, slot)
         return self._conclude(group, opened, claim_next=True)
 
     def _is_quick(self, job: Job, project: ProjectConfig) -> bool:
         return (job.mime_type != PDF and (job.byte_size or 0) <= QUICK_BYTES
                 and self._sink(project).transactional)
 
-    def _prepare(self, job: Job, project: ProjectConfig,
-                 control: Control) -> tuple[Job, Control, Context, Prepared]:
+    def _prepare(self, job: Job, project: ProjectConfig, control: Control,
+                 grouped: bool) -> tuple[Job, Control, Context, Prepared]:
         control.begun = True
         ctx = self._context(project, control)
-        ctx.grouped = True
+        ctx.grouped = grouped
         try:
             return job, control, ctx, prepare(job, ctx)
         except Exception as exc:  # a bug, or the database: conclude raises it again
@@ -299,17 +306,29 @@ class WorkerPool:
                           path=job.source_path)
             return self._fail_after_bug(job)
 
-    def _run(self, job: Job, project: ProjectConfig | None, control: Control) -> None:
-        """Run one job on its own: each write is its own transaction."""
+    def _run(self, job: Job, project: ProjectConfig | None, control: Control, slot: int) -> None:
+        """Run one job on its own, each write its own transaction. Reading and extracting
+        happen here; the job's end (indexing, its final transition) is handed to an ending
+        thread, and the slot goes on with its next job meanwhile. A slot is never more than
+        one job ahead of its ends."""
         started = time.monotonic()
         control.begun = True
+        if project is None:
+            self._end_run(job, control, started, lambda: jobs.fail(
+                job.id, self.owner, f"project {job.project_id!r} is no longer configured"))
+            return
+        _, _, ctx, found = self._prepare(job, project, control, grouped=False)
+        previous = self._ending.get(slot)
+        self._ending[slot] = self._enders.submit(self._end_run, job, control, started,
+                                                 lambda: conclude(job, ctx, found))
+        if previous is not None:
+            previous.result()
+
+    def _end_run(self, job: Job, control: Control, started: float,
+                 end: Callable[[], Job | None]) -> None:
         final = None
         try:
-            if project is None:
-                final = jobs.fail(job.id, self.owner, f"project {job.project_id!r} is no longer "
-                                                      "configured")
-            else:
-                final = execute(job, self._context(project, control))
+            final = end()
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
             self._database_failed([job], exc)
             return
@@ -319,7 +338,10 @@ class WorkerPool:
             final = self._fail_after_bug(job)
         finally:
             self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)
-        self._ended(job, final, control)
+        try:
+            self._ended(job, final, control)
+        except Exception:  # on an ending thread, nobody else would hear of it
+            log.exception("job_aftermath_error", job_id=job.id, project=job.project_id)
 
     def _ended(self, job: Job, final: Job | None, control: Control) -> None:
         """After the job's end committed: its original, the metrics, the slot's bookkeeping."""

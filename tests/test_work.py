@@ -3,21 +3,31 @@ cannot go as planned does not take the rest of its group with it."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from conftest import wait_for
+from corpus import make_pdf
 from ingestd import intake, jobs
+from ingestd.config import SinkConfig
 from ingestd.models import Document, Event, Job
 from ingestd.pipeline import Control
 from ingestd.work import WorkerPool
 
 
-def queue_files(cfg, drop: Path, count: int) -> list[Job]:
+def queue_files(cfg, drop: Path, count: int, make=None) -> list[Job]:
     queued = []
     for index in range(count):
-        path = drop / f"small-{index:02d}.txt"
-        path.write_text(f"small file number {index}")
+        if make is None:
+            path = drop / f"small-{index:02d}.txt"
+            path.write_text(f"small file number {index}")
+        else:
+            path = make(index)
         folder, version = intake.inspect(cfg.projects["acme"], path)
         queued.append(jobs.create("acme", str(folder), version, 3)[0])
     return queued
@@ -122,3 +132,44 @@ def test_the_last_group_of_a_batch_claims_the_next_batch_in_its_transaction(cfg,
     started_seq = min(e.seq for e in Event.select().where(Event.job_id.in_(
         [job.id for job, _ in following]), Event.type == "io.ingestd.job.started"))
     assert started_seq == completed_seq + 1  # written together, at the group's end
+
+
+def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, store, drop,
+                                                                        tmp_path):
+    """A slow job's end runs on an ending thread: with the sink of the first PDF held up, the
+    same slot already reads and extracts the second PDF; once the sink answers, both
+    complete. (Without the hand-over the second would not start before the first ended.)"""
+    release = tmp_path / "release"
+    sink_script = tmp_path / "held_sink.py"
+    sink_script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        sys.stdin.read()
+        deadline = time.monotonic() + 60
+        while not os.path.exists({str(release)!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(7)
+    """))
+    held = SinkConfig(kind="command", options={"command": [sys.executable, str(sink_script)]})
+    config = replace(cfg, projects={**cfg.projects,
+                                    "acme": replace(cfg.projects["acme"], sink=held)})
+    queue_files(config, drop, 2, lambda index: Path(make_pdf(
+        drop / f"doc{index}.pdf", [f"page one of document {index}", "page two"])))
+    pool = WorkerPool(config, BackgroundScheduler())
+    claimed = pool._register(jobs.claim(pool.owner, 2))
+    first, second = (job.id for job, _ in claimed)
+    slot = threading.Thread(target=pool._run_batch, args=(claimed,))
+    try:
+        slot.start()
+        stages = lambda: {r["job_id"]: r["stage"] for r in pool.running()}  # noqa: E731
+        wait_for(lambda: stages().get(second) == "indexing",
+                 message="the second PDF extracted while the first waits on its sink")
+        assert stages().get(first) == "indexing"
+        assert Job.get_by_id(first).status == "running"
+        release.touch()
+        slot.join(timeout=60)
+        assert not slot.is_alive()
+        wait_for(lambda: not pool.busy, message="both ends")
+        assert [Job.get_by_id(i).status for i in (first, second)] == ["completed", "completed"]
+    finally:
+        release.touch()
+        pool.stop(grace_seconds=10)
