@@ -1,8 +1,9 @@
 """PDF extraction in separate processes: CPU-bound Python runs on every core, and a pathological
 file can be stopped by killing its process (a thread cannot be killed).
 
-Each child is a long-lived process fed over a pipe; it reports every page, so the parent can
-update progress, notice a cancellation between pages, and enforce the job's deadline. A child
+Each child is a long-lived process fed over a pipe; it reports its pages done (at most every
+PAGE_REPORT_SECONDS, a message per page costs both sides more than a short page does), and the
+parent updates progress, notices a cancellation, and enforces the job's deadline. A child
 that is killed is replaced on the next request. Children are started with ``spawn`` (forking a
 threaded daemon can deadlock the child) and exit when the pipe to the parent closes.
 """
@@ -23,6 +24,7 @@ from ingestd.extract import Extracted, ExtractError, extract_pdf
 
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")
+PAGE_REPORT_SECONDS = 0.1
 
 
 class ExtractionTimeout(Exception):
@@ -39,12 +41,26 @@ def _child(conn: Connection) -> None:
         except (EOFError, OSError):
             return
         try:
-            result = extract_pdf(data, on_page=lambda done, total: conn.send(("page", done, total)))
+            result = extract_pdf(data, on_page=_PageReports(conn))
             conn.send(("done", result))
         except ExtractError as exc:
             conn.send(("error", str(exc)))
         except Exception as exc:  # a bug in extraction must not hang the parent
             conn.send(("bug", f"{type(exc).__name__}: {exc}"))
+
+
+class _PageReports:
+    """The child's page reports, at most one per PAGE_REPORT_SECONDS (and the last page's)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last >= PAGE_REPORT_SECONDS:
+            self._last = now
+            self._conn.send(("page", done, total))
 
 
 class _Worker:

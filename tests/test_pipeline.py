@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from corpus import make_pdf
 from ingestd import intake, jobs
 from ingestd.models import Document
 from ingestd.pipeline import Context, Control, run_job
-from ingestd.procpool import ExtractorPool
+from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
 from ingestd.sinks import open_sink
 
 
@@ -85,3 +87,22 @@ def test_transient_failures_give_up_after_max_attempts(cfg, store, drop, extract
         ended = run_next(cfg, extractors)
     assert ended.status == "failed" and "vanished" in ended.error_message
     assert "gave up after 3 attempts" in ended.error_message
+
+
+def test_an_extraction_process_reports_pages_throttled_and_always_the_last(tmp_path, extractors):
+    """A PDF's pages are reported from the extraction process at most every
+    PAGE_REPORT_SECONDS (a message per page would cost more than a short page), in order,
+    ending with (total, total)."""
+    data = Path(make_pdf(tmp_path / "long.pdf", [f"page {n} " + "word " * 300
+                                                  for n in range(300)])).read_bytes()
+    reports: list[tuple[float, int, int]] = []
+    started = time.monotonic()
+    extracted = extractors.extract_pdf(
+        data, started + 120, lambda done, total: reports.append((time.monotonic(), done, total)),
+        lambda: None)
+    elapsed = time.monotonic() - started
+    assert len(extracted.pages) == 300
+    assert reports[-1][1:] == (300, 300)
+    assert [done for _, done, _ in reports] == sorted({done for _, done, _ in reports})
+    assert len(reports) <= elapsed / PAGE_REPORT_SECONDS + 2
+    assert len(reports) < 300
