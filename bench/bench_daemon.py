@@ -48,7 +48,8 @@ Other processes on the machine skew every figure: each figure first waits (--qui
 120 s) for a quiet machine, and reports other_processes_cpu_cores (machine busy CPU minus the
 daemon's and the bench's own); the summary flags figures taken at >= 0.2 such cores.
 Every daemon run also reports its CPU seconds (utime+stime from /proc) while under load, in all
-(extraction children included) and per thread (named with `py-spy dump` when py-spy is installed).
+(extraction children included), by process role (the daemon, its worker processes, their
+extraction processes) and per thread of the daemon process (named with `py-spy dump` when py-spy is installed).
 """
 
 from __future__ import annotations
@@ -238,6 +239,22 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     if children:
         total += sum(cpu_seconds(kid, children=False) for kid in descendants(pid))
     return total
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the daemon process itself, of its worker processes and of their
+    PDF extraction processes (each process's own: its live children are counted in their role)."""
+    roles = {"daemon process": cpu_seconds(pid, children=False)}
+    for kid in descendants(pid):
+        try:
+            parent = int(Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        role = ("multiprocessing resource tracker" if b"resource_tracker" in command
+                else "worker processes" if parent == pid else "extraction processes")
+        roles[role] = roles.get(role, 0.0) + cpu_seconds(kid, children=False)
+    return roles
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -434,6 +451,7 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
     try:
         ready = daemon.wait_ready(reader, ready_timeout)
         cpu_before, wall_before = cpu_seconds(daemon.process.pid), time.time()
+        roles_before = cpu_by_role(daemon.process.pid)
         threads_before = thread_cpu(daemon.process.pid)
         load = LoadMeter()
         result = body(daemon, reader)
@@ -442,6 +460,9 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
         result["other_processes_cpu_cores"] = load.others(cpu)
         result["daemon_cpu_seconds"] = round(cpu, 2)
         result["daemon_cpu_cores"] = round(cpu / (time.time() - wall_before), 2)
+        result["cpu_seconds_by_role"] = {
+            role: round(seconds - roles_before.get(role, 0.0), 2)
+            for role, seconds in cpu_by_role(daemon.process.pid).items()}
         result["cpu_seconds_by_thread"] = cpu_by_thread(daemon.process.pid, threads_before)
         result["rescans"] = reader.rows(
             "SELECT json_extract(data, '$.reason'), json_extract(data, '$.missed') "
