@@ -690,7 +690,9 @@ def figure_index_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 runs[kind] = figure_throughput(work, args, 0.2)
             rounds.append({"text_files_per_second": runs["text"]["files_per_second"],
                            "index_files_per_second": runs["index"]["files_per_second"],
-                           "ratio": round(runs["index"]["seconds"] / runs["text"]["seconds"], 3)})
+                           "ratio": round(runs["index"]["seconds"] / runs["text"]["seconds"], 3),
+                           **{f"{kind}_{key}": runs[kind][key] for kind in ("text", "index")
+                              for key in ("drop_seconds", "cpu_seconds_by_role")}})
     finally:
         SINK["kind"] = saved
     return {"rounds": rounds, "files": args.files,
