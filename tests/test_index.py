@@ -108,6 +108,14 @@ class TestSearch:
         assert [h.job_id for h in hits] == [often.id, once.id]
         assert hits[0].score > hits[1].score
 
+    def test_sqlite_search_takes_the_matches_best_first_without_a_sort_of_its_own(self, store):
+        """FTS5 hands the matches over by rank: SQLite then makes snippets only for the rows
+        it returns (with a sort of its own, it made one for every match first)."""
+        plan = db.database.execute_sql("EXPLAIN QUERY PLAN " + search._SQLITE,
+                                       ('"turbine"', "acme", 10)).fetchall()
+        assert any("chunks_fts" in row[-1] for row in plan)
+        assert not any("TEMP B-TREE" in row[-1] for row in plan)
+
     def test_prefix_and_or(self, ingest, drop):
         """prefix* matches word starts; OR takes either side."""
         ingest(write(drop / "a.txt", "photosynthesis in plants"))
