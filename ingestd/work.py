@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import socket
-from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 from dataclasses import dataclass
 from typing import Callable
 
@@ -318,9 +318,12 @@ class WorkerPool:
                 job.id, self.owner, f"project {job.project_id!r} is no longer configured"))
             return
         _, _, ctx, found = self._prepare(job, project, control, grouped=False)
+        end = lambda: conclude(job, ctx, found)  # noqa: E731
         previous = self._ending.get(slot)
-        self._ending[slot] = self._enders.submit(self._end_run, job, control, started,
-                                                 lambda: conclude(job, ctx, found))
+        try:
+            self._ending[slot] = self._enders.submit(self._end_run, job, control, started, end)
+        except RuntimeError:  # stop() shut the ending threads down: the job was released
+            self._end_run(job, control, started, end)
         if previous is not None:
             previous.result()
 

@@ -173,3 +173,16 @@ def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, st
     finally:
         release.touch()
         pool.stop(grace_seconds=10)
+
+
+def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, store, drop):
+    """A slot may still reach a slow job after stop() released it and shut the ending threads
+    down: the job ends on the slot's own thread (abandoned), it is not an error, and the job
+    stays queued for the next start."""
+    queue_files(cfg, drop, 1, lambda index: Path(make_pdf(drop / "late.pdf", ["late page"])))
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    [(job, control)] = pool._register(jobs.claim(pool.owner, 1))
+    pool.stop(grace_seconds=0)
+    pool._run(job, cfg.projects["acme"], control, slot=0)
+    assert Job.get_by_id(job.id).status == "queued"
+    assert not pool.busy
