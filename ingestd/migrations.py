@@ -198,7 +198,7 @@ def _v5(db: pw.Database, dialect: dict[str, str]) -> None:
 V6_SQLITE_FTS = [
     # The index sink fills chunks_fts itself, with one INSERT ... SELECT per transaction: the
     # trigger's insert, once per chunk, cost FTS5 over twice as much per chunk.
-    """DROP TRIGGER chunks_fts_insert""",
+    """DROP TRIGGER IF EXISTS chunks_fts_insert""",
 ]
 
 

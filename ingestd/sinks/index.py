@@ -34,8 +34,8 @@ class IndexSink(TextSink):
         cursor.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
                            f"end_offset, text) VALUES ({marks})", rows)
         if not db.is_postgres():  # PostgreSQL's tsvector column is generated with the row
-            # One statement for all the chunks: FTS5 inserting row by row from a trigger
-            # cost more than twice as much per chunk (bench/bench_index.py).
+            # One statement for all the chunks: FTS5 inserting them row by row from a
+            # trigger cost more than twice as much CPU per chunk.
             ids = [document_id for document_id, _ in parts]
             database.execute_sql(
                 "INSERT INTO chunks_fts (rowid, text) SELECT id, text FROM chunks "
