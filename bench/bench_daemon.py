@@ -811,6 +811,9 @@ def bare_pypdf(paths: list[Path], processes: int = 1) -> dict[str, Any]:
             "other_processes_cpu_cores": load.others(0.0)}
 
 
+MAX_PDF_WORKERS = 2  # the pdf figure runs 1 and 2 workers, each after a warm-up PDF per worker
+
+
 def figure_pdf_daemon(work: Path, args: argparse.Namespace, blobs: list[bytes],
                       warmup: list[bytes], pages: int, workers: int) -> dict[str, Any]:
     settle = 0.2
@@ -848,7 +851,7 @@ def figure_pdf(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     daemon with 2 workers, bare pypdf in 2 processes. This machine's speed drifts by tens of
     percent from minute to minute (shared host), so the ratios are taken within each round
     (1 worker against the mean of the bare runs around it) and their median is the figure."""
-    paths = make_pdf_blobs(work, args.pdfs + 2, args.pdf_pages)
+    paths = make_pdf_blobs(work, args.pdfs + MAX_PDF_WORKERS, args.pdf_pages)  # + warm-ups
     warmup = [path.read_bytes() for path in paths[args.pdfs:]]
     paths = paths[:args.pdfs]
     blobs = [path.read_bytes() for path in paths]

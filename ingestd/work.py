@@ -212,7 +212,7 @@ class WorkerPool:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
 
     def _run_batch(self, controls: list[tuple[Job, Control]],
-                   slot: int = 0) -> list[tuple[Job, Control]] | None:
+                   slot: int) -> list[tuple[Job, Control]] | None:
         """Run a claimed batch; the next batch, if the last group's transaction claimed it.
 
         Small jobs are prepared (read, extracted) one after another, then concluded in one

@@ -45,7 +45,7 @@ def test_a_group_ends_every_job_once_with_its_events_in_order(cfg, store, drop):
     pool = WorkerPool(cfg, BackgroundScheduler())
     claimed = jobs.claim(pool.owner, 16)
     assert len(claimed) == 10
-    pool._run_batch([(job, Control()) for job in claimed])
+    pool._run_batch([(job, Control()) for job in claimed], slot=0)
     ended = list(Job.select().order_by(Job.id))
     assert {job.status for job in ended} == {"completed"}
     assert Document.select().count() == 10
@@ -63,7 +63,7 @@ def test_a_job_cancelled_while_its_group_ends_is_cancelled_and_the_rest_complete
     claimed = jobs.claim(pool.owner, 16)
     victim = claimed[3]
     jobs.cancel("acme", victim.id)  # running: only flagged; the worker has not seen it yet
-    pool._run_batch([(job, Control()) for job in claimed])
+    pool._run_batch([(job, Control()) for job in claimed], slot=0)
     cancelled = Job.get_by_id(victim.id)
     assert cancelled.status == "cancelled" and cancelled.canonical_document_id is None
     assert events_of(victim.id) == ["created", "started", "cancel_requested", "cancelled"]
@@ -76,7 +76,7 @@ def test_a_job_cancelled_while_its_group_ends_is_cancelled_and_the_rest_complete
 
 def run_claimed(pool: WorkerPool, limit: int = 16) -> list[Job]:
     claimed = jobs.claim(pool.owner, limit)
-    pool._run_batch([(job, Control()) for job in claimed])
+    pool._run_batch([(job, Control()) for job in claimed], slot=0)
     return [Job.get_by_id(job.id) for job in claimed]
 
 
@@ -122,7 +122,7 @@ def test_the_last_group_of_a_batch_claims_the_next_batch_in_its_transaction(cfg,
     pool = WorkerPool(cfg, BackgroundScheduler())
     pool._job_seconds = 0.05 / 4  # batches of 4
     claimed = jobs.claim(pool.owner, 4)
-    following = pool._run_batch(pool._register(claimed))
+    following = pool._run_batch(pool._register(claimed), slot=0)
     assert [Job.get_by_id(job.id).status for job in claimed] == ["completed"] * 4
     assert following is not None and len(following) == 4
     assert {job.id for job, _ in following} == set(pool._running)
@@ -157,7 +157,7 @@ def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, st
     pool = WorkerPool(config, BackgroundScheduler())
     claimed = pool._register(jobs.claim(pool.owner, 2))
     first, second = (job.id for job, _ in claimed)
-    slot = threading.Thread(target=pool._run_batch, args=(claimed,))
+    slot = threading.Thread(target=pool._run_batch, args=(claimed, 0))
     try:
         slot.start()
         stages = lambda: {r["job_id"]: r["stage"] for r in pool.running()}  # noqa: E731
