@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import structlog
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from ingestd import __version__, config as config_mod, db, events, intake, jobs, metrics, scan
 from ingestd.config import Config
 from ingestd.control import ControlServer
 from ingestd.errors import IngestdError
+from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
 from ingestd.publish import Publisher
+from ingestd.scheduling import new_scheduler, stop_scheduler
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
 from ingestd.stream import EventStream
@@ -49,15 +48,12 @@ class Daemon:
         self.config = config
         self.owner = node_owner()
         self._config_arg = config_arg
-        self._signals: list[int] = []
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
+        self._signals = Inbox()
+        self._stopping = False  # set in a signal handler: a plain flag, no lock
         self.started_at = time.time()
         self.last_scan: dict[str, Any] | None = None
         self.notifier = Notifier()
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4)}, timezone=timezone.utc,
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+        self.scheduler = new_scheduler(threads=4)
         self.pool = WorkerProcesses(config, log_level, self._job_finished)
         self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
                                self._scan_directory)
@@ -72,8 +68,8 @@ class Daemon:
 
     def run(self) -> int:
         check_sinks(self.config.projects.values())
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(number, self._on_signal)
+        self._signals.receive((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
+                              at_once=self._on_signal)
         db.open_store(self.config.daemon.database)
         self._start_events()
         self._start()
@@ -121,10 +117,7 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         tick = min(STATUS_SECONDS, watchdog) if watchdog else STATUS_SECONDS
         while True:
-            self._wakeup.wait(tick)
-            self._wakeup.clear()
-            while self._signals:
-                number = self._signals.pop(0)
+            for number in self._signals.wait(tick):
                 if number == signal.SIGHUP:
                     self.reload()
                 elif number == signal.SIGUSR1:
@@ -136,15 +129,14 @@ class Daemon:
                 self.notifier.watchdog()
             self.notifier.status(self.status_line())
 
-    def _on_signal(self, number: int, frame: object) -> None:
-        stops = number in (signal.SIGTERM, signal.SIGINT)
-        if stops and self._stopping.is_set():
+    def _on_signal(self, number: int) -> None:
+        """In the signal handler, before the main loop hears of it: takes no lock."""
+        if number not in (signal.SIGTERM, signal.SIGINT):
+            return
+        if self._stopping:
             self.pool.kill()
             os._exit(1)  # second signal: at once; leases of this dead process are rescued later
-        if stops:
-            self._stopping.set()
-        self._signals.append(number)
-        self._wakeup.set()
+        self._stopping = True
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -157,7 +149,7 @@ class Daemon:
         if self.listener is not None:
             self.listener.stop()
         self.pool.stop(self.config.daemon.shutdown_grace_seconds)
-        self.scheduler.shutdown(wait=False)
+        stop_scheduler(self.scheduler)
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:
@@ -203,7 +195,7 @@ class Daemon:
                 break
             except Exception as exc:
                 db.reset_connection()
-                if self._stopping.is_set():
+                if self._stopping:
                     return  # the start-up scan of the next run finds them again
                 log.warning("job_creation_failed", files=len(ready), reason=str(exc))
                 time.sleep(CREATE_RETRY_SECONDS)

@@ -86,18 +86,23 @@ class ExtractorPool:
         self._slots = threading.Semaphore(size)
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._warming: threading.Thread | None = None
+        self._closed = False
 
     def warm(self) -> None:
         """Start the children now, in the background: the first PDF then does not wait for a
         Python interpreter to start (about 0.15 s)."""
         def start() -> None:
             for _ in range(self._size):
+                if self._closed:
+                    return
                 worker = _Worker()
                 with self._lock:
                     self._all.add(worker)
                 self._idle.put(worker)
 
-        threading.Thread(target=start, name="extract-warm", daemon=True).start()
+        self._warming = threading.Thread(target=start, name="extract-warm", daemon=True)
+        self._warming.start()
 
     def extract_pdf(self, data: bytes, deadline: float,
                     on_page: Callable[[int, int], None],
@@ -156,6 +161,11 @@ class ExtractorPool:
             self._all.discard(worker)
 
     def close(self) -> None:
+        # A child still being started would be left behind (or die reading its half-sent
+        # start-up data, a traceback in the log): let the warm-up finish first.
+        self._closed = True
+        if self._warming is not None:
+            self._warming.join(timeout=10)
         with self._lock:
             workers, self._all = list(self._all), set()
         for worker in workers:

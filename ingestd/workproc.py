@@ -22,13 +22,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import timezone
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import structlog
 
 from ingestd.config import Config
+from ingestd.inbox import Inbox
 
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
@@ -98,8 +98,8 @@ class WorkerProcesses:
 
     @property
     def pids(self) -> list[int]:
-        with self._lock:
-            return [child.process.pid for child in self._children if child.process.pid]
+        # No lock: kill() runs in a signal handler (copying the list is atomic).
+        return [child.process.pid for child in list(self._children) if child.process.pid]
 
     def start(self) -> None:
         """Start the children, held until :meth:`resume`."""
@@ -186,9 +186,9 @@ class WorkerProcesses:
                 self._on_finished(item)
 
     def _replace(self, child: _Child) -> None:
-        child.process.join(5)
         if self._stopping.is_set():
-            return
+            return  # it stopped as told; stop() reaps it (two threads reaping one child race)
+        child.process.join(5)
         log.error("worker_process_died", pid=child.process.pid, exit_code=child.process.exitcode)
         time.sleep(RESTART_DELAY_SECONDS)  # a child that dies at once must not spin
         child.conn.close()
@@ -203,25 +203,21 @@ class WorkerProcesses:
 def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
     SIGTERM or orphaned."""
-    from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.schedulers.background import BackgroundScheduler
-
     from ingestd import db, log as logging_setup
+    from ingestd.scheduling import new_scheduler, stop_scheduler
     from ingestd.work import WorkerPool
 
     logging_setup.configure(log_level)
-    stop = threading.Event()
+    stop = Inbox()  # SIGTERM, or the parent-reader thread: "stop", or the parent is gone
     grace = [config.daemon.shutdown_grace_seconds]
-    signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
+    stop.receive([signal.SIGTERM])
     # Ctrl-C in a terminal reaches the whole process group: the parent alone decides, and tells
     # its children to stop; likewise it reloads on SIGHUP and passes the new config on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     db.open_store(config.daemon.database, migrate=False)
     config = replace(config, daemon=replace(config.daemon, workers=slots))
-    scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(2)}, timezone=timezone.utc,
-        job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+    scheduler = new_scheduler(threads=2)
     report = _Reporter(conn)
     pool = WorkerPool(config, scheduler, report.finished)
     if held:
@@ -236,7 +232,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
         report.flush()
     pool.stop(grace[0])
     report.flush()
-    scheduler.shutdown(wait=False)
+    stop_scheduler(scheduler)
     db.close_store()
     # A slot may still wait on a slow sink: its job was released, so do not let the
     # interpreter wait for that thread at exit.
@@ -272,12 +268,12 @@ class _Reporter:
             pass  # the parent is gone: the reader thread stops this process
 
 
-def _read_parent(conn: Connection, pool: Any, stop: threading.Event, grace: list[float]) -> None:
-    while not stop.is_set():
+def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float]) -> None:
+    while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
-            stop.set()
+            stop.post(signal.SIGTERM)
             return
         kind = message[0]
         if kind == "wake":
@@ -290,4 +286,5 @@ def _read_parent(conn: Connection, pool: Any, stop: threading.Event, grace: list
             grace[0] = new.daemon.shutdown_grace_seconds
         elif kind == "stop":
             grace[0] = message[1]
-            stop.set()
+            stop.post(signal.SIGTERM)
+            return

@@ -62,6 +62,7 @@ class Daemon:
         self.notify: NotifySocket | None = None
         self.log_path = root / "daemon.log"
         self.starts = 0
+        self._log_start = 0  # where this run's lines begin in the log
 
     def start(self, wait_ready: bool = True) -> "Daemon":
         self.starts += 1
@@ -69,6 +70,7 @@ class Daemon:
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.extra_env}
         env.pop("INGESTD_CONFIG", None)
         log = open(self.log_path, "ab")
+        self._log_start = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ingestd", "-c", str(self.config), "run",
              "--log-level", self.log_level],
@@ -86,7 +88,7 @@ class Daemon:
         self.process.send_signal(number)
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM and wait; the exit code."""
+        """SIGTERM and wait; the exit code. A clean stop must also leave a clean log."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
@@ -99,7 +101,18 @@ class Daemon:
                 self.process.wait()
             if self.notify:
                 self.notify.close()
+        if code == 0:
+            assert not self.unclean_lines(), "\n".join(self.unclean_lines())
         return code
+
+    def unclean_lines(self) -> list[str]:
+        """This run's log lines that a clean run never writes: a thread's uncaught exception
+        (a bare traceback, outside structlog), a worker process killed at stop."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            lines = log.read().decode(errors="replace").splitlines()
+        return [line for line in lines if line.startswith(("Traceback", "Exception in thread"))
+                or "worker_process_killed" in line]
 
     def kill(self, with_children: bool = False) -> None:
         """SIGKILL the daemon; ``with_children``: its worker processes too, as when the whole
