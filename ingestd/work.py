@@ -150,8 +150,10 @@ class WorkerPool:
 
     def _release(self, which: Callable[[Running], bool],
                  reason: str = "re-queued at shutdown") -> None:
-        with self._lock:
+        with self._lock:  # taken out at once: two releasers never release one job twice
             leftovers = [(job_id, r) for job_id, r in self._running.items() if which(r)]
+            for job_id, _ in leftovers:
+                del self._running[job_id]
         for job_id, running in leftovers:
             running.control.abandon.set()
             try:
@@ -160,8 +162,6 @@ class WorkerPool:
                          reason=reason)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
-            with self._lock:
-                self._running.pop(job_id, None)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -202,10 +202,15 @@ class WorkerPool:
                 self._draining.discard(slot)
 
     def _register(self, claimed: list[Job]) -> list[tuple[Job, Control]]:
-        """Claimed jobs are ours to heartbeat (and to release at a stop) from now on."""
+        """Claimed jobs are ours to heartbeat (and to release at a stop) from now on; none
+        if stop() began meanwhile (it may have released all it knew before they came)."""
         controls = [(job, Control()) for job in claimed]
         with self._lock:
             self._running.update((job.id, Running(job, c)) for job, c in controls)
+        if controls and self._stopping.is_set():
+            ids = {job.id for job in claimed}
+            self._release(lambda running: running.job.id in ids)
+            return []
         return controls
 
     def _batch_size(self) -> int:

@@ -3,6 +3,8 @@ cannot go as planned does not take the rest of its group with it."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 import textwrap
 import threading
@@ -185,4 +187,36 @@ def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, 
     pool.stop(grace_seconds=0)
     pool._run(job, cfg.projects["acme"], control, slot=0)
     assert Job.get_by_id(job.id).status == "queued"
+    assert not pool.busy
+
+
+def blocked_on_flock(path: Path) -> bool:
+    """Someone waits for an flock on ``path`` (/proc/locks lists blocked waiters with ->)."""
+    inode = f":{path.stat().st_ino} "
+    return any("->" in line and "FLOCK" in line and inode in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_claim_that_commits_after_stop_released_everything_is_released_too(cfg, store, drop):
+    """stop() releases the jobs it knows; a slot's claim still waiting for the write lock
+    commits later. Its jobs must go back to the queue too, not stay running until their
+    lease expires."""
+    [queued] = queue_files(cfg, drop, 1)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
+    holder = os.open(lock_file, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as another process's write transaction would
+    slot = threading.Thread(target=pool._drain, args=(0,))
+    try:
+        slot.start()
+        wait_for(lambda: blocked_on_flock(lock_file), message="the slot's claim to wait")
+        pool.stop(grace_seconds=0)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    slot.join(timeout=30)
+    assert not slot.is_alive()
+    job = Job.get_by_id(queued.id)
+    assert (job.status, job.attempts) == ("queued", 0)
+    assert events_of(job.id) == ["created", "started", "requeued"]
     assert not pool.busy
