@@ -305,13 +305,13 @@ class TestLifecycle:
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=sink)
         path = drop(folders["acme"], "held.txt", "held by its sink")
         wait_job(path, "running")
-        assert running.stop(timeout=30) == 0
+        assert running.stop(timeout=30) == 0, running.log()[-3000:]
         [job] = jobs_for(path)
-        assert (job.status, job.attempts) == ("queued", 0)
+        assert (job.status, job.attempts) == ("queued", 0), running.log()[-3000:]
         assert events_of_type("io.ingestd.daemon.stopping")
         release.touch()
         running.start()
-        assert wait_job(path, timeout=60).attempts == 1
+        assert wait_job(path, timeout=60).attempts == 1, running.log()[-3000:]
 
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
