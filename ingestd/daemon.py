@@ -25,7 +25,7 @@ from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
 from ingestd.publish import Publisher
-from ingestd.scheduling import new_scheduler, stop_scheduler
+from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
 from ingestd.stream import EventStream
@@ -68,8 +68,8 @@ class Daemon:
 
     def run(self) -> int:
         check_sinks(self.config.projects.values())
-        self._signals.receive((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
-                              at_once=self._on_signal)
+        self._signals.catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
+                            at_once=self._on_signal)
         db.open_store(self.config.daemon.database)
         self._start_events()
         self._start()
@@ -149,7 +149,7 @@ class Daemon:
         if self.listener is not None:
             self.listener.stop()
         self.pool.stop(self.config.daemon.shutdown_grace_seconds)
-        stop_scheduler(self.scheduler)
+        self.scheduler.shutdown(wait=False)
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:

@@ -17,18 +17,21 @@ from typing import Callable, Iterable
 
 
 class Inbox:
-    """Signals (and notes posted by other threads) for a main loop to take in order."""
+    """Signals (and notes posted by other threads) for one main loop to take in order."""
 
     def __init__(self) -> None:
         self._numbers: collections.deque[int] = collections.deque()
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._poll = select.poll()
+        self._poll.register(self._read, select.POLLIN)
 
-    def receive(self, numbers: Iterable[int],
-                at_once: Callable[[int], None] | None = None) -> None:
-        """Deliver these signals here. ``at_once`` runs in the handler itself (what cannot wait
-        for the main loop, such as exiting); it must not take a lock either."""
+    def catch(self, numbers: Iterable[int],
+              at_once: Callable[[int], None] | None = None) -> None:
+        """Install handlers that deliver these signals here. ``at_once`` runs in the handler
+        itself, for what cannot wait for the main loop (exiting at once); it must take no lock
+        and must not raise (its exception would surface wherever the main thread was)."""
         def handler(number: int, frame: object) -> None:
             if at_once is not None:
                 at_once(number)
@@ -46,15 +49,16 @@ class Inbox:
             pass  # the pipe is full of wake-ups the loop has not read yet: it will wake anyway
 
     def wait(self, timeout: float) -> list[int]:
-        """Wait up to ``timeout`` seconds for something to arrive; what arrived, oldest first."""
+        """Wait up to ``timeout`` seconds for something to arrive; what arrived, oldest first.
+        One thread waits (the main loop's)."""
         if not self._numbers:
-            select.select([self._read], [], [], timeout)
+            self._poll.poll(timeout * 1000)
         try:
             while os.read(self._read, 4096):
                 pass
         except BlockingIOError:
             pass
-        taken = []
+        taken: list[int] = []
         while self._numbers:
             taken.append(self._numbers.popleft())
         return taken

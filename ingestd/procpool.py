@@ -94,10 +94,11 @@ class ExtractorPool:
         Python interpreter to start (about 0.15 s)."""
         def start() -> None:
             for _ in range(self._size):
-                if self._closed:
-                    return
                 worker = _Worker()
                 with self._lock:
+                    if self._closed:  # close() did not wait long enough for us
+                        worker.kill()
+                        return
                     self._all.add(worker)
                 self._idle.put(worker)
 
@@ -163,10 +164,10 @@ class ExtractorPool:
     def close(self) -> None:
         # A child still being started would be left behind (or die reading its half-sent
         # start-up data, a traceback in the log): let the warm-up finish first.
-        self._closed = True
         if self._warming is not None:
             self._warming.join(timeout=10)
         with self._lock:
+            self._closed = True
             workers, self._all = list(self._all), set()
         for worker in workers:
             worker.kill()

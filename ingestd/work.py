@@ -15,6 +15,7 @@ starts the next PDF at once instead of waiting for the last one to be indexed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -23,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -97,6 +98,7 @@ class WorkerPool:
         self._job_seconds = BATCH_SECONDS
         self._stopping = threading.Event()
         self._held = threading.Event()
+        self._claims = 0  # claims in flight: their jobs run in the database, not yet here
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -145,8 +147,28 @@ class WorkerPool:
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.05)
         self._release(lambda running: True)
+        self._await_claims()
         self._enders.shutdown(wait=False)
         self._extractors.close()
+
+    def _await_claims(self) -> None:
+        """A claim that was waiting for the write lock may commit after the release above;
+        its jobs are released as it registers them (see :meth:`_register`). Wait for that,
+        or the process could exit between the two and leave them running."""
+        deadline = time.monotonic() + db.BUSY_TIMEOUT_SECONDS + 1.0
+        while self._claims and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def _claiming(self) -> Iterator[None]:
+        """Around a claim and the registration of what it claimed."""
+        with self._lock:
+            self._claims += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claims -= 1
 
     def _release(self, which: Callable[[Running], bool],
                  reason: str = "re-queued at shutdown") -> None:
@@ -186,9 +208,10 @@ class WorkerPool:
             following = None
             while not self._stopping.is_set():
                 if following is None:
-                    claimed = db.guarded("claim", jobs.claim)(
-                        self.owner, self._batch_size(), self.config.daemon.lease_seconds)
-                    following = self._register(claimed or [])
+                    with self._claiming():
+                        claimed = db.guarded("claim", jobs.claim)(
+                            self.owner, self._batch_size(), self.config.daemon.lease_seconds)
+                        following = self._register(claimed or [])
                 if not following:
                     return
                 batch = {job.id for job, _ in following}
@@ -267,21 +290,22 @@ class WorkerPool:
         if not group:
             return None
         claimed = None
-        try:
-            with database.atomic(), jobs.events_at_end():
-                finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
-                if claim_next and not self._stopping.is_set():
-                    claimed = jobs.claim(self.owner, self._batch_size(),
-                                         self.config.daemon.lease_seconds)
-            ended = [(job, control, final)
-                     for (job, control, _, _), final in zip(group, finals)]
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
-            self._database_failed([job for job, *_ in group], exc)
-            return None
-        except Exception:
-            claimed = None  # rolled back with the group
-            ended = self._conclude_one_by_one(group)
-        following = None if claimed is None else self._register(claimed)
+        with self._claiming() if claim_next else contextlib.nullcontext():
+            try:
+                with database.atomic(), jobs.events_at_end():
+                    finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
+                    if claim_next and not self._stopping.is_set():
+                        claimed = jobs.claim(self.owner, self._batch_size(),
+                                             self.config.daemon.lease_seconds)
+                ended = [(job, control, final)
+                         for (job, control, _, _), final in zip(group, finals)]
+            except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
+                self._database_failed([job for job, *_ in group], exc)
+                return None
+            except Exception:
+                claimed = None  # rolled back with the group
+                ended = self._conclude_one_by_one(group)
+            following = None if claimed is None else self._register(claimed)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (
             (time.monotonic() - opened) / len(group))
         for job, control, final in ended:

@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
+# What stops a child: SIGTERM, or the parent-reader thread posting the same number when the
+# parent says "stop" or is gone.
+STOP = signal.SIGTERM
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class WorkerProcesses:
         self._held = True
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def owners(self) -> list[str]:
@@ -106,8 +110,10 @@ class WorkerProcesses:
         slots = split_slots(self.size, os.cpu_count() or 1)
         with self._lock:
             self._children = [self._spawn(index, n) for index, n in enumerate(slots)]
-        for target, name in ((self._supervise, "worker-supervisor"), (self._waker, "worker-waker")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+        threading.Thread(target=self._waker, name="worker-waker", daemon=True).start()
 
     def _spawn(self, index: int, slots: int) -> _Child:
         child = _Child(index, slots, self.config, self._log_level, self._held)
@@ -135,7 +141,13 @@ class WorkerProcesses:
         self._wake.set()
         self._broadcast(("stop", grace_seconds))
         deadline = time.monotonic() + grace_seconds + 10.0
-        for child in list(self._children):
+        # The supervisor may be reaping (or replacing) a child that died just now: one thread
+        # reaps a child, else the loser takes it for alive and kills a pid maybe reused.
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=RESTART_DELAY_SECONDS + 10.0)
+        with self._lock:
+            children = list(self._children)
+        for child in children:
             child.process.join(max(0.0, deadline - time.monotonic()))
             if child.process.is_alive():
                 log.warning("worker_process_killed", pid=child.process.pid,
@@ -187,13 +199,15 @@ class WorkerProcesses:
 
     def _replace(self, child: _Child) -> None:
         if self._stopping.is_set():
-            return  # it stopped as told; stop() reaps it (two threads reaping one child race)
+            return  # it stopped as told; stop() reaps it
         child.process.join(5)
         log.error("worker_process_died", pid=child.process.pid, exit_code=child.process.exitcode)
         time.sleep(RESTART_DELAY_SECONDS)  # a child that dies at once must not spin
         child.conn.close()
-        replacement = self._spawn(child.index, child.slots)
-        with self._lock:
+        with self._lock:  # stop() takes its list of children under this lock, after _stopping
+            if self._stopping.is_set():
+                return
+            replacement = self._spawn(child.index, child.slots)
             self._children[self._children.index(child)] = replacement
         self._wake.set()
 
@@ -204,13 +218,13 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
     SIGTERM or orphaned."""
     from ingestd import db, log as logging_setup
-    from ingestd.scheduling import new_scheduler, stop_scheduler
+    from ingestd.scheduling import new_scheduler
     from ingestd.work import WorkerPool
 
     logging_setup.configure(log_level)
-    stop = Inbox()  # SIGTERM, or the parent-reader thread: "stop", or the parent is gone
+    stop = Inbox()
     grace = [config.daemon.shutdown_grace_seconds]
-    stop.receive([signal.SIGTERM])
+    stop.catch([STOP])
     # Ctrl-C in a terminal reaches the whole process group: the parent alone decides, and tells
     # its children to stop; likewise it reloads on SIGHUP and passes the new config on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -232,7 +246,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
         report.flush()
     pool.stop(grace[0])
     report.flush()
-    stop_scheduler(scheduler)
+    scheduler.shutdown(wait=False)
     db.close_store()
     # A slot may still wait on a slow sink: its job was released, so do not let the
     # interpreter wait for that thread at exit.
@@ -273,7 +287,7 @@ def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float]) -
         try:
             message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
-            stop.post(signal.SIGTERM)
+            stop.post(STOP)
             return
         kind = message[0]
         if kind == "wake":
@@ -286,5 +300,5 @@ def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float]) -
             grace[0] = new.daemon.shutdown_grace_seconds
         elif kind == "stop":
             grace[0] = message[1]
-            stop.post(signal.SIGTERM)
+            stop.post(STOP)
             return

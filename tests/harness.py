@@ -102,17 +102,20 @@ class Daemon:
             if self.notify:
                 self.notify.close()
         if code == 0:
-            assert not self.unclean_lines(), "\n".join(self.unclean_lines())
+            unclean = self.unclean_lines()
+            assert not unclean, "\n".join(unclean)
         return code
 
     def unclean_lines(self) -> list[str]:
-        """This run's log lines that a clean run never writes: a thread's uncaught exception
-        (a bare traceback, outside structlog), a worker process killed at stop."""
+        """This run's log lines that a clean run never writes: an uncaught exception (a bare
+        traceback, outside structlog; one in a thread; one Python could only ignore), a worker
+        process killed at stop."""
         with open(self.log_path, "rb") as log:
             log.seek(self._log_start)
             lines = log.read().decode(errors="replace").splitlines()
-        return [line for line in lines if line.startswith(("Traceback", "Exception in thread"))
-                or "worker_process_killed" in line]
+        bare = ("Traceback", "Exception in thread", "Exception ignored")
+        return [line for line in lines
+                if line.startswith(bare) or "worker_process_killed" in line]
 
     def kill(self, with_children: bool = False) -> None:
         """SIGKILL the daemon; ``with_children``: its worker processes too, as when the whole

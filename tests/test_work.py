@@ -197,26 +197,32 @@ def blocked_on_flock(path: Path) -> bool:
                for line in Path("/proc/locks").read_text().splitlines())
 
 
-def test_a_claim_that_commits_after_stop_released_everything_is_released_too(cfg, store, drop):
+def test_a_claim_that_commits_after_stop_released_everything_is_released_before_stop_returns(
+        cfg, store, drop):
     """stop() releases the jobs it knows; a slot's claim still waiting for the write lock
-    commits later. Its jobs must go back to the queue too, not stay running until their
-    lease expires."""
+    commits later. Its jobs go back to the queue too, before stop() returns (the worker
+    process exits right after): not left running until their lease expires."""
     [queued] = queue_files(cfg, drop, 1)
     pool = WorkerPool(cfg, BackgroundScheduler())
     lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
     holder = os.open(lock_file, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)  # as another process's write transaction would
     slot = threading.Thread(target=pool._drain, args=(0,))
+    at_return: list[list[str]] = []
+    stopper = threading.Thread(target=lambda: (pool.stop(grace_seconds=0),
+                                               at_return.append(events_of(queued.id))))
     try:
         slot.start()
         wait_for(lambda: blocked_on_flock(lock_file), message="the slot's claim to wait")
-        pool.stop(grace_seconds=0)
+        stopper.start()
+        wait_for(lambda: pool._stopping.is_set(), message="stop() to begin")
     finally:
         fcntl.flock(holder, fcntl.LOCK_UN)
         os.close(holder)
+    stopper.join(timeout=30)
     slot.join(timeout=30)
-    assert not slot.is_alive()
+    assert not stopper.is_alive() and not slot.is_alive()
+    assert at_return == [["created", "started", "requeued"]]
     job = Job.get_by_id(queued.id)
     assert (job.status, job.attempts) == ("queued", 0)
-    assert events_of(job.id) == ["created", "started", "requeued"]
     assert not pool.busy
