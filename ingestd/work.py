@@ -143,21 +143,14 @@ class WorkerPool:
         (claimed jobs whose turn had not come are re-queued at once)."""
         self._stopping.set()
         self._release(lambda running: not running.control.begun)
-        deadline = time.monotonic() + grace_seconds
-        while self.busy and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_while(lambda: self.busy, grace_seconds)
         self._release(lambda running: True)
-        self._await_claims()
+        # A claim that was waiting for the write lock may commit after that release; its jobs
+        # are released as it registers them (see _register). Wait for it, or the process could
+        # exit between the two and leave them running.
+        _wait_while(lambda: self._claims, db.BUSY_TIMEOUT_SECONDS + 1.0)
         self._enders.shutdown(wait=False)
         self._extractors.close()
-
-    def _await_claims(self) -> None:
-        """A claim that was waiting for the write lock may commit after the release above;
-        its jobs are released as it registers them (see :meth:`_register`). Wait for that,
-        or the process could exit between the two and leave them running."""
-        deadline = time.monotonic() + db.BUSY_TIMEOUT_SECONDS + 1.0
-        while self._claims and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     @contextlib.contextmanager
     def _claiming(self) -> Iterator[None]:
@@ -289,28 +282,36 @@ class WorkerPool:
         group is rolled back and its jobs end one by one, each in its own transaction."""
         if not group:
             return None
-        claimed = None
         with self._claiming() if claim_next else contextlib.nullcontext():
-            try:
-                with database.atomic(), jobs.events_at_end():
-                    finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
-                    if claim_next and not self._stopping.is_set():
-                        claimed = jobs.claim(self.owner, self._batch_size(),
-                                             self.config.daemon.lease_seconds)
-                ended = [(job, control, final)
-                         for (job, control, _, _), final in zip(group, finals)]
-            except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
-                self._database_failed([job for job, *_ in group], exc)
+            outcome = self._end_group(group, claim_next)
+            if outcome is None:
                 return None
-            except Exception:
-                claimed = None  # rolled back with the group
-                ended = self._conclude_one_by_one(group)
+            ended, claimed = outcome
             following = None if claimed is None else self._register(claimed)
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (
             (time.monotonic() - opened) / len(group))
         for job, control, final in ended:
             self._ended(job, final, control)
         return following
+
+    def _end_group(self, group: list[tuple[Job, Control, Context, Prepared]], claim_next: bool
+                   ) -> tuple[list[tuple[Job, Control, Job | None]], list[Job] | None] | None:
+        """The group's transaction: each job's end and the claimed next batch (if asked and
+        still running); None after a database error (the group's jobs were released)."""
+        claimed = None
+        try:
+            with database.atomic(), jobs.events_at_end():
+                finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
+                if claim_next and not self._stopping.is_set():
+                    claimed = jobs.claim(self.owner, self._batch_size(),
+                                         self.config.daemon.lease_seconds)
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
+            self._database_failed([job for job, *_ in group], exc)
+            return None
+        except Exception:  # rolled back with what it claimed: end the jobs one by one
+            return self._conclude_one_by_one(group), None
+        return [(job, control, final)
+                for (job, control, _, _), final in zip(group, finals)], claimed
 
     def _conclude_one_by_one(self, group: list[tuple[Job, Control, Context, Prepared]]
                              ) -> list[tuple[Job, Control, Job | None]]:
@@ -445,3 +446,10 @@ class WorkerPool:
         for job in jobs.rescue_owned(owners):
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status,
                      reason="its worker's process is gone")
+
+
+def _wait_while(condition: Callable[[], object], seconds: float) -> None:
+    """Poll ``condition`` until it is false or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
