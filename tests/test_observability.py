@@ -95,9 +95,12 @@ def test_metrics_parse_and_move_as_files_are_processed(observed):
     for i in range(5):
         wait_job(drop / f"m{i}.txt")
     wait_ended(drop / "broken.pdf")
-    after = wait_for(lambda: (s := scrape(url)) and value(
-        s, "ingestd_jobs_finished_total", project="acme", status="failed") >= 1 and s,
-        message="the failure counted")
+    # Each worker process reports the jobs it ended on its own (every 0.25 s): wait until
+    # all six ends are counted, not just the failure.
+    finished = lambda s, status: value(  # noqa: E731
+        s, "ingestd_jobs_finished_total", project="acme", status=status)
+    after = wait_for(lambda: (s := scrape(url)) and finished(s, "failed") >= 1
+                     and finished(s, "completed") >= 5 and s, message="all six ends counted")
     assert value(after, "ingestd_jobs_finished_total", project="acme", status="completed") == 5
     assert value(after, "ingestd_files_seen_total", project="acme") - value(
         before, "ingestd_files_seen_total", project="acme") == 6
