@@ -3,7 +3,10 @@
     python bench/bench_daemon.py [FIGURE ...] [--dir DIR] [--keep] [--profile] [--json FILE]
 
 FIGURE is any of floor, throughput, latency, startup, pdf, index-cost (default: all, in that order).
-Everything is written under --dir (default: a fresh temp dir, removed afterwards unless --keep).
+Everything is written under --dir (default: a fresh temp dir, removed afterwards unless --keep);
+nothing is deleted before the bench ends (see fresh()). ext4 creates files several times slower
+for a few minutes after many were deleted (a previous bench, the test suite): every figure that
+drops files is then slower, and its drop_seconds shows it.
 Each daemon is a real subprocess (`python -m ingestd -c CONFIG run`, stderr in DIR/.../daemon.log),
 ready once its `io.ingestd.daemon.started` event is in the database, stopped with SIGTERM. The
 bench only reads the database (sqlite3, read-only), polling every 50 ms; every wait has a deadline.
@@ -143,9 +146,19 @@ def drop_many(folder: Path, payloads: list[bytes], suffix: str = ".txt") -> tupl
     return first, last
 
 
+# Where fresh() puts a previous run's leftovers until the bench ends (main sets it).
+TRASH: list[Path] = []
+
+
 def fresh(path: Path) -> Path:
-    """An empty directory at ``path`` (a previous run's leftovers there are removed)."""
-    shutil.rmtree(path, ignore_errors=True)
+    """An empty directory at ``path``; a previous run's leftovers there are moved aside, not
+    deleted: right after thousands of files are deleted, ext4 creates files several times
+    slower (its inode allocator skips and re-reads recently deleted inodes: perf shows
+    recently_deleted() in ext4_create), so every drop after the first measured the kernel."""
+    if path.exists():
+        trash = TRASH[0] if TRASH else path.parent / ".trash"
+        trash.mkdir(parents=True, exist_ok=True)
+        path.rename(Path(tempfile.mkdtemp(prefix=f"{path.name}-", dir=trash)) / path.name)
     path.mkdir(parents=True)
     return path
 
@@ -1067,6 +1080,7 @@ def main(argv: list[str]) -> int:
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    TRASH[:] = [work / ".trash"]
     version = code_version()
     print(f"working in {work}; ingestd at {version}")
     try:
@@ -1074,6 +1088,8 @@ def main(argv: list[str]) -> int:
     finally:
         if args.dir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+        elif not args.keep:
+            shutil.rmtree(TRASH[0], ignore_errors=True)
     print_summary({k: v for k, v in results.items() if "error" not in v})
     if args.json:
         args.json.write_text(json.dumps({"code": version, **results}, indent=2, default=str))
