@@ -40,6 +40,7 @@ CREATE_RETRY_SECONDS = 1.0
 START_SETTLE_WAIT_SECONDS = 120.0
 STATUS_SECONDS = 5.0
 OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
+WORKERS_START_SECONDS = 60.0  # past this, the daemon says it is ready without them
 
 
 class Daemon:
@@ -109,9 +110,20 @@ class Daemon:
         # Record first, then process: every file waiting in the folders gets its job before
         # any worker competes with job creation for the interpreter.
         self.scheduler.add_job(self._start_scan, id="rescan-start")
+        self._wait_for_workers()
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
         self.notifier.ready(self.status_line())
         log.info("daemon_started", **self._facts())
+
+    def _wait_for_workers(self) -> None:
+        """Ready means ready to work: the worker processes (and their extraction processes)
+        have started. Meanwhile files are noticed and recorded; a stop signal ends the wait."""
+        deadline = time.monotonic() + WORKERS_START_SECONDS
+        while not self.pool.wait_ready(0.1):
+            if self._stopping or time.monotonic() > deadline:
+                log.warning("worker_processes_not_ready", waited=round(
+                    WORKERS_START_SECONDS - max(0.0, deadline - time.monotonic()), 1))
+                return
 
     def _main_loop(self) -> None:
         watchdog = self.notifier.watchdog_interval()

@@ -25,6 +25,7 @@ from ingestd.extract import Extracted, ExtractError, extract_pdf
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")
 PAGE_REPORT_SECONDS = 0.1
+START_TIMEOUT_SECONDS = 30.0  # a child that takes longer to start is used anyway, when it is up
 
 
 class ExtractionTimeout(Exception):
@@ -34,7 +35,7 @@ class ExtractionTimeout(Exception):
 def _child(conn: Connection) -> None:
     """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
     importlib.import_module("pypdf")  # now, while idle: the first PDF need not wait for it
-
+    conn.send(("ready",))
     while True:
         try:
             data = conn.recv_bytes()
@@ -71,6 +72,13 @@ class _Worker:
         self.process.start()
         child_conn.close()
 
+    def wait_started(self, timeout: float) -> bool:
+        """Wait for the child's ``ready`` (sent once it has imported pypdf)."""
+        try:
+            return self.conn.poll(timeout) and self.conn.recv() == ("ready",)
+        except (EOFError, OSError):
+            return False
+
     def kill(self) -> None:
         self.process.kill()
         self.process.join(timeout=5)
@@ -87,23 +95,43 @@ class ExtractorPool:
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
         self._warming: threading.Thread | None = None
+        self._spawned = threading.Event()  # warm() has started every child it will
         self._closed = False
 
     def warm(self) -> None:
         """Start the children now, in the background: the first PDF then does not wait for a
-        Python interpreter to start (about 0.15 s)."""
+        Python interpreter to start and import pypdf (about 0.3 s of CPU each)."""
         def start() -> None:
-            for _ in range(self._size):
-                worker = _Worker()
-                with self._lock:
-                    if self._closed:  # close() did not wait long enough for us
-                        worker.kill()
-                        return
-                    self._all.add(worker)
+            try:
+                started = self._spawn_all()
+            finally:
+                self._spawned.set()
+            for worker in started:
+                if not worker.wait_started(START_TIMEOUT_SECONDS) and not self._closed:
+                    log.warning("extraction_process_not_ready", pid=worker.process.pid)
                 self._idle.put(worker)
 
         self._warming = threading.Thread(target=start, name="extract-warm", daemon=True)
         self._warming.start()
+
+    def _spawn_all(self) -> list[_Worker]:
+        started: list[_Worker] = []
+        for _ in range(self._size):
+            worker = _Worker()
+            with self._lock:
+                if self._closed:  # close() did not wait long enough for us
+                    worker.kill()
+                    break
+                self._all.add(worker)
+            started.append(worker)
+        return started
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Wait until the children :meth:`warm` started are up; False at the timeout."""
+        if self._warming is None:
+            return True
+        self._warming.join(timeout)
+        return not self._warming.is_alive()
 
     def extract_pdf(self, data: bytes, deadline: float,
                     on_page: Callable[[int, int], None],
@@ -134,6 +162,8 @@ class ExtractorPool:
                                        f"{worker.process.exitcode}): the file may be a PDF bomb")
                 continue
             kind, *payload = worker.conn.recv()
+            if kind == "ready":  # started on demand, or warmed past its start timeout
+                continue
             if kind == "page":
                 on_page(*payload)
             elif kind == "done":
@@ -144,6 +174,7 @@ class ExtractorPool:
                 raise RuntimeError(f"extraction failed: {payload[0]}")
 
     def _acquire(self) -> _Worker:
+        self.wait_warm(START_TIMEOUT_SECONDS)  # else it would start one more than ``size``
         while True:
             try:
                 worker = self._idle.get_nowait()
@@ -163,9 +194,9 @@ class ExtractorPool:
 
     def close(self) -> None:
         # A child still being started would be left behind (or die reading its half-sent
-        # start-up data, a traceback in the log): let the warm-up finish first.
+        # start-up data, a traceback in the log): let the warm-up start them all first.
         if self._warming is not None:
-            self._warming.join(timeout=10)
+            self._spawned.wait(timeout=10)
         with self._lock:
             self._closed = True
             workers, self._all = list(self._all), set()

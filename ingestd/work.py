@@ -113,6 +113,10 @@ class WorkerPool:
         self._extractors.warm()
         self.rescue_dead_local_owners()
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the extraction processes :meth:`start` began are up; False at the timeout."""
+        return self._extractors.wait_warm(timeout)
+
     def reconfigure(self, config: Config) -> None:
         """Settings of a reloaded config apply to jobs started from now on."""
         self.config = config

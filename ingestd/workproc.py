@@ -8,7 +8,8 @@ node (leases, heartbeats, rescue and cancellation all go through the database): 
 
 The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
 (start-up scan done), ``config`` (a reload), ``stop``. Child -> parent: ``hello`` (its lease
-owner id) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
+owner id, once it and its extraction processes are up: the daemon is ready when every child
+has said it) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
 replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
 sees the pipe close and stops as on SIGTERM, re-queueing what it runs.
 """
@@ -34,6 +35,7 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
+START_TIMEOUT_SECONDS = 30.0  # a child that takes longer to start is waited for no more
 # What stops a child: SIGTERM, or the parent-reader thread posting the same number when the
 # parent says "stop" or is gone.
 STOP = signal.SIGTERM
@@ -68,6 +70,7 @@ class _Child:
         self.process.start()
         child_conn.close()
         self.owner: str | None = None
+        self.ready = threading.Event()  # it said hello: up, with its extraction processes
         self.send_lock = threading.Lock()
 
     def send(self, message: tuple) -> None:
@@ -119,6 +122,13 @@ class WorkerProcesses:
         child = _Child(index, slots, self.config, self._log_level, self._held)
         log.info("worker_process_started", index=index, pid=child.process.pid, slots=slots)
         return child
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every child has said hello; False at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            children = list(self._children)
+        return all(child.ready.wait(max(0.0, deadline - time.monotonic())) for child in children)
 
     def wake(self) -> None:
         """New jobs may be due: tell every child (coalesced; never blocks the caller)."""
@@ -193,6 +203,9 @@ class WorkerProcesses:
         kind = message[0]
         if kind == "hello":
             child.owner = message[1]
+            log.info("worker_process_ready", index=child.index, pid=child.process.pid,
+                     extraction_ready=message[2])
+            child.ready.set()
         elif kind == "finished" and self._on_finished is not None:
             for item in message[1]:
                 self._on_finished(item)
@@ -238,7 +251,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
         pool.hold()
     pool.start()
     scheduler.start()
-    report.send(("hello", pool.owner))
+    report.send(("hello", pool.owner, pool.wait_ready(START_TIMEOUT_SECONDS)))
     reader = threading.Thread(target=_read_parent, args=(conn, pool, stop, grace),
                               name="parent-reader", daemon=True)
     reader.start()

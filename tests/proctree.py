@@ -6,14 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def children(pid: int) -> list[int]:
+    """The pids of a live process's children (those of every thread)."""
+    kids = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(kid) for kid in listing.read_text().split()]
+        except OSError:
+            continue  # the thread or the process ended meanwhile
+    return kids
+
+
 def descendants(pid: int) -> list[int]:
     """The pids of a live process's children, their children, and so on."""
     found = []
-    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids = [int(kid) for kid in listing.read_text().split()]
-        except OSError:
-            continue  # the thread or the process ended meanwhile
-        for kid in kids:
-            found += [kid, *descendants(kid)]
+    for kid in children(pid):
+        found += [kid, *descendants(kid)]
     return found

@@ -21,6 +21,7 @@ import corpus
 from conftest import run_cli, wait_for
 from harness import (Daemon, document_text, events_of_type, jobs_for, open_db, wait_ended,
                      wait_job, write_config)
+from proctree import children
 
 SETTLE = 0.3
 
@@ -451,6 +452,27 @@ class TestWorkerProcesses:
         except ProcessLookupError:
             return True
         return False
+
+    def test_ready_once_worker_and_extraction_processes_are_up(self, tmp_path, folders):
+        """READY=1 and the started event wait until every worker process is up with its PDF
+        extraction process, which has imported pypdf: a burst dropped at once does not compete
+        with their start-up, and a supervisor that waits for READY waits for all of it."""
+        daemon = Daemon(tmp_path, write_config(tmp_path, config_text(folders)))
+        daemon.start(wait_ready=False)
+        try:
+            daemon.notify.wait_for(lambda m: "READY=1" in m, alive=lambda: daemon.alive)
+            tree = {pid: children(pid) for pid in children(daemon.process.pid)}
+            workers = {pid: kids for pid, kids in tree.items() if kids}
+            assert len(workers) == min(2, os.cpu_count()), tree
+            assert sum(len(kids) for kids in workers.values()) == 2, tree  # one per slot
+            lines = [json.loads(line) for line in daemon.log().splitlines()]
+            names = [line["event"] for line in lines]
+            ready = [line for line in lines[:names.index("daemon_started")]
+                     if line["event"] == "worker_process_ready"]
+            assert sorted(line["pid"] for line in ready) == sorted(workers)
+            assert all(line["extraction_ready"] for line in ready)
+        finally:
+            assert daemon.stop() == 0
 
     def test_a_killed_worker_process_is_replaced_and_its_job_finished(self, make_daemon,
                                                                       folders, tmp_path):

@@ -106,3 +106,19 @@ def test_an_extraction_process_reports_pages_throttled_and_always_the_last(tmp_p
     assert [done for _, done, _ in reports] == sorted({done for _, done, _ in reports})
     assert len(reports) <= elapsed / PAGE_REPORT_SECONDS + 2
     assert len(reports) < 300
+
+
+def test_a_warmed_pool_is_up_before_its_first_pdf_and_starts_no_more(tmp_path):
+    """warm() starts the extraction processes in the background; wait_warm() returns once
+    each has imported pypdf; a PDF asked for meanwhile waits for them rather than starting
+    one more process than the pool's size."""
+    pool = ExtractorPool(2)
+    try:
+        pool.warm()
+        data = Path(make_pdf(tmp_path / "one.pdf", ["the only page"])).read_bytes()
+        extracted = pool.extract_pdf(data, time.monotonic() + 60, lambda *_: None, lambda: None)
+        assert pool.wait_warm(60)
+        assert "the only page" in extracted.text
+        assert len(pool._all) == 2
+    finally:
+        pool.close()
