@@ -118,11 +118,11 @@ class Daemon:
     def _wait_for_workers(self) -> None:
         """Ready means ready to work: the worker processes (and their extraction processes)
         have started. Meanwhile files are noticed and recorded; a stop signal ends the wait."""
-        deadline = time.monotonic() + WORKERS_START_SECONDS
+        began = time.monotonic()
         while not self.pool.wait_ready(0.1):
-            if self._stopping or time.monotonic() > deadline:
-                log.warning("worker_processes_not_ready", waited=round(
-                    WORKERS_START_SECONDS - max(0.0, deadline - time.monotonic()), 1))
+            waited = time.monotonic() - began
+            if self._stopping or waited > WORKERS_START_SECONDS:
+                log.warning("worker_processes_not_ready", waited=round(waited, 1))
                 return
 
     def _main_loop(self) -> None:

@@ -35,7 +35,6 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
-START_TIMEOUT_SECONDS = 30.0  # a child that takes longer to start is waited for no more
 # What stops a child: SIGTERM, or the parent-reader thread posting the same number when the
 # parent says "stop" or is gone.
 STOP = signal.SIGTERM
@@ -231,6 +230,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
     SIGTERM or orphaned."""
     from ingestd import db, log as logging_setup
+    from ingestd.procpool import START_TIMEOUT_SECONDS
     from ingestd.scheduling import new_scheduler
     from ingestd.work import WorkerPool
 

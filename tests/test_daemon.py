@@ -465,6 +465,7 @@ class TestWorkerProcesses:
             workers = {pid: kids for pid, kids in tree.items() if kids}
             assert len(workers) == min(2, os.cpu_count()), tree
             assert sum(len(kids) for kids in workers.values()) == 2, tree  # one per slot
+            wait_for(lambda: "daemon_started" in daemon.log(), message="started logged")
             lines = [json.loads(line) for line in daemon.log().splitlines()]
             names = [line["event"] for line in lines]
             ready = [line for line in lines[:names.index("daemon_started")]
