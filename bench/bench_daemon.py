@@ -1,6 +1,6 @@
 """Daemon figures: how fast `ingestd run` turns dropped files into completed jobs.
 
-    python bench/bench_daemon.py [FIGURE ...] [--dir DIR] [--keep] [--profile] [--json FILE]
+    python bench/bench_daemon.py [FIGURE ...] [--dir DIR] [--keep] [--profile] [--lock-stats] [--json FILE]
 
 FIGURE is any of floor, throughput, latency, startup, pdf, index-cost (default: all, in that order).
 Everything is written under --dir (default: a fresh temp dir, removed afterwards unless --keep);
