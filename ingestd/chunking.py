@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 DEFAULT_SIZE = 1000
 DEFAULT_OVERLAP = 150
-_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s")
+# Up to the last sentence end (greedy): one match from the end instead of finding them all.
+_THROUGH_LAST_SENTENCE_END = re.compile(r".*[.!?…][\"')\]]*\s", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ def _break(text: str, start: int, limit: int) -> int:
     paragraph = text.rfind("\n\n", floor, limit)
     if paragraph != -1:
         return paragraph + 2
-    sentence_ends = [m.end() for m in _SENTENCE_END.finditer(text, floor, limit)]
-    if sentence_ends:
-        return sentence_ends[-1]
+    sentence = _THROUGH_LAST_SENTENCE_END.match(text, floor, limit)
+    if sentence:
+        return sentence.end()
     space = max(text.rfind(" ", floor, limit), text.rfind("\n", floor, limit))
     return space + 1 if space != -1 else limit
 

@@ -3,6 +3,7 @@ deletes that clean up, and strict, safe search queries."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -85,6 +86,19 @@ class TestChunking:
         chunks = chunking.chunk_text(text, ((0, len(text)),), size=300, overlap=50)
         assert all(c.text.endswith(".") for c in chunks)
         assert all(b.start < a.end for a, b in zip(chunks, chunks[1:]))
+
+    def test_a_chunk_ends_at_the_last_sentence_end_it_can_hold(self):
+        """With no paragraph break, a chunk ends after the last sentence end (closing quotes and
+        brackets included) in the second half of its room, never at an earlier one."""
+        text = ('He said "stop." Then (quietly!) left? Yes. ' * 40).rstrip()
+        size = 120
+        chunks = chunking.chunk_text(text, ((0, len(text)),), size=size, overlap=20)
+        sentence_end = re.compile(r"[.!?…][\"')\]]*\s")
+        for chunk in chunks[:-1]:
+            floor, limit = chunk.start + size // 2, chunk.start + size
+            ends = [m.end() for m in sentence_end.finditer(text, floor, limit)]
+            assert ends and chunk.end == ends[-1]
+            assert text[chunk.start:chunk.end].rstrip().endswith(('."', "?", ".", "!)"))
 
 
 class TestSearch:
