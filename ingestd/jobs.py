@@ -657,10 +657,12 @@ def fail(job_id: int, owner: str | None, error_message: str, *,
 def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: float) -> Job:
     """A transient failure: back to the queue, due after ``delay_seconds``, if attempts remain.
 
-    With no attempt left the job fails instead (the caller gets the failed job back)."""
+    With no attempt left the job fails instead, and a job whose cancellation was requested ends
+    cancelled (an operator's cancel is never undone by a retry); the caller gets the final job."""
     try:
         return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_RETRYING,
-                           action="retry", extra=["attempts < max_attempts"],
+                           action="retry",
+                           extra=["attempts < max_attempts", "NOT cancel_requested"],
                            status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
                            progress=0.0,
                            not_before=Raw(f"{clock_sql()} + {float(delay_seconds)!r}"),
@@ -669,6 +671,8 @@ def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: floa
         job = Job.get_by_id(job_id)
         if job.status != JobStatus.RUNNING:
             raise
+        if job.cancel_requested:
+            return finish_cancelled(job_id, owner)
         return fail(job_id, owner, f"{error_message} (gave up after {job.attempts} attempts)")
 
 
@@ -683,11 +687,19 @@ def finish_cancelled(job_id: int, owner: str | None,
 
 def release(job_id: int, owner: str, reason: str = "re-queued at shutdown") -> Job:
     """Give a running job back to the queue without counting the attempt: the worker stopped
-    for its own reasons (shutdown, a lost database connection), not the job's."""
-    return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
-                       action="release", status=JobStatus.QUEUED.value,
-                       stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),
-                       attempts=Raw("attempts - 1"), message=reason, **_END)
+    for its own reasons (shutdown, a lost database connection), not the job's. A job whose
+    cancellation was requested ends cancelled instead."""
+    try:
+        return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
+                           action="release", extra=["NOT cancel_requested"],
+                           status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
+                           progress=0.0, not_before=Raw(clock_sql()),
+                           attempts=Raw("attempts - 1"), message=reason, **_END)
+    except Conflict:
+        job = Job.get_by_id(job_id)
+        if job.status != JobStatus.RUNNING or not job.cancel_requested:
+            raise
+        return finish_cancelled(job_id, owner)
 
 
 def rescue_expired(limit: int = 100) -> list[Job]:

@@ -246,8 +246,12 @@ def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None) -> Job:
         isinstance(exc, SinkError) and not exc.transient)
     if isinstance(exc, SinkError) and last_chance:
         if ctx.project.sink_errors == "warn":
-            return jobs.complete(job.id, ctx.owner, content_sha256=None,
-                                 message=f"completed without the sink (sink_errors = warn): {exc}")
+            warning = f"completed without the sink (sink_errors = warn): {exc}"
+            try:
+                return jobs.complete(job.id, ctx.owner, content_sha256=None, message=warning,
+                                     unless_cancel_requested=True)
+            except Conflict:
+                return _after_lost_completion(job, ctx)
         return jobs.fail(job.id, ctx.owner, reason, content_sha256=sha)
     delay = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, job.attempts - 1))
     return jobs.retry_later(job.id, ctx.owner, reason, delay)

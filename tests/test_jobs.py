@@ -283,6 +283,19 @@ class TestWorkerTransitions:
         released = jobs.release(job.id, "w1")
         assert (released.status, released.attempts) == ("queued", 0)
 
+    @pytest.mark.parametrize("end", ["retry_later", "release"])
+    def test_a_cancel_requested_is_not_undone_by_a_retry_or_a_release(self, any_store, job, end):
+        """A running job flagged for cancellation ends cancelled when its worker would re-queue
+        it (a transient failure, a shutdown): it never runs again."""
+        jobs.claim("w1")
+        jobs.cancel(job.project_id, job.id)
+        if end == "retry_later":
+            final = jobs.retry_later(job.id, "w1", "sink busy", delay_seconds=0)
+        else:
+            final = jobs.release(job.id, "w1")
+        assert final.status == "cancelled" and jobs.claim("w1") == []
+        assert event_types(job.id)[-1] == "cancelled"
+
     def test_expired_leases_are_rescued(self, any_store, cfg, drop, job):
         """A job whose worker died goes back to the queue (attempt counted), or fails when spent."""
         jobs.claim("dead", lease_seconds=-1)

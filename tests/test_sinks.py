@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import db
+from ingestd import db, jobs
 from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
@@ -24,7 +24,7 @@ from ingestd.sinks.command import CommandSink
 from ingestd.sinks.http import HttpSink
 
 from conftest import wait_for
-from harness import Daemon, open_db, wait_ended, write_config
+from harness import Daemon, jobs_for, open_db, wait_ended, write_config
 
 DOCUMENT = Document(project_id="acme", job_id=12, text="héllo wörld\nsecond page",
                     source_path="/srv/drop/acme/a.txt", original_filename="a.txt",
@@ -495,3 +495,28 @@ class TestWithTheDaemon:
         job = wait_ended(path, timeout=60)
         assert job.status == "completed" and job.canonical_document_id is None
         assert "rejected: schema mismatch" in job.message and "sink_errors = warn" in job.message
+
+    def test_a_cancel_requested_while_the_sink_fails_transiently_ends_cancelled(self, tmp_path,
+                                                                               sink_daemon):
+        """A transient sink failure does not undo a cancel requested meanwhile: the job ends
+        cancelled, with no retry and no second call of the sink."""
+        calls, go = tmp_path / "calls", tmp_path / "go"
+        command = script(tmp_path, f"""
+            message = json.load(sys.stdin)
+            with open({str(calls)!r}, "a") as log:
+                log.write(message["action"] + "\\n")
+            deadline = time.monotonic() + 30
+            while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            print("index busy, try later", file=sys.stderr)
+            sys.exit(75)
+        """)
+        path = sink_daemon(command) / "doc.txt"
+        path.write_text("cancelled while its sink fails")
+        wait_for(calls.exists, timeout=30, message="the sink to be called")
+        [job] = jobs_for(path)
+        assert jobs.cancel("acme", job.id).cancel_requested
+        go.touch()
+        job = wait_ended(path, timeout=30)
+        assert job.status == "cancelled" and retrying_events(job.id) == 0
+        assert calls.read_text() == "ingest\n"
