@@ -13,7 +13,8 @@ from typing import Sequence
 
 from ingestd.models import Job, database
 
-_CURRENT = """
+# A current job ``j`` (the rule above), as an SQL condition.
+CURRENT_JOB = """
     j.status = 'completed' AND j.deleted_at IS NULL AND j.canonical_document_id IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.project_id
                     AND n.source_path = j.source_path AND n.id > j.id AND n.status = 'completed')
@@ -34,7 +35,7 @@ def _query(sql: str, params: tuple) -> list[tuple]:
 def current_for_content(project_id: str, sha256: str) -> Known | None:
     """A document of the project with this content, kept by a current job (the oldest)."""
     rows = _query(f"""SELECT j.canonical_document_id, j.source_path FROM ingest_jobs j
-                      WHERE j.project_id = ? AND j.content_sha256 = ? AND {_CURRENT}
+                      WHERE j.project_id = ? AND j.content_sha256 = ? AND {CURRENT_JOB}
                       ORDER BY j.id LIMIT 1""", (project_id, sha256))
     return Known(rows[0][0], rows[0][1]) if rows else None
 
@@ -73,7 +74,7 @@ def kept_by_others(document_id: int, excluding: tuple[int, ...]) -> bool:
     """Whether a current job other than ``excluding`` refers to the document."""
     marks = ", ".join("?" * len(excluding))
     return bool(_query(f"""SELECT 1 FROM ingest_jobs j WHERE j.canonical_document_id = ?
-                           AND j.id NOT IN ({marks}) AND {_CURRENT} LIMIT 1""",
+                           AND j.id NOT IN ({marks}) AND {CURRENT_JOB} LIMIT 1""",
                        (document_id, *excluding)))
 
 

@@ -449,7 +449,9 @@ def _retire(ctx: Context, document_id: int | None) -> None:
 def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:
     """Same content as a document the project keeps: point at it, index nothing."""
     with ctx.atomic():
-        _retire(ctx, documents.previous_version(job))
+        previous = documents.previous_version(job)
+        if previous != known.document_id:  # else the path's content is unchanged (a touch)
+            _retire(ctx, previous)
         return _complete(job, ctx, f"duplicate of document {known.document_id} "
                                    f"(first seen as {known.first_path})", known.document_id, sha)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import peewee as pw
 
 from ingestd.db import is_postgres
+from ingestd.documents import CURRENT_JOB
 from ingestd.errors import UsageError
 from ingestd.models import database
 
@@ -81,8 +82,10 @@ def _tsquery(groups: list[list[Term]]) -> str:
     return " | ".join("(" + " & ".join(term(t) for t in group) + ")" for group in groups)
 
 
-_LIVE_JOB = """(SELECT MIN(j.id) FROM ingest_jobs j WHERE j.canonical_document_id = d.id
-                AND j.status = 'completed' AND j.deleted_at IS NULL)"""
+# The job a passage is shown with: the oldest current job of its document (a newer version of
+# a path, or the deletion of a job, passes the document on), and that job's path.
+_SHOWN_JOB = f"""(SELECT j.id FROM ingest_jobs j WHERE j.canonical_document_id = d.id
+                 AND {CURRENT_JOB} ORDER BY j.id LIMIT 1)"""
 
 # ORDER BY rank (bm25 with default weights) lets FTS5 hand the matches over best first, so
 # SQLite needs no sort of its own and computes snippets only for the rows it returns; with
@@ -90,19 +93,25 @@ _LIVE_JOB = """(SELECT MIN(j.id) FROM ingest_jobs j WHERE j.canonical_document_i
 # documents, the same results).
 _SQLITE = f"""
 SELECT -chunks_fts.rank AS score,
-       snippet(chunks_fts, 0, '{MARK_START}', '{MARK_END}', '…', 24),
-       c.page, d.source_path, {_LIVE_JOB}, d.id
+       snippet(chunks_fts, 0, '{MARK_START}', '{MARK_END}', '…', 24) AS snippet,
+       c.page, d.source_path, {_SHOWN_JOB} AS job_id, d.id
 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id
 WHERE chunks_fts MATCH ? AND c.project_id = ? AND d.deleted_at IS NULL
 ORDER BY chunks_fts.rank LIMIT ?"""
 
 _POSTGRES = f"""
 SELECT ts_rank_cd(c.tsv, q) AS score,
-       ts_headline('simple', c.text, q, 'StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=30, MinWords=10'),
-       c.page, d.source_path, {_LIVE_JOB}, d.id
+       ts_headline('simple', c.text, q, 'StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=30, MinWords=10')
+           AS snippet,
+       c.page, d.source_path, {_SHOWN_JOB} AS job_id, d.id
 FROM chunks c JOIN documents d ON d.id = c.document_id, to_tsquery('simple', %s) q
 WHERE c.tsv @@ q AND c.project_id = %s AND d.deleted_at IS NULL
 ORDER BY score DESC LIMIT %s"""
+
+# The hits, each with its shown job's path (the document's first path if no job is current).
+_WITH_PATHS = """
+SELECT h.score, h.snippet, h.page, COALESCE(j.source_path, h.source_path), h.job_id, h.id
+FROM ({hits}) h LEFT JOIN ingest_jobs j ON j.id = h.job_id ORDER BY h.score DESC"""
 
 
 def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]:
@@ -110,9 +119,10 @@ def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]
     groups = parse(query)
     limit = max(1, min(int(limit), MAX_LIMIT))
     if is_postgres():
-        sql, expression = _POSTGRES, _tsquery(groups)
+        hits, expression = _POSTGRES, _tsquery(groups)
     else:
-        sql, expression = _SQLITE, _fts5(groups)
+        hits, expression = _SQLITE, _fts5(groups)
+    sql = _WITH_PATHS.format(hits=hits)
     try:
         rows = database.execute_sql(sql, (expression, project_id, limit)).fetchall()
     except pw.OperationalError as exc:  # parse() should make this unreachable; say it plainly

@@ -3,6 +3,7 @@ deletes that clean up, and strict, safe search queries."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from pathlib import Path
@@ -197,6 +198,25 @@ class TestDedupAndChanges:
         assert len(search.search("acme", "penguins")) == 1
         assert Document.select().where(Document.deleted_at.is_null()).count() == 1
 
+    @pytest.mark.parametrize("again", ["touched", "rewritten with the same bytes"])
+    def test_the_same_content_again_under_its_path_keeps_its_document(self, ingest, drop,
+                                                                      again):
+        """A new version of a path with unchanged content (a touch, a sync tool rewriting the
+        file) is a duplicate of the document it already has, which stays searchable."""
+        path = write(drop / "notes.txt", "the unchanged phrase about walruses")
+        first = ingest(path)
+        if again == "touched":
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        else:
+            path.unlink()
+            write(path, "the unchanged phrase about walruses")
+        second = ingest(path)
+        assert second.id != first.id and second.message.startswith("duplicate of document")
+        assert second.canonical_document_id == first.canonical_document_id
+        [hit] = search.search("acme", "walruses")
+        assert (hit.document_id, hit.job_id) == (first.canonical_document_id, second.id)
+        assert Document.get_by_id(first.canonical_document_id).deleted_at is None
+
     def test_a_failed_sink_is_never_taken_for_a_duplicate(self, ingest, drop, cfg):
         """A failed attempt records no content: the same bytes later are indexed for real."""
         class Failing(IndexSink):
@@ -252,6 +272,20 @@ class TestDeletes:
         delete("acme", first)
         [hit] = search.search("acme", "okapi")
         assert hit.job_id != first.id
+
+    def test_a_passage_names_a_job_and_path_that_still_hold_it(self, ingest, drop, delete):
+        """A shared document is shown with a current job and that job's path: not a deleted
+        job's, nor a path whose newer version has other text."""
+        first = ingest(write(drop / "k1.txt", "kumquat orchard ledger"))
+        second = ingest(write(drop / "k2.txt", "kumquat orchard ledger"))
+        third = ingest(write(drop / "k3.txt", "kumquat orchard ledger"))
+        ingest(write(drop / "k1.txt", "k1 now talks about something else"))
+        [hit] = search.search("acme", "kumquat")
+        assert (hit.job_id, hit.source_path) == (second.id, second.source_path)
+        delete("acme", second)
+        [hit] = search.search("acme", "kumquat")
+        assert (hit.job_id, hit.source_path) == (third.id, third.source_path)
+        assert first.canonical_document_id == hit.document_id
 
     def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
         """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
