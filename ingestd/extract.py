@@ -17,6 +17,7 @@ import codecs
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ingestd.sniff import BINARY_CONTROLS
 PDF = "application/pdf"
 TEXT_TYPES = ("application/json", "application/xml")  # besides every text/* type
 _MAX_REASON = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
 T = TypeVar("T")
 
 OnPage = Callable[[int, int], None]
@@ -43,6 +45,10 @@ class Extracted:
     text: str  # the whole text; PDF pages joined with "\n\n"
     pages: tuple[tuple[int, int], ...]  # (start, end) of each page's text in `text`; one span for text files
     encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "cp1252"; None for PDFs
+
+    def __post_init__(self) -> None:
+        # Every extracted text is made here: keep it encodable as UTF-8 (frozen: object.__setattr__).
+        object.__setattr__(self, "text", _without_surrogates(self.text))
 
 
 def extract(data_or_path: Source, mime_type: str, on_page: OnPage | None = None) -> Extracted:
@@ -80,6 +86,20 @@ def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extract
         spans.append((start, start + len(text)))
         start += len(text) + 2
     return Extracted("\n\n".join(texts), tuple(spans), None)
+
+
+def _without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD, one character for one (``pages`` stay right).
+
+    pypdf returns one for a ToUnicode CMap that maps a glyph to half a UTF-16 pair (<D800>), and
+    UTF-8 (SQLite, JSON, a sink) refuses it. extract_text's strict decoders never make one."""
+    if text.isascii():  # fast, and ASCII holds no surrogate
+        return text
+    try:
+        text.encode("utf-8")  # C speed; fails only on a surrogate
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _base_type(mime_type: str) -> str:

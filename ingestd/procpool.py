@@ -79,6 +79,12 @@ class _Worker:
         except (EOFError, OSError):
             return False
 
+    def died(self) -> ExtractError:
+        """The failure for a child that died mid-PDF (the OOM killer's SIGKILL, typically)."""
+        self.process.join(timeout=5)  # its pipe closed as it died: its exit code is due
+        return ExtractError(f"the extraction process died (exit code {self.process.exitcode}): "
+                            "the file may be a PDF bomb")
+
     def kill(self) -> None:
         self.process.kill()
         self.process.join(timeout=5)
@@ -150,7 +156,10 @@ class ExtractorPool:
 
     def _converse(self, worker: _Worker, data: bytes, deadline: float,
                   on_page: Callable[[int, int], None], check: Callable[[], None]) -> Extracted:
-        worker.conn.send_bytes(data)
+        try:
+            worker.conn.send_bytes(data)
+        except OSError:  # BrokenPipeError: it died before reading the whole PDF
+            raise worker.died() from None
         while True:
             check()
             remaining = deadline - time.monotonic()
@@ -158,10 +167,12 @@ class ExtractorPool:
                 raise ExtractionTimeout()
             if not worker.conn.poll(min(remaining, 0.25)):
                 if not worker.process.is_alive():
-                    raise ExtractError(f"the extraction process died (exit code "
-                                       f"{worker.process.exitcode}): the file may be a PDF bomb")
+                    raise worker.died()
                 continue
-            kind, *payload = worker.conn.recv()
+            try:
+                kind, *payload = worker.conn.recv()
+            except (EOFError, OSError):  # poll() is true at EOF too: the child is gone
+                raise worker.died() from None
             if kind == "ready":  # started on demand, or warmed past its start timeout
                 continue
             if kind == "page":

@@ -32,14 +32,16 @@ def _stream(content: bytes) -> bytes:
     return b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"
 
 
-def _pdf_bytes(contents: list[bytes], page_extra: bytes = b"") -> bytes:
-    """A complete PDF with one page per content stream; objects 1-3 are catalog, pages, font."""
+def _pdf_bytes(contents: list[bytes], page_extra: bytes = b"", font: bytes = _FONT,
+               extra_objects: tuple[bytes, ...] = ()) -> bytes:
+    """A complete PDF with one page per content stream; objects 1-3 are catalog, pages, font, and
+    ``extra_objects`` come after the pages (numbered from 4 + 2 * pages)."""
     n = len(contents)
     kids = b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(n))
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % n,
-        _FONT,
+        font,
     ]
     for i, content in enumerate(contents):
         objects.append(
@@ -47,6 +49,7 @@ def _pdf_bytes(contents: list[bytes], page_extra: bytes = b"") -> bytes:
             b" /Contents %d 0 R" % (5 + 2 * i) + page_extra + b" >>"
         )
         objects.append(_stream(content))
+    objects += extra_objects
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for number, body in enumerate(objects, start=1):
@@ -96,6 +99,19 @@ def make_nested_pdf_bomb(path: str | os.PathLike, depth: int = 100_000, where: s
         return _write(path, _pdf_bytes([b"BT /F1 12 Tf 72 720 Td (under the bomb) Tj " + arrays + b" TJ ET"]))
     bomb = arrays if where == "page" else b"<< /A " * depth + b">>" * depth
     return _write(path, _pdf_bytes([_text_stream("under the bomb")], page_extra=b" /Bomb " + bomb))
+
+
+def make_lone_surrogate_pdf(path: str | os.PathLike, text: str) -> str:
+    """A one-page PDF whose font's ToUnicode CMap maps "#" to <D800>, half a UTF-16 surrogate pair:
+    pypdf extracts each "#" of ``text`` as a lone surrogate, '\\ud800'."""
+    cmap = (b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n"
+            b"/CIDSystemInfo << /Registry (Adobe) /Ordering (UCS) /Supplement 0 >> def\n"
+            b"/CMapName /Adobe-Identity-UCS def /CMapType 2 def\n"
+            b"1 begincodespacerange <00> <FF> endcodespacerange\n"
+            b"1 beginbfchar <23> <D800> endbfchar\n"
+            b"endcmap CMapName currentdict /CIDInit /ProcSet findresource pop end end\n")
+    font = _FONT[:-2] + b"/ToUnicode 6 0 R >>"
+    return _write(path, _pdf_bytes([_text_stream(text)], font=font, extra_objects=(_stream(cmap),)))
 
 
 def make_scanned_like_pdf(path: str | os.PathLike, pages: int = 2) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 import corpus
 from ingestd.extract import ExtractError, Extracted, extract, extract_pdf, extract_text
+from ingestd.procpool import ExtractorPool
 
 TEXT = "Grüße, naïve café – “quoted” €5\nsecond line"
 
@@ -168,3 +171,41 @@ def test_missing_file_is_not_a_content_error(tmp_path: Path) -> None:
     """An unreadable path raises OSError (maybe transient), not the permanent ExtractError."""
     with pytest.raises(FileNotFoundError):
         extract_pdf(tmp_path / "gone.pdf")
+
+
+def test_lone_surrogates_become_replacement_characters(tmp_path: Path) -> None:
+    """A ToUnicode CMap mapping a glyph to half a surrogate pair: each lone surrogate pypdf
+    returns becomes U+FFFD (the store's UTF-8 refuses surrogates), the rest of the text is kept."""
+    path = corpus.make_lone_surrogate_pdf(tmp_path / "s.pdf", "lone # here, #B#B")
+    got = extract(path, "application/pdf")
+    assert got.text == "lone \ufffd here, \ufffdB\ufffdB"
+    assert got.pages == ((0, len(got.text)),)
+    got.text.encode("utf-8")
+
+
+def test_a_killed_extraction_process_fails_the_pdf_and_is_replaced(tmp_path: Path) -> None:
+    """An extraction process killed mid-PDF (as the OOM killer kills a PDF bomb) fails that PDF
+    with the pool's one-line reason, and the pool's next PDF gets a new process."""
+    big = Path(corpus.make_pdf(tmp_path / "big.pdf", [f"page {n} " * 20 for n in range(2000)]))
+    pool = ExtractorPool(1)
+    killed: list[int] = []
+
+    def kill_at_first_report(done: int, total: int) -> None:
+        if not killed and done < total:  # mid-extraction
+            [worker] = pool._all
+            os.kill(worker.process.pid, signal.SIGKILL)
+            killed.append(worker.process.pid)
+
+    try:
+        with pytest.raises(ExtractError) as info:
+            pool.extract_pdf(big.read_bytes(), time.monotonic() + 60, kill_at_first_report, lambda: None)
+        assert str(info.value) == ("the extraction process died (exit code -9): "
+                                   "the file may be a PDF bomb")
+        assert not pool._all  # the dead process was dropped
+        small = Path(corpus.make_pdf(tmp_path / "small.pdf", ["after the kill"])).read_bytes()
+        got = pool.extract_pdf(small, time.monotonic() + 60, lambda *_: None, lambda: None)
+        assert got.text == "after the kill"
+        [replacement] = pool._all
+        assert replacement.process.pid != killed[0]
+    finally:
+        pool.close()
