@@ -87,10 +87,13 @@ def _open(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
-def _job_id(text: str) -> int:
-    if not text.isdigit():
-        raise UsageError(f"invalid job id {text!r}: expected a positive integer")
-    return int(text)
+def _integer(what: str, minimum: int = 1) -> Callable[[str], int]:
+    """The argparse ``type`` of every integer argument (ids, limits, sequences): see
+    :func:`jobs.parse_integer`. Its UsageError is no ValueError, so argparse lets it through to
+    main(): one line and exit 2 (argparse's own error would print the usage too)."""
+    def parse(text: str) -> int:
+        return jobs.parse_integer(text, what, minimum)
+    return parse
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     cfg = _open(args)
     cfg.project(args.project)
-    _print_job(jobs.job_record(jobs.get(args.project, _job_id(args.job))), args.json)
+    _print_job(jobs.job_record(jobs.get(args.project, args.job)), args.json)
     return EXIT_OK
 
 
@@ -130,7 +133,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     cfg = _open(args)
     cfg.project(args.project)
-    job = jobs.cancel(args.project, _job_id(args.job))
+    job = jobs.cancel(args.project, args.job)
     verb = "cancellation requested" if job.status == "running" else "cancelled"
     _say_job(verb, job, args.json)
     return EXIT_OK
@@ -148,7 +151,7 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
         if released is not None:
             sink.delete(released)
 
-    _say_job("deleted", jobs.delete(args.project, _job_id(args.job), cleanup), args.json)
+    _say_job("deleted", jobs.delete(args.project, args.job, cleanup), args.json)
     return EXIT_OK
 
 
@@ -182,7 +185,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
     cfg = _open(args)
     cfg.project(args.project)
-    _say_job("re-queued", jobs.retry(args.project, _job_id(args.job)), args.json)
+    _say_job("re-queued", jobs.retry(args.project, args.job), args.json)
     return EXIT_OK
 
 
@@ -367,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="recent events; --since replays, -f follows live")
     events.add_argument("-f", "--follow", action="store_true",
                         help="keep following live events (no gap, no duplicate)")
-    events.add_argument("--since", type=int, metavar="SEQ", help="replay every event after SEQ")
+    events.add_argument("--since", type=_integer("--since", 0), metavar="SEQ",
+                        help="replay every event after SEQ")
     events.add_argument("-p", "--project", help="only this project's events")
     events.add_argument("--type", action="append", metavar="PATTERN",
                         help="glob on the event type, e.g. 'io.ingestd.job.*' (repeatable)")
@@ -378,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help='ranked passages: words, "phrases", prefix*, OR')
     _project_arg(search)
     search.add_argument("query")
-    search.add_argument("--limit", type=int, default=10, help="passages (max 100)")
+    search.add_argument("--limit", type=_integer("--limit"), default=10, help="passages (max 100)")
     _json_arg(search)
     search.set_defaults(handler=cmd_search)
     status = commands.add_parser("status", parents=[common],
@@ -404,8 +408,8 @@ def _add_jobs(commands: Any, common: argparse.ArgumentParser) -> None:
     _project_arg(listing)
     listing.add_argument("--status", help="queued, running, completed, failed or cancelled")
     listing.add_argument("--stage", help="initial, reading, extracting, indexing or done")
-    listing.add_argument("--source", type=int, help="source id")
-    listing.add_argument("--limit", type=int, default=jobs.DEFAULT_LIST_LIMIT,
+    listing.add_argument("--source", type=_integer("source id"), help="source id")
+    listing.add_argument("--limit", type=_integer("--limit"), default=jobs.DEFAULT_LIST_LIMIT,
                          help=f"jobs per page (max {jobs.MAX_LIST_LIMIT})")
     listing.add_argument("--cursor", help="the next_cursor printed with the previous page")
     _json_arg(listing)
@@ -417,7 +421,7 @@ def _add_jobs(commands: Any, common: argparse.ArgumentParser) -> None:
                                 ("retry", cmd_jobs_retry, "re-queue a failed or cancelled job")):
         action = sub.add_parser(name, parents=[common], help=text)
         _project_arg(action)
-        action.add_argument("job", help="job id")
+        action.add_argument("job", type=_integer("job id"), help="job id")
         _json_arg(action)
         action.set_defaults(handler=handler)
 
@@ -453,8 +457,8 @@ def _fail(exc: IngestdError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except (pw.PeeweeException, sqlite3.Error) as exc:
         return _fail(db.as_store_error(exc))

@@ -400,14 +400,31 @@ def encode_cursor(job_id: int) -> str:
     return base64.urlsafe_b64encode(f"j:{job_id}".encode()).decode().rstrip("=")
 
 
+MAX_INTEGER = 2**63 - 1  # ids and sequences are signed 64-bit in SQLite and PostgreSQL
+
+
+def parse_integer(text: str, what: str, minimum: int = 1) -> int:
+    """``text`` as an integer from ``minimum`` to MAX_INTEGER, else a UsageError naming it.
+
+    ASCII digits only (``isdigit`` and ``int`` also take "²" and "١"); a larger integer would
+    make SQLite raise OverflowError. At most 19 significant digits keeps ``int`` from refusing
+    a very long string.
+    """
+    if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 19:
+        if minimum <= (value := int(text)) <= MAX_INTEGER:
+            return value
+    raise UsageError(f"invalid {what} {text!r}: "
+                     f"expected an integer from {minimum} to {MAX_INTEGER}")
+
+
 def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = text.partition(":")
-        if prefix != "j" or not value.isdigit():
+        if prefix != "j":
             raise ValueError
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return parse_integer(value, "cursor")
+    except (ValueError, binascii.Error, UnicodeDecodeError, UsageError):
         raise UsageError(f"invalid cursor {cursor!r}: pass the next_cursor of a previous page") from None
 
 

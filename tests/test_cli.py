@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -83,6 +84,67 @@ def test_errors_have_their_exit_codes_and_one_line(config_file, args, code, text
     result = run_cli(*args, config=config_file)
     assert result.returncode == code, result.stderr
     assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def cursor_for(value: str) -> str:
+    """A cursor as ``jobs list`` encodes one, holding ``value`` as its job id."""
+    return base64.urlsafe_b64encode(f"j:{value}".encode()).decode().rstrip("=")
+
+
+HUGE = "99999999999999999999999"
+TOO_BIG = str(2**63)  # one past SQLite's (and PostgreSQL's bigint) largest integer
+LIST = ["jobs", "list", "-p", "acme"]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["jobs", "show", "-p", "acme", HUGE], f"invalid job id '{HUGE}'"),
+    (["jobs", "cancel", "-p", "acme", TOO_BIG], f"invalid job id '{TOO_BIG}'"),
+    (["jobs", "retry", "-p", "acme", TOO_BIG], f"invalid job id '{TOO_BIG}'"),
+    (["jobs", "delete", "-p", "acme", TOO_BIG], f"invalid job id '{TOO_BIG}'"),
+    (["jobs", "show", "-p", "acme", "\u00b2"], "invalid job id '\u00b2'"),
+    (["jobs", "show", "-p", "acme", "0"], "invalid job id '0'"),
+    (["jobs", "show", "-p", "acme", "9" * 5000], "invalid job id '999"),
+    ([*LIST, "--source", HUGE], f"invalid source id '{HUGE}'"),
+    ([*LIST, "--source", "\u00b2"], "invalid source id '\u00b2'"),
+    ([*LIST, "--cursor", cursor_for(HUGE)], f"invalid cursor '{cursor_for(HUGE)}'"),
+    ([*LIST, "--cursor", cursor_for("\u00b2")], "invalid cursor"),
+    ([*LIST, "--limit", "0"], "invalid --limit '0'"),
+    ([*LIST, "--limit", HUGE], f"invalid --limit '{HUGE}'"),
+    (["search", "-p", "acme", "alpha", "--limit", "0"], "invalid --limit '0'"),
+    (["search", "-p", "acme", "alpha", "--limit", "-3"], "invalid --limit '-3'"),
+    (["search", "-p", "acme", "alpha", "--limit", HUGE], f"invalid --limit '{HUGE}'"),
+    (["events", "--since", HUGE], f"invalid --since '{HUGE}'"),
+    (["events", "--since", "\u0661"], "invalid --since '\u0661'"),
+])
+def test_integers_out_of_range_or_not_ascii_are_usage_errors(config_file, args, text):
+    """Ids, cursors, limits and sequences: exit 2 and one line naming the value, no traceback."""
+    result = run_cli(*args, config=config_file)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+def test_a_unicode_digit_does_not_name_a_job(config_file, drop):
+    """Job 1 exists, yet "\u0661" (Arabic-Indic one) is no job id, source id or cursor id."""
+    (drop / "a.txt").write_text("alpha")
+    assert submitted_id(config_file, drop / "a.txt") == 1
+    runs = [run_cli("jobs", action, "-p", "acme", "\u0661", config=config_file)
+            for action in ("show", "cancel", "retry", "delete")]
+    runs += [run_cli(*LIST, option, value, config=config_file)
+             for option, value in (("--source", "\u0661"), ("--cursor", cursor_for("\u0662")))]
+    for result in runs:
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "queued" in run_cli("jobs", "show", "-p", "acme", "1", config=config_file).stdout
+
+
+def test_the_largest_64_bit_id_is_merely_not_found(config_file):
+    """2**63 - 1 fits the id column: an ordinary "not found" (exit 3), not a usage error."""
+    largest = str(2**63 - 1)
+    for action in ("show", "cancel", "retry", "delete"):
+        result = run_cli("jobs", action, "-p", "acme", largest, config=config_file)
+        assert result.returncode == 3 and f"job {largest} not found" in result.stderr
+    assert run_cli(*LIST, "--source", largest, "--cursor", cursor_for(largest),
+                   config=config_file).returncode == 0
 
 
 def test_another_projects_job_is_not_found(config_file, drop):
