@@ -1,7 +1,7 @@
 """Settling: a file becomes a job only when it is complete.
 
 Complete means: closed after writing, renamed into the folder, or found by a scan (whose writer
-we never saw), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
+we never saw: a scan never completes a file we saw written and not closed), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
 the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
 owns all settling state, so nothing here needs a lock and no handler ever blocks.
 """
@@ -160,6 +160,8 @@ class Settler:
             return
         now = time.monotonic()
         entry = self._pending.get(path)
+        if what == FOUND and entry is not None and not entry.complete:
+            return  # we saw it written and not yet closed: a scan knows no more than that
         signature = signature_of(info)
         if what == WRITING and entry is not None and entry.signature == signature:
             complete = entry.complete  # an event that changed nothing is no new write
@@ -222,9 +224,8 @@ def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
     What the settler would make of a path's notes one by one, when they are handled in the
     same instant (so each sees the same stat): gone if the last says so; else (after
-    forgetting the file if it went and came back) complete if any note says complete or
-    found, the last note's window (a scan's "found" may need none), and a write otherwise.
-    Directories keep every note, in order."""
+    forgetting the file if it went and came back) what :func:`_folded` says. Directories keep
+    every note, in order."""
     by_path: dict[str, list[str]] = {}
     folded: list[tuple[str, str]] = []
     for path, what in notes:
@@ -247,11 +248,19 @@ def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if GONE in whats:
             result.append((path, GONE))
             whats = whats[len(whats) - whats[::-1].index(GONE):]
-        if whats[-1] == FOUND:
-            result.append((path, FOUND))
-        else:
-            result.append((path, COMPLETE if COMPLETE in whats or FOUND in whats else WRITING))
+        result += [(path, what) for what in _folded(whats)]
     return result
+
+
+def _folded(whats: list[str]) -> list[str]:
+    """A path's notes (none of them GONE) as few notes that :meth:`Settler._note` ends the same
+    with, whatever it held for the path: a close makes it complete, and a write after it
+    changes nothing in the same instant. A scan's find amid events (rare) depends on what was
+    held (it does not complete a file seen written and not closed): those notes stay as they
+    came."""
+    if FOUND in whats:
+        return [FOUND] if len(set(whats)) == 1 else whats
+    return [COMPLETE if COMPLETE in whats else WRITING]
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -9,6 +9,8 @@ import time
 from ingestd.paths import ProjectMap
 from ingestd.settle import COMPLETE, DIRECTORY, FOUND, GONE, WRITING, Settler, fold
 
+from conftest import wait_for
+
 KINDS = (WRITING, COMPLETE, FOUND, GONE)
 
 
@@ -52,3 +54,22 @@ def test_a_file_written_in_one_go_is_looked_at_once_and_others_keep_their_order(
     notes = [(a, WRITING), (b, WRITING), (a, WRITING), (sub, DIRECTORY), (a, COMPLETE),
              (b, GONE), (sub, DIRECTORY)]
     assert fold(notes) == [(a, COMPLETE), (b, GONE), (sub, DIRECTORY), (sub, DIRECTORY)]
+
+
+def test_a_rescan_does_not_take_a_file_its_writer_has_not_closed(cfg, drop):
+    """A slow writer pauses longer than the quiet window and a rescan finds the file meanwhile:
+    it still becomes one file, after its close, with all of its content."""
+    s, path = settler(cfg), drop / "slow.txt"
+    with open(path, "w") as writer:
+        writer.write("first part, ")
+        writer.flush()
+        s._note(str(path), WRITING)
+        an_hour_ago = time.time() - 3600
+        os.utime(path, (an_hour_ago, an_hour_ago))  # the writer has paused for long
+        s._note(str(path), FOUND)  # a rescan
+        assert state(s, str(path))[1:] == (False, False)  # not complete, not due
+        assert s._due_files() == []
+        writer.write("second part")
+    s._note(str(path), COMPLETE)
+    [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
+    assert ready.signature[0] == len("first part, second part")
