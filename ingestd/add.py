@@ -22,6 +22,7 @@ from ingestd.models import Job, TERMINAL
 from ingestd.sniff import SNIFF_BYTES, sniff_head
 
 COPY_CHUNK = 1 << 20
+DEFAULT_NAME_MAX = 255  # when the file system does not say (pathconf)
 
 
 def check_source(project: ProjectConfig, path: str) -> None:
@@ -35,11 +36,30 @@ def check_source(project: ProjectConfig, path: str) -> None:
     if info.st_size > project.max_bytes:
         raise InputRefused(f"{path}: too large ({info.st_size} bytes; the project's max_bytes "
                            f"is {project.max_bytes})")
+    intake.refuse_empty(project, path, info.st_size)
     with open(path, "rb") as handle:
         mime = sniff_head(handle.read(SNIFF_BYTES), path)
     if not intake.type_allowed(project, mime):
         raise InputRefused(f"{path}: type {mime} is not allowed in project {project.name!r} "
                            f"(allowed: {', '.join(project.allowed_types)})")
+
+
+def check_name(folder: Path, name: str) -> None:
+    """Refuse a name the drop folder's file system cannot hold (its numbered siblings are
+    shortened to fit, but shortening the name asked for would silently rename the file)."""
+    size, limit = len(os.fsencode(name)), name_max(folder)
+    if size > limit:
+        raise InputRefused(f"{name}: file name too long ({size} bytes; the file system of "
+                           f"{folder} allows {limit})")
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return DEFAULT_NAME_MAX
+    return limit if limit > 0 else DEFAULT_NAME_MAX
 
 
 def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
@@ -53,6 +73,7 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
             os.fsync(out.fileno())
         if written > project.max_bytes:
             raise InputRefused(f"{name}: too large (over max_bytes {project.max_bytes})")
+        intake.refuse_empty(project, name, written)  # stdin is only measured here
         return _link_free_name(temp, folder, name)
     finally:
         temp.unlink(missing_ok=True)
@@ -68,10 +89,22 @@ def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> int:
     return written
 
 
+def _numbered(name: str, number: int, limit: int) -> str:
+    """``stem (number)suffix``, the stem cut by whole characters so it fits ``limit`` bytes."""
+    stem, suffix = os.path.splitext(name)
+    if len(os.fsencode(suffix)) > limit // 2:  # a "suffix" that long is part of the name
+        stem, suffix = name, ""
+    counter = f" ({number}){suffix}"
+    room = limit - len(os.fsencode(counter))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + counter
+
+
 def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
-    stem, suffix = os.path.splitext(os.path.basename(name) or "stdin")
+    limit = name_max(folder)
     for number in range(10_000):
-        target = folder / (f"{stem}{suffix}" if number == 0 else f"{stem} ({number}){suffix}")
+        target = folder / (name if number == 0 else _numbered(name, number, limit))
         try:
             os.link(temp, target)
             return target
@@ -80,21 +113,30 @@ def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
     raise InputRefused(f"{name}: no free name left in {folder}")
 
 
+def target_name(path: str, count: int, given: str | None) -> str:
+    """The name ``path`` gets in the drop folder: ``--name`` for stdin or a single file."""
+    if path == "-":
+        name = given or f"stdin-{time.strftime('%Y%m%dT%H%M%S')}"
+    else:
+        name = given if count == 1 and given else path
+    return os.path.basename(name) or "stdin"
+
+
 def add_files(project: ProjectConfig, paths: Iterable[str], stdin_name: str | None) -> list[Job]:
     """Deliver each path (``-`` = stdin) and create its job; all are checked before any is copied."""
     paths = list(paths)
-    for path in paths:
+    names = [target_name(path, len(paths), stdin_name) for path in paths]
+    for path, name in zip(paths, names):
+        check_name(project.folders[0], name)
         if path != "-":
             check_source(project, path)
     created = []
-    for path in paths:
+    for path, name in zip(paths, names):
         if path == "-":
-            name = stdin_name or f"stdin-{time.strftime('%Y%m%dT%H%M%S')}"
             target = deliver(project, sys.stdin.buffer, name)
         else:
             with open(path, "rb") as handle:
-                target = deliver(project, handle, stdin_name if len(paths) == 1 and stdin_name
-                                 else os.path.basename(path))
+                target = deliver(project, handle, name)
         folder, version = intake.inspect(project, target)
         try:
             intake.check_type(project, version)

@@ -20,6 +20,7 @@ from ingestd.models import Job, database
 from ingestd.settle import Ready
 from ingestd.sniff import sniff_file
 
+EMPTY_SKIPPED = "empty file (the project skips empty files)"
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -71,6 +72,7 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
     if enforce_size and info.st_size > project.max_bytes:
         raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's "
                            f"max_bytes is {project.max_bytes})")
+    refuse_empty(project, shown, info.st_size)
     try:
         mime = sniff_file(resolved)
     except OSError as exc:
@@ -79,6 +81,13 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
                           byte_size=info.st_size, mtime_ns=info.st_mtime_ns,
                           inode=info.st_ino, mime_type=mime, raw_path=raw)
     return folder, version
+
+
+def refuse_empty(project: ProjectConfig, shown: str, size: int) -> None:
+    """An empty file, when the project skips them: refused (submit, add) or rejected (the
+    watcher) alike, so one file never gets a job from one and a rejection from the other."""
+    if size == 0 and project.empty_files == "skip":
+        raise InputRefused(f"{shown}: {EMPTY_SKIPPED}")
 
 
 def type_allowed(project: ProjectConfig, mime_type: str | None) -> bool:
@@ -109,6 +118,25 @@ def _settled_version(item: Ready) -> tuple[Path, FileVersion]:
                               raw_path=raw)
 
 
+# Empty files a project skips, by version key: a rescan finds each again (it has no job) and
+# would reject it again, every rescan_seconds. In memory only, the oldest forgotten first.
+SKIPPED_MEMORY = 100_000
+_skipped: dict[str, None] = {}
+
+
+def skipped_before(version_key: str) -> bool:
+    """Whether this daemon already rejected this version of a file as empty."""
+    return version_key in _skipped
+
+
+def _remember_skipped(item: Ready) -> None:
+    if len(_skipped) >= SKIPPED_MEMORY:
+        del _skipped[next(iter(_skipped))]
+    size, mtime_ns, inode = item.signature
+    _skipped[jobs.version_key(item.project.name, os.fsencode(item.path), size, mtime_ns,
+                              inode)] = None
+
+
 def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]:
     """Jobs for settled files, in one transaction; returns (jobs created, (file, why) rejected).
 
@@ -119,7 +147,8 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
     projects = {item.project.name: item.project for item in ready}
     for item in ready:
         if item.signature[0] == 0 and item.project.empty_files == "skip":
-            rejected.append((item, "empty file (the project skips empty files)"))
+            rejected.append((item, EMPTY_SKIPPED))
+            _remember_skipped(item)
             continue
         try:
             inspected.append((item, *_settled_version(item)))

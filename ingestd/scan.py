@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import structlog
 
-from ingestd import jobs
+from ingestd import intake, jobs
 from ingestd.config import ProjectConfig
 from ingestd.paths import is_excluded_name, is_wanted
 from ingestd.settle import FOUND
@@ -81,7 +81,7 @@ def _note_unknown(batch: list[tuple[str, str]], note: Callable[[str, str], None]
     known = jobs.existing_version_keys([key for _, key in batch])
     missed = 0
     for path, key in batch:
-        if key not in known:
+        if key not in known and not intake.skipped_before(key):
             if not is_pending(path):
                 missed += 1
             note(path, FOUND)

@@ -217,6 +217,11 @@ class TestSubmitRefusals:
         (drop / "junk.txt").write_bytes(bytes(range(256)) * 4)
         self.refused(config_file, drop / "junk.txt", "type application/octet-stream is not allowed")
 
+    def test_an_empty_file_the_project_skips(self, config_file, drop):
+        """What the watcher would reject as empty (empty_files = "skip", the default)."""
+        (drop / "empty.txt").write_bytes(b"")
+        self.refused(config_file, drop / "empty.txt", "empty file (the project skips empty files)")
+
     def test_empty_path(self, config_file):
         """An empty path says so."""
         self.refused(config_file, "", "empty path")

@@ -1,0 +1,83 @@
+"""`ingestd add` as a real subprocess: what it refuses and the names it picks in the drop folder.
+
+(The add tests that need a running daemon, `--wait` end to end, live in test_daemon.py.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import run_cli, write_config
+
+NAME_MAX = 255
+
+
+def refused_in_one_line(result, text: str) -> None:
+    """Exit 5 and exactly one stderr line, containing ``text``, without a traceback."""
+    assert result.returncode == 5, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in result.stderr, lines
+
+
+def empty_files_config(tmp_path: Path, drop: Path, policy: str) -> Path:
+    return write_config(tmp_path, f"""
+        [daemon]
+        state_dir = "state"
+
+        [projects.acme]
+        folders = ["{drop}"]
+        empty_files = "{policy}"
+    """)
+
+
+class TestEmptyFiles:
+    """`add` takes an empty file exactly when the watcher would: per the project's empty_files."""
+
+    def test_an_empty_file_is_refused_when_the_project_skips_them(self, config_file, drop, tmp_path):
+        """empty_files = "skip" (the default): exit 5 naming the file, and nothing is copied."""
+        empty = tmp_path / "empty.txt"
+        empty.write_bytes(b"")
+        result = run_cli("add", "-p", "acme", str(empty), config=config_file)
+        refused_in_one_line(result, f"{empty}: empty file (the project skips empty files)")
+        assert list(drop.iterdir()) == []
+
+    def test_empty_stdin_is_refused_when_the_project_skips_them(self, config_file, drop):
+        """An empty standard input is named by --name and leaves no file (nor temp file) behind."""
+        result = run_cli("add", "-p", "acme", "-", "--name", "empty.txt", config=config_file,
+                         stdin="")
+        refused_in_one_line(result, "empty.txt: empty file (the project skips empty files)")
+        assert list(drop.iterdir()) == []
+
+    def test_an_empty_file_is_queued_when_the_project_ingests_them(self, tmp_path, drop):
+        """empty_files = "ingest": the empty file is delivered and its job queued."""
+        config = empty_files_config(tmp_path, drop, "ingest")
+        result = run_cli("add", "-p", "acme", "-", "--name", "empty.txt", config=config, stdin="")
+        assert result.returncode == 0, result.stderr
+        assert "queued" in result.stdout and (drop / "empty.txt").read_bytes() == b""
+
+
+class TestLongNames:
+    """A name that does not fit the file system is shortened or refused, never a traceback."""
+
+    def test_a_name_of_name_max_bytes_added_twice_gets_a_shortened_sibling(self, config_file,
+                                                                           drop, tmp_path):
+        """The second copy keeps the suffix and the counter within NAME_MAX bytes."""
+        source = tmp_path / ("é" * 121 + "abcdefghi.txt")  # two-byte characters: cut whole ones
+        assert len(os.fsencode(source.name)) == NAME_MAX
+        source.write_text("long name")
+        for _ in range(2):
+            result = run_cli("add", "-p", "acme", str(source), config=config_file)
+            assert result.returncode == 0 and result.stderr == "", result.stderr
+        names = sorted(path.name for path in drop.iterdir())
+        assert len(names) == 2 and source.name in names
+        sibling = next(name for name in names if name != source.name)
+        assert sibling.endswith(" (1).txt") and len(os.fsencode(sibling)) <= NAME_MAX
+        assert (drop / sibling).read_text() == "long name"
+
+    def test_a_name_too_long_for_the_file_system_is_refused(self, config_file, drop):
+        """A --name of 300 characters: exit 5 in one line, and nothing is copied."""
+        result = run_cli("add", "-p", "acme", "-", "--name", "n" * 300 + ".txt",
+                         config=config_file, stdin="text")
+        refused_in_one_line(result, "file name too long")
+        assert list(drop.iterdir()) == []

@@ -1,0 +1,43 @@
+"""Scans hand the settler every wanted file that has no job, and nothing it already refused."""
+
+from __future__ import annotations
+
+import os
+
+from ingestd import intake, scan
+from ingestd.models import Event
+from ingestd.settle import FOUND, Ready, signature_of
+
+
+def rescan(cfg) -> list[tuple[str, str]]:
+    noted: list[tuple[str, str]] = []
+    scan.scan([cfg.projects["acme"]], lambda path, what: noted.append((path, what)),
+              is_pending=lambda path: False, reason="timer")
+    return noted
+
+
+def settled(cfg, path) -> Ready:
+    return Ready(cfg.projects["acme"], str(path), signature_of(os.lstat(path)), path.parent)
+
+
+def test_a_file_without_a_job_is_found_until_it_has_one(cfg, store, drop):
+    """A scan notes a new file as found; once its job exists, the next scan passes it by."""
+    path = drop / "report.txt"
+    path.write_text("quarterly figures")
+    assert rescan(cfg) == [(str(path), FOUND)]
+    created, rejected = intake.create_jobs([settled(cfg, path)])
+    assert len(created) == 1 and rejected == []
+    assert rescan(cfg) == []
+
+
+def test_an_empty_file_is_rejected_once_not_at_every_rescan(cfg, store, drop):
+    """An empty file the project skips gets one rejected event; later scans pass it by, until
+    it is written (a new version)."""
+    path = drop / "empty.txt"
+    path.write_bytes(b"")
+    created, [(_, reason)] = intake.create_jobs([settled(cfg, path)])
+    assert created == [] and "empty file" in reason
+    assert rescan(cfg) == []
+    assert Event.select().where(Event.type == "io.ingestd.file.rejected").count() == 1
+    path.write_text("content at last")
+    assert rescan(cfg) == [(str(path), FOUND)]
