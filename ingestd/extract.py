@@ -1,9 +1,10 @@
 """Bytes to text, by the MIME type that ingestd.sniff found (never by the file name).
 
-Text: a UTF-8 BOM -> "utf-8-sig"; a UTF-16 BOM (LE or BE) -> "utf-16"; else strict UTF-8; else the
-one fallback, cp1252 (legacy Windows text), taken only if every byte is defined in cp1252 and no
+Text: a UTF-8 BOM -> "utf-8-sig"; a UTF-32 or UTF-16 BOM (LE or BE) -> "utf-32", "utf-16"; else
+strict UTF-8; else the one fallback, cp1252 (legacy Windows text), taken only if every byte is defined in cp1252 and no
 control byte but tab, LF, CR, form feed, ESC occurs (sniff's rule for text). Anything else is
-refused, not turned into mojibake. CRLF becomes LF. Markdown, CSV, JSON, XML and HTML stay as they
+refused, not turned into mojibake, and so is text with a NUL character (binary data after a
+text-like head). CRLF becomes LF. Markdown, CSV, JSON, XML and HTML stay as they
 are (markup included: the words are all there, and no offset is shifted by a lossy tag stripper).
 
 PDFs are read page by page with pypdf (strict=False). On a broken or hostile file pypdf raises
@@ -44,7 +45,7 @@ class ExtractError(Exception):
 class Extracted:
     text: str  # the whole text; PDF pages joined with "\n\n"
     pages: tuple[tuple[int, int], ...]  # (start, end) of each page's text in `text`; one span for text files
-    encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "cp1252"; None for PDFs
+    encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "utf-32", "cp1252"; None for PDFs
 
     def __post_init__(self) -> None:
         # Every extracted text is made here: keep it encodable as UTF-8 (frozen: object.__setattr__).
@@ -114,12 +115,24 @@ def _read(source: Source) -> bytes:
 
 
 def _decode(data: bytes) -> tuple[str, str]:
-    """(text, encoding name) by BOM, then UTF-8, then the cp1252 fallback; else ExtractError."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return data.decode("utf-16"), "utf-16"
-        except UnicodeDecodeError as exc:
-            raise ExtractError(f"not text: invalid UTF-16 at byte {exc.start}") from None
+    """(text, encoding name) by BOM, then UTF-8, then the cp1252 fallback; else ExtractError.
+    Decoded text with a NUL in it is binary data after a text-like head: not text either."""
+    text, encoding = _decode_any(data)
+    nul = text.find("\0")
+    if nul != -1:
+        raise ExtractError(f"not text: a NUL character at offset {nul} ({encoding})")
+    return text, encoding
+
+
+def _decode_any(data: bytes) -> tuple[str, str]:
+    # UTF-32 first: its little-endian BOM starts with UTF-16's.
+    for boms, encoding in (((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE), "utf-32"),
+                           ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "utf-16")):
+        if data.startswith(boms):
+            try:
+                return data.decode(encoding), encoding
+            except UnicodeDecodeError as exc:
+                raise ExtractError(f"not text: invalid {encoding.upper()} at byte {exc.start}") from None
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[bom:].decode("utf-8"), "utf-8-sig" if bom else "utf-8"

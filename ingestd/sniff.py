@@ -27,7 +27,7 @@ _TEXT_BY_SUFFIX = {
     ".htm": "text/html", ".xml": "application/xml", ".rst": "text/x-rst",
 }
 MAX_CONTROL_SHARE = 0.10  # binary formats have NULs; random bytes are ~11% controls
-_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)
 # Control characters that do not occur in text (NUL and friends; tab, newlines, form feed are fine).
 BINARY_CONTROLS = bytes(set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B})
 

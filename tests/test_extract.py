@@ -13,6 +13,7 @@ import pytest
 import corpus
 from ingestd.extract import ExtractError, Extracted, extract, extract_pdf, extract_text
 from ingestd.procpool import ExtractorPool
+from ingestd.sniff import sniff_file
 
 TEXT = "Grüße, naïve café – “quoted” €5\nsecond line"
 
@@ -24,6 +25,8 @@ TEXT = "Grüße, naïve café – “quoted” €5\nsecond line"
         (b"\xef\xbb\xbf" + TEXT.encode("utf-8"), "utf-8-sig"),
         (b"\xff\xfe" + TEXT.encode("utf-16-le"), "utf-16"),
         (b"\xfe\xff" + TEXT.encode("utf-16-be"), "utf-16"),
+        (b"\xff\xfe\x00\x00" + TEXT.encode("utf-32-le"), "utf-32"),
+        (b"\x00\x00\xfe\xff" + TEXT.encode("utf-32-be"), "utf-32"),
         (TEXT.encode("cp1252"), "cp1252"),
     ],
 )
@@ -209,3 +212,24 @@ def test_a_killed_extraction_process_fails_the_pdf_and_is_replaced(tmp_path: Pat
         assert replacement.process.pid != killed[0]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])  # cp1252 refuses control bytes already
+def test_a_nul_past_the_sniffed_head_is_not_text(tmp_path: Path, encoding: str) -> None:
+    """Text for the first 8 KB that sniffing reads, then binary data with a NUL: refused."""
+    text = "plain words. " * 1000 + "\0binary tail"
+    data = (b"\xff\xfe" + text.encode("utf-16-le")) if encoding == "utf-16" else text.encode(encoding)
+    path = tmp_path / "tail.txt"
+    path.write_bytes(data)
+    assert sniff_file(path) == "text/plain"
+    with pytest.raises(ExtractError, match=f"not text: a NUL character at offset 13000 \\({encoding}\\)"):
+        extract(path, "text/plain")
+
+
+@pytest.mark.parametrize("bom", [b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"])
+def test_a_utf32_file_with_its_bom_is_text(tmp_path: Path, bom: bytes) -> None:
+    """UTF-32 (with a BOM) sniffs as text and decodes, not as UTF-16 with NULs between."""
+    path = tmp_path / "u32.txt"
+    path.write_bytes(bom + TEXT.encode("utf-32-le" if bom[0] == 0xFF else "utf-32-be"))
+    assert sniff_file(path) == "text/plain"
+    assert extract(path, "text/plain").text == TEXT
