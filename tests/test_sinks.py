@@ -185,6 +185,24 @@ class TestCommandOptions:
 
 # --- the http sink ----------------------------------------------------------------------------
 
+class TestIndexOptions:
+    def test_no_overlap_is_a_choice(self, tmp_path):
+        """chunk_overlap = 0 is accepted: the chunks then follow each other without overlap."""
+        sink = open_sink(project(tmp_path, "index", chunk_size=40, chunk_overlap=0))
+        text = "One sentence here. Another one there. A third one follows. The end."
+        rows = sink.parts_of(Document("acme", 1, text, "/x", "x", "text/plain", "0" * 64,
+                                      ((0, len(text)),)))
+        spans = [(start, end) for _, _, _, start, end, _ in rows]
+        assert len(spans) > 1 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+    @pytest.mark.parametrize(("options", "key"), [({"chunk_size": 0}, "chunk_size"),
+                                                  ({"chunk_overlap": -1}, "chunk_overlap"),
+                                                  ({"chunk_size": "big"}, "chunk_size")])
+    def test_a_bad_option_names_its_key(self, tmp_path, options, key):
+        with pytest.raises(ConfigError, match=f"sink.{key}: must be"):
+            open_sink(project(tmp_path, "index", **options))
+
+
 class Recorder(BaseHTTPRequestHandler):
     """Records each request; replies with ``server.replies[path]`` (default 200 ``{"id": 7}``)."""
 

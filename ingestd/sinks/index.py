@@ -17,8 +17,8 @@ class IndexSink(TextSink):
 
     def __init__(self, project: ProjectConfig) -> None:
         super().__init__(project)
-        self.size = self.option("chunk_size", chunking.DEFAULT_SIZE, int)
-        self.overlap = min(self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, int),
+        self.size = self.option("chunk_size", chunking.DEFAULT_SIZE)
+        self.overlap = min(self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, minimum=0),
                            self.size // 2)
 
     def parts_of(self, document: Document) -> list[tuple]:

@@ -25,11 +25,12 @@ class TextSink:
             raise ConfigError(f"projects.{project.name}.sink: unknown option(s) "
                               f"{', '.join(sorted(unknown))} for kind {project.sink.kind!r}")
 
-    def option(self, name: str, default: Any, kind: type) -> Any:
+    def option(self, name: str, default: int, minimum: int = 1) -> int:
+        """The integer sink option ``name``, at least ``minimum``."""
         value = self.project.sink.options.get(name, default)
-        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"projects.{self.project.name}.sink.{name}: must be a positive "
-                              f"{kind.__name__}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+            raise ConfigError(f"projects.{self.project.name}.sink.{name}: must be {wanted}")
         return value
 
     def ingest(self, document: Document) -> int:
