@@ -43,6 +43,7 @@ class Pending:
     signature: Signature | None
     due: float
     complete: bool
+    projects: ProjectMap  # the map ``project`` was found in (a reload replaces it)
     waited_for_close: bool = False
 
 
@@ -173,7 +174,7 @@ class Settler:
         due = now + project.settle_seconds
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
-        self._pending[path] = Pending(project, folder, signature, due, complete)
+        self._pending[path] = Pending(project, folder, signature, due, complete, self.projects)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:
@@ -207,6 +208,11 @@ class Settler:
             heapq.heappush(self._heap, (entry.due, path))
             return None
         del self._pending[path]
+        if entry.projects is not self.projects:  # reloaded meanwhile: the project as it is now
+            found = self.projects.wanted_in(path)
+            if found is None:
+                return None  # its project (or folder) is no longer watched, or it is excluded
+            entry.project, entry.folder = found
         return Ready(entry.project, path, current, entry.folder)
 
     def _flush(self, ready: list[Ready]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -73,3 +74,29 @@ def test_a_rescan_does_not_take_a_file_its_writer_has_not_closed(cfg, drop):
     s._note(str(path), COMPLETE)
     [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
     assert ready.signature[0] == len("first part, second part")
+
+
+def test_a_file_settling_across_a_reload_goes_by_the_project_as_it_is_now(cfg, drop):
+    """A reload changes a project while two of its files settle: the one it still wants becomes
+    a file of the changed project, the one it now excludes becomes nothing."""
+    s, kept, excluded = settler(cfg), drop / "kept.txt", drop / "excluded.txt"
+    for path in (kept, excluded):
+        path.write_text("settling during a reload")
+        s._note(str(path), COMPLETE)
+    changed = dataclasses.replace(cfg.projects["acme"], max_attempts=7, exclude=("excluded*",))
+    s.projects = ProjectMap([changed])
+    [ready] = wait_for(s._due_files, timeout=10, message="the files to settle")
+    assert ready.path == str(kept) and ready.project == changed
+    assert not s.is_pending(str(excluded))
+
+
+def test_a_file_settling_when_its_project_is_removed_becomes_nothing(cfg, drop):
+    """A reload removes the project while its file settles: no job of a project that is gone."""
+    s, path = settler(cfg), drop / "orphan.txt"
+    path.write_text("its project goes away")
+    s._note(str(path), COMPLETE)
+    s.projects = ProjectMap([])
+    got: list = []
+    wait_for(lambda: got.extend(s._due_files()) or not s.is_pending(str(path)), timeout=10,
+             message="the file's window to pass")
+    assert got == []
