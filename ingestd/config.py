@@ -378,7 +378,7 @@ def _check_folders(projects: Mapping[str, ProjectConfig], daemon: DaemonConfig,
                 problems.add(f"projects.{name}.folders",
                              f"{folder}: holds the state directory {daemon.state_dir}, "
                              "whose files would be ingested again")
-            if project.after == "move" and project.move_to is not None:
+            if project.after != "keep" and project.move_to is not None:  # failed/ for both
                 target = project.move_to.resolve()
                 if target == folder or folder in target.parents:
                     problems.add(f"projects.{name}.move_to",

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import structlog
 
-from ingestd import db, documents, intake, jobs
+from ingestd import db, documents, intake, jobs, sinks
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -221,9 +221,10 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except (Permanent, ExtractError) as exc:
         final = jobs.fail(job.id, ctx.owner, str(exc), content_sha256=sha)
     except ExtractionTimeout:
-        final = jobs.fail(job.id, ctx.owner, f"timed out after {ctx.project.job_timeout_seconds:g} s "
-                                             "(job_timeout_seconds)", content_sha256=sha)
-    except (Transient, SinkError) as exc:
+        final = _timed_out(job, ctx, sha)
+    except SinkError as exc:
+        final = _sink_failed(job, ctx, exc, sha)
+    except Transient as exc:
         final = _transient(job, ctx, exc, sha)
     except Conflict:
         if ctx.grouped:
@@ -237,6 +238,19 @@ def _finish(bound: structlog.BoundLogger, final: Job, ctx: Context) -> Job:
     ctx.control.enter("")
     _log_end(bound, final)
     return final
+
+
+def _timed_out(job: Job, ctx: Context, sha: str | None) -> Job:
+    return jobs.fail(job.id, ctx.owner, f"timed out after {ctx.project.job_timeout_seconds:g} s "
+                                        "(job_timeout_seconds)", content_sha256=sha)
+
+
+def _sink_failed(job: Job, ctx: Context, exc: SinkError, sha: str | None) -> Job:
+    """A transient sink failure at or past the job's deadline is the job's timeout (the sink
+    was given only the job's remaining time, see sinks.time_limit): no time is left to retry."""
+    if exc.transient and time.monotonic() >= ctx.deadline:
+        return _timed_out(job, ctx, sha)
+    return _transient(job, ctx, exc, sha)
 
 
 def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None) -> Job:
@@ -280,12 +294,39 @@ def _signature(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ino
 
 
+def _is_version(job: Job, info: os.stat_result, moved: bool = False) -> bool:
+    """Whether ``info`` is the version the job was made for. A moved copy is matched by size
+    and mtime only: a move across file systems is a copy, with another inode."""
+    if job.file_mtime_ns is None:  # a job made without a signature: the size is all we know
+        return not moved or info.st_size == job.byte_size
+    expected = (job.byte_size, job.file_mtime_ns, job.file_inode)
+    return _signature(info)[:2] == expected[:2] if moved else _signature(info) == expected
+
+
 def read_version(job: Job, project: ProjectConfig) -> tuple[bytes, str]:
-    """The file's bytes and sha256, if it is still the version the job was made for."""
+    """The file's bytes and sha256, if it is still the version the job was made for: at its
+    source path, else (a retried job that failed, after = "move" or "delete") its copy in
+    failed/."""
     try:
-        fd = os.open(fs_path(job), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return _read_at(fs_path(job), job, project, moved=False)
     except FileNotFoundError:
-        raise Transient("file vanished before it was read") from None
+        pass
+    copy = _quarantined(job, project)
+    if copy is not None:
+        _check_newest(job)
+        try:
+            return _read_at(copy, job, project, moved=True)
+        except FileNotFoundError:
+            pass
+    raise Transient("file vanished before it was read")
+
+
+def _read_at(path: bytes, job: Job, project: ProjectConfig, moved: bool) -> tuple[bytes, str]:
+    """Read ``path`` as the job's version; FileNotFoundError if there is nothing there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise  # the caller may look for the file elsewhere (failed/)
     except OSError as exc:
         if exc.errno == 40:  # ELOOP: the name is now a symlink
             raise Permanent("the file was replaced by a symlink") from None
@@ -294,8 +335,7 @@ def read_version(job: Job, project: ProjectConfig) -> tuple[bytes, str]:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise Permanent("not a regular file")
-        if job.file_mtime_ns is not None and _signature(before) != (
-                job.byte_size, job.file_mtime_ns, job.file_inode):
+        if not _is_version(job, before, moved):
             raise Superseded("the file changed after this job was made")
         if before.st_size > project.max_bytes:
             raise Permanent(f"too large ({before.st_size} bytes; max_bytes is {project.max_bytes})")
@@ -303,6 +343,30 @@ def read_version(job: Job, project: ProjectConfig) -> tuple[bytes, str]:
         if _signature(os.fstat(fd)) != _signature(before):
             raise Superseded("the file changed while it was being read")
     return data, digest
+
+
+def _quarantined(job: Job, project: ProjectConfig) -> bytes | None:
+    """The job's version in ``<move_to>/failed/``, where :func:`dispose_original` put it when
+    the job failed, if it is there unchanged."""
+    if project.move_to is None:
+        return None
+    path = _moved_path(job, project.move_to, JobStatus.FAILED)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return path if stat.S_ISREG(info.st_mode) and _is_version(job, info, moved=True) else None
+
+
+def _check_newest(job: Job) -> None:
+    """A quarantined version whose path has a newer job since is superseded: ingested now, it
+    would sit in the sink beside the newer version's document."""
+    newer = (Job.select(Job.id).where(Job.project_id == job.project_id,
+                                      Job.source_path == job.source_path, Job.id > job.id,
+                                      Job.deleted_at.is_null())
+             .order_by(Job.id.desc()).first())
+    if newer is not None:
+        raise Superseded(f"a newer version of the file has job {newer.id}")
 
 
 def _read_all(handle, limit: int) -> tuple[bytes, str]:
@@ -425,7 +489,8 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
             if ctx.grouped:
                 raise
             return _after_lost_completion(job, ctx)
-    document_id = ctx.sink.ingest(document)
+    with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
+        document_id = ctx.sink.ingest(document)
     try:
         final = _complete(job, ctx, message, document_id, sha)
     except Conflict:
@@ -472,26 +537,44 @@ def _after_lost_completion(job: Job, ctx: Context) -> Job:
 # --- the original ------------------------------------------------------------------------------
 
 def dispose_original(job: Job, project: ProjectConfig) -> None:
-    """Keep, move (processed/ or failed/) or delete the original, if it is still this version."""
+    """Keep, move (processed/ or failed/) or delete the job's version of its file, where it is
+    now: at its source path, or (a retried job) in failed/. Under "delete" a failed job's file
+    is moved to failed/ too: deleted, it would be lost, and its retry would have nothing to read.
+    Nothing goes back to a watched folder."""
     if project.after == "keep":
         return
-    path = fs_path(job)
     try:
-        if job.file_mtime_ns is not None and _signature(os.lstat(path)) != (
-                job.byte_size, job.file_mtime_ns, job.file_inode):
-            return  # a newer version is there now: it is not ours to touch
-        if project.after == "delete":
+        path = _original(job, project)
+        if path is None:
+            return  # gone, or a newer version is there now: not ours to touch
+        if project.after == "delete" and job.status == JobStatus.COMPLETED:
             os.unlink(path)
-        else:
-            target_dir = Path(project.move_to) / (
-                "processed" if job.status == JobStatus.COMPLETED else "failed")
-            target_dir.mkdir(parents=True, exist_ok=True)
-            # The job id makes names unique; the original name stays readable after it.
-            shutil.move(path, os.fsencode(target_dir) + b"/" + f"{job.id}-".encode()
-                        + os.path.basename(path))
+            return
+        target = _moved_path(job, project.move_to, JobStatus(job.status))
+        if target != path:  # else a retried job failed again: it is in failed/ already
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(path, target)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
                     after=project.after, reason=exc.strerror)
 
+
+def _original(job: Job, project: ProjectConfig) -> bytes | None:
+    """Where the job's version of its file is: its source path, else its quarantined copy."""
+    path = fs_path(job)
+    try:
+        if _is_version(job, os.lstat(path)):
+            return path
+    except FileNotFoundError:
+        pass
+    return _quarantined(job, project)
+
+
+def _moved_path(job: Job, move_to: Path, status: JobStatus) -> bytes:
+    """``<move_to>/processed/`` or ``failed/``, as ``<job id>-<name>``: the job id makes names
+    unique, the original name stays readable after it."""
+    folder = "processed" if status == JobStatus.COMPLETED else "failed"
+    return (os.fsencode(move_to / folder) + b"/" + f"{job.id}-".encode()
+            + os.path.basename(fs_path(job)))

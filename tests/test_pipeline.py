@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 
 from corpus import make_pdf
 from ingestd import intake, jobs
+from ingestd.config import SinkConfig
 from ingestd.models import Document
 from ingestd.pipeline import Context, Control, run_job
 from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
@@ -24,9 +28,9 @@ def extractors():
     pool.close()
 
 
-def queue_file(cfg, path: Path, project: str = "acme"):
+def queue_file(cfg, path: Path, project: str = "acme", max_attempts: int = 3):
     folder, version = intake.inspect(cfg.projects[project], path)
-    return jobs.create(project, str(folder), version, 3)[0]
+    return jobs.create(project, str(folder), version, max_attempts)[0]
 
 
 def run_next(cfg, extractors, project=None):
@@ -122,3 +126,128 @@ def test_a_warmed_pool_is_up_before_its_first_pdf_and_starts_no_more(tmp_path):
         assert len(pool._all) == 2
     finally:
         pool.close()
+
+
+# --- originals of failed jobs, and retries ----------------------------------------------------
+
+def outage_project(cfg, tmp_path: Path, after: str, move_to: Path | None = None):
+    """Project acme with a command sink that exits 75 (try later) while ``tmp_path/outage``
+    exists, and otherwise stores the text in ``tmp_path/stored``."""
+    program = tmp_path / "sink.py"
+    program.write_text(
+        "import json, os, sys\n"
+        "message = json.load(sys.stdin)\n"
+        f"if os.path.exists({str(tmp_path / 'outage')!r}):\n"
+        "    print('index is down', file=sys.stderr); sys.exit(75)\n"
+        f"open({str(tmp_path / 'stored')!r}, 'w').write(message['text'])\n"
+        "print(message['job_id'])\n")
+    (tmp_path / "outage").touch()
+    sink = SinkConfig(kind="command", options={"command": [sys.executable, str(program)]})
+    project = cfg.projects["acme"]
+    return dataclasses.replace(project, after=after, sink=sink,
+                               move_to=move_to or project.move_to)
+
+
+def run_until_ended(cfg, extractors, project, job_id: int):
+    """Run the job's attempts back to back (backoff skipped) until it ends."""
+    while True:
+        jobs.Job.update(not_before=0).where(jobs.Job.id == job_id).execute()
+        ended = run_next(cfg, extractors, project)
+        if ended.status != "queued":
+            return ended
+
+
+@pytest.fixture(params=["same file system", "another file system"])
+def move_to(request, tmp_path):
+    """A move_to folder on the drop folder's file system, or on another one (/dev/shm), where
+    a move is a copy and the quarantined copy has another inode."""
+    if request.param == "same file system":
+        yield tmp_path / "moved"
+        return
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    moved = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ingestd-test-"))
+    yield moved
+    shutil.rmtree(moved)
+
+
+def test_a_retry_after_a_sink_outage_reads_the_quarantined_original(cfg, store, drop, tmp_path,
+                                                                    extractors, move_to):
+    """after = "move": a job that failed during a sink outage has its original in failed/;
+    retried, it fails again there (the copy stays put), and once the sink is back it completes
+    from that copy, which goes to processed/. Nothing goes back into the drop folder."""
+    project = outage_project(cfg, tmp_path, "move", move_to)
+    path = drop / "report.txt"
+    path.write_text("written during the outage")
+    job = queue_file(cfg, path, max_attempts=2)
+    quarantined = move_to / "failed" / f"{job.id}-report.txt"
+    failed = run_until_ended(cfg, extractors, project, job.id)
+    assert failed.status == "failed" and failed.error_message.startswith("sink: index is down")
+    assert quarantined.read_text() == "written during the outage" and not path.exists()
+    jobs.retry("acme", job.id)
+    again = run_until_ended(cfg, extractors, project, job.id)
+    assert again.status == "failed" and again.error_message.startswith("sink: index is down")
+    assert quarantined.exists()
+    (tmp_path / "outage").unlink()
+    jobs.retry("acme", job.id)
+    done = run_until_ended(cfg, extractors, project, job.id)
+    assert (done.status, done.attempts, done.canonical_document_id) == ("completed", 1, job.id)
+    assert (tmp_path / "stored").read_text() == "written during the outage"
+    assert (move_to / "processed" / f"{job.id}-report.txt").read_text() == (
+        "written during the outage")
+    assert not quarantined.exists() and list(drop.iterdir()) == []
+
+
+def test_a_quarantined_copy_with_other_content_is_not_read(cfg, store, drop, tmp_path,
+                                                          extractors):
+    """The copy in failed/ is read only if it is still the job's version (size and mtime)."""
+    project = outage_project(cfg, tmp_path, "move")
+    path = drop / "report.txt"
+    path.write_text("the original")
+    job = queue_file(cfg, path, max_attempts=1)
+    assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
+    quarantined = project.move_to / "failed" / f"{job.id}-report.txt"
+    quarantined.write_text("edited in quarantine")
+    (tmp_path / "outage").unlink()
+    jobs.retry("acme", job.id)
+    ended = run_until_ended(cfg, extractors, project, job.id)
+    assert ended.status == "failed" and "vanished" in ended.error_message
+    assert quarantined.read_text() == "edited in quarantine"
+
+
+def test_a_retried_old_version_is_superseded_by_a_newer_job_for_its_path(cfg, store, drop,
+                                                                        tmp_path, extractors):
+    """A quarantined version whose path has a newer job since is not ingested again (it would
+    sit beside the newer version's document): the retry ends cancelled, superseded."""
+    project = outage_project(cfg, tmp_path, "move")
+    path = drop / "report.txt"
+    path.write_text("version one")
+    old = queue_file(cfg, path, max_attempts=1)
+    assert run_until_ended(cfg, extractors, project, old.id).status == "failed"
+    (tmp_path / "outage").unlink()
+    path.write_text("version two, newer")
+    new = queue_file(cfg, path)
+    assert run_until_ended(cfg, extractors, project, new.id).status == "completed"
+    jobs.retry("acme", old.id)
+    ended = run_until_ended(cfg, extractors, project, old.id)
+    assert ended.status == "cancelled" and ended.message.startswith("superseded")
+    assert (project.move_to / "failed" / f"{old.id}-report.txt").read_text() == "version one"
+    assert (tmp_path / "stored").read_text() == "version two, newer"
+
+
+def test_after_delete_a_failed_job_is_quarantined_and_its_retry_reads_it(
+        cfg, store, drop, tmp_path, extractors):
+    """after = "delete" deletes completed originals only: a failed job's file goes to failed/
+    (nothing is lost), its retry reads it there, and once completed it is deleted."""
+    project = outage_project(cfg, tmp_path, "delete")
+    path = drop / "report.txt"
+    path.write_text("failed, then retried")
+    job = queue_file(cfg, path, max_attempts=2)
+    assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
+    quarantined = project.move_to / "failed" / f"{job.id}-report.txt"
+    assert quarantined.read_text() == "failed, then retried" and not path.exists()
+    (tmp_path / "outage").unlink()
+    jobs.retry("acme", job.id)
+    assert run_until_ended(cfg, extractors, project, job.id).status == "completed"
+    assert not quarantined.exists() and list(drop.iterdir()) == []
+    assert not (project.move_to / "processed").exists()

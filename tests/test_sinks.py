@@ -4,6 +4,7 @@ installed entry point, and the daemon retrying, failing or warning on what they 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
 from ingestd.models import Event
-from ingestd.sinks import Document, SinkError, open_sink
+from ingestd.sinks import Document, SinkError, job_deadline, open_sink
 from ingestd.sinks.command import CommandSink
 from ingestd.sinks.http import HttpSink
 
@@ -150,6 +151,36 @@ class TestCommandSink:
         program, child = map(int, pids.read_text().split())
         wait_for(lambda: gone(program) and gone(child), timeout=10,
                  message="the timed-out program and its child to be gone")
+
+    def test_a_nearer_job_deadline_stops_the_program_there(self, tmp_path):
+        """Inside job_deadline, a run gets only the job's remaining time when that is less
+        than timeout_seconds: killed at the deadline, a transient error naming the job's
+        setting."""
+        command = script(tmp_path, "sys.stdin.read(); time.sleep(120)")
+        sink = open_sink(project(tmp_path, "command", command=command, timeout_seconds=20))
+        started = time.monotonic()
+        with pytest.raises(SinkError) as caught, job_deadline(started + 1):
+            sink.ingest(DOCUMENT)
+        assert 0.9 < time.monotonic() - started < 5
+        assert caught.value.transient is True
+        assert re.fullmatch(r"timed out after [\d.]+ s \(job_timeout_seconds\)", str(caught.value))
+
+    def test_no_time_left_runs_nothing(self, tmp_path):
+        """Past the job's deadline the program is not started at all."""
+        ran = tmp_path / "ran"
+        command = script(tmp_path, f"open({str(ran)!r}, 'w'); print(1)")
+        sink = open_sink(project(tmp_path, "command", command=command))
+        with pytest.raises(SinkError, match="time ran out"), job_deadline(time.monotonic() - 1):
+            sink.ingest(DOCUMENT)
+        assert not ran.exists()
+
+    def test_a_farther_job_deadline_keeps_timeout_seconds(self, tmp_path):
+        """With more time left in the job than timeout_seconds, timeout_seconds applies."""
+        command = script(tmp_path, "sys.stdin.read(); time.sleep(120)")
+        sink = open_sink(project(tmp_path, "command", command=command, timeout_seconds=1))
+        with pytest.raises(SinkError, match=r"^timed out after 1 s \(timeout_seconds\)$"), \
+                job_deadline(time.monotonic() + 60):
+            sink.ingest(DOCUMENT)
 
     def test_delete_runs_the_program_with_the_id(self, tmp_path):
         """delete(N) runs the program with the delete object; its stdout does not matter."""
@@ -302,6 +333,21 @@ class TestHttpSink:
             with pytest.raises(SinkError, match=r"timed out after 0\.5 s") as caught:
                 open_sink(project(tmp_path, "http", url=url, timeout_seconds=0.5)).ingest(DOCUMENT)
         assert caught.value.transient is True and time.monotonic() - started < 10
+
+    def test_a_silent_server_is_given_up_at_the_job_deadline(self, tmp_path, server):
+        """Inside job_deadline, a server that never answers is given up at the job's deadline
+        when that is nearer than timeout_seconds."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            url = f"http://127.0.0.1:{silent.getsockname()[1]}/docs"
+            sink = open_sink(project(tmp_path, "http", url=url, timeout_seconds=20))
+            started = time.monotonic()
+            with pytest.raises(SinkError, match=r"timed out after [\d.]+ s "
+                                                r"\(job_timeout_seconds\)") as caught, \
+                    job_deadline(started + 0.5):
+                sink.ingest(DOCUMENT)
+        assert caught.value.transient is True and time.monotonic() - started < 5
 
     def test_delete_sends_delete_to_the_url_and_id(self, tmp_path, server):
         """delete(N) sends DELETE to the url with /N appended, the query string kept."""
@@ -538,3 +584,26 @@ class TestWithTheDaemon:
         job = wait_ended(path, timeout=30)
         assert job.status == "cancelled" and retrying_events(job.id) == 0
         assert calls.read_text() == "ingest\n"
+
+    def test_a_sink_slower_than_the_job_timeout_fails_the_job_at_its_deadline(self, tmp_path,
+                                                                             sink_daemon):
+        """A command sink gets only the job's remaining time (job_timeout_seconds = 3, its own
+        timeout_seconds 20): the job ends failed with the job timeout's reason within about
+        3 s, after one call of the sink, with no retry; the program is killed."""
+        calls = tmp_path / "calls"
+        command = script(tmp_path, f"""
+            sys.stdin.read()
+            with open({str(calls)!r}, "a") as log:
+                log.write(f"{{os.getpid()}}\\n")
+            time.sleep(100)
+        """)
+        drop = sink_daemon(command, "job_timeout_seconds = 3\nmax_attempts = 2")
+        path = drop / "doc.txt"
+        path.write_text("a document for a sink that hangs")
+        job = wait_ended(path, timeout=15)
+        assert (job.status, job.error_message) == (
+            "failed", "timed out after 3 s (job_timeout_seconds)")
+        assert job.completed_at - job.started_at < 5
+        assert job.attempts == 1 and retrying_events(job.id) == 0
+        [pid] = map(int, calls.read_text().split())
+        wait_for(lambda: gone(pid), timeout=10, message="the sink program to be killed")

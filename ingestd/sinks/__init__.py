@@ -4,12 +4,22 @@ A sink takes one :class:`Document` and returns its id (the job's ``canonical_doc
 and deletes a document by that id. A sink error is never swallowed: :class:`SinkError` says
 whether trying again may help (``transient``); the worker retries or fails the job with its
 reason.
+
+A job has a deadline (``job_timeout_seconds``). The worker calls ``ingest`` inside
+:func:`job_deadline`; a sink that can block (a program, a network call) asks
+:func:`time_limit` how long it may wait, at most its own timeout, and stops there with a
+transient SinkError. The worker fails a job whose sink failed past its deadline with the job
+timeout's reason, not a retry. A sink that ignores the deadline still works: it just may run
+past it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from ingestd.config import ProjectConfig
 from ingestd.errors import IngestdError
@@ -48,6 +58,34 @@ class Sink(Protocol):
 
     def delete(self, document_id: int) -> None:
         """Remove the document (a job that produced it was deleted). Idempotent."""
+
+
+# Per thread (and task): one sink object serves every worker of its project at once.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "ingestd_sink_deadline", default=None)
+
+
+@contextlib.contextmanager
+def job_deadline(at: float) -> Iterator[None]:
+    """Sink calls in this block are for a job that must end by ``at`` (``time.monotonic()``)."""
+    token = _deadline.set(at)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_limit(own_seconds: float) -> tuple[float, str]:
+    """How long a blocking sink call may take, and the setting that says so: the sink's own
+    ``timeout_seconds``, or less if the job's deadline is nearer. SinkError when the job has
+    no time left."""
+    at = _deadline.get()
+    left = own_seconds if at is None else at - time.monotonic()
+    if left >= own_seconds:
+        return own_seconds, "timeout_seconds"
+    if left <= 0:
+        raise SinkError("the job's time ran out before the sink was called (job_timeout_seconds)")
+    return left, "job_timeout_seconds"
 
 
 def open_sink(project: ProjectConfig) -> Sink:

@@ -25,7 +25,8 @@ Exit status: 0 is success. 75 (``EX_TEMPFAIL`` from sysexits.h) means "try again
 is retried with backoff. Any other status, or death by a signal, is permanent: the job fails (or
 completes with a warning under ``sink_errors = "warn"``). Either way the last non-empty line of
 stderr is the reason shown in the job's ``error_message``. A run longer than
-``timeout_seconds`` is killed with its whole process group and counts as transient.
+``timeout_seconds``, or than the job has left of ``job_timeout_seconds``, is killed with its
+whole process group; the first counts as transient, the second fails the job (timed out).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError
+from ingestd.sinks import Document, SinkError, time_limit
 
 EX_TEMPFAIL = 75
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -91,6 +92,11 @@ def parse_document_id(raw: bytes, source: str) -> int:
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def timed_out(seconds: float, setting: str) -> str:
+    """The reason of a call stopped after ``seconds`` by ``setting`` (see sinks.time_limit)."""
+    return f"timed out after {round(seconds, 2):g} s ({setting})"
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -146,13 +152,14 @@ class CommandSink:
 
     def _run(self, message: dict[str, Any]) -> bytes:
         """One run with ``message`` on stdin; its stdout, or SinkError."""
+        seconds, setting = time_limit(self.timeout)
         process = self._start()
         with process:
             try:
-                stdout, stderr = process.communicate(encode(message), timeout=self.timeout)
+                stdout, stderr = process.communicate(encode(message), timeout=seconds)
             except subprocess.TimeoutExpired:
                 _kill_group(process)
-                raise SinkError(f"timed out after {self.timeout:g} s (timeout_seconds)") from None
+                raise SinkError(timed_out(seconds, setting)) from None
             except BaseException:  # interrupted: leave nothing running behind us
                 _kill_group(process)
                 raise

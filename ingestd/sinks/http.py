@@ -10,7 +10,9 @@ kept), no body. 2xx, 404 and 410 all mean done: a delete may be repeated.
 Failures: 5xx, 408, 429, a refused or reset connection, a DNS failure and a timeout are
 transient (retried with backoff); any other status (4xx, and 3xx: redirects are not followed)
 is permanent, with the status and a short reason from the body; a 2xx reply without an id is
-permanent. ``timeout_seconds`` bounds connecting and each wait for data.
+permanent. ``timeout_seconds``, or what the job has left of ``job_timeout_seconds`` if that is
+less, bounds connecting and each wait for data (so a server that trickles its reply can still
+hold a request longer).
 
 Why the standard library: this is one small JSON request per document, seconds of extraction
 apart, on a few worker threads. ``urllib.request`` already does TLS with the system's CA store,
@@ -31,9 +33,9 @@ from email.message import Message
 from ingestd import __version__
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError
+from ingestd.sinks import Document, SinkError, time_limit
 from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
-                                   ingest_message, parse_document_id, shorten)
+                                   ingest_message, parse_document_id, shorten, timed_out)
 
 MAX_REPLY_BYTES = 1 << 20  # an id, or an error page: never more than this is read
 TRANSIENT_STATUSES = frozenset({408, 429})  # besides every 5xx
@@ -73,22 +75,23 @@ class HttpSink:
         if body is not None:
             headers.setdefault("Content-Type", "application/json")
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        limit = time_limit(self.timeout)
         try:
-            with self.opener.open(request, timeout=self.timeout) as response:
+            with self.opener.open(request, timeout=limit[0]) as response:
                 return response.status, response.read(MAX_REPLY_BYTES)
         except urllib.error.HTTPError as exc:  # a reply, just not a 2xx one
             with exc:
                 reply = exc.read(MAX_REPLY_BYTES)
             return exc.code, _redirect_note(exc.headers) if 300 <= exc.code < 400 else reply
         except (OSError, http.client.HTTPException) as exc:
-            raise self._no_reply(exc) from None
+            raise self._no_reply(exc, limit) from None
 
-    def _no_reply(self, exc: Exception) -> SinkError:
+    def _no_reply(self, exc: Exception, limit: tuple[float, str]) -> SinkError:
         """No reply at all: the endpoint is down, unreachable or slow; all worth a retry, except
         a certificate that does not verify (that needs an operator)."""
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, TimeoutError):
-            return SinkError(f"{self.where} timed out after {self.timeout:g} s (timeout_seconds)")
+            return SinkError(f"{self.where} {timed_out(*limit)}")
         if isinstance(reason, ssl.SSLCertVerificationError):
             return SinkError(f"{self.where}: {reason.verify_message or reason}", transient=False)
         detail = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
