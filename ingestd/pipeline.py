@@ -35,6 +35,7 @@ from ingestd.sniff import SNIFF_BYTES, sniff_head
 log = structlog.get_logger(__name__)
 READ_CHUNK = 1 << 20
 MAX_BACKOFF_SECONDS = 300.0
+NAME_MAX = 255  # bytes in a file name, on every file system Linux mounts for data
 
 
 class Permanent(Exception):
@@ -576,5 +577,19 @@ def _moved_path(job: Job, move_to: Path, status: JobStatus) -> bytes:
     """``<move_to>/processed/`` or ``failed/``, as ``<job id>-<name>``: the job id makes names
     unique, the original name stays readable after it."""
     folder = "processed" if status == JobStatus.COMPLETED else "failed"
-    return (os.fsencode(move_to / folder) + b"/" + f"{job.id}-".encode()
-            + os.path.basename(fs_path(job)))
+    return (os.fsencode(move_to / folder) + b"/"
+            + _fitting(f"{job.id}-".encode(), os.path.basename(fs_path(job))))
+
+
+def _fitting(prefix: bytes, name: bytes) -> bytes:
+    """``prefix + name``, the name's stem cut by whole characters to fit NAME_MAX bytes (a
+    name near the limit in a drop folder would not take the prefix)."""
+    if len(prefix) + len(name) <= NAME_MAX:
+        return prefix + name
+    stem, suffix = os.path.splitext(os.fsdecode(name))
+    if len(os.fsencode(suffix)) > NAME_MAX // 2:  # a "suffix" that long is part of the name
+        stem, suffix = stem + suffix, ""
+    room = NAME_MAX - len(prefix) - len(os.fsencode(suffix))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return prefix + os.fsencode(stem + suffix)

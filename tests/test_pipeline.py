@@ -80,6 +80,20 @@ def test_after_delete_removes_the_original_only_after_completion(cfg, store, dro
     assert not path.exists()
 
 
+def test_after_move_a_name_at_the_length_limit_is_moved_shortened(cfg, store, drop, extractors):
+    """A name of 255 bytes cannot take the job id in front: it is cut (keeping its suffix) to
+    fit, and the file still leaves the drop folder."""
+    project = dataclasses.replace(cfg.projects["acme"], after="move")
+    path = drop / ("é" * 125 + "x.txt")  # 255 bytes in UTF-8
+    path.write_text("a long name")
+    job = queue_file(cfg, path)
+    assert run_next(cfg, extractors, project).status == "completed"
+    [moved] = (project.move_to / "processed").iterdir()
+    assert moved.name.startswith(f"{job.id}-éé") and moved.name.endswith(".txt")
+    assert len(os.fsencode(moved.name)) <= 255 and moved.read_text() == "a long name"
+    assert list(drop.iterdir()) == []
+
+
 def test_transient_failures_give_up_after_max_attempts(cfg, store, drop, extractors):
     """A file that never comes back fails after max_attempts with the last reason."""
     path = drop / "gone.txt"
