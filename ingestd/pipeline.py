@@ -70,6 +70,8 @@ class Control:
     started: float = field(default_factory=time.monotonic)
     stage_started: float = field(default_factory=time.monotonic)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # for metrics
+    fraction: float = 0.0  # progress, as the job knows it
+    shown: tuple[str, float] | None = None  # (stage, progress) as last written to the job row
 
     def enter(self, stage: str) -> None:
         """Account the time of the stage being left; the last one is closed with ``enter("")``."""
@@ -117,7 +119,9 @@ class Context:
 
 
 class _Progress:
-    """Stage and progress writes, throttled: a job faster than one interval writes none at all."""
+    """Stage and progress writes, throttled: a job faster than one interval writes none at all.
+    What a long step leaves unwritten (no update comes during it) the worker's heartbeat writes
+    (see WorkerPool.heartbeat)."""
 
     def __init__(self, job: Job, ctx: Context) -> None:
         self.job, self.ctx = job, ctx
@@ -130,11 +134,12 @@ class _Progress:
             self.stage = stage
             self.ctx.control.enter(stage.value)
         if fraction is not None:
-            self.fraction = fraction
+            self.fraction = self.ctx.control.fraction = fraction
         now = time.monotonic()
         if now - self.last_write >= self.ctx.progress_interval:
             self.last_write = now
             jobs.progress(self.job.id, self.ctx.owner, stage=self.stage, fraction=self.fraction)
+            self.ctx.control.shown = (self.stage.value, self.fraction)
 
 
 def run_job(job: Job, ctx: Context) -> Job | None:

@@ -34,7 +34,8 @@ import peewee as pw
 
 from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
-from ingestd.models import Job, database
+from ingestd.errors import Conflict
+from ingestd.models import Job, Stage, database
 from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
                               prepare)
@@ -47,6 +48,7 @@ BATCH_SECONDS = 0.05  # a slot claims about this much work at once
 MAX_BATCH = 48
 GROUP_SECONDS = 0.02  # small jobs prepared within about this long end in one transaction
 QUICK_BYTES = 1 << 20  # files up to this size end in groups
+SHOW_PROGRESS_AFTER_SECONDS = 1.0  # a stage this old that the job row does not show is written
 
 
 def node_owner() -> str:
@@ -436,6 +438,17 @@ class WorkerPool:
                     running.control.abandon.set()
             elif still_ours[job_id]:
                 running.control.cancel.set()
+            elif _unshown_progress(running.control):
+                self._show_progress(job_id, running.control)
+
+    def _show_progress(self, job_id: int, control: Control) -> None:
+        """Write a job's stage and progress that its own throttled writes left behind."""
+        now_at = (control.stage, control.fraction)
+        try:
+            jobs.progress(job_id, self.owner, stage=Stage(now_at[0]), fraction=now_at[1])
+        except Conflict:
+            return  # it ended meanwhile
+        control.shown = now_at
 
     def rescue(self) -> None:
         """Re-queue (or fail) jobs whose worker stopped renewing its lease, on any node."""
@@ -450,6 +463,15 @@ class WorkerPool:
         for job in jobs.rescue_owned(owners):
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status,
                      reason="its worker's process is gone")
+
+
+def _unshown_progress(control: Control) -> bool:
+    """A job in the same stage for a while (a long read, a slow sink) whose stage or progress
+    the job row does not show yet. Short steps are left alone: a burst's prepared jobs end in
+    their group's transaction within milliseconds."""
+    return (control.begun and control.stage not in ("", Stage.INITIAL.value)
+            and time.monotonic() - control.stage_started >= SHOW_PROGRESS_AFTER_SECONDS
+            and (control.stage, control.fraction) != control.shown)
 
 
 def _wait_while(condition: Callable[[], object], seconds: float) -> None:

@@ -226,3 +226,22 @@ def test_a_claim_that_commits_after_stop_released_everything_is_released_before_
     job = Job.get_by_id(queued.id)
     assert (job.status, job.attempts) == ("queued", 0)
     assert not pool.busy
+
+
+def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
+    """A job in one stage for a while (a slow sink: no progress update comes meanwhile) is shown
+    in that stage by the next heartbeat, once; a step shorter than that is not written."""
+    [job] = queue_files(cfg, drop, 1)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    [(claimed, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    control.enter("indexing")
+    control.fraction = 0.9
+    pool.heartbeat()
+    assert (Job.get_by_id(job.id).stage, events_of(job.id)) == ("initial", ["created", "started"])
+    control.stage_started -= 5  # five seconds into the sink's call
+    pool.heartbeat()
+    pool.heartbeat()
+    row = Job.get_by_id(job.id)
+    assert (row.stage, row.progress, row.status) == ("indexing", 0.9, "running")
+    assert events_of(job.id) == ["created", "started", "progress"]
