@@ -182,6 +182,19 @@ class TestCommandSink:
                 job_deadline(time.monotonic() + 60):
             sink.ingest(DOCUMENT)
 
+    def test_a_background_child_holding_stdout_does_not_hold_the_run(self, tmp_path):
+        """A program that exits leaving a child in the background with its stdout (``cmd &`` in
+        a script) is done when it exits: its id is read, no timeout waits for the child."""
+        sink = CommandSink(project(tmp_path, "command", timeout_seconds=20, command=script(
+            tmp_path, """
+            sys.stdin.read()
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            print(4711, flush=True)
+            """)))
+        began = time.monotonic()
+        assert sink.ingest(DOCUMENT) == 4711
+        assert time.monotonic() - began < 10
+
     def test_delete_runs_the_program_with_the_id(self, tmp_path):
         """delete(N) runs the program with the delete object; its stdout does not matter."""
         got = tmp_path / "got.json"

@@ -36,6 +36,7 @@ import os
 import shlex
 import signal
 import subprocess
+import time
 from typing import Any
 
 from ingestd.config import ProjectConfig
@@ -44,6 +45,8 @@ from ingestd.sinks import Document, SinkError, time_limit
 
 EX_TEMPFAIL = 75
 DEFAULT_TIMEOUT_SECONDS = 30.0
+OUTPUT_GRACE_SECONDS = 0.5  # reading on after the program exited (see _communicate)
+POLL_SECONDS = 0.1
 MAX_DOCUMENT_ID = 2**63 - 1  # the jobs table keeps it in a 64-bit column
 SHOWN_CHARS = 200  # how much of a program's output a reason quotes
 
@@ -156,7 +159,7 @@ class CommandSink:
         process = self._start()
         with process:
             try:
-                stdout, stderr = process.communicate(encode(message), timeout=seconds)
+                stdout, stderr = _communicate(process, encode(message), seconds)
             except subprocess.TimeoutExpired:
                 _kill_group(process)
                 raise SinkError(timed_out(seconds, setting)) from None
@@ -193,6 +196,27 @@ def _argv(options: Options) -> list[str]:
         raise ConfigError(f"{key}: must be a non-empty list of strings (the program, then its "
                           "arguments), or one string")
     return value
+
+
+def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tuple[bytes, bytes]:
+    """Send ``data``, then read stdout and stderr until they close or, once the program has
+    exited, for OUTPUT_GRACE_SECONDS more: a child it left running in the background (``cmd &``
+    in a script) may hold them open for as long as it lives. TimeoutExpired after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    exited_at = None
+    while True:
+        now = time.monotonic()
+        wait = deadline - now if exited_at is None else exited_at + OUTPUT_GRACE_SECONDS - now
+        try:
+            return process.communicate(data, timeout=max(0.0, min(wait, POLL_SECONDS)))
+        except subprocess.TimeoutExpired as exc:
+            data = None  # sent: communicate() goes on where it stopped
+            if exited_at is None and process.poll() is not None:
+                exited_at = time.monotonic()
+            elif exited_at is not None and time.monotonic() >= exited_at + OUTPUT_GRACE_SECONDS:
+                return exc.stdout or b"", exc.stderr or b""
+            if exited_at is None and time.monotonic() >= deadline:
+                raise
 
 
 def _kill_group(process: subprocess.Popen) -> None:
