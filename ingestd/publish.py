@@ -4,11 +4,15 @@ It follows the whole database's outbox (rows written by the CLI or other nodes t
 each batch to the JSON Lines log and flushes it, then records how far it got. After a SIGKILL it
 resumes after the last sequence found in the log itself, so an event committed but not yet
 published appears exactly once after the restart. The log is reopened on SIGUSR1 and when it
-was moved away (logrotate without copytruncate).
+was moved away (logrotate without copytruncate). When it cannot be written (disk full, a directory
+at its path...), the failure is logged, the lines written whole count as published and the rest
+is retried every RETRY_SECONDS; a line that a full disk cut short is finished, not written again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -29,6 +33,8 @@ POLL_SECONDS = 0.02  # how soon an event committed by another process is seen
 CURSOR_SECONDS = 1.0
 BATCH = 1000
 TAIL_BYTES = 1 << 16
+RETRY_SECONDS = 1.0  # how often an unwritable event log is tried again
+REPORT_SECONDS = 60.0  # how often it is said again that it still fails
 
 
 class Publisher:
@@ -40,7 +46,10 @@ class Publisher:
         self.published = 0
         self.cursor = 0
         self._cursor_stored_at = 0.0
-        self._file = None
+        self._file: io.FileIO | None = None
+        self._written = 0  # bytes of the unpublished lines already in the log (a write stopped)
+        self._failing_since: float | None = None
+        self._reported_at = 0.0
         self._reopen = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -66,8 +75,7 @@ class Publisher:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        if self._file is not None:
-            self._file.close()
+        self._close()
 
     # --- the publishing thread -----------------------------------------------------------------
 
@@ -78,6 +86,8 @@ class Publisher:
             if published is None:  # database busy or gone: try again shortly
                 published = 0
                 self._stop.wait(0.5)
+            elif self._failing_since is not None:  # the log is unwritable: not in a tight loop
+                self._stop.wait(RETRY_SECONDS)
             if stopping and published < BATCH:
                 db.guarded("publish", self._store_cursor)()
                 return
@@ -90,28 +100,70 @@ class Publisher:
         if not rows:
             return 0
         lines = [(row.seq, events.to_line(row, self.installation)) for row in rows]
-        self._write(lines)
-        if self.stream is not None:
-            self.stream.publish(lines)
-        self.cursor = rows[-1].seq
-        self.published += len(rows)
+        logged = self._append(lines)
+        if logged:
+            if self.stream is not None:
+                self.stream.publish(lines[:logged])
+            self.cursor = lines[logged - 1][0]
+            self.published += logged
         if time.monotonic() - self._cursor_stored_at >= CURSOR_SECONDS:
-            self._store_cursor()
-        return len(rows)
+            self._store_cursor()  # while the log fails too: what it waits for is not pruned
+        return logged
 
-    def _write(self, lines: list[tuple[int, str]]) -> None:
-        if self._reopen.is_set() or self._moved_away():
+    def _append(self, lines: list[tuple[int, str]]) -> int:
+        """Append ``lines`` to the log; how many are in it whole: all, unless writing failed."""
+        data = "".join(line + "\n" for _, line in lines).encode()
+        try:
+            self._open_if_needed()
+            while self._written < len(data):  # unbuffered: a short write (disk full) says how much
+                self._written += self._file.write(memoryview(data)[self._written:])
+        except OSError as exc:
+            self._report(exc)
+            whole = data.rfind(b"\n", 0, self._written) + 1
+            self._written -= whole  # a started line stays: the next try finishes it, not repeats it
+            return data.count(b"\n", 0, whole)
+        self._written = 0
+        if self._failing_since is not None:
+            log.info("event_log_writable_again", path=str(self.log_path),
+                     after_seconds=round(time.monotonic() - self._failing_since, 1))
+            self._failing_since = None
+        return len(lines)
+
+    def _report(self, exc: OSError) -> None:
+        """One line when writing starts to fail, then one every REPORT_SECONDS while it does."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._reported_at = now
+        elif now - self._reported_at < REPORT_SECONDS:
+            return
+        self._reported_at = now
+        log.error("event_log_unwritable", path=str(self.log_path), reason=exc.strerror or str(exc),
+                  retry_seconds=RETRY_SECONDS)
+
+    def _open_if_needed(self) -> None:
+        if self._file is None:  # its opening failed
+            self._open()
+        elif self._reopen.is_set() or self._moved_away():
             self._reopen.clear()
-            self._file.close()
+            self._close()
             self._open()
             log.info("event_log_reopened", path=str(self.log_path))
-        self._file.write("".join(line + "\n" for _, line in lines))
-        self._file.flush()
 
     def _open(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_last_line(self.log_path)
-        self._file = open(self.log_path, "a", encoding="utf-8")
+        self._file = open(self.log_path, "ab", buffering=0)
+
+    def _close(self) -> None:
+        """Close the log, whole lines only: a started line is written whole to the next one."""
+        file, self._file, started, self._written = self._file, None, self._written, 0
+        if file is None:
+            return
+        with contextlib.suppress(OSError):  # else the next open of that path cuts it
+            if started:
+                os.ftruncate(file.fileno(), os.fstat(file.fileno()).st_size - started)
+        with contextlib.suppress(OSError):  # nothing is buffered: nothing can be lost
+            file.close()
 
     def _moved_away(self) -> bool:
         try:

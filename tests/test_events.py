@@ -90,7 +90,9 @@ def last_seq() -> int:
 
 
 def log_sequences(path: Path) -> list[int]:
-    return [int(json.loads(line)["sequence"]) for line in path.read_text().splitlines()]
+    """The sequences of the log's whole lines (the last may still be being written)."""
+    whole = path.read_text().rpartition("\n")[0]
+    return [int(json.loads(line)["sequence"]) for line in whole.splitlines()]
 
 
 def drop_files(folder: Path, count: int, prefix: str = "f") -> None:
@@ -258,3 +260,100 @@ def test_systemd_socket_activation_is_used(tmp_path):
         assert process.wait(timeout=60) == 0
         listener.close()
         db.close_store()
+
+
+def log_lines(daemon: Daemon, event: str) -> list[dict]:
+    """The daemon's structured log lines named ``event`` (a bare traceback is not one)."""
+    found = []
+    for line in daemon.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event:
+            found.append(entry)
+    return found
+
+
+def assert_caught_up_exactly_once(daemon: Daemon, event_log: Path, subscriber: Subscriber) -> None:
+    """Every committed event once, in order, in the log and on the socket; no thread died."""
+    final = last_seq()
+    wait_for(lambda: log_sequences(event_log)[-1] >= final, timeout=30, message="log caught up")
+    wait_for(lambda: subscriber.sequences() and subscriber.sequences()[-1] >= final, timeout=30,
+             message="the subscriber caught up")
+    logged = log_sequences(event_log)
+    assert logged == list(range(1, logged[-1] + 1))
+    assert event_log.read_bytes().endswith(b"\n")  # no line left half written
+    got = subscriber.sequences()
+    assert got == list(range(got[0], got[-1] + 1))
+    assert not daemon.unclean_lines()  # the publisher thread (or any other) did not die
+
+
+def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_once(start, tmp_path):
+    """The log cannot be opened: one line says why (not one per event or retry); once the path
+    is a file again, every event reaches the log and the socket exactly once, in order."""
+    daemon = start()
+    event_log = daemon.root / "state" / "events.jsonl"
+    subscriber = Subscriber(daemon.root / "state" / "events.sock")
+    drop_files(tmp_path / "drop", 20, "a")
+    wait_for(lambda: completed() == 20, timeout=60, message="20 completed")
+    wait_for(lambda: log_sequences(event_log)[-1] == last_seq(), message="log caught up")
+    aside = event_log.with_name("aside.jsonl")
+    os.rename(event_log, aside)
+    event_log.mkdir()
+    drop_files(tmp_path / "drop", 40, "b")
+    failures = wait_for(lambda: log_lines(daemon, "event_log_unwritable"),
+                        message="the failure logged")
+    assert failures[0]["path"] == str(event_log) and "Is a directory" in failures[0]["reason"]
+    wait_for(lambda: completed() == 60, timeout=60, message="60 completed")
+    assert log_sequences(aside)[-1] < last_seq()  # events are waiting, none went anywhere
+    event_log.rmdir()
+    os.rename(aside, event_log)
+    drop_files(tmp_path / "drop", 10, "c")
+    wait_for(lambda: completed() == 70, timeout=60, message="70 completed")
+    assert_caught_up_exactly_once(daemon, event_log, subscriber)
+    assert len(log_lines(daemon, "event_log_unwritable")) == 1
+    assert len(log_lines(daemon, "event_log_writable_again")) == 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KB tmpfs (root only), unmounted after the test."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file taking every free byte of ``directory``'s file system."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                handle.write(b"\0" * 4096)
+    return filler
+
+
+def test_a_full_disk_under_the_log_is_reported_and_then_every_event_logged_once(
+        small_tmpfs, start, tmp_path):
+    """The log's file system fills up (a write can stop in the middle of a line), then space is
+    freed: every event reaches the log and the socket exactly once, in order."""
+    event_log = small_tmpfs / "events.jsonl"
+    daemon = start(f'event_log = "{event_log}"')
+    subscriber = Subscriber(daemon.root / "state" / "events.sock")
+    filler = fill(small_tmpfs)
+    drop_files(tmp_path / "drop", 40, "a")
+    failures = wait_for(lambda: log_lines(daemon, "event_log_unwritable"),
+                        message="the failure logged")
+    assert failures[0]["path"] == str(event_log)
+    assert "No space left" in failures[0]["reason"]
+    wait_for(lambda: completed() == 40, timeout=60, message="40 completed")
+    filler.unlink()
+    drop_files(tmp_path / "drop", 10, "b")
+    wait_for(lambda: completed() == 50, timeout=60, message="50 completed")
+    assert_caught_up_exactly_once(daemon, event_log, subscriber)
+    assert len(log_lines(daemon, "event_log_unwritable")) == 1
