@@ -4,7 +4,9 @@ handles signals and systemd.
 SIGTERM/SIGINT: stop watching, let running jobs finish within ``shutdown_grace_seconds``, put the
 rest back in the queue, exit 0; a second signal exits at once (nothing is lost: leases of a dead
 process are rescued at the next start). SIGHUP: reload the config; a bad one is refused and the
-old one keeps running.
+old one keeps running, and so does one whose folders cannot be watched. A folder that cannot
+be watched at start, or whose watch ends (it was deleted), is reported and watched again within
+``REWATCH_SECONDS`` of being back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 from ingestd import __version__, config as config_mod, db, events, intake, jobs, metrics, scan
 from ingestd.config import Config
 from ingestd.control import ControlServer
-from ingestd.errors import IngestdError
+from ingestd.errors import ConfigError, IngestdError
 from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
@@ -41,6 +43,7 @@ START_SETTLE_WAIT_SECONDS = 120.0
 STATUS_SECONDS = 5.0
 OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
 WORKERS_START_SECONDS = 60.0  # past this, the daemon says it is ready without them
+REWATCH_SECONDS = 2.0  # how soon a lost folder (deleted, or not watchable) is watched again
 
 
 class Daemon:
@@ -97,7 +100,10 @@ class Daemon:
 
     def _start(self) -> None:
         self.settler.start()
-        self.watcher.start(self.config.projects.values())
+        failed = self.watcher.start(self.config.projects.values())
+        if failed:  # gone since the config was read: keep the rest, and try again
+            log.error("folders_not_watched", folders=failed, watching=self.watcher.watched,
+                      then=f"each tried again every {REWATCH_SECONDS:g} s")
         self.pool.start()
         if db.is_postgres():
             self.listener = JobListener(self.config.daemon.database, self.pool.wake)
@@ -106,6 +112,7 @@ class Daemon:
                                id="rescan", seconds=self.config.daemon.rescan_seconds)
         self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
                                id="prune-events")
+        self.scheduler.add_job(self._rewatch, "interval", id="rewatch", seconds=REWATCH_SECONDS)
         self.scheduler.start()
         # Record first, then process: every file waiting in the folders gets its job before
         # any worker competes with job creation for the interpreter.
@@ -180,21 +187,48 @@ class Daemon:
         try:
             new = config_mod.load(self._config_arg)
             check_sinks(new.projects.values())
+            watcher = self._watch(new)
         except IngestdError as exc:
             log.error("reload_refused", reason=str(exc).replace("\n", "; "))
             self.notifier.ready(self.status_line())
             return
         if new.daemon.database != self.config.daemon.database:
             log.warning("reload_database_ignored", reason="a new database needs a restart")
-        self.watcher.stop()
+        # The new watch is up before the old one stops: no gap (a file both see is noted twice,
+        # which the settler folds), and a refused reload never touched the old one.
+        old, self.watcher = self.watcher, watcher
+        old.stop()
+        self._reschedule_rescan(new.daemon.rescan_seconds)
         self.config = new
         self.settler.projects = ProjectMap(new.projects.values())
         self.pool.reconfigure(new)
-        self.watcher.start(new.projects.values())
         self.request_rescan("reload")
         jobs.emit(jobs.DAEMON_RELOADED, self._facts())
         log.info("daemon_reloaded", projects=sorted(new.projects))
         self.notifier.ready(self.status_line())
+
+    def _watch(self, config: Config) -> Watcher:
+        """A started watcher on every folder of ``config``; ConfigError, with nothing of it left
+        running, if a folder cannot be watched (gone since validated, no inotify watches left)."""
+        watcher = Watcher(self.settler.note, self._overflowed)
+        failed = watcher.start(config.projects.values())
+        if failed:
+            watcher.stop()
+            raise ConfigError("; ".join(f"{folder}: cannot be watched: {reason}"
+                                        for folder, reason in failed.items()))
+        return watcher
+
+    def _reschedule_rescan(self, seconds: float) -> None:
+        """A new ``rescan_seconds`` starts a new period now; an unchanged one keeps its timing
+        (rescheduling at every reload would put the periodic rescan off for good)."""
+        if seconds != self.config.daemon.rescan_seconds:
+            self.scheduler.reschedule_job("rescan", trigger="interval", seconds=seconds)
+            log.info("rescan_rescheduled", seconds=seconds)
+
+    def _rewatch(self) -> None:
+        """Watch lost folders that are back, and scan each: files may have come meanwhile."""
+        for folder in self.watcher.rewatch():
+            self._scan_directory(folder)
 
     # --- jobs from files -----------------------------------------------------------------------
 
@@ -299,8 +333,7 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "config": str(self.config.source) if self.config.source else None,
             "database": db.describe(settings.database),
-            "projects": {name: {"folders": [w for w in self.watcher.watched if w["project"] == name]}
-                         for name in self.config.projects},
+            "projects": self._folders(),
             "workers": {"busy": len(running), "total": self.pool.size, "running": running,
                         "processes": self.pool.pids},
             "settling_files": self.settler.pending_count,
@@ -312,6 +345,13 @@ class Daemon:
                        "subscriber_drops": self.stream.dropped if self.stream else 0},
             "metrics": settings.metrics_address or None,
         }
+
+    def _folders(self) -> dict[str, dict[str, list[dict[str, str]]]]:
+        """Per project, the folders watched and those lost (with the reason)."""
+        watched, lost = self.watcher.watched, self.watcher.unwatched
+        return {name: {"folders": [w for w in watched if w["project"] == name],
+                       "unwatched": [w for w in lost if w["project"] == name]}
+                for name in self.config.projects}
 
     def _facts(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "node": self.owner,

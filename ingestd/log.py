@@ -39,6 +39,10 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
+    # The operator's level is enforced here too, not only on the root logger: a library
+    # logger opened lower for a listener of its own (watch.py's overflow spotter needs
+    # watchdog's warnings) must still print nothing below it.
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

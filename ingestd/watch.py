@@ -4,19 +4,27 @@ Handlers never raise into watchdog (an exception would kill its dispatcher threa
 block it: they only put ``(path, what)`` notes on a queue. Which project a path belongs to is
 decided from the path, so a file moved from one project's folder into another's is a new file of
 the second. An inotify queue overflow (which watchdog only logs) triggers a full rescan.
+
+A folder that cannot be watched (gone since the config was read, out of inotify watches) or
+whose watch ended (the folder was deleted) is *lost*: reported, left out of :attr:`watched`,
+and watched again by :meth:`Watcher.rewatch` once that works.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import structlog
-from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEvent,
-                             FileSystemEventHandler)
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
+                             FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from ingestd.config import ProjectConfig
@@ -24,19 +32,37 @@ from ingestd.settle import COMPLETE, DIRECTORY, GONE, WRITING
 
 log = structlog.get_logger(__name__)
 POLL_INTERVAL_SECONDS = 1.0
+# Where watchdog logs an inotify overflow (the queue itself, and its recursive watches).
+_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
 # Watchdog event type -> what it says of a file. Opened/closed-without-write (readers, such as
 # our own workers) and attribute changes say nothing about content and are not listed.
 _FILE_EVENTS = {"created": WRITING, "modified": WRITING, "closed": COMPLETE, "deleted": GONE}
 # Asked of the kernel: the opens and closes of readers (our own workers read every file twice)
-# are never even delivered, which saves watchdog's threads half their work.
+# are never even delivered, which saves watchdog's threads half their work. DirDeletedEvent
+# costs nothing more (files' deletions are asked for) and tells when a root folder is deleted.
 _WANTED = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent,
-           FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+           FileMovedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """One folder to watch, as a project configures it."""
+
+    project: str
+    path: str
+    recursive: bool
+    polling: bool
+
+    def entry(self) -> dict[str, str]:
+        return {"project": self.project, "folder": self.path,
+                "observer": "polling" if self.polling else "inotify"}
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, note: Callable[[str, str], None]) -> None:
+    def __init__(self, note: Callable[[str, str], None], gone: Callable[[str], None]) -> None:
         self._note = note
+        self._gone = gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
@@ -54,6 +80,8 @@ class _Handler(FileSystemEventHandler):
         elif event.is_directory:
             if event.event_type == "created":
                 self._note(src, DIRECTORY)
+            elif event.event_type == "deleted":
+                self._gone(src)  # a sub-folder's files said so themselves; a root ends its watch
         elif event.event_type in _FILE_EVENTS:
             self._note(src, _FILE_EVENTS[event.event_type])
 
@@ -72,41 +100,139 @@ class _OverflowSpotter(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def attach(self) -> None:
+        """Listen on watchdog's loggers, which must make WARNING records whatever the operator's
+        level (the output handler filters what is printed, see log.py)."""
+        for name in _OVERFLOW_LOGGERS:
+            logger = logging.getLogger(name)
+            if not logger.isEnabledFor(logging.WARNING):
+                logger.setLevel(logging.WARNING)
+            logger.addHandler(self)
+
+    def detach(self) -> None:
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
 
 class Watcher:
-    """Observers for a set of projects: inotify for local folders, polling where configured."""
+    """Observers for a set of projects: inotify for local folders, polling where configured.
+
+    Thread-safe: ``start``/``stop`` run on the main thread, ``rewatch`` on a scheduler thread.
+    Lock order is ours, then an observer's; watchdog's dispatcher holds its observer's lock
+    while it calls the handler, so the handler reports a root's deletion on a queue instead.
+    """
 
     def __init__(self, note: Callable[[str, str], None], on_overflow: Callable[[], None]) -> None:
-        self._handler = _Handler(note)
+        self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._handler = _Handler(note, self._gone.put)
         self._spotter = _OverflowSpotter(on_overflow)
-        self._observers: list[BaseObserver] = []
-        self.watched: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._observers: dict[bool, BaseObserver] = {}  # polling? -> a started observer
+        self._watches: dict[str, tuple[_Folder, ObservedWatch]] = {}
+        self._lost: dict[str, tuple[_Folder, str]] = {}  # folder -> (it, why)
+        self._ended: list[tuple[_Folder, ObservedWatch]] = []  # watches of deleted roots
+        self._stopped = False
 
-    def start(self, projects: Iterable[ProjectConfig]) -> None:
-        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._spotter)
-        logging.getLogger("watchdog.observers.inotify").addHandler(self._spotter)
-        # Full events: a file moved in from outside is reported as a move (complete), not as a
-        # creation that would wait for a close that never comes.
-        inotify = Observer(generate_full_events=True)
-        polling = PollingObserver(timeout=POLL_INTERVAL_SECONDS)
-        self.watched = []
-        for project in projects:
-            observer = polling if project.polling else inotify
-            for folder in project.folders:
-                observer.schedule(self._handler, str(folder), recursive=project.recursive,
-                                  event_filter=_WANTED)
-                self.watched.append({"project": project.name, "folder": str(folder),
-                                     "observer": "polling" if project.polling else "inotify"})
-        self._observers = [o for o in (inotify, polling) if o.emitters]
-        for observer in self._observers:
-            observer.start()
-        log.info("watching", folders=self.watched)
+    @property
+    def watched(self) -> list[dict[str, str]]:
+        """The folders watched now (``project``, ``folder``, ``observer``)."""
+        with self._lock:
+            self._take_gone()
+            return [folder.entry() for folder, _ in self._watches.values()]
+
+    @property
+    def unwatched(self) -> list[dict[str, str]]:
+        """The folders lost, each with the ``reason``."""
+        with self._lock:
+            self._take_gone()
+            return [{**folder.entry(), "reason": why} for folder, why in self._lost.values()]
+
+    def start(self, projects: Iterable[ProjectConfig]) -> dict[str, str]:
+        """Watch every folder of ``projects``; those that cannot be watched are returned
+        (folder -> reason), for the caller to report, and tried again by :meth:`rewatch`."""
+        self._spotter.attach()
+        with self._lock:
+            self._stopped = False
+            for project in projects:
+                for path in project.folders:
+                    self._watch(_Folder(project.name, str(path), project.recursive,
+                                        project.polling))
+            failed = {path: why for path, (_, why) in self._lost.items()}
+        if not failed:
+            log.info("watching", folders=self.watched)
+        return failed
+
+    def rewatch(self) -> list[str]:
+        """Watch again the lost folders that can be watched now; those folders."""
+        with self._lock:
+            self._take_gone()
+            if self._stopped or not self._lost:
+                return []
+            self._end_deleted()
+            back = [folder.path for folder, _ in list(self._lost.values())
+                    if os.path.isdir(folder.path) and self._watch(folder)]
+        for path in back:
+            log.info("watching_again", folder=path)
+        return back
 
     def stop(self) -> None:
-        for observer in self._observers:
+        """Stop every observer (only started ones are kept); again is harmless."""
+        with self._lock:
+            self._stopped = True
+            observers, self._observers = list(self._observers.values()), {}
+            self._watches, self._lost, self._ended = {}, {}, []
+        for observer in observers:
             observer.stop()
-        for observer in self._observers:
+        for observer in observers:
             observer.join(timeout=10)
-        self._observers = []
-        for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
-            logging.getLogger(name).removeHandler(self._spotter)
+        self._spotter.detach()
+
+    # --- with the lock held ----------------------------------------------------------------------
+
+    def _watch(self, folder: _Folder) -> bool:
+        """Schedule ``folder`` on its (started) observer: watchdog then starts its emitter at
+        once, so a folder that cannot be watched raises here and leaves nothing behind."""
+        try:
+            observer = self._observer(folder.polling)
+            watch = observer.schedule(self._handler, folder.path, recursive=folder.recursive,
+                                      event_filter=_WANTED)
+        except OSError as exc:
+            self._lost[folder.path] = (folder, exc.strerror or str(exc))
+            return False
+        self._lost.pop(folder.path, None)
+        self._watches[folder.path] = (folder, watch)
+        return True
+
+    def _observer(self, polling: bool) -> BaseObserver:
+        """The started observer of that kind, made on first use (an unused one would hold an
+        inotify instance and a thread)."""
+        observer = self._observers.get(polling)
+        if observer is None:
+            observer = (PollingObserver(timeout=POLL_INTERVAL_SECONDS) if polling
+                        else Observer(generate_full_events=True))  # a move in is complete
+            observer.start()
+            self._observers[polling] = observer
+        return observer
+
+    def _take_gone(self) -> None:
+        """Roots whose deletion the handler reported are lost (their emitter has stopped)."""
+        while True:
+            try:
+                path = self._gone.get_nowait()
+            except queue.Empty:
+                return
+            if path in self._watches:
+                folder, watch = self._watches.pop(path)
+                self._ended.append((folder, watch))
+                self._lost[path] = (folder, "deleted")
+                log.warning("watch_lost", folder=path, reason="the folder was deleted",
+                            then="watched again once it exists")
+
+    def _end_deleted(self) -> None:
+        """Unschedule the ended watches: scheduling the same folder again would reuse them."""
+        for folder, watch in self._ended:
+            try:
+                self._observers[folder.polling].unschedule(watch)
+            except KeyError:
+                pass  # not there (any more): nothing to reuse
+        self._ended = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import db
+from ingestd import config as config_mod, control, db
 from ingestd.models import Document, Event, Job
+from ingestd.watch import Watcher
 
 import corpus
 from conftest import run_cli, wait_for
@@ -518,3 +520,185 @@ def test_event_rows_exist_for_every_job_transition(daemon, folders):
     types = [e.type for e in Event.select().where(Event.job_id == job.id).order_by(Event.seq)]
     assert types[0] == "io.ingestd.job.created" and types[-1] == "io.ingestd.job.completed"
     assert "io.ingestd.job.started" in types
+
+
+VANISHING_SINK = '''
+import os
+
+class VanishingSink:
+    """Removes the (empty) folders named in its ``remove`` option when opened: at start and
+    at a reload that is after the config validated them and before they are watched."""
+    transactional = False
+
+    def __init__(self, project):
+        for folder in project.sink.options.get("remove", []):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+    def ingest(self, document):
+        return 1
+
+    def delete(self, document_id):
+        pass
+'''
+
+
+def vanishing_sink_env(root: Path) -> dict[str, str]:
+    """PYTHONPATH for a daemon with the sink kind ``vanish`` installed (a dist-info, no pip)."""
+    site = root / "site"
+    dist_info = site / "vanishing_sink-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vanishing-sink\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[ingestd.sinks]\nvanish = vanishing_sink:VanishingSink\n")
+    (site / "vanishing_sink.py").write_text(VANISHING_SINK)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+def vanishing_project(folder: Path) -> str:
+    """Config lines for project ``q`` on ``folder``, which its sink removes when opened."""
+    return textwrap.dedent(f"""
+        [projects.q]
+        folders = ["{folder}"]
+        [projects.q.sink]
+        kind = "vanish"
+        remove = ["{folder}"]
+    """)
+
+
+def control_socket(daemon: Daemon) -> Path:
+    """Where to ask the daemon its live state directly: ``ingestd status`` first validates the
+    config, which refuses a missing folder."""
+    return config_mod.load(daemon.config).daemon.control_socket
+
+
+def watched_folders(socket: Path, project: str) -> list[str]:
+    return [entry["folder"] for entry in control.query(socket)["projects"][project]["folders"]]
+
+
+class TestWatchingSurvives:
+    """Watching outlives what the file system and the operator throw at it: a folder that
+    cannot be watched, an overflow at any log level, a new rescan period, a re-created folder."""
+
+    def test_a_watcher_reports_a_folder_it_cannot_watch_and_stops_cleanly(self, tmp_path, folders):
+        """A folder gone after validation is reported, the others are watched (by inotify and
+        by polling), stop() works."""
+        gone = tmp_path / "drop" / "gone"
+        gone.mkdir()
+        config = write_config(tmp_path, config_text(folders, acme_extra="polling = true")
+                              + f'\n[projects.gone]\nfolders = ["{gone}"]\n')
+        projects = config_mod.load(config).projects.values()
+        gone.rmdir()
+        notes: list[tuple[str, str]] = []
+        watcher = Watcher(lambda path, what: notes.append((path, what)), lambda: None)
+        try:
+            failed = watcher.start(projects)
+            assert list(failed) == [str(gone)] and "No such file" in failed[str(gone)]
+            assert sorted((w["project"], w["observer"]) for w in watcher.watched) == [
+                ("acme", "polling"), ("other", "inotify")]
+            assert [w["folder"] for w in watcher.unwatched] == [str(gone)]
+            polled, closed = drop(folders["acme"], "polled.txt"), drop(folders["other"], "closed.txt")
+            wait_for(lambda: (str(closed), "complete") in notes
+                     and str(polled) in {path for path, _ in notes}, timeout=10, message="both noted")
+        finally:
+            watcher.stop()
+        watcher.stop()  # twice: harmless
+
+    def test_a_reload_whose_folder_cannot_be_watched_is_refused(self, tmp_path, folders, make_daemon):
+        """The new project's folder vanishes between validation and watching: the reload is
+        refused with one error, READY=1 follows RELOADING=1, the old config keeps running and
+        SIGTERM stops the daemon cleanly."""
+        daemon = make_daemon(env=vanishing_sink_env(tmp_path))
+        socket = control_socket(daemon)
+        flap = tmp_path / "flap"
+        flap.mkdir()
+        daemon.config.write_text(daemon.config.read_text() + vanishing_project(flap))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_refused" in daemon.log(), message="reload refused")
+        [refused] = [json.loads(line) for line in daemon.log().splitlines() if "reload_refused" in line]
+        assert refused["level"] == "error" and str(flap) in refused["reason"], refused
+        notify = daemon.notify
+        reloading = notify.wait_for(lambda m: m.startswith("RELOADING=1"))
+        after = notify.messages.index(reloading)
+        notify.wait_for(lambda _: any(m.startswith("READY=1") for m in notify.messages[after + 1:]))
+        assert sorted(control.query(socket)["projects"]) == ["acme", "other"]
+        assert watched_folders(socket, "acme") == [str(folders["acme"])]
+        assert document_text(wait_job(drop(folders["acme"], "after.txt", "old config"))) == "old config"
+        assert not events_of_type("io.ingestd.daemon.reloaded")
+        assert daemon.stop(timeout=30) == 0, daemon.log()[-3000:]
+
+    def test_an_overflow_is_noticed_at_log_level_error(self, make_daemon, folders):
+        """At --log-level error an inotify overflow still triggers a rescan (the file whose
+        events were lost is ingested long before the periodic rescan), and watchdog's warning
+        is not printed."""
+        daemon = make_daemon(log_level="error")
+        acme = folders["acme"]
+        daemon.signal(signal.SIGSTOP)  # nobody reads the inotify queue: it overflows
+        try:
+            for i in range(20_000):
+                (acme / f".junk{i:05d}").write_bytes(b"")
+            late = drop(acme, "late.txt", "after the overflow")
+        finally:
+            daemon.signal(signal.SIGCONT)
+        assert document_text(wait_job(late, timeout=30)) == "after the overflow"
+        assert any('"reason":"overflow"' in e.data for e in events_of_type("io.ingestd.watch.rescanned"))
+        levels = {json.loads(line)["level"] for line in daemon.log().splitlines()}
+        assert "overflowed" not in daemon.log() and levels <= {"error"}, daemon.log()[-2000:]
+
+    def test_a_new_rescan_period_applies_at_reload(self, make_daemon):
+        """rescan_seconds changed with SIGHUP reschedules the periodic rescan."""
+        daemon = make_daemon(daemon_extra="shutdown_grace_seconds = 5\nrescan_seconds = 300")
+
+        def periodic() -> list[Event]:
+            return [e for e in events_of_type("io.ingestd.watch.rescanned")
+                    if '"reason":"periodic"' in e.data]
+
+        daemon.config.write_text(daemon.config.read_text().replace("rescan_seconds = 300",
+                                                                   "rescan_seconds = 1"))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: events_of_type("io.ingestd.daemon.reloaded"), message="reloaded")
+        wait_for(lambda: len(periodic()) >= 2, timeout=15, message="two periodic rescans")
+
+    def test_a_deleted_and_recreated_root_folder_is_watched_again(self, daemon, folders):
+        """A root folder deleted is reported lost (not watched) and watched again once it
+        exists again; what was dropped meanwhile is found."""
+        acme = folders["acme"]
+        socket = control_socket(daemon)
+        shutil.rmtree(acme)
+        wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10, message="acme lost")
+        assert control.query(socket)["projects"]["acme"]["unwatched"][0]["folder"] == str(acme)
+        assert "watch_lost" in daemon.log()
+        acme.mkdir()
+        early = drop(acme, "early.txt", "before the watch is back")
+        wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,
+                 message="acme watched again")
+        assert document_text(wait_job(early, timeout=10)) == "before the watch is back"
+        late = drop(acme, "late.txt", "seen by the new watch")
+        assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
+
+    def test_a_folder_gone_at_start_is_reported_and_watched_once_back(self, tmp_path, folders):
+        """A folder gone between validation and watching at start: the daemon starts on the
+        others, says which folder it does not watch, and watches it once it is back."""
+        flap = tmp_path / "flap"
+        flap.mkdir()
+        config = write_config(tmp_path, config_text(folders) + vanishing_project(flap))
+        settings = config_mod.load(config).daemon  # while flap exists: it validates
+        daemon = Daemon(tmp_path, config, env=vanishing_sink_env(tmp_path))
+        try:
+            daemon.start()
+            db.open_store(settings.database)
+            [error] = [json.loads(line) for line in daemon.log().splitlines()
+                       if "folders_not_watched" in line]
+            assert error["level"] == "error" and list(error["folders"]) == [str(flap)], error
+            state = control.query(settings.control_socket)["projects"]
+            assert state["q"]["folders"] == [] and state["q"]["unwatched"][0]["folder"] == str(flap)
+            assert document_text(wait_job(drop(folders["acme"], "a.txt", "watched"))) == "watched"
+            flap.mkdir()
+            wait_for(lambda: watched_folders(settings.control_socket, "q") == [str(flap)],
+                     timeout=10, message="flap watched")
+            assert wait_job(drop(flap, "q.txt", "back")).canonical_document_id == 1
+            assert daemon.stop(timeout=30) == 0, daemon.log()[-3000:]
+        finally:
+            daemon.stop()
+            db.close_store()
