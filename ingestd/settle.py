@@ -1,7 +1,7 @@
 """Settling: a file becomes a job only when it is complete.
 
 Complete means: closed after writing, renamed into the folder, or found by a scan (whose writer
-we never saw: a scan never completes a file we saw written and not closed), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
+we never saw: a scan never completes a file we saw modified and not closed), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
 the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
 owns all settling state, so nothing here needs a lock and no handler ever blocks.
 """
@@ -26,7 +26,8 @@ from ingestd.paths import ProjectMap
 log = structlog.get_logger(__name__)
 
 # What a handler or a scan says of a path.
-WRITING = "writing"    # created or modified: a writer may still be at it
+CREATED = "created"    # created (or moved in with a directory): a writer may come
+WRITING = "writing"    # modified: a writer is at it
 COMPLETE = "complete"  # closed after writing, or moved in
 FOUND = "found"        # found by a scan
 GONE = "gone"          # deleted or moved away
@@ -44,6 +45,7 @@ class Pending:
     due: float
     complete: bool
     projects: ProjectMap  # the map ``project`` was found in (a reload replaces it)
+    written: bool = False  # not complete, and seen modified (a writer holds it, not a scan)
     waited_for_close: bool = False
 
 
@@ -161,20 +163,24 @@ class Settler:
             return
         now = time.monotonic()
         entry = self._pending.get(path)
-        if what == FOUND and entry is not None and not entry.complete:
+        if what == FOUND and entry is not None and entry.written:
             return  # we saw it written and not yet closed: a scan knows no more than that
         signature = signature_of(info)
-        if what == WRITING and entry is not None and entry.signature == signature:
+        if what in (CREATED, WRITING) and entry is not None and entry.signature == signature:
             complete = entry.complete  # an event that changed nothing is no new write
         else:
             # A scan finds files whose writers we never saw (or whose close event was lost in an
             # overflow), and polling observers never see a close: for those the quiet window
             # alone decides.
             complete = what in (COMPLETE, FOUND) or project.polling
+        # Only a modification shows a writer: watchdog also reports the files of a directory
+        # moved in as created, and nothing will close those.
+        written = not complete and (what == WRITING or (entry is not None and entry.written))
         due = now + project.settle_seconds
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
-        self._pending[path] = Pending(project, folder, signature, due, complete, self.projects)
+        self._pending[path] = Pending(project, folder, signature, due, complete, self.projects,
+                                      written)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:
@@ -261,12 +267,16 @@ def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def _folded(whats: list[str]) -> list[str]:
     """A path's notes (none of them GONE) as few notes that :meth:`Settler._note` ends the same
     with, whatever it held for the path: a close makes it complete, and a write after it
-    changes nothing in the same instant. A scan's find amid events (rare) depends on what was
-    held (it does not complete a file seen written and not closed): those notes stay as they
-    came."""
+    changes nothing in the same instant; a modification outweighs a creation. A scan's find
+    amid events (rare) depends on what was held (it does not complete a file seen written and
+    not closed): those notes stay as they came."""
+    if len(set(whats)) == 1:
+        return whats[-1:]
     if FOUND in whats:
-        return [FOUND] if len(set(whats)) == 1 else whats
-    return [COMPLETE if COMPLETE in whats else WRITING]
+        return whats
+    if COMPLETE in whats:
+        return [COMPLETE]
+    return [WRITING]  # created and modified
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -28,7 +28,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from ingestd.config import ProjectConfig
-from ingestd.settle import COMPLETE, DIRECTORY, GONE, WRITING
+from ingestd.settle import COMPLETE, CREATED, DIRECTORY, GONE, WRITING
 
 log = structlog.get_logger(__name__)
 POLL_INTERVAL_SECONDS = 1.0
@@ -37,7 +37,7 @@ _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify
 
 # Watchdog event type -> what it says of a file. Opened/closed-without-write (readers, such as
 # our own workers) and attribute changes say nothing about content and are not listed.
-_FILE_EVENTS = {"created": WRITING, "modified": WRITING, "closed": COMPLETE, "deleted": GONE}
+_FILE_EVENTS = {"created": CREATED, "modified": WRITING, "closed": COMPLETE, "deleted": GONE}
 # Asked of the kernel: the opens and closes of readers (our own workers read every file twice)
 # are never even delivered, which saves watchdog's threads half their work. DirDeletedEvent
 # costs nothing more (files' deletions are asked for) and tells when a root folder is deleted.

@@ -8,11 +8,12 @@ import os
 import time
 
 from ingestd.paths import ProjectMap
-from ingestd.settle import COMPLETE, DIRECTORY, FOUND, GONE, WRITING, Settler, fold
+from ingestd.settle import (COMPLETE, CREATED, DIRECTORY, FOUND, GONE, WRITING, Settler,
+                            fold)
 
 from conftest import wait_for
 
-KINDS = (WRITING, COMPLETE, FOUND, GONE)
+KINDS = (CREATED, WRITING, COMPLETE, FOUND, GONE)
 
 
 def settler(cfg) -> Settler:
@@ -26,7 +27,7 @@ def state(s: Settler, path: str) -> tuple | None:
     entry = s._pending.get(path)
     if entry is None:
         return None
-    return entry.signature, entry.complete, entry.due <= time.monotonic()
+    return entry.signature, entry.complete, entry.written, entry.due <= time.monotonic()
 
 
 def test_folding_a_drain_decides_as_noting_one_by_one(cfg, drop):
@@ -36,7 +37,7 @@ def test_folding_a_drain_decides_as_noting_one_by_one(cfg, drop):
     path.write_text("quarterly figures")
     old = time.time() - 3600
     os.utime(path, (old, old))  # older than the window: a scan's note makes it due at once
-    for length, before in itertools.product(range(1, 5), (None, WRITING, COMPLETE)):
+    for length, before in itertools.product(range(1, 5), (None, CREATED, WRITING, COMPLETE)):
         for whats in itertools.product(KINDS, repeat=length):
             notes = [(str(path), what) for what in whats]
             one_by_one, folded = settler(cfg), settler(cfg)
@@ -68,7 +69,7 @@ def test_a_rescan_does_not_take_a_file_its_writer_has_not_closed(cfg, drop):
         an_hour_ago = time.time() - 3600
         os.utime(path, (an_hour_ago, an_hour_ago))  # the writer has paused for long
         s._note(str(path), FOUND)  # a rescan
-        assert state(s, str(path))[1:] == (False, False)  # not complete, not due
+        assert state(s, str(path))[1:] == (False, True, False)  # not complete, written, not due
         assert s._due_files() == []
         writer.write("second part")
     s._note(str(path), COMPLETE)
@@ -100,3 +101,17 @@ def test_a_file_settling_when_its_project_is_removed_becomes_nothing(cfg, drop):
     wait_for(lambda: got.extend(s._due_files()) or not s.is_pending(str(path)), timeout=10,
              message="the file's window to pass")
     assert got == []
+
+
+def test_a_scan_completes_a_file_seen_created_but_never_written(cfg, drop):
+    """The files of a directory moved in are reported created (by watchdog), never modified or
+    closed: the directory's scan completes them, as files whose writer we never saw."""
+    s, path = settler(cfg), drop / "moved-in.txt"
+    path.write_text("came with its directory")
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    s._note(str(path), CREATED)
+    s._note(str(path), FOUND)
+    assert state(s, str(path))[1:] == (True, False, True)  # complete, due at once
+    [ready] = s._due_files()
+    assert ready.path == str(path)
