@@ -232,7 +232,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ingestd import control
 
-    cfg = _config(args)
+    cfg = config_mod.load(getattr(args, "config", None), folders_must_exist=False)
     state = control.query(cfg.daemon.control_socket)
     if args.json:
         _print_json(state)
@@ -244,6 +244,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, project in state["projects"].items():
         for folder in project["folders"]:
             print(f"project {name}: {folder['folder']} ({folder['observer']})")
+        for folder in project.get("unwatched", []):
+            print(f"project {name}: {folder['folder']} NOT WATCHED: {folder['reason']} "
+                  "(watched again once it can be)")
     print(f"workers: {workers['busy']}/{workers['total']} busy in processes "
           f"{', '.join(str(pid) for pid in workers['processes'])}; "
           f"{state['settling_files']} file(s) settling")
@@ -255,6 +258,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{scan['missed']} missed by events")
     print(f"events: {events['published']} published (last sequence {events['last_sequence']}), "
           f"{events['subscribers']} subscriber(s), {events['subscriber_drops']} dropped")
+    failure = events.get("log_failure")
+    if failure:
+        print(f"event log: NOT WRITABLE for {failure['seconds']:g} s: {failure['reason']} "
+              f"({events['log']}; events wait in the database)")
     if state["metrics"]:
         print(f"metrics: http://{state['metrics']}/metrics")
     return EXIT_OK

@@ -235,8 +235,10 @@ def _resolve(base: Path, value: str) -> Path:
 
 # --- loading ---------------------------------------------------------------------------------
 
-def load(path: str | os.PathLike | None = None) -> Config:
-    """Load the configuration from ``path``, ``$INGESTD_CONFIG`` or the zero-config default."""
+def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True) -> Config:
+    """Load the configuration from ``path``, ``$INGESTD_CONFIG`` or the zero-config default.
+    ``folders_must_exist=False`` is for asking a running daemon (``status``): a folder gone
+    since it started is what it may have to say."""
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
     if chosen is None:
         return zero_config(Path.cwd())
@@ -249,7 +251,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{file}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    return from_mapping(raw, file)
+    return from_mapping(raw, file, folders_must_exist=folders_must_exist)
 
 
 def zero_config(cwd: Path) -> Config:
@@ -260,7 +262,8 @@ def zero_config(cwd: Path) -> Config:
                         None, base=cwd)
 
 
-def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = None) -> Config:
+def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = None,
+                 folders_must_exist: bool = True) -> Config:
     """Validate a parsed TOML document and build the effective :class:`Config`."""
     base = base if base is not None else (file.parent if file else Path.cwd())
     problems = _Problems(str(file) if file else "<zero-config>")
@@ -277,7 +280,8 @@ def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = 
         if not isinstance(table, dict):
             problems.add(f"projects.{name}", "must be a table")
             continue
-        project = _project(name, {**defaults, **table}, base, daemon, problems)
+        project = _project(name, {**defaults, **table}, base, daemon, problems,
+                           folders_must_exist)
         if project:
             projects[name] = project
     if not projects and not problems.lines:
@@ -319,7 +323,7 @@ def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> Daemon
 
 
 def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConfig,
-             problems: _Problems) -> ProjectConfig | None:
+             problems: _Problems, folders_must_exist: bool = True) -> ProjectConfig | None:
     prefix = f"projects.{name}."
     values = _check_table(table, PROJECT_KEYS, prefix, problems)
     if not name or "/" in name or name.strip() != name:
@@ -336,7 +340,7 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
     resolved = []
     for value in folders:
         folder = _resolve(base, value)
-        if not folder.is_dir():
+        if not folder.is_dir() and folders_must_exist:
             problems.add(f"{prefix}folders", f"{folder}: no such folder")
             continue
         resolved.append(folder.resolve())

@@ -342,7 +342,8 @@ class Daemon:
                        "last_sequence": self.publisher.cursor if self.publisher else 0,
                        "log": str(settings.event_log), "socket": str(settings.event_socket),
                        "subscribers": self.stream.subscribers if self.stream else 0,
-                       "subscriber_drops": self.stream.dropped if self.stream else 0},
+                       "subscriber_drops": self.stream.dropped if self.stream else 0,
+                       "log_failure": self.publisher.log_failure if self.publisher else None},
             "metrics": settings.metrics_address or None,
         }
 

@@ -49,6 +49,7 @@ class Publisher:
         self._file: io.FileIO | None = None
         self._written = 0  # bytes of the unpublished lines already in the log (a write stopped)
         self._failing_since: float | None = None
+        self._failure = ""  # why the log cannot be written, while it cannot
         self._reported_at = 0.0
         self._reopen = threading.Event()
         self._wake = threading.Event()
@@ -129,15 +130,24 @@ class Publisher:
             self._failing_since = None
         return len(lines)
 
+    @property
+    def log_failure(self) -> dict[str, object] | None:
+        """Why, and for how many seconds, the event log has been unwritable; None if it is not."""
+        since = self._failing_since
+        if since is None:
+            return None
+        return {"reason": self._failure, "seconds": round(time.monotonic() - since, 1)}
+
     def _report(self, exc: OSError) -> None:
         """One line when writing starts to fail, then one every REPORT_SECONDS while it does."""
+        self._failure = exc.strerror or str(exc)
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = self._reported_at = now
         elif now - self._reported_at < REPORT_SECONDS:
             return
         self._reported_at = now
-        log.error("event_log_unwritable", path=str(self.log_path), reason=exc.strerror or str(exc),
+        log.error("event_log_unwritable", path=str(self.log_path), reason=self._failure,
                   retry_seconds=RETRY_SECONDS)
 
     def _open_if_needed(self) -> None:

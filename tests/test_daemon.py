@@ -693,6 +693,9 @@ class TestWatchingSurvives:
             assert error["level"] == "error" and list(error["folders"]) == [str(flap)], error
             state = control.query(settings.control_socket)["projects"]
             assert state["q"]["folders"] == [] and state["q"]["unwatched"][0]["folder"] == str(flap)
+            shown = run_cli("status", config=config)  # the config names a folder now missing
+            assert shown.returncode == 0, shown.stderr
+            assert f"project q: {flap} NOT WATCHED: No such file or directory" in shown.stdout
             assert document_text(wait_job(drop(folders["acme"], "a.txt", "watched"))) == "watched"
             flap.mkdir()
             wait_for(lambda: watched_folders(settings.control_socket, "q") == [str(flap)],

@@ -305,6 +305,9 @@ def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_onc
     failures = wait_for(lambda: log_lines(daemon, "event_log_unwritable"),
                         message="the failure logged")
     assert failures[0]["path"] == str(event_log) and "Is a directory" in failures[0]["reason"]
+    status = json.loads(run_cli("status", "--json", config=daemon.config).stdout)
+    assert status["events"]["log_failure"]["reason"] == "Is a directory"
+    assert "event log: NOT WRITABLE" in run_cli("status", config=daemon.config).stdout
     wait_for(lambda: completed() == 60, timeout=60, message="60 completed")
     assert log_sequences(aside)[-1] < last_seq()  # events are waiting, none went anywhere
     event_log.rmdir()
@@ -314,6 +317,8 @@ def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_onc
     assert_caught_up_exactly_once(daemon, event_log, subscriber)
     assert len(log_lines(daemon, "event_log_unwritable")) == 1
     assert len(log_lines(daemon, "event_log_writable_again")) == 1
+    status = json.loads(run_cli("status", "--json", config=daemon.config).stdout)
+    assert status["events"]["log_failure"] is None
 
 
 @pytest.fixture
