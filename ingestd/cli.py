@@ -308,7 +308,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from ingestd.sinks import check_all
 
     cfg = _config(args)
-    check_all(cfg.projects.values())
+    check_all(cfg)
     effective = config_mod.as_dict(cfg)
     if args.json:
         _print_json(effective)

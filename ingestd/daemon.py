@@ -71,7 +71,7 @@ class Daemon:
     # --- the main thread -----------------------------------------------------------------------
 
     def run(self) -> int:
-        check_sinks(self.config.projects.values())
+        check_sinks(self.config)
         self._signals.catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
                             at_once=self._on_signal)
         db.open_store(self.config.daemon.database)
@@ -186,7 +186,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = config_mod.load(self._config_arg)
-            check_sinks(new.projects.values())
+            check_sinks(new)
             watcher = self._watch(new)
         except IngestdError as exc:
             log.error("reload_refused", reason=str(exc).replace("\n", "; "))

@@ -126,3 +126,24 @@ def test_config_check_reports_errors_and_exits_1(tmp_path):
     assert result.returncode == 1
     assert "missing.toml: no such config file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_check_reports_every_bad_sink_naming_the_file(tmp_path, drop):
+    """Sinks are checked together: each bad one is a line naming the file and its key."""
+    (tmp_path / "b").mkdir()
+    path = write_config(tmp_path, f"""
+        [projects.a]
+        folders = ["{drop}"]
+        [projects.a.sink]
+        kind = "http"
+        url = "ftp://example.org/ingest"
+        [projects.b]
+        folders = ["{tmp_path / 'b'}"]
+        [projects.b.sink]
+        kind = "command"
+    """)
+    result = run_cli("config", "check", config=path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2, result.stderr
+    assert f"{path}: projects.a.sink.url:" in lines[0]
+    assert f"{path}: projects.b.sink.command:" in lines[1]

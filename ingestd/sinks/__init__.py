@@ -19,10 +19,10 @@ import contextlib
 import contextvars
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Iterator, Protocol
 
-from ingestd.config import ProjectConfig
-from ingestd.errors import IngestdError
+from ingestd.config import Config, ProjectConfig
+from ingestd.errors import ConfigError, IngestdError
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,16 @@ def open_sink(project: ProjectConfig) -> Sink:
     return open_plugin(project, builtin)
 
 
-def check_all(projects: Iterable[ProjectConfig]) -> None:
+def check_all(config: Config) -> None:
     """Open every project's sink once, so a bad sink setting stops start-up (or a reload, or
-    `config check`) with its ConfigError instead of failing every job later."""
-    for project in projects:
-        open_sink(project)
+    `config check`) with its ConfigError instead of failing every job later: every sink's
+    problem, one line each naming the config file, as the config's own problems."""
+    where = str(config.source) if config.source else "<zero-config>"
+    problems = []
+    for project in config.projects.values():
+        try:
+            open_sink(project)
+        except ConfigError as exc:
+            problems += [f"{where}: {line}" for line in str(exc).splitlines()]
+    if problems:
+        raise ConfigError("\n".join(problems))
