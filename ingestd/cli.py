@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import peewee as pw
 
@@ -355,9 +355,17 @@ def _json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line on stderr and exit 2, like every other error
+    (its own error() prints the whole usage first); its subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(prog="ingestd", parents=[common],
+    parser = _Parser(prog="ingestd", parents=[common],
                                      description="Ingest files dropped into watched folders.")
     parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

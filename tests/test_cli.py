@@ -242,3 +242,15 @@ def test_a_non_utf8_file_name_is_recorded_faithfully(config_file, drop, cfg):
     db.open_store(cfg.daemon.database)
     assert Job.get_by_id(record["id"]).source_path_raw == raw
     db.close_store()
+
+
+@pytest.mark.parametrize("args", [["nope"], ["jobs", "list"], ["search", "-p", "acme"],
+                                  ["jobs", "list", "-p", "acme", "--status"],
+                                  ["events", "--bogus"]])
+def test_a_usage_error_is_one_line_naming_the_help_to_read(config_file, args):
+    """What argparse refuses (an unknown command or option, a missing argument) is one line on
+    stderr and exit 2, as every other error."""
+    result = run_cli(*args, config=config_file)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("ingestd: ") and "--help)" in line
