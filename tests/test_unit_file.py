@@ -99,3 +99,10 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
                   if "ingestd" in line and not any(p.search(line) for p in known_gaps(version))]
     assert result.returncode == 0, result.stderr
     assert complaints == []
+
+
+def test_a_drop_in_serves_systemd_older_than_253() -> None:
+    """Without notify-reload, the unit still waits for READY=1 and reloads by SIGHUP."""
+    drop_in = parse(UNITS / "ingestd.service.d" / "older-systemd.conf")["Service"]
+    assert drop_in["Type"] == "notify"
+    assert drop_in["ExecReload"].split()[1:] == ["-HUP", "$MAINPID"]
