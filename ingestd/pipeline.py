@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import structlog
 
@@ -187,7 +187,8 @@ def prepare(job: Job, ctx: Context) -> Prepared:
     try:
         progress = _Progress(job, ctx)
         progress.update(Stage.READING, 0.0)
-        data, found.sha = read_version(job, ctx.project)
+        data, found.sha = read_version(job, ctx.project, ctx.check,
+                                       lambda head: _check_type(job, ctx.project, head))
         found.mime = _check_type(job, ctx.project, data)
         ctx.check()
         if not ctx.grouped:  # a group's small files are cheap to extract: only its end looks
@@ -309,25 +310,31 @@ def _is_version(job: Job, info: os.stat_result, moved: bool = False) -> bool:
     return _signature(info)[:2] == expected[:2] if moved else _signature(info) == expected
 
 
-def read_version(job: Job, project: ProjectConfig) -> tuple[bytes, str]:
+def read_version(job: Job, project: ProjectConfig, check: Callable[[], None] = lambda: None,
+                 check_head: Callable[[bytes], object] = lambda head: None
+                 ) -> tuple[bytes, str]:
     """The file's bytes and sha256, if it is still the version the job was made for: at its
     source path, else (a retried job that failed, after = "move" or "delete") its copy in
-    failed/."""
+    failed/. A file longer than one read has ``check_head`` called on its first read (its type
+    is known then) and ``check`` between reads (the job's deadline, a cancel)."""
+    reading = (check, check_head)
     try:
-        return _read_at(fs_path(job), job, project, moved=False)
+        return _read_at(fs_path(job), job, project, reading, moved=False)
     except FileNotFoundError:
         pass
     copy = _quarantined(job, project)
     if copy is not None:
         _check_newest(job)
         try:
-            return _read_at(copy, job, project, moved=True)
+            return _read_at(copy, job, project, reading, moved=True)
         except FileNotFoundError:
             pass
     raise Transient("file vanished before it was read")
 
 
-def _read_at(path: bytes, job: Job, project: ProjectConfig, moved: bool) -> tuple[bytes, str]:
+def _read_at(path: bytes, job: Job, project: ProjectConfig,
+             reading: tuple[Callable[[], None], Callable[[bytes], object]],
+             moved: bool) -> tuple[bytes, str]:
     """Read ``path`` as the job's version; FileNotFoundError if there is nothing there."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -345,7 +352,7 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig, moved: bool) -> tupl
             raise Superseded("the file changed after this job was made")
         if before.st_size > project.max_bytes:
             raise Permanent(f"too large ({before.st_size} bytes; max_bytes is {project.max_bytes})")
-        data, digest = _read_all(handle, project.max_bytes)
+        data, digest = _read_all(handle, project.max_bytes, *reading)
         if _signature(os.fstat(fd)) != _signature(before):
             raise Superseded("the file changed while it was being read")
     return data, digest
@@ -375,9 +382,14 @@ def _check_newest(job: Job) -> None:
         raise Superseded(f"a newer version of the file has job {newer.id}")
 
 
-def _read_all(handle, limit: int) -> tuple[bytes, str]:
+def _read_all(handle, limit: int, check: Callable[[], None],
+              check_head: Callable[[bytes], object]) -> tuple[bytes, str]:
     digest, chunks, size = hashlib.sha256(), [], 0
     while chunk := handle.read(READ_CHUNK):
+        if len(chunks) == 1:  # a long file: refuse its type before reading all of it
+            check_head(chunks[0])
+        if chunks:
+            check()
         size += len(chunk)
         if size > limit:
             raise Permanent(f"too large (over max_bytes {limit} while reading)")

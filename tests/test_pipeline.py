@@ -16,7 +16,7 @@ from corpus import make_pdf
 from ingestd import intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document
-from ingestd.pipeline import Context, Control, run_job
+from ingestd.pipeline import READ_CHUNK, Context, Control, read_version, run_job
 from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
 from ingestd.sinks import open_sink
 
@@ -265,3 +265,31 @@ def test_after_delete_a_failed_job_is_quarantined_and_its_retry_reads_it(
     assert run_until_ended(cfg, extractors, project, job.id).status == "completed"
     assert not quarantined.exists() and list(drop.iterdir()) == []
     assert not (project.move_to / "processed").exists()
+
+
+def test_a_long_read_checks_the_type_first_and_the_job_between_reads(cfg, store, drop):
+    """A file longer than one read has its type checked on the first read, and the job (its
+    deadline, a cancel) between reads: neither waits for the whole file. One read checks
+    nothing more."""
+    project = dataclasses.replace(cfg.projects["acme"], max_bytes=10 * READ_CHUNK)
+
+    class Stop(Exception):
+        pass
+
+    def check() -> None:
+        calls.append("job")
+        raise Stop
+
+    def job_for(path: Path, size: int):
+        path.write_bytes(b"a" * size)
+        folder, version = intake.inspect(project, path)
+        return jobs.create("acme", str(folder), version, 3)[0]
+
+    calls: list = []
+    with pytest.raises(Stop):
+        read_version(job_for(drop / "long.txt", 3 * READ_CHUNK), project, check,
+                     lambda head: calls.append(len(head)))
+    assert calls == [READ_CHUNK, "job"]
+    calls.clear()
+    data, _ = read_version(job_for(drop / "short.txt", 100), project, check, calls.append)
+    assert data == b"a" * 100 and calls == []
