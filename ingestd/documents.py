@@ -9,7 +9,9 @@ they are read from the jobs table: the built-in index and external sinks alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
+
+import peewee as pw
 
 from ingestd.models import Job, database
 
@@ -55,6 +57,32 @@ def ever_completed(project_id: str, pairs: Sequence[tuple[str, str]]
                   (project_id, *(sha for sha, _ in pairs), project_id,
                    *(path for _, path in pairs)))
     return {sha for sha, _ in rows}, {path for _, path in rows}
+
+
+def lock_ends(ends: Iterable[tuple[str, str | None, str]]) -> None:
+    """Inside a job's (or a group's) completing transaction: wait for any other transaction
+    ending a job of the same content or the same path, ``(project, sha256, path)`` each.
+
+    PostgreSQL runs those at once, each blind to the other's uncommitted documents: two would
+    both index the same bytes, or both make their version the path's. A transaction-scoped
+    advisory lock per content and per path (taken in one order, so two groups never deadlock)
+    serializes them. SQLite's single writer already does."""
+    if not isinstance(database.obj, pw.PostgresqlDatabase):
+        return
+    keys = sorted({f"{project}/content/{sha}" for project, sha, _ in ends if sha}
+                  | {f"{project}/path/{path}" for project, _, path in ends})  # no / in a name
+    if keys:
+        database.execute_sql("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) "
+                             "FROM unnest(%s::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+                             (keys,))
+
+
+def newer_version_completed(job: Job) -> int | None:
+    """A completed job for the same path newer than ``job`` (deleted ones too), if any."""
+    rows = _query("""SELECT id FROM ingest_jobs WHERE project_id = ? AND source_path = ?
+                     AND id > ? AND status = 'completed' ORDER BY id LIMIT 1""",
+                  (job.project_id, job.source_path, job.id))
+    return rows[0][0] if rows else None
 
 
 def previous_version(job: Job) -> int | None:

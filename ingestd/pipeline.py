@@ -427,6 +427,8 @@ def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job |
     :func:`conclude`, each as if alone (a duplicate of a file earlier in the group finds the
     document just made). A job of the group that cannot complete raises Conflict (from
     ``jobs.complete_many``): the worker rolls the group back and ends its jobs one by one."""
+    documents.lock_ends([(job.project_id, found.sha, job.source_path)
+                         for job, _, found in group if found.sha])
     together = _new_in_group(group)
     finals: dict[int, Job | None] = {}
     for sink, items in _by_sink(together).items():
@@ -491,29 +493,33 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     For a sink in our own database all of it is one transaction, which also re-checks for a
     duplicate (two workers may have read the same content at once): a search sees the old
     document or the new one, never neither or both, and a cancel leaves nothing behind."""
-    retire = documents.previous_version(job)
-    document = _document(job, extracted, mime, sha, retire)
     message = _indexed_message(extracted)
     if ctx.sink.transactional:
         try:
             with ctx.atomic():
+                documents.lock_ends([(job.project_id, sha, job.source_path)])
                 known = documents.current_for_content(job.project_id, sha)
                 if known is not None:
                     return _complete_duplicate(job, ctx, known, sha)
-                document_id = ctx.sink.ingest(document)
+                retire = documents.previous_version(job)
+                document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
                 _retire(ctx, retire)
                 return _complete(job, ctx, message, document_id, sha)
         except Conflict:
             if ctx.grouped:
                 raise
             return _after_lost_completion(job, ctx)
+    retire = documents.previous_version(job)
     with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
-        document_id = ctx.sink.ingest(document)
+        document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
     try:
         final = _complete(job, ctx, message, document_id, sha)
     except Conflict:
         ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
+    except Superseded:
+        ctx.sink.delete(document_id)  # a newer version completed first: nor here
+        raise
     _retire(ctx, retire)
     return final
 
@@ -530,8 +536,14 @@ def _retire(ctx: Context, document_id: int | None) -> None:
 
 
 def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:
-    """Same content as a document the project keeps: point at it, index nothing."""
+    """Same content as a document the project keeps: point at it, index nothing. Looked for
+    again in the completing transaction: the one found before may be gone since (its job
+    deleted), and then there is no text to index but by reading the file again."""
     with ctx.atomic():
+        documents.lock_ends([(job.project_id, sha, job.source_path)])
+        known = documents.current_for_content(job.project_id, sha)
+        if known is None:
+            raise Transient("the document with the same content was deleted meanwhile")
         previous = documents.previous_version(job)
         if previous != known.document_id:  # else the path's content is unchanged (a touch)
             _retire(ctx, previous)
@@ -540,8 +552,19 @@ def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str
 
 
 def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str) -> Job:
-    return jobs.complete(job.id, ctx.owner, message=message, canonical_document_id=document_id,
-                         content_sha256=sha, unless_cancel_requested=True)
+    """Complete, unless a newer version of the file completed first (a long PDF overtaken by
+    its small replacement): its text must not come back as the path's. In a group that rolls
+    the group back (Conflict), so that no document of it is left behind."""
+    with ctx.atomic():
+        documents.lock_ends([(job.project_id, sha, job.source_path)])
+        newer = documents.newer_version_completed(job)
+        if newer is not None:
+            if ctx.grouped:
+                raise Conflict(f"job {job.id} was superseded by job {newer}")
+            raise Superseded(f"a newer version of the file completed first (job {newer})")
+        return jobs.complete(job.id, ctx.owner, message=message,
+                             canonical_document_id=document_id, content_sha256=sha,
+                             unless_cancel_requested=True)
 
 
 def _after_lost_completion(job: Job, ctx: Context) -> Job:

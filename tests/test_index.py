@@ -13,13 +13,13 @@ import pytest
 from ingestd import chunking, db, documents, intake, jobs, search
 from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
-from ingestd.pipeline import Context, Control, run_job
+from ingestd.pipeline import Context, Control, conclude, prepare, run_job
 from ingestd.procpool import ExtractorPool
 from ingestd.sinks import open_sink
 from ingestd.sinks.index import IndexSink
 
 import corpus
-from conftest import run_cli
+from conftest import run_cli, wait_for
 
 
 @pytest.fixture
@@ -255,6 +255,94 @@ class TestDedupAndChanges:
             done.set()
             thread.join()
         assert problems == []
+
+
+class TestRaces:
+    """Ends that overlap: what another worker or the CLI did meanwhile is seen in the end's
+    transaction (on PostgreSQL, ends of one content or path also wait for each other)."""
+
+    @pytest.fixture
+    def started(self, cfg, any_store, extractors):
+        """Queue a file and prepare its job (read, extracted), as a worker would; not ended."""
+
+        def run(path: Path) -> tuple[Job, Context, object]:
+            settings = cfg.projects["acme"]
+            folder, version = intake.inspect(settings, path)
+            queued, _ = jobs.create("acme", str(folder), version, 3)
+            [claimed] = jobs.claim("w1")
+            assert claimed.id == queued.id
+            ctx = Context(owner="w1", project=settings, sink=open_sink(settings),
+                          extractors=extractors, control=Control(), progress_interval=60)
+            return claimed, ctx, prepare(claimed, ctx)
+
+        return run
+
+    def test_an_old_version_ending_after_a_newer_one_is_superseded(self, started, ingest, drop):
+        """A long old version read before its file was replaced ends after the new version
+        completed: it is superseded, and search shows the new text only."""
+        path = write(drop / "x.txt", "the old version mentions walruses")
+        old, ctx, found = started(path)
+        write(path, "the new version mentions penguins, longer")
+        assert ingest(path).status == "completed"
+        ended = conclude(old, ctx, found)
+        assert ended.status == "cancelled" and ended.message.startswith("superseded")
+        assert search.search("acme", "walruses") == []
+        assert len(search.search("acme", "penguins")) == 1
+        assert Document.select().where(Document.deleted_at.is_null()).count() == 1
+
+    def test_a_duplicate_whose_document_went_meanwhile_is_read_again(self, started, ingest,
+                                                                     drop, delete):
+        """A job found to duplicate a document that is deleted before it ends does not point
+        at the deleted document: it is retried, and then indexed for itself."""
+        first = ingest(write(drop / "a.txt", "shared okapi text"))
+        second, ctx, found = started(write(drop / "b.txt", "shared okapi text"))
+        assert found.known is not None and found.known.document_id == first.canonical_document_id
+        delete("acme", first)
+        assert conclude(second, ctx, found).status == "queued"
+        Job.update(not_before=0).where(Job.id == second.id).execute()
+        [again] = jobs.claim("w1")
+        ended = run_job(again, Context(owner="w1", project=ctx.project, sink=ctx.sink,
+                                       extractors=ctx.extractors, control=Control(),
+                                       progress_interval=60))
+        assert ended.status == "completed" and not ended.message.startswith("duplicate")
+        [hit] = search.search("acme", "okapi")
+        assert (hit.job_id, hit.document_id) == (second.id, ended.canonical_document_id)
+
+
+    def test_on_postgresql_ends_of_one_content_wait_for_each_other(self, any_store):
+        """Two transactions ending jobs of the same bytes (under two paths) are serialized: the
+        second waits for the first's commit, so it sees the first's document and is a
+        duplicate, instead of indexing the same bytes again."""
+        if not db.is_postgres():
+            pytest.skip("SQLite has one writer: its ends never overlap")
+        locked, release, second_done = threading.Event(), threading.Event(), threading.Event()
+
+        def first() -> None:
+            with db.database.atomic():
+                documents.lock_ends([("acme", "ab" * 32, "/drop/a.txt")])
+                locked.set()
+                release.wait(30)
+
+        def second() -> None:
+            with db.database.atomic():
+                documents.lock_ends([("acme", "ab" * 32, "/drop/b.txt")])
+            second_done.set()
+
+        def waiting() -> int:
+            return db.database.execute_sql("SELECT count(*) FROM pg_locks WHERE locktype = "
+                                           "'advisory' AND NOT granted").fetchone()[0]
+
+        threads = [threading.Thread(target=first)]
+        threads[0].start()
+        assert locked.wait(30)
+        threads.append(threading.Thread(target=second))
+        threads[1].start()
+        wait_for(lambda: waiting() == 1, timeout=30, message="the second end to wait")
+        assert not second_done.is_set()
+        release.set()
+        assert second_done.wait(30)
+        for thread in threads:
+            thread.join(30)
 
 
 class TestDeletes:
