@@ -8,6 +8,7 @@ key and what is wrong; all problems of a file are reported at once.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +24,12 @@ DEFAULT_ALLOWED_TYPES = ("text/*", "application/pdf", "application/json", "appli
 AFTER_CHOICES = ("keep", "move", "delete")
 EMPTY_FILE_CHOICES = ("skip", "ingest")
 SINK_ERROR_CHOICES = ("fail", "warn")
+# Upper bounds: far above what any real setup needs, and within what the daemon's arithmetic
+# (timedelta, APScheduler intervals, thread waits, SQLite integers) handles.
+MAX_SECONDS = 365 * 24 * 3600  # one year, for every *_seconds key
+MAX_RETENTION_DAYS = 36500  # a hundred years
+MAX_WORKERS = 256
+MAX_ATTEMPTS = 1000
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,32 @@ def _not_negative(value: Any) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def _finite(value: Any) -> str | None:
+    """TOML has inf and nan; an integer is finite however large (math.isfinite would overflow)."""
+    return None if isinstance(value, int) or math.isfinite(value) else "must be a finite number"
+
+
+def _at_most(limit: int, meaning: str = "") -> Check:
+    return lambda value: None if value <= limit else f"must be at most {limit}{meaning}"
+
+
+def _all(*checks: Check) -> Check:
+    """The first thing ``checks`` (in order) find wrong."""
+
+    def check_all(value: Any) -> str | None:
+        for check in checks:
+            wrong = check(value)
+            if wrong:
+                return wrong
+        return None
+
+    return check_all
+
+
+_DURATION = _all(_finite, _positive, _at_most(MAX_SECONDS, " (one year)"))
+_DURATION_OR_ZERO = _all(_finite, _not_negative, _at_most(MAX_SECONDS, " (one year)"))
+
+
 def _one_of(choices: tuple[str, ...]) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -144,14 +177,14 @@ PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "folders": (*_STR_LIST, None),
     "include": (*_STR_LIST, None),
     "exclude": (*_STR_LIST, None),
-    "settle_seconds": (*_NUMBER, _not_negative),
+    "settle_seconds": (*_NUMBER, _DURATION_OR_ZERO),
     "max_bytes": (*_INT, _positive),
     "allowed_types": (*_STR_LIST, None),
     "empty_files": (*_STR, _one_of(EMPTY_FILE_CHOICES)),
     "after": (*_STR, _one_of(AFTER_CHOICES)),
     "move_to": (*_STR, None),
-    "max_attempts": (*_INT, _positive),
-    "job_timeout_seconds": (*_NUMBER, _positive),
+    "max_attempts": (*_INT, _all(_positive, _at_most(MAX_ATTEMPTS))),
+    "job_timeout_seconds": (*_NUMBER, _DURATION),
     "recursive": (*_BOOL, None),
     "polling": (*_BOOL, None),
     "sink_errors": (*_STR, _one_of(SINK_ERROR_CHOICES)),
@@ -161,15 +194,16 @@ PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
 DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "state_dir": (*_STR, None),
     "database": (*_STR, None),
-    "workers": (*_INT, _positive),
+    "workers": (*_INT, _all(_positive, _at_most(MAX_WORKERS))),
     "event_log": (*_STR, None),
     "event_socket": (*_STR, None),
     "socket_mode": (*_STR, _octal_mode),
-    "rescan_seconds": (*_NUMBER, _positive),
-    "event_retention_days": (*_NUMBER, _positive),
-    "lease_seconds": (*_NUMBER, _positive),
-    "shutdown_grace_seconds": (*_NUMBER, _not_negative),
-    "progress_events_per_second": (*_NUMBER, _positive),
+    "rescan_seconds": (*_NUMBER, _DURATION),
+    "event_retention_days": (*_NUMBER, _all(_finite, _positive,
+                                            _at_most(MAX_RETENTION_DAYS, " (a hundred years)"))),
+    "lease_seconds": (*_NUMBER, _DURATION),
+    "shutdown_grace_seconds": (*_NUMBER, _DURATION_OR_ZERO),
+    "progress_events_per_second": (*_NUMBER, _all(_finite, _positive)),
     "subscriber_buffer_bytes": (*_INT, _positive),
     "control_socket": (*_STR, None),
     "metrics_address": (*_STR, _host_port),
@@ -230,7 +264,39 @@ def _first_env_dir(name: str) -> Path | None:
 
 
 def _resolve(base: Path, value: str) -> Path:
-    return (base / Path(value).expanduser()).absolute()
+    """``value`` (``~`` expanded) against ``base``; ValueError saying what is wrong if it has
+    no meaning here: a NUL character, a ``~user`` without a home directory, a symlink loop."""
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    try:
+        path = (base / Path(value).expanduser()).absolute()
+        path.resolve()  # what the checks do later: it must work now
+    except RuntimeError as exc:  # pathlib's error for both of the last two
+        if value.startswith("~") and "home directory" in str(exc):
+            user = value[1:].split("/", 1)[0]
+            raise ValueError(f"cannot expand ~{user}: "
+                             f"{'no such user' if user else 'no home directory'}") from None
+        raise ValueError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+def _path(base: Path, value: str, key: str, problems: _Problems) -> Path | None:
+    """``value`` resolved against ``base``, or None with a one-line problem for ``key``."""
+    try:
+        return _resolve(base, value)
+    except ValueError as exc:
+        problems.add(key, f"{value!r}: {exc}")
+        return None
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its symlinks resolved, as far as they can be (the folders are resolved)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return path
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -242,7 +308,10 @@ def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True)
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
     if chosen is None:
         return zero_config(Path.cwd())
-    file = Path(chosen).expanduser().absolute()
+    try:
+        file = _resolve(Path(), os.fspath(chosen))
+    except ValueError as exc:
+        raise ConfigError(f"{os.fspath(chosen)!r}: {exc}") from None
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -301,25 +370,59 @@ def _table(raw: Mapping[str, Any], key: str, problems: _Problems) -> Mapping[str
 
 def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> DaemonConfig:
     values = _check_table(table, DAEMON_KEYS, "daemon.", problems)
-    state_dir = (_resolve(base, values["state_dir"]) if "state_dir" in values
-                 else _first_env_dir("STATE_DIRECTORY") or base / ".ingestd")
+    for key in PATH_KEYS & values.keys():
+        path = _path(base, values.pop(key), f"daemon.{key}", problems)
+        if path is not None:
+            values[key] = path
+    state_dir = values.pop("state_dir", None) or (_first_env_dir("STATE_DIRECTORY")
+                                                   or base / ".ingestd")
     logs_dir = _first_env_dir("LOGS_DIRECTORY") or state_dir
     runtime_dir = _first_env_dir("RUNTIME_DIRECTORY") or state_dir
-    database = values.pop("database", None) or f"sqlite:///{state_dir / 'ingestd.db'}"
-    if database.startswith("sqlite:///") and not database.startswith("sqlite:////"):
-        relative = database[len("sqlite:///"):]
-        if relative and relative != ":memory:":
-            database = f"sqlite:///{_resolve(base, relative)}"
-    for key in PATH_KEYS & values.keys():
-        values[key] = _resolve(base, values[key])
+    database = _database(values.pop("database", None), state_dir, base, problems)
     if "socket_mode" in values:
         values["socket_mode"] = int(values["socket_mode"], 8)
     values.setdefault("event_log", logs_dir / "events.jsonl")
     values.setdefault("event_socket", runtime_dir / "events.sock")
     values.setdefault("control_socket", runtime_dir / "control.sock")
-    values.setdefault("workers", os.cpu_count() or 1)
+    values.setdefault("workers", min(os.cpu_count() or 1, MAX_WORKERS))
     values.update(state_dir=state_dir, database=database)
     return DaemonConfig(**values)
+
+
+def _database(url: str | None, state_dir: Path, base: Path, problems: _Problems) -> str:
+    """The database URL, a SQLite one as ``sqlite:///ABSOLUTE-PATH`` (a relative path is
+    relative to the config file's folder in every form: ``sqlite:///PATH``, ``sqlite:PATH``),
+    or ``:memory:``. What db.connect would not understand is a problem here."""
+    key, forms = "daemon.database", "use sqlite:///PATH or postgresql://USER@HOST/DB"
+    if not url:
+        return f"sqlite:///{state_dir / 'ingestd.db'}"
+    if url.startswith(("postgres://", "postgresql://")):
+        return url
+    if not url.startswith("sqlite:"):
+        scheme, colon, _ = url.partition(":")  # never the rest: it may hold a password
+        what = f"unsupported database URL scheme {scheme!r}" if colon else "not a database URL"
+        problems.add(key, f"{what} ({forms})")
+        return url
+    rest = url[len("sqlite:"):]
+    if rest.startswith("//") and not rest.startswith("///"):
+        problems.add(key, f"{url}: sqlite://HOST/... is not understood (a SQLite database has "
+                          "no host): use sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH")
+        return url
+    path = rest[len("///"):] if rest.startswith("///") else rest
+    if path == ":memory:":
+        return url
+    if not path:
+        problems.add(key, f"{url}: names no database file ({forms})")
+        return url
+    resolved = _path(base, path, key, problems)
+    return f"sqlite:///{resolved}" if resolved is not None else url
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL as :func:`_database` leaves it, else None."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):])
+    return None
 
 
 def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConfig,
@@ -339,7 +442,9 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
         return None
     resolved = []
     for value in folders:
-        folder = _resolve(base, value)
+        folder = _path(base, value, f"{prefix}folders", problems)
+        if folder is None:
+            continue
         if not folder.is_dir() and folders_must_exist:
             problems.add(f"{prefix}folders", f"{folder}: no such folder")
             continue
@@ -348,7 +453,9 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
     for key in TUPLE_KEYS & values.keys():
         values[key] = tuple(values[key])
     if "move_to" in values:
-        values["move_to"] = _resolve(base, values["move_to"])
+        values["move_to"] = _path(base, values["move_to"], f"{prefix}move_to", problems)
+        if values["move_to"] is None:
+            del values["move_to"]
     values.setdefault("move_to", daemon.state_dir / "projects" / name)
     if "settle_seconds" in values:
         values["settle_seconds"] = float(values["settle_seconds"])
@@ -367,7 +474,8 @@ def _sink(table: Mapping[str, Any], prefix: str, problems: _Problems) -> SinkCon
 
 def _check_folders(projects: Mapping[str, ProjectConfig], daemon: DaemonConfig,
                    problems: _Problems) -> None:
-    """No folder may be watched twice, nested in another, or hold the state directory."""
+    """No folder may be watched twice or nested in another, and nothing the daemon writes may
+    be inside one: its files would be ingested again, and again."""
     seen: list[tuple[Path, str]] = []
     for name, project in projects.items():
         for folder in project.folders:
@@ -378,15 +486,43 @@ def _check_folders(projects: Mapping[str, ProjectConfig], daemon: DaemonConfig,
                 elif other in folder.parents or folder in other.parents:
                     problems.add(key, f"{folder}: overlaps {other} of project {owner!r}")
             seen.append((folder, name))
-            if daemon.state_dir.resolve() == folder or folder in daemon.state_dir.resolve().parents:
-                problems.add(f"projects.{name}.folders",
-                             f"{folder}: holds the state directory {daemon.state_dir}, "
-                             "whose files would be ingested again")
-            if project.after != "keep" and project.move_to is not None:  # failed/ for both
-                target = project.move_to.resolve()
-                if target == folder or folder in target.parents:
-                    problems.add(f"projects.{name}.move_to",
-                                 f"{project.move_to}: inside the watched folder {folder}")
+    state_dir = _real(daemon.state_dir)
+    for key, path, what in _written_paths(projects, daemon):
+        real = _real(path)
+        if key != "daemon.state_dir" and (real == state_dir or state_dir in real.parents) \
+                and _watched_by(state_dir, seen):
+            continue  # in the state directory: its own line says it all
+        found = _watched_by(real, seen)
+        if found:
+            folder, owner = found
+            problems.add(key, f"{path}: inside the watched folder {folder} of project "
+                              f"{owner!r}; a folder that holds {what} would ingest the "
+                              "daemon's own files again and again")
+
+
+def _written_paths(projects: Mapping[str, ProjectConfig],
+                   daemon: DaemonConfig) -> list[tuple[str, Path, str]]:
+    """(key, path, what it is) of every path the daemon writes."""
+    written = [("daemon.state_dir", daemon.state_dir, "the state directory"),
+               ("daemon.event_log", daemon.event_log, "the event log"),
+               ("daemon.event_socket", daemon.event_socket, "the event socket")]
+    if daemon.control_socket is not None:
+        written.append(("daemon.control_socket", daemon.control_socket, "the control socket"))
+    database = _sqlite_file(daemon.database)
+    if database is not None:
+        written.append(("daemon.database", database, "the database"))
+    for name, project in projects.items():
+        if project.after != "keep" and project.move_to is not None:  # failed/ for both
+            written.append((f"projects.{name}.move_to", project.move_to, "moved originals"))
+    return written
+
+
+def _watched_by(path: Path, folders: list[tuple[Path, str]]) -> tuple[Path, str] | None:
+    """The (folder, project) of ``folders`` that ``path`` (resolved) is in, if any."""
+    for folder, owner in folders:
+        if path == folder or folder in path.parents:
+            return folder, owner
+    return None
 
 
 # --- presentation ----------------------------------------------------------------------------

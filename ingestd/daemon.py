@@ -192,6 +192,11 @@ class Daemon:
             log.error("reload_refused", reason=str(exc).replace("\n", "; "))
             self.notifier.ready(self.status_line())
             return
+        except Exception as exc:  # a bug in loading or checking: still no reason to stop
+            log.error("reload_refused", reason=f"{type(exc).__name__}: {exc}".replace("\n", "; "),
+                      exc_info=True)
+            self.notifier.ready(self.status_line())
+            return
         if new.daemon.database != self.config.daemon.database:
             log.warning("reload_database_ignored", reason="a new database needs a restart")
         # The new watch is up before the old one stops: no gap (a file both see is noted twice,

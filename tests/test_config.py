@@ -147,3 +147,156 @@ def test_config_check_reports_every_bad_sink_naming_the_file(tmp_path, drop):
     assert result.returncode == 1 and len(lines) == 2, result.stderr
     assert f"{path}: projects.a.sink.url:" in lines[0]
     assert f"{path}: projects.b.sink.command:" in lines[1]
+
+
+NO_HOME = "~ingestd-no-such-user/x"  # a ~user path that cannot be expanded
+
+
+@pytest.mark.parametrize("body, key, expected", [
+    (f'[daemon]\ncontrol_socket = "{NO_HOME}"', "daemon.control_socket",
+     "cannot expand ~ingestd-no-such-user"),
+    (f'[daemon]\nevent_log = "{NO_HOME}"', "daemon.event_log", "cannot expand"),
+    (f'[daemon]\ndatabase = "sqlite:///{NO_HOME}"', "daemon.database", "cannot expand"),
+    ('[daemon]\nstate_dir = "state\\u0000x"', "daemon.state_dir", "NUL"),
+    (f'[projects.acme]\nafter = "move"\nmove_to = "{NO_HOME}"', "projects.acme.move_to",
+     "cannot expand"),
+    (f'[projects.acme]\nfolders = ["{NO_HOME}"]', "projects.acme.folders", "cannot expand"),
+], ids=["control_socket", "event_log", "database", "nul", "move_to", "folders"])
+def test_config_check_reports_a_path_that_cannot_be_resolved(tmp_path, drop, body, key, expected):
+    """A ~user without a home or a NUL byte in any path key: exit 1, one line naming the file
+    and the key, no traceback."""
+    assert_one_problem(tmp_path, drop, body, key, expected)
+
+
+@pytest.mark.parametrize("body, key, expected", [
+    ("[daemon]\nrescan_seconds = inf", "daemon.rescan_seconds", "must be a finite number"),
+    ("[daemon]\nrescan_seconds = 1e308", "daemon.rescan_seconds", "must be at most 31536000"),
+    ("[daemon]\nlease_seconds = inf", "daemon.lease_seconds", "must be a finite number"),
+    ("[daemon]\nlease_seconds = 1e10", "daemon.lease_seconds", "must be at most 31536000"),
+    ("[daemon]\nshutdown_grace_seconds = nan", "daemon.shutdown_grace_seconds", "finite"),
+    ("[daemon]\nevent_retention_days = inf", "daemon.event_retention_days", "finite"),
+    ("[daemon]\nevent_retention_days = 1e9", "daemon.event_retention_days",
+     "must be at most 36500"),
+    ("[daemon]\nprogress_events_per_second = inf", "daemon.progress_events_per_second", "finite"),
+    ("[daemon]\nworkers = 100000", "daemon.workers", "must be at most 256"),
+    ("[projects.acme]\nsettle_seconds = inf", "projects.acme.settle_seconds", "finite"),
+    ("[projects.acme]\nsettle_seconds = 1e308", "projects.acme.settle_seconds",
+     "must be at most 31536000"),
+    ("[projects.acme]\njob_timeout_seconds = -inf", "projects.acme.job_timeout_seconds",
+     "finite"),
+    ("[projects.acme]\njob_timeout_seconds = 99999999999999999999999",
+     "projects.acme.job_timeout_seconds", "must be at most 31536000"),
+    ("[projects.acme]\nmax_attempts = 9223372036854775808", "projects.acme.max_attempts",
+     "must be at most 1000"),
+], ids=lambda value: value.split("\n")[-1] if "\n" in str(value) else None)
+def test_config_check_refuses_numbers_out_of_bounds(tmp_path, drop, body, key, expected):
+    """Every number is finite and every count and duration has an upper bound, said in the
+    one line naming the file and the key."""
+    assert_one_problem(tmp_path, drop, body, key, expected)
+
+
+@pytest.mark.parametrize("body, key, expected", [
+    ('[daemon]\nevent_log = "{drop}/events.jsonl"', "daemon.event_log",
+     "inside the watched folder {drop} of project 'acme'"),
+    ('[daemon]\nevent_socket = "{drop}/events.sock"', "daemon.event_socket", "inside"),
+    ('[daemon]\ncontrol_socket = "{drop}/sub/control.sock"', "daemon.control_socket", "inside"),
+    ('[daemon]\nstate_dir = "{drop}/state"', "daemon.state_dir", "holds the state directory"),
+    ('[daemon]\ndatabase = "sqlite:///{drop}/ingestd.db"', "daemon.database", "inside"),
+    ('[projects.other]\nfolders = ["{other}"]\nafter = "move"\nmove_to = "{drop}/moved"',
+     "projects.other.move_to", "inside the watched folder {drop} of project 'acme'"),
+], ids=["event_log", "event_socket", "control_socket", "state_dir", "database", "move_to"])
+def test_config_check_refuses_written_paths_inside_a_watched_folder(tmp_path, drop, body, key,
+                                                                     expected):
+    """What the daemon writes (state, log, sockets, database, moved originals of any project)
+    must not be in any project's folder, or it would be ingested again and again."""
+    assert_one_problem(tmp_path, drop, body, key, expected)
+
+
+def test_a_move_to_of_a_project_that_keeps_its_files_may_be_anywhere(tmp_path, drop):
+    """move_to is only written with after = "move" or "delete"."""
+    path = write_config(tmp_path, f'[projects.acme]\nfolders = ["{drop}"]\n'
+                                  f'move_to = "{drop}/moved"\n')
+    assert config_mod.load(path).projects["acme"].move_to == drop / "moved"
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('database = "sqlite://rel.db"', "sqlite://HOST/... is not understood"),
+    ('database = "sqlite://"', "sqlite://HOST/... is not understood"),
+    ('database = "sqlite:///"', "names no database file"),
+    ('database = "mysql://user:secret@db.example/ingestd"',
+     "unsupported database URL scheme 'mysql'"),
+], ids=["host", "no-path", "empty", "mysql"])
+def test_config_check_refuses_database_urls_the_store_cannot_open(tmp_path, drop, body, expected):
+    """A SQLite URL with a host, or no file, and an unsupported scheme: one line naming the
+    key (and never the URL's password)."""
+    result = assert_one_problem(tmp_path, drop, f"[daemon]\n{body}", "daemon.database", expected)
+    assert "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("sqlite:///rel.db", "sqlite:///{base}/rel.db"),
+    ("sqlite:rel.db", "sqlite:///{base}/rel.db"),
+    ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+    ("sqlite:/abs/x.db", "sqlite:////abs/x.db"),
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("sqlite::memory:", "sqlite::memory:"),
+    ("postgresql://ingestd@db.example/ingestd", "postgresql://ingestd@db.example/ingestd"),
+])
+def test_a_relative_sqlite_path_is_relative_to_the_config_file(tmp_path, drop, monkeypatch, url,
+                                                               expected):
+    """Every SQLite URL form with a relative path resolves against the file's folder, not the
+    working directory, and comes out as sqlite:///ABSOLUTE-PATH."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write_config(tmp_path, f'[daemon]\ndatabase = "{url}"\n[projects.acme]\nfolders = ["{drop}"]\n')
+    assert config_mod.load(path).daemon.database == expected.replace("{base}", str(tmp_path))
+
+
+def test_db_migrate_creates_a_relative_sqlite_file_next_to_the_config(tmp_path, drop):
+    """`sqlite:rel.db`, used from another working directory, is the file beside the config."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = write_config(tmp_path, f'[daemon]\ndatabase = "sqlite:rel.db"\n'
+                                  f'[projects.acme]\nfolders = ["{drop}"]\n')
+    result = run_cli("db", "migrate", config=path, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rel.db").is_file() and not (elsewhere / "rel.db").exists()
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path, drop):
+    """The upper bounds are inclusive: a config at every limit is valid."""
+    path = write_config(tmp_path, f"""
+        [daemon]
+        workers = 256
+        rescan_seconds = 31536000
+        lease_seconds = 31536000
+        shutdown_grace_seconds = 31536000
+        event_retention_days = 36500
+        [projects.acme]
+        folders = ["{drop}"]
+        settle_seconds = 31536000
+        job_timeout_seconds = 31536000
+        max_attempts = 1000
+    """)
+    cfg = config_mod.load(path)
+    assert cfg.daemon.workers == 256 and cfg.projects["acme"].max_attempts == 1000
+
+
+def assert_one_problem(tmp_path: Path, drop: Path, body: str, key: str, expected: str):
+    """`config check` of ``body`` (with project acme on ``drop`` unless it has its own
+    [projects.acme]) exits 1 with exactly one line: the file, ``key``, ``expected``."""
+    other = tmp_path / "drop" / "other"
+    other.mkdir(exist_ok=True)
+    if "[projects.acme]" not in body:
+        body += "\n[projects.acme]\n"
+    if "folders" not in body.split("[projects.acme]", 1)[1]:
+        body = body.replace("[projects.acme]", '[projects.acme]\nfolders = ["{drop}"]', 1)
+    path = write_config(tmp_path, body.replace("{drop}", str(drop)).replace("{other}", str(other)))
+    result = run_cli("config", "check", config=path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"ingestd: {path}: {key}: "), lines[0]
+    assert expected.replace("{drop}", str(drop)) in lines[0], lines[0]
+    return result

@@ -705,3 +705,21 @@ class TestWatchingSurvives:
         finally:
             daemon.stop()
             db.close_store()
+
+
+class TestReloadOfAnUnloadableConfig:
+    def test_a_path_that_cannot_be_expanded_is_refused_and_the_daemon_keeps_ingesting(self, daemon,
+                                                                                       folders):
+        """A ~user path without a home at SIGHUP: reload_refused naming the key, and the old
+        config keeps running (it ingests a new file) until a clean stop."""
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "[daemon]", '[daemon]\ncontrol_socket = "~ingestd-no-such-user/x"', 1))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_refused" in daemon.log() or not daemon.alive,
+                 message="reload refused")
+        assert daemon.alive, daemon.log()[-3000:]
+        [refused] = [json.loads(line) for line in daemon.log().splitlines() if "reload_refused" in line]
+        assert "daemon.control_socket" in refused["reason"], refused
+        assert document_text(wait_job(drop(folders["acme"], "after.txt", "old config"))) == "old config"
+        assert not events_of_type("io.ingestd.daemon.reloaded")
+        assert daemon.stop(timeout=30) == 0, daemon.log()[-3000:]
