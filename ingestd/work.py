@@ -11,6 +11,11 @@ CPU-bound PDF extraction runs in child processes (procpool), so ``workers`` thre
 ``workers`` cores busy. A slow job's end (indexing its text, its final transition) is handed to
 a thread of its own while the slot goes on to the next job: the slot's extraction process
 starts the next PDF at once instead of waiting for the last one to be indexed.
+
+Whatever a job's run raises ends that job, never its slot: on these threads even a
+KeyboardInterrupt or SystemExit can only come from the run's own code (a sink plugin), since
+signals reach only the main thread, where the daemon's inbox takes them (see
+:func:`_raised_by_the_run`).
 """
 
 from __future__ import annotations
@@ -215,7 +220,9 @@ class WorkerPool:
                     return
                 batch = {job.id for job, _ in following}
                 following = self._run_batch(following, slot)
-        except Exception:  # a bug: the batch's unstarted jobs must not stay claimed forever
+        except BaseException as exc:  # a bug: the batch's unstarted jobs must not stay claimed
+            if not _raised_by_the_run(exc):
+                raise
             log.exception("worker_slot_error", slot=slot)
             self._release(lambda running: running.job.id in batch and not running.control.begun,
                           "re-queued: its worker slot failed (see the daemon's log)")
@@ -276,7 +283,9 @@ class WorkerPool:
         ctx.grouped = grouped
         try:
             return job, control, ctx, prepare(job, ctx)
-        except Exception as exc:  # a bug, or the database: conclude raises it again
+        except BaseException as exc:  # a bug, or the database: conclude raises it again
+            if not _raised_by_the_run(exc):
+                raise
             return job, control, ctx, Prepared(error=exc)
 
     def _conclude(self, group: list[tuple[Job, Control, Context, Prepared]], opened: float,
@@ -314,7 +323,9 @@ class WorkerPool:
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
             self._database_failed([job for job, *_ in group], exc)
             return None
-        except Exception:  # rolled back with what it claimed: end the jobs one by one
+        except BaseException as exc:  # rolled back with what it claimed: end them one by one
+            if not _raised_by_the_run(exc):
+                raise
             return self._conclude_one_by_one(group), None
         return [(job, control, final)
                 for (job, control, _, _), final in zip(group, finals)], claimed
@@ -337,7 +348,9 @@ class WorkerPool:
                 return conclude(job, ctx, found)
         except (pw.PeeweeException, sqlite3.Error):
             raise
-        except Exception:
+        except BaseException as exc:
+            if not _raised_by_the_run(exc):
+                raise
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)
             return self._fail_after_bug(job)
@@ -371,7 +384,9 @@ class WorkerPool:
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
             self._database_failed([job], exc)
             return
-        except Exception:
+        except BaseException as exc:
+            if not _raised_by_the_run(exc):
+                raise
             log.exception("job_run_error", job_id=job.id, project=job.project_id,
                           path=job.source_path)
             final = self._fail_after_bug(job)
@@ -472,6 +487,16 @@ def _unshown_progress(control: Control) -> bool:
     return (control.begun and control.stage not in ("", Stage.INITIAL.value)
             and time.monotonic() - control.stage_started >= SHOW_PROGRESS_AFTER_SECONDS
             and (control.stage, control.fraction) != control.shown)
+
+
+def _raised_by_the_run(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a job's run, is the run's to answer for (the job fails as after a
+    bug) rather than the process's. An Exception always is. On a slot's or an ending thread so
+    is a KeyboardInterrupt or SystemExit: signals reach only the main thread, and sys.exit()
+    in a thread ends only that thread, so nothing but the run (a sink plugin) raised it there.
+    On the main thread (something driving the pool directly) it may be a real Ctrl-C or exit,
+    and goes on as one."""
+    return isinstance(exc, Exception) or threading.current_thread() is not threading.main_thread()
 
 
 def _wait_while(condition: Callable[[], object], seconds: float) -> None:

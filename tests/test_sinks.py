@@ -10,17 +10,19 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from ingestd import db, jobs
+from ingestd import db, intake, jobs, work
 from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
 from ingestd.models import Event
-from ingestd.sinks import Document, SinkError, job_deadline, open_sink
+from ingestd.scheduling import new_scheduler
+from ingestd.sinks import Document, SinkError, job_deadline, open_sink, plugins
 from ingestd.sinks.command import CommandSink
 from ingestd.sinks.http import HttpSink
 
@@ -620,3 +622,203 @@ class TestWithTheDaemon:
         assert job.attempts == 1 and retrying_events(job.id) == 0
         [pid] = map(int, calls.read_text().split())
         wait_for(lambda: gone(pid), timeout=10, message="the sink program to be killed")
+
+
+# --- plugins that misbehave -------------------------------------------------------------------
+
+ROGUE_MODULE = """
+import ast, builtins
+from ingestd.sinks import SinkError
+
+class RogueSink:
+    '''Does what the document's text says: "raise:NAME", "return:LITERAL", "sinkerror:REASON";
+    any other text is stored, as id 1000 + the job's id.'''
+
+    def __init__(self, project):
+        self.transactional = project.sink.options.get("transactional", False)
+
+    def ingest(self, document):
+        verb, _, what = document.text.partition(":")
+        if verb == "raise":
+            raise getattr(builtins, what)(f"{what} from\\nthe plugin")
+        if verb == "return":
+            return ast.literal_eval(what)
+        if verb == "sinkerror":
+            raise SinkError(what, transient=False)
+        return 1000 + document.job_id
+
+    def delete(self, document_id):
+        raise SystemExit(f"cannot delete {document_id}")
+
+class ExitingSink:
+    def __init__(self, project):
+        raise SystemExit("ctor exit")
+"""
+
+
+@pytest.fixture
+def rogue_plugin(tmp_path, monkeypatch):
+    """A really installed distribution with sinks that misbehave (see ROGUE_MODULE)."""
+    site = tmp_path / "rogue-site"
+    dist_info = site / "ingestd_rogue_sink-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ingestd-rogue-sink\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(textwrap.dedent("""
+        [ingestd.sinks]
+        rogue = ingestd_rogue_sink:RogueSink
+        exits_when_made = ingestd_rogue_sink:ExitingSink
+        exits_at_import = ingestd_rogue_exits:Nothing
+    """))
+    (site / "ingestd_rogue_sink.py").write_text(ROGUE_MODULE)
+    (site / "ingestd_rogue_exits.py").write_text('raise SystemExit("import exit")\n')
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    for module in ("ingestd_rogue_sink", "ingestd_rogue_exits"):
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def rogue_pool(cfg, store, drop, rogue_plugin):
+    """Start a real worker pool of ONE slot (on its scheduler's threads, as in a worker
+    process) whose project acme has the rogue sink; returns a function that queues a file with
+    the given text and returns its job once it ended and the slot is free again."""
+    started = []
+
+    def start(transactional: bool = False):
+        sink = SinkConfig(kind="rogue", options={"transactional": transactional})
+        config = replace(cfg, daemon=replace(cfg.daemon, workers=1),
+                         projects={**cfg.projects,
+                                   "acme": replace(cfg.projects["acme"], sink=sink)})
+        scheduler = new_scheduler(threads=2)
+        pool = work.WorkerPool(config, scheduler)
+        started.append((pool, scheduler))
+        pool.start()
+        scheduler.start()
+
+        def ingest(name: str, text: str):
+            path = drop / name
+            path.write_text(text)
+            folder, version = intake.inspect(config.projects["acme"], path)
+            jobs.create("acme", str(folder), version, 3)
+            pool.wake()
+            job = wait_ended(path, timeout=20)
+            wait_for(lambda: not pool.busy, timeout=10, message="the slot to be free")
+            return job
+
+        return ingest
+
+    yield start
+    for pool, scheduler in started:
+        pool.stop(grace_seconds=5)
+        scheduler.shutdown(wait=False)
+
+
+class TestPluginsThatMisbehave:
+    @pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit", "RuntimeError"])
+    def test_an_exception_out_of_ingest_fails_the_job_and_the_slot_goes_on(self, rogue_pool,
+                                                                           raised):
+        """Anything a plugin's ingest raises, KeyboardInterrupt and SystemExit included, fails
+        its job at once with a one-line reason naming the plugin and the exception; the pool's
+        one slot then completes the next file."""
+        ingest = rogue_pool()
+        failed = ingest("bad.txt", f"raise:{raised}")
+        assert (failed.status, failed.attempts) == ("failed", 1)
+        assert failed.error_message == (
+            f"sink: plugin 'rogue' raised {raised} in ingest: {raised} from; the plugin")
+        done = ingest("good.txt", "an ordinary document")
+        assert (done.status, done.canonical_document_id) == ("completed", 1000 + done.id)
+
+    def test_a_transactional_plugin_keeps_its_flag_and_fails_the_same_way(self, rogue_pool,
+                                                                         tmp_path):
+        """A plugin's transactional = true is kept (its small files end in a group's
+        transaction); a SystemExit from its ingest there fails only that job."""
+        assert open_sink(project(tmp_path, "rogue", transactional=True)).transactional is True
+        assert open_sink(project(tmp_path, "rogue")).transactional is False
+        ingest = rogue_pool(transactional=True)
+        failed = ingest("bad.txt", "raise:SystemExit")
+        assert (failed.status, failed.attempts) == ("failed", 1)
+        assert failed.error_message == (
+            "sink: plugin 'rogue' raised SystemExit in ingest: SystemExit from; the plugin")
+        done = ingest("good.txt", "an ordinary document")
+        assert (done.status, done.canonical_document_id) == ("completed", 1000 + done.id)
+
+    @pytest.mark.parametrize("literal, shown", [
+        ("None", "None"), ("'abc'", "'abc'"), ("1.5", "1.5"), ("-7", "-7"), ("True", "True"),
+        ("0", "0"), ("9223372036854775808", "9223372036854775808")])
+    def test_a_returned_value_that_is_not_a_document_id_fails_the_job(self, rogue_pool,
+                                                                      literal, shown):
+        """An ingest that returns anything but an int from 1 to 2**63-1 (not a bool) fails the
+        job permanently, saying what it returned; the next file completes."""
+        ingest = rogue_pool()
+        failed = ingest("bad.txt", f"return:{literal}")
+        assert (failed.status, failed.attempts) == ("failed", 1)
+        assert failed.canonical_document_id is None
+        assert failed.error_message == (
+            f"sink: plugin 'rogue' returned {shown} from ingest, not a document id "
+            "(an integer from 1 to 2**63-1)")
+        assert ingest("good.txt", "an ordinary document").status == "completed"
+
+    def test_a_long_returned_value_is_shortened(self, tmp_path, rogue_plugin):
+        """What a reason quotes of a returned value is bounded and one line."""
+        sink = open_sink(project(tmp_path, "rogue"))
+        with pytest.raises(SinkError) as caught:
+            sink.ingest(replace(DOCUMENT, text="return:'" + "x\\n" * 5000 + "'"))
+        assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
+        assert caught.value.transient is False
+
+    def test_a_multi_line_sink_error_becomes_one_line(self, rogue_pool):
+        """A plugin's SinkError("first\\nsecond", transient=False) fails the job with the
+        error_message "sink: first; second", without a retry."""
+        failed = rogue_pool()("bad.txt", "sinkerror:first\nsecond")
+        assert (failed.status, failed.error_message, failed.attempts) == (
+            "failed", "sink: first; second", 1)
+
+    def test_a_sink_error_keeps_its_transient_flag(self, tmp_path, rogue_plugin):
+        """Made one line, a plugin's SinkError keeps whether trying again may help."""
+        sink = open_sink(project(tmp_path, "rogue"))
+        with pytest.raises(SinkError) as caught:
+            sink.ingest(replace(DOCUMENT, text="sinkerror:first\n\nsecond\r\nthird"))
+        assert (str(caught.value), caught.value.transient) == ("first; second; third", False)
+
+    def test_an_exception_out_of_delete_is_a_sink_error(self, tmp_path, rogue_plugin):
+        """delete is kept to the protocol too: a SystemExit becomes a permanent SinkError."""
+        with pytest.raises(SinkError, match=r"^plugin 'rogue' raised SystemExit in delete: "
+                                            r"cannot delete 12$") as caught:
+            open_sink(project(tmp_path, "rogue")).delete(12)
+        assert caught.value.transient is False
+
+    def test_a_keyboard_interrupt_on_the_main_thread_may_be_ctrl_c_and_goes_on(self, tmp_path,
+                                                                                rogue_plugin):
+        """On the main thread under Python's own SIGINT handler (a command in a terminal) a
+        KeyboardInterrupt stays one: it may be the user's Ctrl-C."""
+        sink = open_sink(project(tmp_path, "rogue"))
+        with pytest.raises(KeyboardInterrupt):
+            sink.ingest(replace(DOCUMENT, text="raise:KeyboardInterrupt"))
+
+    @pytest.mark.parametrize("kind, reason", [
+        ("exits_when_made", "failed to start: SystemExit: ctor exit"),
+        ("exits_at_import", r"\(ingestd_rogue_exits:Nothing\) failed to load: "
+                            "SystemExit: import exit")])
+    def test_a_plugin_exiting_when_loaded_or_made_is_a_config_error(self, tmp_path,
+                                                                     rogue_plugin, kind, reason):
+        """A plugin that raises SystemExit at import or in its constructor is a ConfigError
+        naming the key and the reason (a start-up, reload or config check goes on to say so)."""
+        with pytest.raises(ConfigError, match=rf"^projects\.acme\.sink\.kind: sink plugin "
+                                              rf"'{kind}' .*{reason}$"):
+            open_sink(project(tmp_path, kind))
+
+    @pytest.mark.parametrize("transactional", [False, True])
+    def test_the_pool_fails_a_job_whose_unwrapped_sink_raises_keyboard_interrupt(
+            self, rogue_pool, monkeypatch, transactional):
+        """The worker's last line of defence: a KeyboardInterrupt that reaches it from a job's
+        run (here from a sink given to it unwrapped) fails that job as an internal error, and
+        the slot completes the next file."""
+        monkeypatch.setattr(work, "open_sink", lambda project: plugins.installed()[
+            project.sink.kind].load()(project))
+        ingest = rogue_pool(transactional=transactional)
+        failed = ingest("bad.txt", "raise:KeyboardInterrupt")
+        assert (failed.status, failed.error_message) == (
+            "failed", "internal error (see the daemon's log)")
+        done = ingest("good.txt", "an ordinary document")
+        assert (done.status, done.canonical_document_id) == ("completed", 1000 + done.id)
