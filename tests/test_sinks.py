@@ -221,6 +221,9 @@ class TestCommandOptions:
         ({"command": ["/bin/true"], "timeout_seconds": "30"}, "timeout_seconds"),
         ({"command": ["/bin/true"], "timeout_seconds": 0}, "timeout_seconds"),
         ({"command": ["/bin/true"], "timeout_seconds": True}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout_seconds": float("inf")}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout_seconds": float("nan")}, "timeout_seconds"),
+        ({"command": ["/bin/true"], "timeout_seconds": 10**400}, "timeout_seconds"),
         ({"command": ["/bin/true"], "timeout": 30}, "timeout"),
     ])
     def test_a_bad_option_names_its_key(self, tmp_path, options, key):

@@ -39,7 +39,7 @@ import subprocess
 import time
 from typing import Any
 
-from ingestd.config import ProjectConfig
+from ingestd.config import MAX_SECONDS, ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.sinks import Document, SinkError, time_limit
 
@@ -126,9 +126,12 @@ class Options:
         return self.values[name]
 
     def positive_number(self, name: str, default: float) -> float:
+        """Seconds: a positive number, at most config.MAX_SECONDS (as every *_seconds key)."""
         value = self.values.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{self.key(name)}: must be a positive number of seconds")
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 < value <= MAX_SECONDS):  # nan and inf fail this too
+            raise ConfigError(f"{self.key(name)}: must be a positive number of seconds, at most "
+                              f"{MAX_SECONDS} (one year)")
         return float(value)
 
 
