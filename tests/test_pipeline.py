@@ -171,6 +171,18 @@ def run_until_ended(cfg, extractors, project, job_id: int):
             return ended
 
 
+def failed_in_an_outage(cfg, tmp_path: Path, drop: Path, extractors, after: str, text: str,
+                        max_attempts: int = 2):
+    """``drop/report.txt`` holding ``text``, its job run until it failed in a sink outage
+    (``outage_project``, whose outage goes on); ``(project, path, job)``."""
+    project = outage_project(cfg, tmp_path, after)
+    path = drop / "report.txt"
+    path.write_text(text)
+    job = queue_file(cfg, path, max_attempts=max_attempts)
+    assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
+    return project, path, job
+
+
 @pytest.fixture(params=["same file system", "another file system"])
 def move_to(request, tmp_path):
     """A move_to folder on the drop folder's file system, or on another one (/dev/shm), where
@@ -215,11 +227,8 @@ def test_a_retry_after_a_sink_outage_reads_the_quarantined_original(cfg, store, 
 def test_a_quarantined_copy_with_other_content_is_not_read(cfg, store, drop, tmp_path,
                                                           extractors):
     """The copy in failed/ is read only if it is still the job's version (size and mtime)."""
-    project = outage_project(cfg, tmp_path, "move")
-    path = drop / "report.txt"
-    path.write_text("the original")
-    job = queue_file(cfg, path, max_attempts=1)
-    assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
+    project, path, job = failed_in_an_outage(cfg, tmp_path, drop, extractors, "move",
+                                             "the original", max_attempts=1)
     quarantined = project.move_to / "failed" / f"{job.id}-report.txt"
     quarantined.write_text("edited in quarantine")
     (tmp_path / "outage").unlink()
@@ -253,11 +262,8 @@ def test_after_delete_a_failed_job_is_quarantined_and_its_retry_reads_it(
         cfg, store, drop, tmp_path, extractors):
     """after = "delete" deletes completed originals only: a failed job's file goes to failed/
     (nothing is lost), its retry reads it there, and once completed it is deleted."""
-    project = outage_project(cfg, tmp_path, "delete")
-    path = drop / "report.txt"
-    path.write_text("failed, then retried")
-    job = queue_file(cfg, path, max_attempts=2)
-    assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
+    project, path, job = failed_in_an_outage(cfg, tmp_path, drop, extractors, "delete",
+                                             "failed, then retried")
     quarantined = project.move_to / "failed" / f"{job.id}-report.txt"
     assert quarantined.read_text() == "failed, then retried" and not path.exists()
     (tmp_path / "outage").unlink()

@@ -431,22 +431,29 @@ def not_a_sink(project):
 '''
 
 
+def install_distribution(site: Path, name: str, entry_points: str,
+                         modules: dict[str, str]) -> None:
+    """A really installed distribution in ``site`` (a dist-info with ``ingestd.sinks`` entry
+    points and its modules), as pip would leave it, without pip."""
+    dist_info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[ingestd.sinks]\n" + textwrap.dedent(entry_points))
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+
+
 @pytest.fixture
 def plugin_path(tmp_path, monkeypatch):
-    """A really installed distribution (a dist-info with entry points) on sys.path, no pip."""
+    """The memory sink and a few broken entry points, installed on sys.path."""
     site = tmp_path / "site"
-    dist_info = site / "ingestd_memory_sink-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ingestd-memory-sink\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(textwrap.dedent("""
-        [ingestd.sinks]
+    install_distribution(site, "ingestd-memory-sink", """
         memory = ingestd_memory_sink:MemorySink
         broken = ingestd_memory_sink_missing:Nothing
         notasink = ingestd_memory_sink:not_a_sink
         text = ingestd_memory_sink:MemorySink
-    """))
-    (site / "ingestd_memory_sink.py").write_text(PLUGIN_MODULE)
+    """, {"ingestd_memory_sink": PLUGIN_MODULE})
     monkeypatch.syspath_prepend(str(site))
     yield site
     sys.modules.pop("ingestd_memory_sink", None)
@@ -663,18 +670,12 @@ class ExitingSink:
 def rogue_plugin(tmp_path, monkeypatch):
     """A really installed distribution with sinks that misbehave (see ROGUE_MODULE)."""
     site = tmp_path / "rogue-site"
-    dist_info = site / "ingestd_rogue_sink-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ingestd-rogue-sink\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(textwrap.dedent("""
-        [ingestd.sinks]
+    install_distribution(site, "ingestd-rogue-sink", """
         rogue = ingestd_rogue_sink:RogueSink
         exits_when_made = ingestd_rogue_sink:ExitingSink
         exits_at_import = ingestd_rogue_exits:Nothing
-    """))
-    (site / "ingestd_rogue_sink.py").write_text(ROGUE_MODULE)
-    (site / "ingestd_rogue_exits.py").write_text('raise SystemExit("import exit")\n')
+    """, {"ingestd_rogue_sink": ROGUE_MODULE,
+          "ingestd_rogue_exits": 'raise SystemExit("import exit")\n'})
     monkeypatch.syspath_prepend(str(site))
     yield site
     for module in ("ingestd_rogue_sink", "ingestd_rogue_exits"):
