@@ -15,14 +15,13 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from ingestd import intake, jobs
+from ingestd import intake, jobs, names
 from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.models import Job, TERMINAL
 from ingestd.sniff import SNIFF_BYTES, sniff_head
 
 COPY_CHUNK = 1 << 20
-DEFAULT_NAME_MAX = 255  # when the file system does not say (pathconf)
 
 
 def check_source(project: ProjectConfig, path: str) -> None:
@@ -47,19 +46,10 @@ def check_source(project: ProjectConfig, path: str) -> None:
 def check_name(folder: Path, name: str) -> None:
     """Refuse a name the drop folder's file system cannot hold (its numbered siblings are
     shortened to fit, but shortening the name asked for would silently rename the file)."""
-    size, limit = len(os.fsencode(name)), name_max(folder)
+    size, limit = len(os.fsencode(name)), names.name_max(folder)
     if size > limit:
         raise InputRefused(f"{name}: file name too long ({size} bytes; the file system of "
                            f"{folder} allows {limit})")
-
-
-def name_max(folder: Path) -> int:
-    """The longest file name, in bytes, that ``folder``'s file system takes."""
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return DEFAULT_NAME_MAX
-    return limit if limit > 0 else DEFAULT_NAME_MAX
 
 
 def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
@@ -89,22 +79,11 @@ def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> int:
     return written
 
 
-def _numbered(name: str, number: int, limit: int) -> str:
-    """``stem (number)suffix``, the stem cut by whole characters so it fits ``limit`` bytes."""
-    stem, suffix = os.path.splitext(name)
-    if len(os.fsencode(suffix)) > limit // 2:  # a "suffix" that long is part of the name
-        stem, suffix = name, ""
-    counter = f" ({number}){suffix}"
-    room = limit - len(os.fsencode(counter))
-    while len(os.fsencode(stem)) > room:
-        stem = stem[:-1]
-    return stem + counter
-
-
 def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
-    limit = name_max(folder)
+    limit = names.name_max(folder)
     for number in range(10_000):
-        target = folder / (name if number == 0 else _numbered(name, number, limit))
+        target = folder / (names.fitting(name, after_stem=f" ({number})", limit=limit)
+                           if number else name)
         try:
             os.link(temp, target)
             return target

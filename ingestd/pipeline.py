@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import structlog
 
-from ingestd import db, documents, intake, jobs, sinks
+from ingestd import db, documents, intake, jobs, names, sinks
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -35,7 +35,6 @@ from ingestd.sniff import SNIFF_BYTES, sniff_head
 log = structlog.get_logger(__name__)
 READ_CHUNK = 1 << 20
 MAX_BACKOFF_SECONDS = 300.0
-NAME_MAX = 255  # bytes in a file name, on every file system Linux mounts for data
 
 
 class Permanent(Exception):
@@ -215,7 +214,7 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
             raise found.error
         ctx.check()
         if found.known is not None:
-            final = _complete_duplicate(job, ctx, found.known, sha)
+            final = _complete_duplicate(job, ctx, sha)
         else:
             final = _index(job, ctx, found.extracted, found.mime, sha)
     except Abandoned:
@@ -497,10 +496,10 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     if ctx.sink.transactional:
         try:
             with ctx.atomic():
-                documents.lock_ends([(job.project_id, sha, job.source_path)])
+                _lock_ends(job, sha)
                 known = documents.current_for_content(job.project_id, sha)
                 if known is not None:
-                    return _complete_duplicate(job, ctx, known, sha)
+                    return _complete_duplicate(job, ctx, sha, known)
                 retire = documents.previous_version(job)
                 document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
                 _retire(ctx, retire)
@@ -513,7 +512,9 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
         document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
     try:
-        final = _complete(job, ctx, message, document_id, sha)
+        with ctx.atomic():
+            _lock_ends(job, sha)
+            final = _complete(job, ctx, message, document_id, sha)
     except Conflict:
         ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
@@ -535,15 +536,18 @@ def _retire(ctx: Context, document_id: int | None) -> None:
         log.warning("previous_document_not_deleted", document_id=document_id, reason=str(exc))
 
 
-def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str) -> Job:
-    """Same content as a document the project keeps: point at it, index nothing. Looked for
-    again in the completing transaction: the one found before may be gone since (its job
-    deleted), and then there is no text to index but by reading the file again."""
+def _complete_duplicate(job: Job, ctx: Context, sha: str,
+                        known: documents.Known | None = None) -> Job:
+    """Same content as a document the project keeps (``known``, found in this transaction):
+    point at it, index nothing. Without ``known`` it is looked for here: one found before the
+    completing transaction may be gone since (its job deleted), and then there is no text to
+    index but by reading the file again."""
     with ctx.atomic():
-        documents.lock_ends([(job.project_id, sha, job.source_path)])
-        known = documents.current_for_content(job.project_id, sha)
         if known is None:
-            raise Transient("the document with the same content was deleted meanwhile")
+            _lock_ends(job, sha)
+            known = documents.current_for_content(job.project_id, sha)
+            if known is None:
+                raise Transient("the document with the same content was deleted meanwhile")
         previous = documents.previous_version(job)
         if previous != known.document_id:  # else the path's content is unchanged (a touch)
             _retire(ctx, previous)
@@ -551,20 +555,23 @@ def _complete_duplicate(job: Job, ctx: Context, known: documents.Known, sha: str
                                    f"(first seen as {known.first_path})", known.document_id, sha)
 
 
+def _lock_ends(job: Job, sha: str) -> None:
+    """In a completing transaction: wait for others ending this content or path (PostgreSQL)."""
+    documents.lock_ends([(job.project_id, sha, job.source_path)])
+
+
 def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str) -> Job:
     """Complete, unless a newer version of the file completed first (a long PDF overtaken by
     its small replacement): its text must not come back as the path's. In a group that rolls
-    the group back (Conflict), so that no document of it is left behind."""
-    with ctx.atomic():
-        documents.lock_ends([(job.project_id, sha, job.source_path)])
-        newer = documents.newer_version_completed(job)
-        if newer is not None:
-            if ctx.grouped:
-                raise Conflict(f"job {job.id} was superseded by job {newer}")
-            raise Superseded(f"a newer version of the file completed first (job {newer})")
-        return jobs.complete(job.id, ctx.owner, message=message,
-                             canonical_document_id=document_id, content_sha256=sha,
-                             unless_cancel_requested=True)
+    the group back (Conflict), so that no document of it is left behind. Called in the
+    completing transaction, after :func:`_lock_ends`."""
+    newer = documents.newer_version_completed(job)
+    if newer is not None:
+        if ctx.grouped:
+            raise Conflict(f"job {job.id} was superseded by job {newer}")
+        raise Superseded(f"a newer version of the file completed first (job {newer})")
+    return jobs.complete(job.id, ctx.owner, message=message, canonical_document_id=document_id,
+                         content_sha256=sha, unless_cancel_requested=True)
 
 
 def _after_lost_completion(job: Job, ctx: Context) -> Job:
@@ -618,18 +625,6 @@ def _moved_path(job: Job, move_to: Path, status: JobStatus) -> bytes:
     unique, the original name stays readable after it."""
     folder = "processed" if status == JobStatus.COMPLETED else "failed"
     return (os.fsencode(move_to / folder) + b"/"
-            + _fitting(f"{job.id}-".encode(), os.path.basename(fs_path(job))))
+            + os.fsencode(names.fitting(os.fsdecode(os.path.basename(fs_path(job))),
+                                        before=f"{job.id}-")))
 
-
-def _fitting(prefix: bytes, name: bytes) -> bytes:
-    """``prefix + name``, the name's stem cut by whole characters to fit NAME_MAX bytes (a
-    name near the limit in a drop folder would not take the prefix)."""
-    if len(prefix) + len(name) <= NAME_MAX:
-        return prefix + name
-    stem, suffix = os.path.splitext(os.fsdecode(name))
-    if len(os.fsencode(suffix)) > NAME_MAX // 2:  # a "suffix" that long is part of the name
-        stem, suffix = stem + suffix, ""
-    room = NAME_MAX - len(prefix) - len(os.fsencode(suffix))
-    while len(os.fsencode(stem)) > room:
-        stem = stem[:-1]
-    return prefix + os.fsencode(stem + suffix)

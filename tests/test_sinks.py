@@ -3,6 +3,7 @@ installed entry point, and the daemon retrying, failing or warning on what they 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -13,6 +14,7 @@ import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -431,10 +433,11 @@ def not_a_sink(project):
 '''
 
 
-def install_distribution(site: Path, name: str, entry_points: str,
-                         modules: dict[str, str]) -> None:
+@contextlib.contextmanager
+def installed(monkeypatch, site: Path, name: str, entry_points: str,
+              modules: dict[str, str]) -> Iterator[Path]:
     """A really installed distribution in ``site`` (a dist-info with ``ingestd.sinks`` entry
-    points and its modules), as pip would leave it, without pip."""
+    points and its modules), as pip would leave it, without pip, on sys.path while in use."""
     dist_info = site / f"{name.replace('-', '_')}-1.0.dist-info"
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
@@ -442,21 +445,24 @@ def install_distribution(site: Path, name: str, entry_points: str,
         "[ingestd.sinks]\n" + textwrap.dedent(entry_points))
     for module, source in modules.items():
         (site / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        yield site
+    finally:
+        for module in modules:
+            sys.modules.pop(module, None)
 
 
 @pytest.fixture
 def plugin_path(tmp_path, monkeypatch):
     """The memory sink and a few broken entry points, installed on sys.path."""
-    site = tmp_path / "site"
-    install_distribution(site, "ingestd-memory-sink", """
+    with installed(monkeypatch, tmp_path / "site", "ingestd-memory-sink", """
         memory = ingestd_memory_sink:MemorySink
         broken = ingestd_memory_sink_missing:Nothing
         notasink = ingestd_memory_sink:not_a_sink
         text = ingestd_memory_sink:MemorySink
-    """, {"ingestd_memory_sink": PLUGIN_MODULE})
-    monkeypatch.syspath_prepend(str(site))
-    yield site
-    sys.modules.pop("ingestd_memory_sink", None)
+    """, {"ingestd_memory_sink": PLUGIN_MODULE}) as site:
+        yield site
 
 
 class TestPlugins:
@@ -669,17 +675,13 @@ class ExitingSink:
 @pytest.fixture
 def rogue_plugin(tmp_path, monkeypatch):
     """A really installed distribution with sinks that misbehave (see ROGUE_MODULE)."""
-    site = tmp_path / "rogue-site"
-    install_distribution(site, "ingestd-rogue-sink", """
+    with installed(monkeypatch, tmp_path / "rogue-site", "ingestd-rogue-sink", """
         rogue = ingestd_rogue_sink:RogueSink
         exits_when_made = ingestd_rogue_sink:ExitingSink
         exits_at_import = ingestd_rogue_exits:Nothing
     """, {"ingestd_rogue_sink": ROGUE_MODULE,
-          "ingestd_rogue_exits": 'raise SystemExit("import exit")\n'})
-    monkeypatch.syspath_prepend(str(site))
-    yield site
-    for module in ("ingestd_rogue_sink", "ingestd_rogue_exits"):
-        sys.modules.pop(module, None)
+          "ingestd_rogue_exits": 'raise SystemExit("import exit")\n'}) as site:
+        yield site
 
 
 @pytest.fixture
