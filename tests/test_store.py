@@ -38,6 +38,25 @@ def test_sqlite_is_opened_with_wal_busy_timeout_and_foreign_keys(tmp_path):
     db.close_store()
 
 
+def test_a_new_file_gets_8k_pages_and_an_existing_file_keeps_its_own(tmp_path):
+    """New stores get 8 KB pages (more 2 KB documents per page written); a store made with
+    4 KB pages is opened, written and read as it is."""
+    database = db.open_store(url_of(tmp_path, "new.db"))
+    assert database.execute_sql("PRAGMA page_size").fetchone()[0] == 8192
+    db.close_store()
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as raw:
+        raw.execute("PRAGMA page_size = 4096")
+        raw.execute("PRAGMA journal_mode = wal")
+        raw.execute("CREATE TABLE before_us (x)")
+    raw.close()
+    database = db.open_store(url_of(tmp_path, "old.db"))
+    assert database.execute_sql("PRAGMA page_size").fetchone()[0] == 4096
+    source = jobs.ensure_source("p", "/srv/p")
+    assert database.execute_sql("SELECT id FROM ingest_sources").fetchone()[0] == source
+    db.close_store()
+
+
 def test_a_newer_schema_is_refused_and_not_touched(tmp_path):
     """A database migrated by a newer ingestd is refused with a clear error, unchanged."""
     path = tmp_path / "s.db"
