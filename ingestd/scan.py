@@ -33,6 +33,8 @@ def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_
             break
     else:
         return
+    if not _reached_without_links(str(folder), top):
+        return
     stack = [top]
     while stack:
         directory = stack.pop()
@@ -52,6 +54,18 @@ def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_
                         stack.append(entry.path)
                 elif stat.S_ISREG(info.st_mode) and is_wanted(project, folder, entry.path):
                     yield entry.path, info
+
+
+def _reached_without_links(folder: str, top: str) -> bool:
+    """Whether ``top`` (in ``folder``) is a real directory path: no symlink on the way from the
+    folder, though watchdog reports a symlink to a directory moved in as a directory."""
+    if top == folder:
+        return True
+    real = os.path.realpath(top)
+    if real == os.path.join(os.path.realpath(folder), os.path.relpath(top, folder)):
+        return True
+    log.info("scan_skipped_link", path=top, target=real)
+    return False
 
 
 def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],

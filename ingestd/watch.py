@@ -25,7 +25,7 @@ from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, Fi
                              FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from ingestd.config import ProjectConfig
 from ingestd.settle import COMPLETE, CREATED, DIRECTORY, GONE, WRITING
@@ -208,7 +208,10 @@ class Watcher:
         inotify instance and a thread)."""
         observer = self._observers.get(polling)
         if observer is None:
-            observer = (PollingObserver(timeout=POLL_INTERVAL_SECONDS) if polling
+            # Polling with lstat: a symlink to a directory is not a directory to walk (plain
+            # PollingObserver stats through it: files outside the folder, and loops).
+            observer = (PollingObserverVFS(os.lstat, os.scandir,
+                                           polling_interval=POLL_INTERVAL_SECONDS) if polling
                         else Observer(generate_full_events=True))  # a move in is complete
             observer.start()
             self._observers[polling] = observer

@@ -183,6 +183,21 @@ class TestDropping:
         for i in range(3):
             wait_job(folders["acme"] / "batch" / f"{i}.txt", timeout=10)
 
+    def test_a_link_to_a_directory_in_a_directory_moved_in_is_not_followed(self, daemon, folders,
+                                                                            tmp_path):
+        """watchdog reports such a link as a directory: its files, outside the folder, get no job."""
+        secret = tmp_path / "secret"
+        secret.mkdir()
+        drop(secret, "private.txt", "outside the drop folder")
+        batch = tmp_path / "batch"
+        batch.mkdir()
+        own = drop(batch, "own.txt", "the batch's own file")
+        (batch / "link").symlink_to(secret, target_is_directory=True)
+        os.rename(batch, folders["acme"] / "batch")
+        wait_job(folders["acme"] / "batch" / own.name, timeout=10)
+        barrier(folders["acme"])
+        assert [job.source_path for job in Job.select() if "private" in job.source_path] == []
+
     def test_a_file_deleted_before_it_settles_becomes_nothing(self, daemon, folders):
         """Created and deleted within the settle window: no job, no event."""
         path = drop(folders["acme"], "fleeting.txt", "here and gone")
@@ -227,6 +242,22 @@ class TestDropping:
         make_daemon(acme_extra="polling = true")
         path = drop(folders["acme"], "polled.txt", "seen by polling")
         assert document_text(wait_job(path, timeout=20)) == "seen by polling"
+
+    def test_a_polling_project_follows_no_link_to_a_directory(self, make_daemon, folders,
+                                                               tmp_path):
+        """Polling walks the folder with lstat: a link to a directory outside, or to the folder
+        itself (a loop), is not walked."""
+        make_daemon(acme_extra="polling = true")
+        secret = tmp_path / "secret"
+        secret.mkdir()
+        drop(secret, "private.txt", "outside the drop folder")
+        (folders["acme"] / "outside").symlink_to(secret, target_is_directory=True)
+        (folders["acme"] / "loop").symlink_to(folders["acme"], target_is_directory=True)
+        first = drop(folders["acme"], "first.txt", "dropped after the links")
+        wait_job(first, timeout=20)
+        barrier(folders["acme"])  # a later poll than the one that saw the links
+        assert sorted(job.source_path for job in Job.select()) == [
+            str(first), str(folders["acme"] / "zz-barrier.txt")]
 
     def test_a_non_recursive_project_ignores_sub_folders(self, make_daemon, folders):
         """recursive = false: files in sub-folders are not ingested, at start or later."""
