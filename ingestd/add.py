@@ -26,20 +26,25 @@ COPY_CHUNK = 1 << 20
 
 def check_source(project: ProjectConfig, path: str) -> None:
     """Refuse what ``jobs submit`` would refuse: not a regular file, too large, type not allowed."""
+    shown = intake.display_path(path)[0]
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise InputRefused(f"{path}: {exc.strerror.lower()}") from None
-    if not os.path.isfile(path):
-        raise InputRefused(f"{path}: not a regular file")
+        raise InputRefused(f"{shown}: {exc.strerror.lower()}") from None
+    kind = intake.irregular_kind(info.st_mode)
+    if kind is not None:
+        raise InputRefused(f"{shown}: not a regular file ({kind})")
     if info.st_size > project.max_bytes:
-        raise InputRefused(f"{path}: too large ({info.st_size} bytes; the project's max_bytes "
+        raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's max_bytes "
                            f"is {project.max_bytes})")
-    intake.refuse_empty(project, path, info.st_size)
-    with open(path, "rb") as handle:
-        mime = sniff_head(handle.read(SNIFF_BYTES), path)
+    intake.refuse_empty(project, shown, info.st_size)
+    try:
+        with open(path, "rb") as handle:
+            mime = sniff_head(handle.read(SNIFF_BYTES), path)
+    except OSError as exc:
+        raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
     if not intake.type_allowed(project, mime):
-        raise InputRefused(f"{path}: type {mime} is not allowed in project {project.name!r} "
+        raise InputRefused(f"{shown}: type {mime} is not allowed in project {project.name!r} "
                            f"(allowed: {', '.join(project.allowed_types)})")
 
 

@@ -26,6 +26,14 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISSOCK, "a socket"))
 
 
+def irregular_kind(mode: int) -> str | None:
+    """What a file of ``mode`` is when it is not a regular file ("a FIFO"...); None if it is."""
+    for is_kind, kind in _KINDS:
+        if is_kind(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "an unusual kind of file"
+
+
 def display_path(path: str | bytes | os.PathLike) -> tuple[str, bytes | None]:
     """Text to show for ``path`` and, when its bytes are not UTF-8, those exact bytes."""
     raw = os.fsencode(path)
@@ -66,9 +74,9 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
         info = os.stat(resolved)
     except OSError as exc:
         raise InputRefused(f"{shown}: cannot stat: {exc.strerror}") from None
-    for is_kind, kind in _KINDS:
-        if is_kind(info.st_mode):
-            raise InputRefused(f"{shown}: not a regular file ({kind})")
+    kind = irregular_kind(info.st_mode)
+    if kind is not None:
+        raise InputRefused(f"{shown}: not a regular file ({kind})")
     if enforce_size and info.st_size > project.max_bytes:
         raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's "
                            f"max_bytes is {project.max_bytes})")

@@ -10,6 +10,7 @@ backoff), or cancelled. The original is moved or deleted only after the job's en
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import os
 import shutil
@@ -340,13 +341,17 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
     except FileNotFoundError:
         raise  # the caller may look for the file elsewhere (failed/)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is now a symlink
+        if exc.errno == errno.ELOOP:  # the name is now a symlink
             raise Permanent("the file was replaced by a symlink") from None
+        if exc.errno == errno.ENXIO:  # the name is now a socket
+            raise Permanent("not a regular file (a socket)") from None
         raise Transient(f"cannot open: {exc.strerror}") from None
+    before = os.fstat(fd)
+    kind = intake.irregular_kind(before.st_mode)
+    if kind is not None:  # before fdopen, which refuses a directory with a traceback's error
+        os.close(fd)
+        raise Permanent(f"not a regular file ({kind})")
     with os.fdopen(fd, "rb") as handle:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
-            raise Permanent("not a regular file")
         if not _is_version(job, before, moved):
             raise Superseded("the file changed after this job was made")
         if before.st_size > project.max_bytes:

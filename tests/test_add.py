@@ -6,7 +6,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import run_cli, write_config
 
@@ -81,3 +86,27 @@ class TestLongNames:
                          config=config_file, stdin="text")
         refused_in_one_line(result, "file name too long")
         assert list(drop.iterdir()) == []
+
+
+class TestUnreadable:
+    def test_a_file_add_cannot_read_is_refused_in_one_line(self, config_file, drop, tmp_path):
+        """A file the caller may not read: exit 5 naming it, no traceback, nothing copied. (Run
+        without the capabilities that let root read any file.)"""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or os.geteuid() != 0:
+            pytest.skip("needs root and setpriv to make a file unreadable to the CLI")
+        secret = tmp_path / "secret.txt"
+        secret.write_text("not yours")
+        secret.chmod(0)
+        result = subprocess.run(
+            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+             "ingestd", "-c", str(config_file), "add", "-p", "acme", str(secret)],
+            capture_output=True, text=True, timeout=60)
+        refused_in_one_line(result, f"{secret}: cannot read: Permission denied")
+        assert list(drop.iterdir()) == []
+
+    def test_a_name_that_is_not_utf8_is_shown_with_escapes(self, config_file, drop, tmp_path):
+        """Error messages show undecodable bytes as \\xNN, as every other output does."""
+        missing = os.fsencode(tmp_path) + b"/missing\xff.txt"
+        result = run_cli("add", "-p", "acme", os.fsdecode(missing), config=config_file)
+        refused_in_one_line(result, f"{tmp_path}/missing\\xff.txt: no such file or directory")

@@ -245,3 +245,25 @@ def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
     row = Job.get_by_id(job.id)
     assert (row.stage, row.progress, row.status) == ("indexing", 0.9, "running")
     assert events_of(job.id) == ["created", "started", "progress"]
+
+
+def test_files_replaced_by_a_directory_or_a_socket_fail_at_once_saying_what_they_are(
+        cfg, store, drop, tmp_path):
+    """Between the job's creation and its run the name became a directory, or a socket (which
+    cannot even be opened): each fails on its first attempt with what it is, in one line."""
+    import socket
+
+    to_directory, to_socket = queue_files(cfg, drop, 2)
+    os.unlink(to_directory.source_path)
+    os.mkdir(to_directory.source_path)
+    os.unlink(to_socket.source_path)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(to_socket.source_path)
+    try:
+        ended = {job.id: job for job in run_claimed(WorkerPool(cfg, BackgroundScheduler()))}
+    finally:
+        listener.close()
+    assert [(ended[job.id].status, ended[job.id].attempts, ended[job.id].error_message)
+            for job in (to_directory, to_socket)] == [
+        ("failed", 1, "not a regular file (a directory)"),
+        ("failed", 1, "not a regular file (a socket)")]
