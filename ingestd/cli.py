@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 from typing import Any, Callable, NoReturn, Sequence
@@ -24,6 +25,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 # --- output helpers ------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: Any) -> str:
+    """``text`` on one terminal line: control characters (a newline or an escape sequence in a
+    file name) shown escaped, as in the JSON output and the event log."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), str(text))
+
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
@@ -40,6 +50,7 @@ def _human_size(size: int | None) -> str:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     line = "  ".join("{:<%d}" % w for w in widths)
@@ -63,7 +74,7 @@ def _print_job(record: dict[str, Any], as_json: bool) -> None:
         return
     width = max(len(k) for k in record)
     for key, value in record.items():
-        print(f"{key:<{width}}  {'-' if value is None else value}")
+        print(f"{key:<{width}}  {'-' if value is None else printable(value)}")
 
 
 def _say_job(verb: str, job: Any, as_json: bool) -> None:
@@ -72,7 +83,19 @@ def _say_job(verb: str, job: Any, as_json: bool) -> None:
         _print_json(record)
     else:
         state = "" if verb == record["status"] else f" ({record['status']})"
-        print(f"job {record['id']} {verb}{state}  {record['source_path']}")
+        print(f"job {record['id']} {verb}{state}  {printable(record['source_path'])}")
+
+
+def _say_jobs(verb: str | None, ended: Sequence[Any], as_json: bool) -> None:
+    """What ``add`` did: one JSON document, {"jobs": [...]}, or a line per job (``verb``, else
+    its status, and the reason of a failure)."""
+    if as_json:
+        _print_json({"jobs": [jobs.job_record(job) for job in ended]})
+        return
+    for job in ended:
+        _say_job(verb or job.status, job, False)
+        if job.error_message:
+            print(f"  {printable(job.error_message)}")
 
 
 # --- context -----------------------------------------------------------------------------------
@@ -175,8 +198,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return EXIT_OK
     for rank, hit in enumerate(hits, start=1):
         page = f" page {hit.page}" if hit.page else ""
-        print(f"{rank}. {hit.score:.3g}  {hit.source_path}{page}  (job {hit.job_id})")
-        print(f"   {hit.snippet}")
+        print(f"{rank}. {hit.score:.3g}  {printable(hit.source_path)}{page}  (job {hit.job_id})")
+        print(f"   {printable(hit.snippet)}")
     if not hits:
         print("no match")
     return EXIT_OK
@@ -210,8 +233,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise UsageError("'-' (standard input) can be given once")
     created = add.add_files(project, args.files, args.name)
     if not args.wait:
-        for job in created:
-            _say_job("queued", job, args.json)
+        _say_jobs("queued", created, args.json)
         return EXIT_OK
     show_progress = len(created) > 1 and sys.stderr.isatty()
 
@@ -222,10 +244,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     ended = add.wait_for([job.id for job in created], progress)
     if show_progress:
         print(file=sys.stderr)
-    for job in ended:
-        _say_job(job.status, job, args.json)
-        if job.error_message and not args.json:
-            print(f"  {job.error_message}")
+    _say_jobs(None, ended, args.json)
     return EXIT_OK if all(job.status == "completed" for job in ended) else EXIT_FAILURE
 
 
@@ -243,15 +262,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"config: {state['config'] or 'zero-config default'}; database: {state['database']}")
     for name, project in state["projects"].items():
         for folder in project["folders"]:
-            print(f"project {name}: {folder['folder']} ({folder['observer']})")
+            print(f"project {name}: {printable(folder['folder'])} ({folder['observer']})")
         for folder in project.get("unwatched", []):
-            print(f"project {name}: {folder['folder']} NOT WATCHED: {folder['reason']} "
+            print(f"project {name}: {printable(folder['folder'])} NOT WATCHED: {folder['reason']} "
                   "(watched again once it can be)")
     print(f"workers: {workers['busy']}/{workers['total']} busy in processes "
           f"{', '.join(str(pid) for pid in workers['processes'])}; "
           f"{state['settling_files']} file(s) settling")
     for job in workers["running"]:
-        print(f"  job {job['job_id']} {job['stage']} for {job['seconds']:.1f} s  {job['path']}")
+        print(f"  job {job['job_id']} {job['stage']} for {job['seconds']:.1f} s  "
+              f"{printable(job['path'])}")
     scan = state["last_rescan"]
     if scan:
         print(f"last rescan: {scan['at']} ({scan['reason']}): {scan['files']} files, "
@@ -463,22 +483,27 @@ def _add_config(commands: Any, common: argparse.ArgumentParser) -> None:
     check.set_defaults(handler=cmd_config_check)
 
 
-def _fail(exc: IngestdError) -> int:
-    for line in str(exc).splitlines() or [type(exc).__name__]:
-        print(f"ingestd: {line}", file=sys.stderr)
+def _fail(exc: IngestdError, every_problem: bool = False) -> int:
+    """One line on stderr; with ``every_problem`` (config check) one per problem of a config."""
+    lines = [printable(line) for line in getattr(exc, "problems", None) or [str(exc)]]
+    if not every_problem and len(lines) > 1:
+        lines = [f"{lines[0]} (and {len(lines) - 1} more: see ingestd config check)"]
+    for line in lines:
+        print(f"ingestd: {line or type(exc).__name__}", file=sys.stderr)
     return exc.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except (pw.PeeweeException, sqlite3.Error) as exc:
         return _fail(db.as_store_error(exc))
     except IngestdError as exc:
-        return _fail(exc)
+        return _fail(exc, every_problem=getattr(args, "handler", None) is cmd_config_check)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

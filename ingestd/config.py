@@ -225,7 +225,7 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.lines:
-            raise ConfigError("\n".join(self.lines))
+            raise ConfigError(*self.lines)
 
 
 def _check_table(table: Mapping[str, Any], spec: Mapping, prefix: str,

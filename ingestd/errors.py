@@ -37,7 +37,13 @@ class InputRefused(IngestdError):
 
 
 class ConfigError(IngestdError):
+    """One or several problems of a config file, one line each."""
+
     exit_code = EXIT_FAILURE
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 class StoreError(IngestdError):

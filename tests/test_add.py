@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -110,3 +111,15 @@ class TestUnreadable:
         missing = os.fsencode(tmp_path) + b"/missing\xff.txt"
         result = run_cli("add", "-p", "acme", os.fsdecode(missing), config=config_file)
         refused_in_one_line(result, f"{tmp_path}/missing\\xff.txt: no such file or directory")
+
+
+def test_json_output_is_one_document_for_several_files(config_file, drop, tmp_path):
+    """`add --json` of two files prints one JSON document listing both jobs."""
+    sources = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    for source in sources:
+        source.write_text(f"the text of {source.name}")
+    result = run_cli("add", "-p", "acme", *map(str, sources), "--json", config=config_file)
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)["jobs"]
+    assert [(job["original_filename"], job["status"]) for job in listed] == [
+        ("one.txt", "queued"), ("two.txt", "queued")]

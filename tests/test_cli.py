@@ -254,3 +254,26 @@ def test_a_usage_error_is_one_line_naming_the_help_to_read(config_file, args):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("ingestd: ") and "--help)" in line
+
+
+class TestControlCharactersInNames:
+    """A name may hold a newline or a terminal escape: errors stay one line and table rows
+    stay one row, with the characters shown escaped (as JSON and the event log show them)."""
+
+    def test_an_error_naming_such_a_file_is_one_line(self, config_file, drop):
+        result = run_cli("jobs", "submit", "-p", "acme", str(drop / "no\nsuch.txt"),
+                         config=config_file)
+        assert result.returncode == 5 and result.stdout == "", result
+        assert result.stderr.splitlines() == [f"ingestd: {drop}/no\\nsuch.txt: no such file"]
+
+    def test_list_show_and_submit_print_one_line_per_job(self, config_file, drop):
+        path = drop / "new\nline\x1b[31m.txt"
+        path.write_text("text")
+        submitted = run_cli("jobs", "submit", "-p", "acme", str(path), config=config_file)
+        assert submitted.stdout.splitlines() == [
+            f"job 1 queued  {drop}/new\\nline\\x1b[31m.txt"], submitted
+        listing = run_cli("jobs", "list", "-p", "acme", config=config_file).stdout.splitlines()
+        assert len(listing) == 2 and listing[1].endswith(f"{drop}/new\\nline\\x1b[31m.txt")
+        shown = run_cli("jobs", "show", "-p", "acme", "1", config=config_file).stdout
+        assert f"source_path            {drop}/new\\nline\\x1b[31m.txt\n" in shown
+        assert "\x1b" not in submitted.stdout + "\n".join(listing) + shown

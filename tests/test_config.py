@@ -110,6 +110,17 @@ def test_all_problems_are_reported_at_once(tmp_path, drop):
     assert len(load_error(path).splitlines()) == 2
 
 
+def test_several_problems_are_one_line_except_in_config_check(tmp_path, drop):
+    """Every command but `config check` names the first problem and how to see the rest, in
+    one line; `config check` lists each problem on its own line."""
+    path = write_config(tmp_path, f'[daemon]\nworkers = 0\n[projects.acme]\nfolders = ["{drop}"]\nx = 1')
+    listing = run_cli("jobs", "list", "-p", "acme", config=path)
+    assert listing.returncode == 1 and len(listing.stderr.splitlines()) == 1, listing.stderr
+    assert "workers" in listing.stderr and "(and 1 more: see ingestd config check)" in listing.stderr
+    check = run_cli("config", "check", config=path)
+    assert check.returncode == 1 and len(check.stderr.splitlines()) == 2, check.stderr
+
+
 def test_config_check_prints_the_effective_config(config_file):
     """`config check` exits 0 and shows every project with its inherited values."""
     result = run_cli("config", "check", config=config_file)

@@ -117,6 +117,6 @@ def check_all(config: Config) -> None:
         try:
             open_sink(project)
         except ConfigError as exc:
-            problems += [f"{where}: {line}" for line in str(exc).splitlines()]
+            problems += [f"{where}: {line}" for line in exc.problems]
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError(*problems)

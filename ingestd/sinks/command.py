@@ -113,7 +113,7 @@ class Options:
         self.values = dict(project.sink.options)
         unknown = sorted(set(self.values) - set(known))
         if unknown:
-            raise ConfigError("\n".join(
+            raise ConfigError(*(
                 f"{self.key(name)}: unknown option for kind {project.sink.kind!r} "
                 f"(known: {', '.join(known)})" for name in unknown))
 
