@@ -459,7 +459,7 @@ def list_jobs(project_id: str, *, status: str | None = None, stage: str | None =
         query = query.where(Job.stage == parse_stage(stage).value)
     if source_id is not None:
         query = query.where(Job.source == source_id)
-    if cursor:
+    if cursor is not None:
         query = query.where(Job.id < decode_cursor(cursor))
     limit = max(1, min(int(limit), MAX_LIST_LIMIT))
     rows = list(query.order_by(Job.id.desc()).limit(limit + 1))
@@ -526,6 +526,8 @@ def cancel(project_id: str, job_id: int) -> Job:
                                message="cancelled before it ran")
         except Conflict:
             job = get(project_id, job_id)  # a worker claimed it meanwhile: flag it instead
+    if job.status == JobStatus.RUNNING and job.cancel_requested:
+        return job  # asked already: nothing changes, so no second event
     if job.status == JobStatus.RUNNING:
         return _transition(job_id, project_id=project_id, expect=[JobStatus.RUNNING],
                            event=JOB_CANCEL_REQUESTED, action="cancel", cancel_requested=True)
@@ -539,11 +541,15 @@ def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None =
         job = get(project_id, job_id)
         if job.status == JobStatus.RUNNING:
             raise Conflict(f"cannot delete job {job_id}: it is running (cancel it first)")
-        status = JobStatus.CANCELLED if job.status == JobStatus.QUEUED else JobStatus(job.status)
+        if job.status == JobStatus.QUEUED:  # it must never run: cancelled, with that event
+            job = _transition(job_id, project_id=project_id, expect=[JobStatus.QUEUED],
+                              event=JOB_CANCELLED, action="delete",
+                              status=JobStatus.CANCELLED.value, completed_at=now(),
+                              message="cancelled before it ran (deleted)")
         moment = now()
         deleted = _transition(job_id, project_id=project_id, expect=[JobStatus(job.status)],
-                              event=None, action="delete", status=status.value,
-                              deleted_at=moment, completed_at=job.completed_at or moment)
+                              event=None, action="delete", deleted_at=moment,
+                              completed_at=job.completed_at or moment)
         if cleanup is not None:
             cleanup(deleted)
         _emit_job(JOB_DELETED, deleted)

@@ -74,6 +74,7 @@ def test_list_json_pages_with_a_cursor(config_file, drop):
     (["jobs", "list", "-p", "nope"], 3, "unknown project 'nope'"),
     (["jobs", "list", "-p", "acme", "--status", "done"], 2, "unknown status 'done'"),
     (["jobs", "list", "-p", "acme", "--cursor", "%%%"], 2, "invalid cursor"),
+    (["jobs", "list", "-p", "acme", "--cursor", ""], 2, "invalid cursor ''"),
     (["jobs", "show", "-p", "acme", "abc"], 2, "invalid job id 'abc'"),
     (["jobs", "show", "-p", "acme", "42"], 3, "job 42 not found"),
     (["jobs", "cancel", "-p", "acme", "42"], 3, "job 42 not found"),

@@ -178,6 +178,15 @@ class TestOperatorTransitions:
         assert jobs.finish_cancelled(job.id, "w1").status == "cancelled"
         assert event_types(job.id) == ["created", "started", "cancel_requested", "cancelled"]
 
+    def test_cancelling_a_running_job_twice_changes_nothing_the_second_time(self, any_store, job):
+        """The second request finds the flag set: the job comes back as it is, with no event."""
+        jobs.claim("w1")
+        first = jobs.cancel("acme", job.id)
+        again = jobs.cancel("acme", job.id)
+        assert (again.status, again.cancel_requested, again.updated_at) == (
+            "running", True, first.updated_at)
+        assert event_types(job.id) == ["created", "started", "cancel_requested"]
+
     @pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
     def test_cancel_a_finished_job_is_a_conflict(self, any_store, job, end):
         """Only queued or running jobs can be cancelled."""
@@ -200,6 +209,7 @@ class TestOperatorTransitions:
         deleted = jobs.delete("acme", job.id)
         assert deleted.status == "cancelled" and deleted.deleted_at is not None
         assert jobs.claim("w1") == []
+        assert event_types(job.id) == ["created", "cancelled", "deleted"]  # each change its event
 
     def test_delete_keeps_a_completed_status_and_runs_cleanup_in_the_transaction(self, any_store, job):
         """A completed job stays completed when deleted; a failing cleanup undoes the delete."""
