@@ -114,12 +114,14 @@ def _settled_version(item: Ready) -> tuple[Path, FileVersion]:
     """The version of a settled file. Watched paths are already canonical (folders are
     resolved, symlinks are neither followed nor taken), the settler found the project folder
     and its stat is fresh: only the content is sniffed here. A file over max_bytes still
-    becomes a job, which fails."""
+    becomes a job, which fails. So does a file it cannot read (a permission): its job retries
+    with backoff (the file may be made readable meanwhile), then fails saying why; a rejection
+    instead would come again at every rescan, and leave no job to see or retry."""
     shown, raw = display_path(item.path)
     try:
         mime = sniff_file(item.path)
-    except OSError as exc:
-        raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
+    except OSError:
+        mime = None  # the worker sniffs what it reads
     size, mtime_ns, inode = item.signature
     return item.folder, FileVersion(path=shown, original_filename=display_path(os.path.basename(item.path))[0],
                               byte_size=size, mtime_ns=mtime_ns, inode=inode, mime_type=mime,

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ingestd import db
 from ingestd.models import Document, Event, Job
@@ -55,8 +55,9 @@ class Daemon:
     """``python -m ingestd -c CONFIG run`` with its stderr in a log file."""
 
     def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", wrapper: Sequence[str] = ()) -> None:
         self.root, self.config, self.log_level = root, config, log_level
+        self.wrapper = list(wrapper)  # a command that runs the daemon (setpriv ...)
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
@@ -72,7 +73,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         self._log_start = log.tell()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "-c", str(self.config), "run",
+            [*self.wrapper, sys.executable, "-m", "ingestd", "-c", str(self.config), "run",
              "--log-level", self.log_level],
             stdout=log, stderr=log, env=env, cwd=self.root)
         log.close()

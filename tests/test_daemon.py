@@ -282,6 +282,27 @@ class TestDropping:
 
 
 class TestBadInput:
+    def test_a_file_the_daemon_may_not_read_is_a_job_that_retries_then_fails(self, make_daemon,
+                                                                             folders):
+        """A permission problem may be fixed meanwhile: the file's job retries with backoff,
+        then fails saying why. Rescans find its job, so they reject nothing again and again.
+        (The daemon runs without the capabilities that let root read any file.)"""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or os.geteuid() != 0:
+            pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
+        make_daemon(daemon_extra="shutdown_grace_seconds = 5\nrescan_seconds = 0.5",
+                    acme_extra="max_attempts = 2",
+                    wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+        path = drop(folders["acme"], "secret.txt", "not for the daemon's eyes")
+        path.chmod(0)
+        job = wait_job(path, status="failed")
+        assert (job.attempts, job.error_message) == (
+            2, "cannot open: Permission denied (gave up after 2 attempts)")
+        failed_at = job.completed_at
+        wait_for(lambda: len([e for e in events_of_type("io.ingestd.watch.rescanned")
+                              if e.time > failed_at]) >= 2, message="two rescans after it failed")
+        assert events_of_type("io.ingestd.file.rejected") == [] and len(jobs_for(path)) == 1
+
     def test_broken_files_fail_with_a_clear_reason_and_the_daemon_keeps_running(self, daemon, folders):
         """Each malformed file ends FAILED with a one-line reason; good files still complete."""
         acme = folders["acme"]
