@@ -45,7 +45,7 @@ from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
                               prepare)
 from ingestd.procpool import ExtractorPool
-from ingestd.sinks import Sink, open_sink
+from ingestd.sinks import Sink, command, open_sink
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0  # a missed wake-up costs at most this much
@@ -156,6 +156,7 @@ class WorkerPool:
         self._release(lambda running: not running.control.begun)
         _wait_while(lambda: self.busy, grace_seconds)
         self._release(lambda running: True)
+        command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A claim that was waiting for the write lock may commit after that release; its jobs
         # are released as it registers them (see _register). Wait for it, or the process could
         # exit between the two and leave them running.

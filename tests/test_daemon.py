@@ -104,6 +104,8 @@ def blocking_sink(root: Path) -> tuple[str, Path]:
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
         sys.stdin.read()
+        with open({str(root / "sink.pid")!r}, "w") as out:
+            out.write(str(os.getpid()))
         while not os.path.exists({str(release)!r}):
             time.sleep(0.05)
         print(7)
@@ -111,6 +113,15 @@ def blocking_sink(root: Path) -> tuple[str, Path]:
     lines = (f'[projects.acme.sink]\nkind = "command"\n'
              f'command = ["{sys.executable}", "{script}"]\ntimeout_seconds = 300')
     return lines, release
+
+
+def _runs(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def barrier(folder: Path, name: str = "zz-barrier.txt") -> None:
@@ -364,6 +375,9 @@ class TestLifecycle:
         [job] = jobs_for(path)
         assert (job.status, job.attempts) == ("queued", 0), running.log()[-3000:]
         assert events_of_type("io.ingestd.daemon.stopping")
+        # Its sink program was killed: it would have ingested a job put back in the queue.
+        sink_pid = int((tmp_path / "sink.pid").read_text())
+        wait_for(lambda: not _runs(sink_pid), timeout=5, message="the sink program killed")
         release.touch()
         running.start()
         assert wait_job(path, timeout=60).attempts == 1, running.log()[-3000:]

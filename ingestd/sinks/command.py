@@ -31,13 +31,15 @@ whole process group; the first counts as transient, the second fails the job (ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from ingestd.config import MAX_SECONDS, ProjectConfig
 from ingestd.errors import ConfigError
@@ -160,7 +162,7 @@ class CommandSink:
         """One run with ``message`` on stdin; its stdout, or SinkError."""
         seconds, setting = time_limit(self.timeout)
         process = self._start()
-        with process:
+        with process, _running(process):
             try:
                 stdout, stderr = _communicate(process, encode(message), seconds)
             except subprocess.TimeoutExpired:
@@ -220,6 +222,35 @@ def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tupl
                 return exc.stdout or b"", exc.stderr or b""
             if exited_at is None and time.monotonic() >= deadline:
                 raise
+
+
+# The process groups of the programs running now: a worker that stops kills them (stop_all).
+_groups: set[int] = set()
+_groups_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _running(process: subprocess.Popen) -> Iterator[None]:
+    with _groups_lock:
+        _groups.add(process.pid)
+    try:
+        yield
+    finally:
+        with _groups_lock:
+            _groups.discard(process.pid)
+
+
+def stop_all() -> None:
+    """Kill every sink program still running. For a worker that stops: it has put their jobs
+    back in the queue, so an ingest finishing after that would be done again by the next run
+    (the programs run in sessions of their own, which the daemon's SIGTERM does not reach)."""
+    with _groups_lock:
+        groups = list(_groups)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _kill_group(process: subprocess.Popen) -> None:
