@@ -47,8 +47,11 @@ def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_
             for entry in entries:
                 try:
                     info = entry.stat(follow_symlinks=False)
-                except OSError:
+                except FileNotFoundError:
                     continue  # vanished meanwhile
+                except OSError as exc:  # its path is longer than PATH_MAX...: say so
+                    log.warning("scan_unreadable", path=entry.path, reason=exc.strerror)
+                    continue
                 if stat.S_ISDIR(info.st_mode):
                     if project.recursive and not is_excluded_name(project, entry.name):
                         stack.append(entry.path)

@@ -41,3 +41,25 @@ def test_an_empty_file_is_rejected_once_not_at_every_rescan(cfg, store, drop):
     assert Event.select().where(Event.type == "io.ingestd.file.rejected").count() == 1
     path.write_text("content at last")
     assert rescan(cfg) == [(str(path), FOUND)]
+
+
+def test_a_path_too_long_to_reach_is_reported_not_skipped_in_silence(cfg, store, drop):
+    """A file deeper than PATH_MAX bytes (made through directory descriptors) cannot be
+    reached by its path: each scan warns, naming it and the reason."""
+    from structlog.testing import capture_logs
+
+    name = "d" * 250
+    fd = os.open(drop, os.O_RDONLY)
+    try:
+        for _ in range(20):  # 20 x 251 bytes: past Linux's 4,096
+            os.mkdir(name, dir_fd=fd)
+            deeper = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with capture_logs() as logs:
+        rescan(cfg)
+    reasons = [entry["reason"] for entry in logs if entry["event"] == "scan_unreadable"]
+    assert reasons == ["File name too long"], logs
