@@ -15,12 +15,26 @@ import peewee as pw
 
 from ingestd.models import Job, database
 
+# Two jobs are of the same path when their shown paths and their exact bytes agree: the
+# bytes are NULL for a UTF-8 name, and a name that is not UTF-8 shows as text (bad\xff.txt)
+# that another file may literally be called.
+_SAME_RAW = "(n.source_path_raw = j.source_path_raw OR " \
+            "(n.source_path_raw IS NULL AND j.source_path_raw IS NULL))"
+_RAW_IS = "(source_path_raw = ? OR (source_path_raw IS NULL AND ? IS NULL))"
+
 # A current job ``j`` (the rule above), as an SQL condition.
-CURRENT_JOB = """
+CURRENT_JOB = f"""
     j.status = 'completed' AND j.deleted_at IS NULL AND j.canonical_document_id IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.project_id
-                    AND n.source_path = j.source_path AND n.id > j.id AND n.status = 'completed')
+                    AND n.source_path = j.source_path AND {_SAME_RAW}
+                    AND n.id > j.id AND n.status = 'completed')
 """
+
+
+def _same_path(job: Job) -> tuple[str, bytes | None, bytes | None]:
+    """The parameters of ``source_path = ? AND`` :data:`_RAW_IS` for ``job``'s path."""
+    raw = None if job.source_path_raw is None else bytes(job.source_path_raw)
+    return job.source_path, raw, raw
 
 
 @dataclass(frozen=True)
@@ -79,19 +93,20 @@ def lock_ends(ends: Iterable[tuple[str, str | None, str]]) -> None:
 
 def newer_version_completed(job: Job) -> int | None:
     """A completed job for the same path newer than ``job`` (deleted ones too), if any."""
-    rows = _query("""SELECT id FROM ingest_jobs WHERE project_id = ? AND source_path = ?
-                     AND id > ? AND status = 'completed' ORDER BY id LIMIT 1""",
-                  (job.project_id, job.source_path, job.id))
+    rows = _query(f"""SELECT id FROM ingest_jobs WHERE project_id = ? AND source_path = ?
+                      AND {_RAW_IS} AND id > ? AND status = 'completed' ORDER BY id LIMIT 1""",
+                  (job.project_id, *_same_path(job), job.id))
     return rows[0][0] if rows else None
 
 
 def previous_version(job: Job) -> int | None:
     """The document of the newest completed earlier job for the same path (deleted jobs too:
     their document may still be kept by another job), if no other current job keeps it."""
-    rows = _query("""SELECT id, canonical_document_id FROM ingest_jobs
-                     WHERE project_id = ? AND source_path = ? AND id < ? AND status = 'completed'
-                     AND canonical_document_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
-                  (job.project_id, job.source_path, job.id))
+    rows = _query(f"""SELECT id, canonical_document_id FROM ingest_jobs
+                      WHERE project_id = ? AND source_path = ? AND {_RAW_IS} AND id < ?
+                      AND status = 'completed' AND canonical_document_id IS NOT NULL
+                      ORDER BY id DESC LIMIT 1""",
+                  (job.project_id, *_same_path(job), job.id))
     if not rows:
         return None
     previous_id, document_id = rows[0]

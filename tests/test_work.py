@@ -267,3 +267,21 @@ def test_files_replaced_by_a_directory_or_a_socket_fail_at_once_saying_what_they
             for job in (to_directory, to_socket)] == [
         ("failed", 1, "not a regular file (a directory)"),
         ("failed", 1, "not a regular file (a socket)")]
+
+
+def test_a_name_not_in_utf8_and_a_name_written_as_its_escapes_are_two_paths(cfg, store, drop):
+    """b"bad\\xff.txt" is shown as the text bad\\xff.txt, which another file may be literally
+    called: the two are two paths, neither a new version of the other, both kept."""
+    undecodable = os.fsencode(drop) + b"/bad\xff.txt"
+    with open(undecodable, "wb") as out:
+        out.write(b"the undecodable name's own text")
+    (drop / "bad\\xff.txt").write_text("the literal name's own text")
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    for path in (undecodable, drop / "bad\\xff.txt"):
+        folder, version = intake.inspect(cfg.projects["acme"], path)
+        jobs.create("acme", str(folder), version, 3)
+        [ended] = run_claimed(pool)
+        assert ended.status == "completed", ended.error_message
+    live = Document.select().where(Document.deleted_at.is_null())
+    assert sorted(d.text for d in live) == ["the literal name's own text",
+                                            "the undecodable name's own text"]
