@@ -567,26 +567,32 @@ def retry(project_id: str, job_id: int) -> Job:
 
 # --- what a worker does ------------------------------------------------------------------------
 
-def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0) -> list[Job]:
-    """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease.
+def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
+          projects: Sequence[str] | None = None) -> list[Job]:
+    """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease; of
+    ``projects`` only, if given (daemons with other projects may share the database).
 
     One statement (a materialized CTE of due ids, locked with SKIP LOCKED on PostgreSQL, then
     UPDATE ... RETURNING): two workers can never claim one job, and on PostgreSQL they never
     wait on each other's rows.
     """
+    if projects is not None and not projects:
+        return []
     moment, clock = now(), clock_sql()
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
+    only = "" if projects is None else f"AND project_id IN ({', '.join('?' * len(projects))}) "
     with transaction():
         # MATERIALIZED: the CTE runs once. As a plain IN (subquery) PostgreSQL may run the
         # subquery again during the update, and with SKIP LOCKED get other rows: more than n.
         rows = _execute(
             "WITH due AS MATERIALIZED (SELECT id FROM ingest_jobs WHERE status = 'queued' "
-            f"AND deleted_at IS NULL AND not_before <= {clock} ORDER BY id LIMIT ?{lock}) "
+            f"AND deleted_at IS NULL AND not_before <= {clock} {only}ORDER BY id "
+            f"LIMIT ?{lock}) "
             "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, "
             f"lease_expires_at = {clock} + ?, attempts = attempts + 1, started_at = ?, "
             "updated_at = ? WHERE id IN (SELECT id FROM due) AND status = 'queued' "
             f"RETURNING {_ALL_COLUMNS}",
-            (limit, owner, float(lease_seconds), moment, moment)).fetchall()
+            (*(projects or ()), limit, owner, float(lease_seconds), moment, moment)).fetchall()
         claimed = sorted((_to_job(row) for row in rows), key=lambda job: job.id)
         _emit_jobs(JOB_STARTED, claimed)
         return claimed

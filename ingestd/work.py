@@ -214,8 +214,7 @@ class WorkerPool:
             while not self._stopping.is_set():
                 if following is None:
                     with self._claiming():
-                        claimed = db.guarded("claim", jobs.claim)(
-                            self.owner, self._batch_size(), self.config.daemon.lease_seconds)
+                        claimed = db.guarded("claim", self._claim)()
                         following = self._register(claimed or [])
                 if not following:
                     return
@@ -242,6 +241,12 @@ class WorkerPool:
             self._release(lambda running: running.job.id in ids)
             return []
         return controls
+
+    def _claim(self) -> list[Job]:
+        """Claim a batch of this daemon's projects' jobs (other daemons on the database may
+        have other projects: a job of theirs run here would fail as unknown)."""
+        return jobs.claim(self.owner, self._batch_size(), self.config.daemon.lease_seconds,
+                          projects=list(self.config.projects))
 
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
@@ -319,8 +324,7 @@ class WorkerPool:
             with database.atomic(), jobs.events_at_end():
                 finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
                 if claim_next and not self._stopping.is_set():
-                    claimed = jobs.claim(self.owner, self._batch_size(),
-                                         self.config.daemon.lease_seconds)
+                    claimed = self._claim()
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
             self._database_failed([job for job, *_ in group], exc)
             return None

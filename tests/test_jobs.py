@@ -235,6 +235,12 @@ class TestOperatorTransitions:
 
 
 class TestWorkerTransitions:
+    def test_claim_takes_only_the_projects_asked_for(self, any_store, job):
+        """A daemon claims its own projects' jobs; another project's job stays queued."""
+        assert jobs.claim("w1", projects=["other"]) == []
+        assert jobs.claim("w1", projects=[]) == []
+        assert [claimed.id for claimed in jobs.claim("w1", projects=["other", "acme"])] == [job.id]
+
     def test_claim_complete(self, any_store, job):
         """claim takes a queued job under a lease; complete ends it done at 100%."""
         [claimed] = jobs.claim("w1", lease_seconds=30)

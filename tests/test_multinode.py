@@ -172,3 +172,39 @@ def test_a_daemon_survives_losing_its_database_connections(cluster, pg_url):
     per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
     assert len(per_path) == 400 and set(per_path.values()) == {1}
     assert Document.select().count() == 400
+
+
+def test_daemons_with_different_projects_run_only_their_own_jobs(tmp_path, pg_url):
+    """Node a has project alpha, node b project beta, on one database: each claims only its
+    own projects' jobs (a job of the other's project, claimed, failed as unknown here)."""
+    nodes = []
+    db.open_store(pg_url)
+    try:
+        for name, project in (("a", "alpha"), ("b", "beta")):
+            folder = tmp_path / f"drop-{project}"
+            folder.mkdir()
+            home = tmp_path / name
+            home.mkdir()
+            config = home / "ingestd.toml"
+            config.write_text(textwrap.dedent(f"""
+                [daemon]
+                state_dir = "state"
+                database = "{pg_url}"
+                workers = 2
+
+                [projects.{project}]
+                folders = ["{folder}"]
+                settle_seconds = 0.2
+            """))
+            nodes.append(Daemon(home, config).start())
+        for project in ("alpha", "beta"):
+            for index in range(100):
+                (tmp_path / f"drop-{project}" / f"{index}.txt").write_text(f"{project} {index}")
+        wait_for(lambda: Job.select().where(Job.status.in_(["completed", "failed"])).count() == 200,
+                 timeout=120, message="200 jobs ended")
+        by_status = Counter((job.project_id, job.status) for job in Job.select())
+        assert by_status == {("alpha", "completed"): 100, ("beta", "completed"): 100}
+    finally:
+        for node in nodes:
+            node.stop()
+        db.close_store()
