@@ -20,7 +20,6 @@ from ingestd.models import Job, database
 # that another file may literally be called.
 _SAME_RAW = "(n.source_path_raw = j.source_path_raw OR " \
             "(n.source_path_raw IS NULL AND j.source_path_raw IS NULL))"
-_RAW_IS = "(source_path_raw = ? OR (source_path_raw IS NULL AND ? IS NULL))"
 
 # A current job ``j`` (the rule above), as an SQL condition.
 CURRENT_JOB = f"""
@@ -31,10 +30,12 @@ CURRENT_JOB = f"""
 """
 
 
-def _same_path(job: Job) -> tuple[str, bytes | None, bytes | None]:
-    """The parameters of ``source_path = ? AND`` :data:`_RAW_IS` for ``job``'s path."""
-    raw = None if job.source_path_raw is None else bytes(job.source_path_raw)
-    return job.source_path, raw, raw
+def _same_path(job: Job) -> tuple[str, tuple]:
+    """An SQL condition on a job's row, and its parameters: the row is of ``job``'s path."""
+    if job.source_path_raw is None:
+        return "source_path = ? AND source_path_raw IS NULL", (job.source_path,)
+    return "source_path = ? AND source_path_raw = ?", (job.source_path,
+                                                       bytes(job.source_path_raw))
 
 
 @dataclass(frozen=True)
@@ -93,20 +94,21 @@ def lock_ends(ends: Iterable[tuple[str, str | None, str]]) -> None:
 
 def newer_version_completed(job: Job) -> int | None:
     """A completed job for the same path newer than ``job`` (deleted ones too), if any."""
-    rows = _query(f"""SELECT id FROM ingest_jobs WHERE project_id = ? AND source_path = ?
-                      AND {_RAW_IS} AND id > ? AND status = 'completed' ORDER BY id LIMIT 1""",
-                  (job.project_id, *_same_path(job), job.id))
+    path, params = _same_path(job)
+    rows = _query(f"""SELECT id FROM ingest_jobs WHERE project_id = ? AND {path}
+                      AND id > ? AND status = 'completed' ORDER BY id LIMIT 1""",
+                  (job.project_id, *params, job.id))
     return rows[0][0] if rows else None
 
 
 def previous_version(job: Job) -> int | None:
     """The document of the newest completed earlier job for the same path (deleted jobs too:
     their document may still be kept by another job), if no other current job keeps it."""
+    path, params = _same_path(job)
     rows = _query(f"""SELECT id, canonical_document_id FROM ingest_jobs
-                      WHERE project_id = ? AND source_path = ? AND {_RAW_IS} AND id < ?
-                      AND status = 'completed' AND canonical_document_id IS NOT NULL
-                      ORDER BY id DESC LIMIT 1""",
-                  (job.project_id, *_same_path(job), job.id))
+                      WHERE project_id = ? AND {path} AND id < ? AND status = 'completed'
+                      AND canonical_document_id IS NOT NULL ORDER BY id DESC LIMIT 1""",
+                  (job.project_id, *params, job.id))
     if not rows:
         return None
     previous_id, document_id = rows[0]
