@@ -162,6 +162,17 @@ def reset_connection() -> None:
         pass  # it was broken already
 
 
+def again_if_lost(task: Callable[[], T]) -> T:
+    """``task``, and after a database error once more on a new connection: for writes at a
+    stop, which has no later run to recover on (a connection the server cut long before is
+    only found dead when used)."""
+    try:
+        return task()
+    except (pw.PeeweeException, sqlite3.Error):
+        reset_connection()
+        return task()
+
+
 def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
     """``task`` for a background thread: a database error is logged in one line and the
     thread's connection reset, so the next run reconnects; the thread never dies of it."""

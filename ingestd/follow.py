@@ -20,15 +20,17 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TextIO
 
+import peewee as pw
 import structlog
 
-from ingestd import events, jobs
+from ingestd import db, events, jobs
 from ingestd.config import Config
 from ingestd.errors import EXIT_OK, IngestdError, UsageError
 from ingestd.models import Event
@@ -39,6 +41,8 @@ RECENT = 20            # events shown without --since or -f
 POLL_SECONDS = 0.2     # how often the database is polled when there is no socket
 RETRY_SECONDS = 2.0    # how often the socket is tried again when there is none
 IDLE_SECONDS = 1.0     # silence on the socket after which the database is checked anyway
+DATABASE_RETRY_SECONDS = 0.5      # a lost database connection is tried again after this,
+DATABASE_RETRY_MAX_SECONDS = 8.0  # doubling up to this
 EXIT_INTERRUPTED = 130
 TYPE_PREFIX = "io.ingestd."
 PROJECT_MARK = ":project:"
@@ -222,10 +226,10 @@ class Follower:
         retry_at = 0.0
         while True:
             if self.sock is None and time.monotonic() >= retry_at:
-                self.catch_up()  # the bulk first, so that little waits in the socket meanwhile
+                self._catch_up_surviving()  # the bulk first: little waits in the socket meanwhile
                 self.sock = self._connect()
                 retry_at = time.monotonic() + RETRY_SECONDS
-            self.catch_up()  # after connecting: overlaps what the socket will deliver
+            self._catch_up_surviving()  # after connecting: overlaps what the socket will deliver
             if self.sock is None:
                 self._check_reader()
                 time.sleep(POLL_SECONDS)
@@ -307,8 +311,24 @@ class Follower:
     def _on_idle(self) -> None:
         """A quiet socket: print what the database has anyway (a stuck publisher, events
         written by other nodes) and notice a reader that went away."""
-        self.catch_up()
+        self._catch_up_surviving()
         self._check_reader()
+
+    def _catch_up_surviving(self) -> None:
+        """:meth:`catch_up`, through a lost database connection (a restarted or failed-over
+        server, a network blip): retried on a new connection with backoff, while following."""
+        delay = DATABASE_RETRY_SECONDS
+        while True:
+            try:
+                self.catch_up()
+                return
+            except (pw.PeeweeException, sqlite3.Error) as exc:
+                log.warning("events_database_unavailable", reason=str(db.as_store_error(exc)),
+                            last=self.last, retry_seconds=delay)
+            db.reset_connection()
+            self._check_reader()
+            time.sleep(delay)
+            delay = min(delay * 2, DATABASE_RETRY_MAX_SECONDS)
 
     def _check_reader(self) -> None:
         if self.printer.reader_gone():

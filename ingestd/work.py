@@ -184,7 +184,7 @@ class WorkerPool:
         for job_id, running in leftovers:
             running.control.abandon.set()
             try:
-                jobs.release(job_id, self.owner, reason)
+                db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
                 log.info("job_requeued", job_id=job_id, project=running.job.project_id,
                          reason=reason)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it

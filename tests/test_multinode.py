@@ -208,3 +208,82 @@ def test_daemons_with_different_projects_run_only_their_own_jobs(tmp_path, pg_ur
         for node in nodes:
             node.stop()
         db.close_store()
+
+
+def test_a_follower_goes_on_after_its_database_connection_is_cut(tmp_path, pg_url):
+    """`events -f` on a node without a daemon polls the database; the server cutting its
+    connection (a restart, a failover) costs a reconnect, not the follower."""
+    import subprocess
+
+    import psycopg
+
+    from conftest import PG_URL
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    config = tmp_path / "ingestd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "state"\ndatabase = "{pg_url}"\n'
+                      f'[projects.acme]\nfolders = ["{folder}"]\n')
+    db.open_store(pg_url)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "ingestd", "-c", str(config), "events", "-f", "--json",
+         "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    printed: list[int] = []
+    threading.Thread(target=lambda: printed.extend(
+        int(json.loads(line)["sequence"]) for line in follower.stdout), daemon=True).start()
+    try:
+        first = jobs.emit(jobs.DAEMON_STARTED, {"before": "the cut"})
+        wait_for(lambda: first in printed, message="the first event followed")
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                "pg_backend_pid() AND datname = current_database() "
+                "AND query ILIKE '%ingest_events%' AND query NOT ILIKE '%pg_terminate%'"
+            ).fetchall()
+        assert cut, "the follower's connection was found and cut"
+        db.reset_connection()  # this process's own connection may have been among them
+        second = jobs.emit(jobs.DAEMON_STARTED, {"after": "the cut"})
+        wait_for(lambda: second in printed or follower.poll() is not None,
+                 message="the second event followed")
+        assert follower.poll() is None and printed == [first, second]
+    finally:
+        follower.kill()
+        follower.wait()
+        db.close_store()
+
+
+def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_before(
+        tmp_path, pg_url):
+    """Connections the server cut while idle are found dead only at the stop: the release of
+    the running job is retried on a new one, not left to the lease's expiry."""
+    import signal as signals
+
+    import psycopg
+
+    from conftest import PG_URL
+    from test_daemon import blocking_sink
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    sink, release = blocking_sink(tmp_path)
+    config = tmp_path / "ingestd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "state"\ndatabase = "{pg_url}"\n'
+                      f'shutdown_grace_seconds = 0.2\nlease_seconds = 300\n'
+                      f'[projects.acme]\nfolders = ["{folder}"]\nsettle_seconds = 0.2\n{sink}\n')
+    db.open_store(pg_url)
+    node = Daemon(tmp_path, config).start()
+    try:
+        (folder / "held.txt").write_text("held by its sink")
+        wait_job(folder / "held.txt", "running")
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                          "pg_backend_pid() AND datname = current_database()")
+        db.reset_connection()
+        node.signal(signals.SIGTERM)
+        assert node.process.wait(timeout=60) == 0, node.log()[-3000:]
+        [job] = jobs_for(folder / "held.txt")
+        assert (job.status, job.lease_owner) == ("queued", None), node.log()[-3000:]
+    finally:
+        release.touch()
+        node.stop()
+        db.close_store()
