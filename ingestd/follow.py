@@ -340,11 +340,13 @@ class Follower:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def recent_rows(selection: EventFilter, count: int = RECENT) -> list[Event]:
-    """The newest ``count`` retained events that pass the filter, oldest first. Walks back in
-    batches, so that ``--type daemon.*`` finds daemon events behind thousands of job events."""
+def recent_rows(selection: EventFilter, count: int = RECENT,
+                upto: int | None = None) -> list[Event]:
+    """The newest ``count`` retained events (up to sequence ``upto``) that pass the filter,
+    oldest first. Walks back in batches, so that ``--type daemon.*`` finds daemon events
+    behind thousands of job events."""
     found: list[Event] = []
-    below: int | None = None
+    below: int | None = None if upto is None else upto + 1
     while len(found) < count:
         query = Event.select().order_by(Event.seq.desc()).limit(events.REPLAY_BATCH)
         if below is not None:
@@ -359,9 +361,9 @@ def recent_rows(selection: EventFilter, count: int = RECENT) -> list[Event]:
     return list(reversed(found[:count]))
 
 
-def _print_recent(printer: Printer, selection: EventFilter) -> None:
+def _print_recent(printer: Printer, selection: EventFilter, upto: int | None = None) -> None:
     installation = events.installation_id()
-    for row in recent_rows(selection):
+    for row in recent_rows(selection, upto=upto):
         printer.show(events.to_line(row, installation))
     printer.flush()
 
@@ -406,7 +408,8 @@ def run_events(config: Config, *, follow: bool, since: int | None, project: str 
                types: list[str], as_json: bool | None, out: TextIO) -> int:
     """``ingestd events``: call with the store open. Without ``since`` and ``follow``: the last
     ``RECENT`` events. With ``since``: every event after it (``Gone`` if pruned). With
-    ``follow``: then live, from ``since`` or from now. ``as_json=None``: JSON unless ``out`` is
+    ``follow``: then live; without ``since``, the last ``RECENT`` first (as ``tail -f``).
+    ``as_json=None``: JSON unless ``out`` is
     a terminal. Returns the exit code: 0, or 130 when interrupted; a reader closing the pipe
     is a normal end."""
     _keep_logs_off_stdout()
@@ -424,6 +427,8 @@ def run_events(config: Config, *, follow: bool, since: int | None, project: str 
         kept = events.retained()
         if since is not None:
             kept.check_since(since)
+        else:  # -f alone: the recent ones first, then live from the last of them on
+            _print_recent(printer, selection, upto=kept.last)
         follower = Follower(printer, config.daemon.event_socket,
                             since if since is not None else kept.last)
         if follow:

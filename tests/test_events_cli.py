@@ -494,6 +494,18 @@ class TestReplay:
         assert command.finish() == 0
         assert command.sequences() == [started]
 
+    def test_follow_alone_prints_the_last_20_then_what_comes(self, site):
+        """-f without --since starts as `tail -f` does: the newest 20, then live ones."""
+        for i in range(30):
+            reject(f"/drop/acme/r{i}.txt")
+        recent = list(range(last_seq() - 19, last_seq() + 1))
+        follower = site.events("-f", "--format", "json")
+        wait_for(lambda: len(follower.lines) >= 20, message="the last 20 printed")
+        later = reject("/drop/acme/later.txt")
+        follower.wait_for_sequence(later)
+        assert follower.interrupt() == 130
+        assert follower.sequences() == [*recent, later]
+
     def test_readable_output_is_one_line_per_event(self, site):
         """Text output: one line per event, sequence first, short type, the facts; names escaped."""
         running = site.daemon()
