@@ -269,6 +269,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"workers: {workers['busy']}/{workers['total']} busy in processes "
           f"{', '.join(str(pid) for pid in workers['processes'])}; "
           f"{state['settling_files']} file(s) settling")
+    death = workers.get("last_process_death")
+    if death:
+        print(f"worker processes died {workers['process_deaths']} time(s), the last at "
+              f"{death['at']} (pid {death['pid']}, exit code {death['exit_code']}"
+              f"{'' if death['had_started'] else ', before it was ready'}): see the daemon's log")
     for job in workers["running"]:
         print(f"  job {job['job_id']} {job['stage']} for {job['seconds']:.1f} s  "
               f"{printable(job['path'])}")

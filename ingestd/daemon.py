@@ -340,7 +340,8 @@ class Daemon:
             "database": db.describe(settings.database),
             "projects": self._folders(),
             "workers": {"busy": len(running), "total": self.pool.size, "running": running,
-                        "processes": self.pool.pids},
+                        "processes": self.pool.pids, "process_deaths": self.pool.deaths,
+                        "last_process_death": self._last_death()},
             "settling_files": self.settler.pending_count,
             "last_rescan": self.last_scan,
             "events": {"published": self.publisher.published if self.publisher else 0,
@@ -363,6 +364,10 @@ class Daemon:
         return {"pid": os.getpid(), "version": __version__, "node": self.owner,
                 "config": str(self.config.source) if self.config.source else None,
                 "projects": sorted(self.config.projects), "workers": self.pool.size}
+
+    def _last_death(self) -> dict[str, object] | None:
+        death = self.pool.last_death
+        return None if death is None else {**death, "at": jobs.rfc3339(death["at"])}
 
     def status_line(self) -> str:
         """systemd's STATUS=; the database being away shows as such, it never stops the daemon."""

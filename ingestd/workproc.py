@@ -95,6 +95,10 @@ class WorkerProcesses:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._supervisor: threading.Thread | None = None
+        # Children that died unasked: how many, and the last one's exit code and time (shown
+        # by `ingestd status`: a child that cannot start dies again every second).
+        self.deaths = 0
+        self.last_death: dict[str, object] | None = None
 
     @property
     def owners(self) -> list[str]:
@@ -213,7 +217,11 @@ class WorkerProcesses:
         if self._stopping.is_set():
             return  # it stopped as told; stop() reaps it
         child.process.join(5)
-        log.error("worker_process_died", pid=child.process.pid, exit_code=child.process.exitcode)
+        log.error("worker_process_died", pid=child.process.pid, exit_code=child.process.exitcode,
+                  had_started=child.ready.is_set())
+        self.deaths += 1
+        self.last_death = {"pid": child.process.pid, "exit_code": child.process.exitcode,
+                           "had_started": child.ready.is_set(), "at": time.time()}
         time.sleep(RESTART_DELAY_SECONDS)  # a child that dies at once must not spin
         child.conn.close()
         with self._lock:  # stop() takes its list of children under this lock, after _stopping

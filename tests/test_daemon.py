@@ -562,6 +562,11 @@ class TestWorkerProcesses:
         job = wait_job(path)
         assert job.attempts == 2 and job.canonical_document_id == 7
         assert "worker_process_died" in daemon.log()
+        workers = json.loads(run_cli("status", "--json", config=daemon.config).stdout)["workers"]
+        assert workers["process_deaths"] == 1 and workers["last_process_death"]["pid"] == holder
+        assert workers["last_process_death"]["exit_code"] == -signal.SIGKILL
+        shown = run_cli("status", config=daemon.config).stdout
+        assert "worker processes died 1 time(s)" in shown and f"pid {holder}, exit code -9" in shown
 
     def test_worker_processes_requeue_and_exit_when_the_daemon_is_killed(self, make_daemon,
                                                                          folders, tmp_path):
