@@ -105,8 +105,9 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def _open(args: argparse.Namespace) -> config_mod.Config:
+    """The config, with its database open (never migrated here: see migrations.check_current)."""
     cfg = _config(args)
-    db.open_store(cfg.daemon.database)
+    db.open_store(cfg.daemon.database, migrate=False)
     return cfg
 
 

@@ -139,7 +139,8 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
 
 
 def open_store(url: str, migrate: bool = True) -> pw.Database:
-    """Bind the models to ``url``'s database, check it is usable and bring its schema up to date."""
+    """Bind the models to ``url``'s database, check it is usable, and bring its schema up to date
+    (``migrate``) or check that it is this ingestd's (see migrations.check_current)."""
     from ingestd import migrations
 
     db = connect(url)
@@ -149,7 +150,7 @@ def open_store(url: str, migrate: bool = True) -> pw.Database:
         if migrate:
             migrations.migrate(db)
         else:
-            migrations.check_not_newer(db)
+            migrations.check_current(db)
     return db
 
 

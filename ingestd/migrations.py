@@ -254,6 +254,21 @@ def check_not_newer(db: pw.Database) -> int:
     return version
 
 
+def check_current(db: pw.Database) -> None:
+    """For the commands that use the database without migrating it: the schema must be this
+    ingestd's. An older one is refused, not migrated: an older daemon may be using it, and
+    a migration can change what its writes must do (v6 stopped a trigger that the code of v4
+    relies on to index chunks). A new, empty database gets the schema."""
+    version = check_not_newer(db)
+    if version == 0:
+        migrate(db)
+    elif version < LATEST:
+        raise StoreError(f"database schema is version {version}, older than this ingestd's "
+                         f"({LATEST}): stop (or upgrade) the daemons using it, then run "
+                         "`ingestd db migrate` or start an upgraded daemon; the database was "
+                         "not touched")
+
+
 def migrate(db: pw.Database) -> list[int]:
     """Apply every pending migration; return the versions applied (empty when up to date)."""
     if check_not_newer(db) == LATEST:

@@ -10,7 +10,7 @@ import pytest
 from ingestd import db, jobs, migrations
 from ingestd.errors import StoreError
 
-from conftest import run_cli
+from conftest import run_cli, write_config
 
 
 def url_of(tmp_path, name="s.db") -> str:
@@ -69,6 +69,31 @@ def test_a_newer_schema_is_refused_and_not_touched(tmp_path):
         db.open_store(url_of(tmp_path))
     db.close_store()
     assert path.read_bytes() == before
+
+
+def test_commands_refuse_an_older_schema_and_leave_it_to_db_migrate(tmp_path, drop):
+    """A CLI command does not migrate: an older daemon may still be writing to the database
+    (the v6 change would leave its chunks out of the full-text index). It says what to do,
+    in one line; `ingestd db migrate` then migrates."""
+    path = tmp_path / "state" / "ingestd.db"
+    path.parent.mkdir()
+    database = db.connect(f"sqlite:///{path}")
+    migrations._ensure_history(database)
+    for version, name, step in migrations.MIGRATIONS[:-1]:  # as the ingestd before the last
+        step(database, migrations.DIALECTS["sqlite"])
+        database.execute_sql("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    database.close()
+    config = write_config(tmp_path, f'[daemon]\nstate_dir = "state"\n'
+                                    f'[projects.acme]\nfolders = ["{drop}"]\n')
+    for command in (["jobs", "list", "-p", "acme"], ["search", "-p", "acme", "word"],
+                    ["stats"], ["events"]):
+        result = run_cli(*command, config=config)
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert (f"database schema is version {migrations.LATEST - 1}, older than this "
+                "ingestd's") in result.stderr and "ingestd db migrate" in result.stderr
+    assert migrations.current_version(db.connect(f"sqlite:///{path}")) == migrations.LATEST - 1
+    assert run_cli("db", "migrate", config=config).returncode == 0
+    assert run_cli("jobs", "list", "-p", "acme", config=config).returncode == 0
 
 
 def test_a_corrupt_file_is_a_clear_error(tmp_path):
