@@ -15,6 +15,7 @@ from typing import Callable
 
 import peewee as pw
 
+from ingestd import chunking
 from ingestd.db import is_postgres
 from ingestd.errors import StoreError
 
@@ -207,6 +208,54 @@ def _v6(db: pw.Database, dialect: dict[str, str]) -> None:
         _run(db, dialect, V6_SQLITE_FTS)
 
 
+V7_INDEXES = [
+    # Migration 5 was changed after it had shipped: a database migrated by its first form
+    # kept ix_jobs_claimable and has ix_jobs_ended without its completed_at condition.
+    """DROP INDEX IF EXISTS ix_jobs_claimable""",
+    """DROP INDEX IF EXISTS ix_jobs_claim""",
+    """CREATE INDEX ix_jobs_claim ON ingest_jobs (id) WHERE status = 'queued' AND deleted_at IS NULL""",
+    """DROP INDEX IF EXISTS ix_jobs_ended""",
+    """CREATE INDEX ix_jobs_ended ON ingest_jobs (project_id, status, completed_at)
+        WHERE deleted_at IS NULL AND completed_at IS NOT NULL""",
+]
+_BACKFILL_BATCH = 500
+
+
+def _v7(db: pw.Database, dialect: dict[str, str]) -> None:
+    """Repairs. The indexes as migration 5 makes them now. Chunks for documents that have
+    none: those of schema 2 and 3, which migration 4 left unsearchable (and a duplicate of
+    one pointed at a document search never shows). On SQLite, the full-text index rebuilt
+    from the chunks: chunks written by a daemon of schema 4 after another process had applied
+    migration 6 (which dropped the trigger that daemon relied on) were never indexed."""
+    _run(db, dialect, V7_INDEXES)
+    _chunk_documents_without_chunks(db)
+    if dialect["name"] == "sqlite":
+        db.execute_sql("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
+
+
+def _chunk_documents_without_chunks(db: pw.Database) -> None:
+    """Live documents with no chunks get them, split with the default size and overlap (their
+    page boundaries were never stored: the chunks have no page)."""
+    after, param = 0, db.param
+    while True:
+        rows = db.execute_sql(
+            f"SELECT id, project_id, text FROM documents d WHERE id > {param} "
+            "AND deleted_at IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM chunks c WHERE c.document_id = d.id) "
+            f"ORDER BY id LIMIT {_BACKFILL_BATCH}", (after,)).fetchall()
+        if not rows:
+            return
+        chunks = [(document_id, project_id, seq, piece.start, piece.end, piece.text)
+                  for document_id, project_id, text in rows
+                  for seq, piece in enumerate(chunking.chunk_text(text, ()))]
+        if chunks:
+            db.cursor().executemany(
+                "INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
+                f"end_offset, text) VALUES ({param}, {param}, {param}, NULL, {param}, {param}, "
+                f"{param})", chunks)
+        after = rows[-1][0]
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -215,6 +264,7 @@ MIGRATIONS: list[Migration] = [
     (4, "chunks and the full-text index", _v4),
     (5, "indexes for stats windows and for claiming", _v5),
     (6, "chunks reach the full-text index in one statement per transaction", _v6),
+    (7, "repairs: claim and stats indexes, chunks of older documents, the full-text index", _v7),
 ]
 LATEST = MIGRATIONS[-1][0]
 

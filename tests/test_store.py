@@ -154,3 +154,68 @@ def test_writes_queue_on_a_lock_file_and_go_on_without_one(tmp_path):
     assert unqueued.execute_sql("SELECT count(*) FROM t").fetchone()[0] == 1
     queued.close()
     unqueued.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def bare_url(request, tmp_path) -> str:
+    """An empty database of each kind, not migrated."""
+    if request.param == "sqlite":
+        return url_of(tmp_path)
+    return request.getfixturevalue("pg_url")
+
+
+def _index_definitions(database) -> dict[str, str]:
+    if db.is_postgres():
+        rows = database.execute_sql("SELECT indexname, indexdef FROM pg_indexes WHERE "
+                                    "tablename = 'ingest_jobs' AND schemaname = current_schema()"
+                                    ).fetchall()
+    else:
+        rows = database.execute_sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                                    "AND tbl_name = 'ingest_jobs' AND sql IS NOT NULL").fetchall()
+    return {name: " ".join(definition.split()) for name, definition in rows}
+
+
+def test_migration_7_repairs_what_older_schemas_left_behind(bare_url, tmp_path):
+    """A database brought to schema 6 by older code: a document of schema 2-3 with no chunks,
+    chunks an older daemon wrote after migration 6 (never full-text indexed on SQLite), and
+    the claim index of migration 5's first form. Migration 7 makes both documents searchable
+    and the indexes those of a new database."""
+    from ingestd import search
+    from ingestd.jobs import FileVersion
+    from ingestd.models import database
+
+    db.open_store(bare_url)
+    fresh = _index_definitions(database)
+    for index, text in enumerate(["an old zebrafish document, never chunked",
+                                  "a quokka whose chunk missed the full-text index"]):
+        version = FileVersion(f"/drop/{index}.txt", f"{index}.txt", len(text), index, index,
+                              "text/plain")
+        jobs.create("acme", "/drop", version, 3)
+        [claimed] = jobs.claim("w1")
+        document_id = database.execute_sql(
+            "INSERT INTO documents (project_id, content_sha256, source_path, text, created_at) "
+            f"VALUES ('acme', 'sha{index}', {database.param}, {database.param}, 0) RETURNING id",
+            (version.path, text)).fetchone()[0]
+        jobs.complete(claimed.id, "w1", canonical_document_id=document_id,
+                      content_sha256=f"sha{index}")
+        if index == 1:  # as a schema-4 daemon wrote after migration 6: no full-text entry
+            database.execute_sql(
+                "INSERT INTO chunks (document_id, project_id, seq, start_offset, end_offset, "
+                f"text) VALUES ({document_id}, 'acme', 0, 0, {len(text)}, {database.param})",
+                (text,))
+    database.execute_sql("DROP INDEX ix_jobs_claim")
+    database.execute_sql("DROP INDEX ix_jobs_ended")
+    database.execute_sql("CREATE INDEX ix_jobs_claimable ON ingest_jobs (id) "
+                         "WHERE status = 'queued'")
+    database.execute_sql("CREATE INDEX ix_jobs_ended ON ingest_jobs "
+                         "(project_id, status, completed_at) WHERE deleted_at IS NULL")
+    database.execute_sql("DELETE FROM schema_migrations WHERE version = 7")
+    assert search.search("acme", "zebrafish") == []  # the damage, before the repair
+    if not db.is_postgres():  # a generated tsvector column cannot miss a chunk
+        assert search.search("acme", "quokka") == []
+    db.close_store()
+    db.open_store(bare_url)  # applies 7 to the damaged database
+    assert [hit.document_id for hit in search.search("acme", "zebrafish")] == [1]
+    assert [hit.document_id for hit in search.search("acme", "quokka")] == [2]
+    assert _index_definitions(database) == fresh
+    db.close_store()
