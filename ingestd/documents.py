@@ -101,6 +101,15 @@ def newer_version_completed(job: Job) -> int | None:
     return rows[0][0] if rows else None
 
 
+def newer_job(job: Job) -> int | None:
+    """The newest job for the same path made after ``job`` (not deleted; any status)."""
+    path, params = _same_path(job)
+    rows = _query(f"""SELECT id FROM ingest_jobs WHERE project_id = ? AND {path}
+                      AND id > ? AND deleted_at IS NULL ORDER BY id DESC LIMIT 1""",
+                  (job.project_id, *params, job.id))
+    return rows[0][0] if rows else None
+
+
 def previous_version(job: Job) -> int | None:
     """The document of the newest completed earlier job for the same path (deleted jobs too:
     their document may still be kept by another job), if no other current job keeps it."""

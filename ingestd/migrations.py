@@ -234,13 +234,17 @@ def _v7(db: pw.Database, dialect: dict[str, str]) -> None:
 
 
 def _chunk_documents_without_chunks(db: pw.Database) -> None:
-    """Live documents with no chunks get them, split with the default size and overlap (their
-    page boundaries were never stored: the chunks have no page)."""
+    """Live documents written before migration 4 (by schema 2 or 3, when every document was
+    the built-in index's) get chunks, split with the default size and overlap; their page
+    boundaries were never stored, so the chunks have no page. Later documents without chunks
+    are the text sink's, which indexes nothing."""
     after, param = 0, db.param
     while True:
         rows = db.execute_sql(
             f"SELECT id, project_id, text FROM documents d WHERE id > {param} "
-            "AND deleted_at IS NULL AND NOT EXISTS "
+            "AND deleted_at IS NULL "
+            "AND created_at < (SELECT applied_at FROM schema_migrations WHERE version = 4) "
+            "AND NOT EXISTS "
             "(SELECT 1 FROM chunks c WHERE c.document_id = d.id) "
             f"ORDER BY id LIMIT {_BACKFILL_BATCH}", (after,)).fetchall()
         if not rows:

@@ -378,14 +378,9 @@ def _quarantined(job: Job, project: ProjectConfig) -> bytes | None:
 def _check_newest(job: Job) -> None:
     """A quarantined version whose path has a newer job since is superseded: ingested now, it
     would sit in the sink beside the newer version's document."""
-    raw = job.source_path_raw
-    same_raw = Job.source_path_raw.is_null() if raw is None else Job.source_path_raw == bytes(raw)
-    newer = (Job.select(Job.id).where(Job.project_id == job.project_id,
-                                      Job.source_path == job.source_path, same_raw,
-                                      Job.id > job.id, Job.deleted_at.is_null())
-             .order_by(Job.id.desc()).first())
+    newer = documents.newer_job(job)
     if newer is not None:
-        raise Superseded(f"a newer version of the file has job {newer.id}")
+        raise Superseded(f"a newer version of the file has job {newer}")
 
 
 def _read_all(handle, limit: int, check: Callable[[], None],

@@ -187,15 +187,17 @@ def test_migration_7_repairs_what_older_schemas_left_behind(bare_url, tmp_path):
     db.open_store(bare_url)
     fresh = _index_definitions(database)
     for index, text in enumerate(["an old zebrafish document, never chunked",
-                                  "a quokka whose chunk missed the full-text index"]):
+                                  "a quokka whose chunk missed the full-text index",
+                                  "a text sink's wombat, which no index may show"]):
         version = FileVersion(f"/drop/{index}.txt", f"{index}.txt", len(text), index, index,
                               "text/plain")
         jobs.create("acme", "/drop", version, 3)
         [claimed] = jobs.claim("w1")
+        written = 0 if index == 0 else time.time()  # before migration 4, or after
         document_id = database.execute_sql(
             "INSERT INTO documents (project_id, content_sha256, source_path, text, created_at) "
-            f"VALUES ('acme', 'sha{index}', {database.param}, {database.param}, 0) RETURNING id",
-            (version.path, text)).fetchone()[0]
+            f"VALUES ('acme', 'sha{index}', {database.param}, {database.param}, "
+            f"{database.param}) RETURNING id", (version.path, text, written)).fetchone()[0]
         jobs.complete(claimed.id, "w1", canonical_document_id=document_id,
                       content_sha256=f"sha{index}")
         if index == 1:  # as a schema-4 daemon wrote after migration 6: no full-text entry
@@ -217,5 +219,6 @@ def test_migration_7_repairs_what_older_schemas_left_behind(bare_url, tmp_path):
     db.open_store(bare_url)  # applies 7 to the damaged database
     assert [hit.document_id for hit in search.search("acme", "zebrafish")] == [1]
     assert [hit.document_id for hit in search.search("acme", "quokka")] == [2]
+    assert search.search("acme", "wombat") == []
     assert _index_definitions(database) == fresh
     db.close_store()
