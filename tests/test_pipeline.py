@@ -224,6 +224,23 @@ def test_a_retry_after_a_sink_outage_reads_the_quarantined_original(cfg, store, 
     assert not quarantined.exists() and list(drop.iterdir()) == []
 
 
+def test_a_quarantined_copy_whose_path_has_a_newer_job_is_not_read(cfg, store, drop, tmp_path,
+                                                                   extractors):
+    """The file was dropped again after its job failed: retried, the old job must not put its
+    quarantined version in the index beside the new one's. It ends naming the newer job."""
+    project, path, job = failed_in_an_outage(cfg, tmp_path, drop, extractors, "move",
+                                             "the first version", max_attempts=1)
+    path.write_text("the second version")
+    newer = queue_file(cfg, path)
+    path.unlink()  # as its own job's move to processed/ does: only the quarantined copy is left
+    (tmp_path / "outage").unlink()
+    jobs.retry("acme", job.id)
+    ended = run_until_ended(cfg, extractors, project, job.id)
+    assert ended.status != "completed"
+    assert f"a newer version of the file has job {newer.id}" in (ended.message or "") + (
+        ended.error_message or "")
+
+
 def test_a_quarantined_copy_with_other_content_is_not_read(cfg, store, drop, tmp_path,
                                                           extractors):
     """The copy in failed/ is read only if it is still the job's version (size and mtime)."""
