@@ -37,12 +37,14 @@ def check_source(project: ProjectConfig, path: str) -> None:
     if info.st_size > project.max_bytes:
         raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's max_bytes "
                            f"is {project.max_bytes})")
-    intake.refuse_empty(project, shown, info.st_size)
     try:
         with open(path, "rb") as handle:
-            mime = sniff_head(handle.read(SNIFF_BYTES), path)
+            head = handle.read(SNIFF_BYTES)
     except OSError as exc:
         raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
+    # By what it holds, not its stat: /proc files say 0 bytes and are not empty.
+    intake.refuse_empty(project, shown, max(info.st_size, len(head)))
+    mime = sniff_head(head, path)
     if not intake.type_allowed(project, mime):
         raise InputRefused(f"{shown}: type {mime} is not allowed in project {project.name!r} "
                            f"(allowed: {', '.join(project.allowed_types)})")

@@ -123,3 +123,10 @@ def test_json_output_is_one_document_for_several_files(config_file, drop, tmp_pa
     listed = json.loads(result.stdout)["jobs"]
     assert [(job["original_filename"], job["status"]) for job in listed] == [
         ("one.txt", "queued"), ("two.txt", "queued")]
+
+
+def test_a_file_whose_stat_says_0_bytes_but_holds_text_is_added(config_file, drop):
+    """/proc files report a size of 0 and have content: what counts is what reading gives."""
+    result = run_cli("add", "-p", "acme", "/proc/version", config=config_file)
+    assert result.returncode == 0, result.stderr
+    assert (drop / "version").read_text().startswith("Linux version")
