@@ -260,9 +260,17 @@ class Daemon:
             self.pool.wake()
 
     def _start_scan(self) -> None:
+        """The start-up scan; workers start once the files it found are jobs (not every file
+        dropped meanwhile: under a steady stream that wait would never end)."""
+        found: set[str] = set()
+
+        def note(path: str, what: str) -> None:
+            found.add(path)
+            self.settler.note(path, what)
+
         try:
-            db.guarded("rescan", self.rescan)("start")
-            self.settler.wait_idle(START_SETTLE_WAIT_SECONDS)
+            db.guarded("rescan", self.rescan)("start", note=note)
+            self.settler.wait_settled(found, START_SETTLE_WAIT_SECONDS)
         finally:
             self.pool.resume()
 
@@ -278,9 +286,10 @@ class Daemon:
         """A directory appeared (or moved in): files inside it raised no events of their own."""
         self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["directory", path])
 
-    def rescan(self, reason: str, top: str | None = None) -> scan.ScanResult:
+    def rescan(self, reason: str, top: str | None = None,
+               note: Callable[[str, str], None] | None = None) -> scan.ScanResult:
         started = time.monotonic()
-        result = scan.scan(list(self.config.projects.values()), self.settler.note,
+        result = scan.scan(list(self.config.projects.values()), note or self.settler.note,
                            self.settler.is_pending, reason, top)
         self.last_scan = {"reason": reason, "files": result.files, "missed": result.missed,
                           "seconds": round(time.monotonic() - started, 3),

@@ -93,16 +93,22 @@ class Settler:
         self.inbox.put(("", GONE))  # wake the loop
         self._thread.join(timeout=10)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every noted file that needs no more than its quiet window has become a job
-        (files still waiting for a writer's close do not count); False at the timeout."""
+    def wait_settled(self, paths: set[str], timeout: float) -> bool:
+        """Wait until ``paths`` (noted before) have become jobs, or nothing, files still waiting
+        for a writer's close excepted; False at the timeout. Files noted meanwhile do not make
+        it wait longer: under a steady stream of drops some file is always settling."""
         deadline = time.monotonic() + timeout
-        while (self._flushing or not self.inbox.empty()
-               or any(entry.complete for entry in list(self._pending.values()))):
+        drained = False  # the inbox was empty once since: each of ``paths`` reached _pending
+        while True:
+            drained = drained or self.inbox.empty()
+            pending = self._pending
+            if drained and not self._flushing and not any(
+                    entry.complete for entry in (pending.get(path) for path in list(paths))
+                    if entry is not None):
+                return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
-        return True
 
     @property
     def pending_count(self) -> int:

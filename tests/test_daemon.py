@@ -3,12 +3,14 @@ completed (or clearly failed) job, through bursts, renames, restarts, kills and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -364,6 +366,27 @@ class TestLifecycle:
         per_path = Counter(path for (path,) in Job.select(Job.source_path).tuples())
         assert len(per_path) == 2000 and set(per_path.values()) == {1}
         assert Document.select().count() == 2000
+
+    def test_work_starts_at_once_at_a_start_while_files_keep_coming(self, make_daemon, folders):
+        """Workers wait for the start-up scan's files to become jobs, not for every file
+        dropped meanwhile: under a steady stream some file is always settling (they used to
+        wait 120 s after every restart)."""
+        stop = threading.Event()
+
+        def stream() -> None:
+            for index in itertools.count():
+                drop(folders["acme"], f"stream{index}.txt", f"stream {index}")
+                if stop.wait(0.1):
+                    return
+
+        writer = threading.Thread(target=stream, daemon=True)
+        writer.start()
+        try:
+            make_daemon(acme_extra="settle_seconds = 1")
+            wait_job(drop(folders["acme"], "probe.txt", "dropped after the start"), timeout=20)
+        finally:
+            stop.set()
+            writer.join()
 
     def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders, tmp_path):
         """Jobs still running after the grace period go back to the queue; a restart finishes them."""
