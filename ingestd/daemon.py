@@ -269,7 +269,7 @@ class Daemon:
             self.settler.note(path, what)
 
         try:
-            db.guarded("rescan", self.rescan)("start", note=note)
+            db.guarded("rescan", lambda: self.rescan("start", note=note))()
             self.settler.wait_settled(found, START_SETTLE_WAIT_SECONDS)
         finally:
             self.pool.resume()

@@ -382,8 +382,10 @@ class TestLifecycle:
         writer = threading.Thread(target=stream, daemon=True)
         writer.start()
         try:
+            wait_for(lambda: (folders["acme"] / "stream3.txt").exists(), message="a stream")
             make_daemon(acme_extra="settle_seconds = 1")
             wait_job(drop(folders["acme"], "probe.txt", "dropped after the start"), timeout=20)
+            wait_job(folders["acme"] / "stream0.txt")  # found by the start-up scan
         finally:
             stop.set()
             writer.join()
