@@ -27,6 +27,9 @@ SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "foreign_keys": 1,
     "synchronous": "normal",  # with WAL: durable across process crashes, one fsync per checkpoint
+    # A long read (a big `ingestd stats`) keeps checkpoints from restarting the WAL, which then
+    # grows; without a limit the file kept that size for good (862 MB in a soak run).
+    "journal_size_limit": 64 << 20,
     "busy_timeout": int(BUSY_TIMEOUT_SECONDS * 1000),
 }
 

@@ -219,15 +219,17 @@ def _stage_marks(project_id: str, start: float, earliest_start: float | None,
     completed jobs of the window whose last attempt wrote progress events.
 
     A range read of the outbox by its time index (from the earliest start of those jobs), joined
-    to the jobs by id; only the first event of each stage of each job comes back."""
+    to the jobs by id; only the first event of each stage of each job comes back. CROSS JOIN
+    keeps SQLite to that order: starting from the jobs, it read the outbox's whole range once
+    per job (a minute for 30,000 jobs)."""
     if earliest_start is None:
         return {}
     stage = _stage_sql()
     runs: dict[int, tuple[float, float, list[tuple[float, str]]]] = {}
     for job_id, stage_name, first, started, completed in _rows(
             f"SELECT e.job_id, {stage}, MIN(e.time), MIN(j.started_at), MIN(j.completed_at) "
-            "FROM ingest_events e JOIN ingest_jobs j ON j.id = e.job_id "
-            "WHERE e.time >= ? AND e.type = ? AND e.project_id = ? "
+            "FROM ingest_events e CROSS JOIN ingest_jobs j "
+            "WHERE j.id = e.job_id AND e.time >= ? AND e.type = ? AND e.project_id = ? "
             "AND j.project_id = ? AND j.status = 'completed' AND j.deleted_at IS NULL "
             "AND j.completed_at >= ? AND e.time >= j.started_at AND e.time <= j.completed_at "
             f"GROUP BY e.job_id, {stage}",
