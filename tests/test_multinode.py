@@ -21,8 +21,9 @@ from conftest import wait_for
 from harness import Daemon, claim_race, jobs_for, wait_job
 
 def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
-                sink: str = "") -> Path:
-    """A config for node ``name``: its own state, log and socket; the shared folder and database."""
+                sink: str = "", project: str = "acme") -> Path:
+    """A config for node ``name``: its own state, log and socket; the shared folder and database
+    (as ``project``)."""
     home = root / name
     home.mkdir(exist_ok=True)
     path = home / "ingestd.toml"
@@ -38,7 +39,7 @@ def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
         settle_seconds = 0.3
         {extra}
 
-        [projects.acme]
+        [projects.{project}]
         folders = ["{shared}"]
         {sink}
     """))
@@ -183,20 +184,8 @@ def test_daemons_with_different_projects_run_only_their_own_jobs(tmp_path, pg_ur
         for name, project in (("a", "alpha"), ("b", "beta")):
             folder = tmp_path / f"drop-{project}"
             folder.mkdir()
-            home = tmp_path / name
-            home.mkdir()
-            config = home / "ingestd.toml"
-            config.write_text(textwrap.dedent(f"""
-                [daemon]
-                state_dir = "state"
-                database = "{pg_url}"
-                workers = 2
-
-                [projects.{project}]
-                folders = ["{folder}"]
-                settle_seconds = 0.2
-            """))
-            nodes.append(Daemon(home, config).start())
+            config = node_config(tmp_path, name, pg_url, folder, project=project)
+            nodes.append(Daemon(config.parent, config).start())
         for project in ("alpha", "beta"):
             for index in range(100):
                 (tmp_path / f"drop-{project}" / f"{index}.txt").write_text(f"{project} {index}")
