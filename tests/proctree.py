@@ -23,3 +23,12 @@ def descendants(pid: int) -> list[int]:
     for kid in children(pid):
         found += [kid, *descendants(kid)]
     return found
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (it has run its last instruction)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

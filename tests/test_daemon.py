@@ -25,7 +25,7 @@ import corpus
 from conftest import run_cli, wait_for
 from harness import (Daemon, document_text, events_of_type, jobs_for, open_db, wait_ended,
                      wait_job, write_config)
-from proctree import children
+from proctree import children, gone
 
 SETTLE = 0.3
 
@@ -115,15 +115,6 @@ def blocking_sink(root: Path) -> tuple[str, Path]:
     lines = (f'[projects.acme.sink]\nkind = "command"\n'
              f'command = ["{sys.executable}", "{script}"]\ntimeout_seconds = 300')
     return lines, release
-
-
-def _runs(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie waiting to be reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def barrier(folder: Path, name: str = "zz-barrier.txt") -> None:
@@ -402,7 +393,7 @@ class TestLifecycle:
         assert events_of_type("io.ingestd.daemon.stopping")
         # Its sink program was killed: it would have ingested a job put back in the queue.
         sink_pid = int((tmp_path / "sink.pid").read_text())
-        wait_for(lambda: not _runs(sink_pid), timeout=5, message="the sink program killed")
+        wait_for(lambda: gone(sink_pid), timeout=5, message="the sink program killed")
         release.touch()
         running.start()
         assert wait_job(path, timeout=60).attempts == 1, running.log()[-3000:]

@@ -210,9 +210,7 @@ def test_a_follower_goes_on_after_its_database_connection_is_cut(tmp_path, pg_ur
 
     folder = tmp_path / "drop"
     folder.mkdir()
-    config = tmp_path / "ingestd.toml"
-    config.write_text(f'[daemon]\nstate_dir = "state"\ndatabase = "{pg_url}"\n'
-                      f'[projects.acme]\nfolders = ["{folder}"]\n')
+    config = node_config(tmp_path, "n1", pg_url, folder)
     db.open_store(pg_url)
     follower = subprocess.Popen(
         [sys.executable, "-m", "ingestd", "-c", str(config), "events", "-f", "--json",

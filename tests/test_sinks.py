@@ -29,6 +29,7 @@ from ingestd.sinks.command import CommandSink
 from ingestd.sinks.http import HttpSink
 
 from conftest import wait_for
+from proctree import gone
 from harness import Daemon, jobs_for, open_db, wait_ended, write_config
 
 DOCUMENT = Document(project_id="acme", job_id=12, text="héllo wörld\nsecond page",
@@ -51,15 +52,6 @@ def script(tmp_path: Path, body: str, name: str = "sink.py") -> list[str]:
     path = tmp_path / name
     path.write_text("import json, os, sys, time, subprocess\n" + textwrap.dedent(body))
     return [sys.executable, str(path)]
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie (it has run its last instruction)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 # --- the command sink -------------------------------------------------------------------------
