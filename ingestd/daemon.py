@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import structlog
 
-from ingestd import __version__, config as config_mod, db, events, intake, jobs, metrics, scan
+from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics, scan,
+                     writers)
 from ingestd.config import Config
 from ingestd.control import ControlServer
 from ingestd.errors import ConfigError, IngestdError
@@ -74,6 +75,7 @@ class Daemon:
         check_sinks(self.config)
         self._signals.catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
                             at_once=self._on_signal)
+        writers.ignore_lease_breaks()
         db.open_store(self.config.daemon.database)
         self._start_events()
         self._start()

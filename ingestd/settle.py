@@ -1,8 +1,10 @@
 """Settling: a file becomes a job only when it is complete.
 
-Complete means: closed after writing, renamed into the folder, or found by a scan (whose writer
-we never saw: a scan never completes a file we saw modified and not closed), AND its size, mtime and inode unchanged for the project's ``settle_seconds`` since
-the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
+Complete means: closed after writing, renamed into the folder, found by a scan (whose writer we
+never saw: a scan never completes a file we saw modified and not closed), or seen written and
+held open for writing by no process, as the kernel says (its close event was lost in an
+overflow: see :mod:`ingestd.writers`); AND its size, mtime and inode unchanged for the
+project's ``settle_seconds`` since the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
 owns all settling state, so nothing here needs a lock and no handler ever blocks.
 """
 
@@ -20,6 +22,7 @@ from typing import Callable
 
 import structlog
 
+from ingestd import writers
 from ingestd.config import ProjectConfig
 from ingestd.paths import ProjectMap
 
@@ -212,9 +215,12 @@ class Settler:
             entry.signature, entry.due = current, now + entry.project.settle_seconds
             heapq.heappush(self._heap, (entry.due, path))
             return None
-        if not entry.complete and not entry.waited_for_close:
-            # No close seen yet: a writer may hold the file open. Wait for its close event; if
-            # none comes (lost in an overflow, an mmap writer) a long quiet spell will do.
+        if (not entry.complete and not entry.waited_for_close
+                and writers.open_for_writing(path) is not False):
+            # No close seen yet, and a writer may hold the file open. Wait for its close event;
+            # if none comes (lost in an overflow, an mmap writer) a long quiet spell will do. A
+            # file the kernel says nobody holds for writing is complete at once: its close event
+            # was lost (an overflow) or never came (its writer died).
             entry.waited_for_close = True
             entry.due = now + max(CLOSE_FALLBACK_SECONDS, 10 * entry.project.settle_seconds)
             heapq.heappush(self._heap, (entry.due, path))

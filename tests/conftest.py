@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -125,3 +127,39 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+HOLD = """
+import mmap, os, sys
+path, how = sys.argv[1], sys.argv[2]
+if how == "mapped":  # a writable shared mapping outlives its descriptor
+    fd = os.open(path, os.O_RDWR)
+    held = mmap.mmap(fd, 1)
+    os.close(fd)
+else:
+    held = open(path, how)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held(path: Path, how: str) -> Iterator[None]:
+    """Another process holds ``path`` (opened with mode ``how``, or ``mapped``) until the block
+    ends; it has the file once it says so."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(path), how],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "holding\n"
+        yield
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+
+
+@pytest.fixture
+def leases_allowed() -> Iterator[None]:
+    """SIGIO ignored, as the daemon's main thread sets it."""
+    before = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGIO, before)

@@ -19,6 +19,7 @@ import pytest
 
 from ingestd import config as config_mod, control, db
 from ingestd.models import Document, Event, Job
+from ingestd.settle import CLOSE_FALLBACK_SECONDS
 from ingestd.watch import Watcher
 
 import corpus
@@ -732,6 +733,32 @@ class TestWatchingSurvives:
         assert any('"reason":"overflow"' in e.data for e in events_of_type("io.ingestd.watch.rescanned"))
         levels = {json.loads(line)["level"] for line in daemon.log().splitlines()}
         assert "overflowed" not in daemon.log() and levels <= {"error"}, daemon.log()[-2000:]
+
+    def test_a_file_whose_close_an_overflow_lost_is_taken_once_nobody_writes_it(self, make_daemon,
+                                                                                folders):
+        """The daemon saw a file written; its close event is lost in an overflow (the rescan
+        that follows does not take a file seen written). The kernel says nobody holds it open
+        for writing, so it becomes a job after its quiet window, not after the long wait kept
+        for a writer that may still be at it."""
+        daemon = make_daemon(acme_extra="settle_seconds = 3")
+        socket = config_mod.load(daemon.config).daemon.control_socket
+        acme, path = folders["acme"], folders["acme"] / "scan.txt"
+        with open(path, "w") as writer:
+            writer.write("first half, ")
+            writer.flush()
+            wait_for(lambda: control.query(socket)["settling_files"] == 1, timeout=10,
+                     message="the daemon to see the file written")
+            daemon.signal(signal.SIGSTOP)  # nobody reads the inotify queue: it overflows
+            try:
+                for i in range(20_000):
+                    (acme / f".junk{i:05d}").write_bytes(b"")
+                writer.write("second half")
+                writer.close()  # its close event finds the queue full
+            finally:
+                daemon.signal(signal.SIGCONT)
+        job = wait_job(path, timeout=CLOSE_FALLBACK_SECONDS - 5)
+        assert document_text(job) == "first half, second half"
+        assert any('"reason":"overflow"' in e.data for e in events_of_type("io.ingestd.watch.rescanned"))
 
     def test_a_new_rescan_period_applies_at_reload(self, make_daemon):
         """rescan_seconds changed with SIGHUP reschedules the periodic rescan."""

@@ -8,10 +8,10 @@ import os
 import time
 
 from ingestd.paths import ProjectMap
-from ingestd.settle import (COMPLETE, CREATED, DIRECTORY, FOUND, GONE, WRITING, Settler,
-                            fold)
+from ingestd.settle import (CLOSE_FALLBACK_SECONDS, COMPLETE, CREATED, DIRECTORY, FOUND, GONE,
+                            WRITING, Settler, fold)
 
-from conftest import wait_for
+from conftest import held, wait_for
 
 KINDS = (CREATED, WRITING, COMPLETE, FOUND, GONE)
 
@@ -72,6 +72,39 @@ def test_a_rescan_does_not_take_a_file_its_writer_has_not_closed(cfg, drop):
         assert state(s, str(path))[1:] == (False, True, False)  # not complete, written, not due
         assert s._due_files() == []
         writer.write("second part")
+    s._note(str(path), COMPLETE)
+    [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
+    assert ready.signature[0] == len("first part, second part")
+
+
+def test_a_file_seen_written_whose_close_was_lost_settles_when_nobody_holds_it(
+        cfg, drop, leases_allowed):
+    """An overflow lost the close event of a file seen written: the kernel says no process
+    holds it open for writing, so it settles after the quiet window, not after the 30 s kept
+    for writers that may still be at it."""
+    s, path = settler(cfg), drop / "scan-0042.pdf"
+    path.write_bytes(b"%PDF-1.7 all of it")
+    s._note(str(path), WRITING)  # the close that followed was lost
+    noted = time.monotonic()
+    [ready] = wait_for(s._due_files, timeout=CLOSE_FALLBACK_SECONDS / 2,
+                       message="the file to settle")
+    assert ready.path == str(path)
+    assert time.monotonic() - noted < CLOSE_FALLBACK_SECONDS / 2
+
+
+def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_allowed):
+    """Quiet for the window, but another process holds it open for writing: the settler waits
+    for the close event, and the file becomes one job with all its content."""
+    s, path = settler(cfg), drop / "slow.txt"
+    path.write_text("first part, ")
+    with held(path, "a"):
+        s._note(str(path), WRITING)
+        got: list = []
+        wait_for(lambda: got.extend(s._due_files()) or s._pending[str(path)].waited_for_close,
+                 timeout=10, message="the quiet window to pass")
+        assert got == []
+        with open(path, "a") as writer:
+            writer.write("second part")
     s._note(str(path), COMPLETE)
     [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
     assert ready.signature[0] == len("first part, second part")

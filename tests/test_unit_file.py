@@ -55,11 +55,11 @@ def test_service_gets_its_own_directories_and_config(service: configparser.Secti
 
 
 def test_service_is_hardened(service: configparser.SectionProxy) -> None:
-    """The file system is read-only but for our directories and the drop folders, and no
-    privilege can be regained."""
+    """The file system is read-only but for our directories and the drop folders, no privilege
+    can be regained, and the one capability is CAP_LEASE (see ingestd/writers.py)."""
     assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] in TRUE
-    assert service["CapabilityBoundingSet"] == ""
+    assert service["CapabilityBoundingSet"] == service["AmbientCapabilities"] == "CAP_LEASE"
     assert service["MemoryDenyWriteExecute"] in TRUE
     assert "/srv/drop" in service["ReadWritePaths"]
     assert set(service["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
