@@ -250,6 +250,9 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     # its children to stop; likewise it reloads on SIGHUP and passes the new config on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The daemon ignores SIGIO for its leases (writers.py); no lease is taken here, and the
+    # sink programs and extractors started from here get the default back.
+    signal.signal(signal.SIGIO, signal.SIG_DFL)
     db.open_store(config.daemon.database, migrate=False)
     config = replace(config, daemon=replace(config.daemon, workers=slots))
     scheduler = new_scheduler(threads=2)

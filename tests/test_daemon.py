@@ -26,7 +26,7 @@ import corpus
 from conftest import run_cli, wait_for
 from harness import (Daemon, document_text, events_of_type, jobs_for, open_db, wait_ended,
                      wait_job, write_config)
-from proctree import children, gone
+from proctree import children, descendants, gone
 
 SETTLE = 0.3
 
@@ -520,6 +520,13 @@ class TestAdd:
         assert result.returncode == 1 and "malformed" in result.stdout
 
 
+def ignores(pid: int, number: int) -> bool:
+    """Whether process ``pid`` ignores signal ``number`` (its SigIgn mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(status.split("SigIgn:")[1].split()[0], 16)
+    return bool(mask >> (number - 1) & 1)
+
+
 class TestWorkerProcesses:
     """Jobs run in worker processes, which the daemon replaces when they die and which never
     outlive it."""
@@ -537,6 +544,16 @@ class TestWorkerProcesses:
         except ProcessLookupError:
             return True
         return False
+
+    def test_only_the_daemon_ignores_sigio(self, make_daemon):
+        """The daemon ignores SIGIO, which a broken lease sends (ingestd/writers.py); its
+        worker processes and their extraction processes (and so the sink programs they start)
+        have it back at its default."""
+        daemon = make_daemon()
+        workers = self.worker_pids(daemon)
+        below = [pid for worker in workers for pid in [worker, *descendants(worker)]]
+        assert ignores(daemon.process.pid, signal.SIGIO)
+        assert len(below) > len(workers) and not any(ignores(pid, signal.SIGIO) for pid in below)
 
     def test_ready_once_worker_and_extraction_processes_are_up(self, tmp_path, folders):
         """READY=1 and the started event wait until every worker process is up with its PDF
