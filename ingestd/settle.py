@@ -4,8 +4,9 @@ Complete means: closed after writing, renamed into the folder, found by a scan (
 never saw: a scan never completes a file we saw modified and not closed), or seen written and
 held open for writing by no process, as the kernel says (its close event was lost in an
 overflow: see :mod:`ingestd.writers`); AND its size, mtime and inode unchanged for the
-project's ``settle_seconds`` since the last event. Watchdog handlers and scans only put paths on :attr:`Settler.inbox`; one thread
-owns all settling state, so nothing here needs a lock and no handler ever blocks.
+project's ``settle_seconds`` since the last event. Watchdog handlers and scans only put paths
+on :attr:`Settler.inbox`; one thread owns all settling state, so nothing here needs a lock and
+no handler ever blocks.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ class Settler:
                 and writers.open_for_writing(path) is not False):
             # No close seen yet, and a writer may hold the file open. Wait for its close event;
             # if none comes (lost in an overflow, an mmap writer) a long quiet spell will do. A
-            # file the kernel says nobody holds for writing is complete at once: its close event
-            # was lost (an overflow) or never came (its writer died).
+            # file the kernel says nobody holds for writing is complete now: the close event
+            # that followed its last write was lost in an overflow.
             entry.waited_for_close = True
             entry.due = now + max(CLOSE_FALLBACK_SECONDS, 10 * entry.project.settle_seconds)
             heapq.heappush(self._heap, (entry.due, path))
