@@ -85,11 +85,9 @@ def test_a_file_seen_written_whose_close_was_lost_settles_when_nobody_holds_it(
     s, path = settler(cfg), drop / "scan-0042.pdf"
     path.write_bytes(b"%PDF-1.7 all of it")
     s._note(str(path), WRITING)  # the close that followed was lost
-    noted = time.monotonic()
     [ready] = wait_for(s._due_files, timeout=CLOSE_FALLBACK_SECONDS / 2,
                        message="the file to settle")
     assert ready.path == str(path)
-    assert time.monotonic() - noted < CLOSE_FALLBACK_SECONDS / 2
 
 
 def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_allowed):
@@ -100,7 +98,8 @@ def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_all
     with held(path, "a"):
         s._note(str(path), WRITING)
         got: list = []
-        wait_for(lambda: got.extend(s._due_files()) or s._pending[str(path)].waited_for_close,
+        wait_for(lambda: got.extend(s._due_files()) or got
+                 or s._pending[str(path)].waited_for_close,
                  timeout=10, message="the quiet window to pass")
         assert got == []
         with open(path, "a") as writer:

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
 import pytest
 
 from ingestd.writers import open_for_writing
 
 from conftest import held
+
 
 def test_a_file_held_open_for_writing_by_another_process_is_seen(tmp_path, leases_allowed):
     path = tmp_path / "scan.pdf"
