@@ -260,6 +260,24 @@ def _chunk_documents_without_chunks(db: pw.Database) -> None:
         after = rows[-1][0]
 
 
+V8_SQLITE_FTS_MERGING = [
+    # FTS5 writes each transaction's chunks as a new segment and merges segments as they pile
+    # up. The default merges 4 of a level at a time, so a posting is rewritten once per power
+    # of 4 documents; 16 at a time rewrites it half as often. At 100,000 small documents
+    # indexed 40 per transaction (a worker's group) that cut FTS5's share of each insert by
+    # a quarter, and search p50 rose from 5.3 to 5.7 ms. crisismerge above automerge keeps
+    # merging incremental: at the default (16) it merged a whole level at once, holding the
+    # write lock for 180 ms instead of at most 21.
+    """INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('automerge', 16)""",
+    """INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('crisismerge', 64)""",
+]
+
+
+def _v8(db: pw.Database, dialect: dict[str, str]) -> None:
+    if dialect["name"] == "sqlite":  # PostgreSQL's GIN index has no such setting
+        _run(db, dialect, V8_SQLITE_FTS_MERGING)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -269,6 +287,7 @@ MIGRATIONS: list[Migration] = [
     (5, "indexes for stats windows and for claiming", _v5),
     (6, "chunks reach the full-text index in one statement per transaction", _v6),
     (7, "repairs: claim and stats indexes, chunks of older documents, the full-text index", _v7),
+    (8, "the full-text index merges its segments 16 at a time", _v8),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -212,14 +212,35 @@ def test_migration_7_repairs_what_older_schemas_left_behind(bare_url, tmp_path):
                          "WHERE status = 'queued'")
     database.execute_sql("CREATE INDEX ix_jobs_ended ON ingest_jobs "
                          "(project_id, status, completed_at) WHERE deleted_at IS NULL")
-    database.execute_sql("DELETE FROM schema_migrations WHERE version = 7")
+    database.execute_sql("DELETE FROM schema_migrations WHERE version >= 7")  # back to 6
     assert search.search("acme", "zebrafish") == []  # the damage, before the repair
     if not db.is_postgres():  # a generated tsvector column cannot miss a chunk
         assert search.search("acme", "quokka") == []
     db.close_store()
-    db.open_store(bare_url)  # applies 7 to the damaged database
+    db.open_store(bare_url)  # applies 7 (and what follows) to the damaged database
     assert [hit.document_id for hit in search.search("acme", "zebrafish")] == [1]
     assert [hit.document_id for hit in search.search("acme", "quokka")] == [2]
     assert search.search("acme", "wombat") == []
     assert _index_definitions(database) == fresh
     db.close_store()
+
+
+def test_migration_8_makes_the_full_text_index_merge_16_segments_at_a_time(tmp_path):
+    """A new database and one of schema 7 alike: FTS5 keeps the settings in its config table."""
+    def merging(path) -> dict[str, int]:
+        with sqlite3.connect(path) as connection:
+            return dict(connection.execute(
+                "SELECT k, v FROM chunks_fts_config WHERE k IN ('automerge', 'crisismerge')"))
+
+    older = db.connect(url_of(tmp_path, "older.db"))
+    migrations._ensure_history(older)
+    for version, name, step in migrations.MIGRATIONS[:7]:
+        step(older, migrations.DIALECTS["sqlite"])
+        older.execute_sql("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+    older.close()
+    assert merging(tmp_path / "older.db") == {}  # FTS5's defaults: 4 and 16
+    for name in ("older.db", "new.db"):
+        db.open_store(url_of(tmp_path, name))
+        db.close_store()
+        assert merging(tmp_path / name) == {"automerge": 16, "crisismerge": 64}
+
