@@ -1,6 +1,6 @@
 """Retrieval figures (issue 5).
 
-    python bench/bench_index.py [--documents 100000] [--files 3000]
+    python bench/bench_index.py [--documents 100000] [--files 3000] [--keep]
 
 1. search: N documents of about 2 KB (words drawn from a 20,000-word vocabulary with Zipf
    frequencies, as natural text has) indexed by the built-in index in one SQLite file; then
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -104,9 +105,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--files", type=int, default=3000)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (600 MB at 100,000 documents)")
     args = parser.parse_args()
     log.configure("warning")  # as the daemon logs: no line per job timed here
     directory = Path(tempfile.mkdtemp(prefix="ingestd-bench-index-"))
+    try:
+        run(directory, args)
+    finally:
+        if args.keep:
+            print(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(directory: Path, args: argparse.Namespace) -> None:
     fill(directory, args.documents)
     bench_search()
     db.close_store()
