@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 
@@ -15,6 +16,16 @@ from conftest import run_cli, write_config
 
 def url_of(tmp_path, name="s.db") -> str:
     return f"sqlite:///{tmp_path / name}"
+
+
+def migrate_sqlite_to(path, version: int) -> None:
+    """A SQLite file at schema ``version``, as the ingestd of that version left it."""
+    database = db.connect(f"sqlite:///{path}")
+    migrations._ensure_history(database)
+    for number, name, step in migrations.MIGRATIONS[:version]:
+        step(database, migrations.DIALECTS["sqlite"])
+        database.execute_sql("INSERT INTO schema_migrations VALUES (?, ?, 0)", (number, name))
+    database.close()
 
 
 def test_migrate_from_an_empty_file_then_rerun_is_a_no_op(tmp_path):
@@ -78,12 +89,7 @@ def test_commands_refuse_an_older_schema_and_leave_it_to_db_migrate(tmp_path, dr
     in one line; `ingestd db migrate` then migrates."""
     path = tmp_path / "state" / "ingestd.db"
     path.parent.mkdir()
-    database = db.connect(f"sqlite:///{path}")
-    migrations._ensure_history(database)
-    for version, name, step in migrations.MIGRATIONS[:-1]:  # as the ingestd before the last
-        step(database, migrations.DIALECTS["sqlite"])
-        database.execute_sql("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
-    database.close()
+    migrate_sqlite_to(path, migrations.LATEST - 1)  # as the ingestd before the last
     config = write_config(tmp_path, f'[daemon]\nstate_dir = "state"\n'
                                     f'[projects.acme]\nfolders = ["{drop}"]\n')
     for command in (["jobs", "list", "-p", "acme"], ["search", "-p", "acme", "word"],
@@ -228,16 +234,11 @@ def test_migration_7_repairs_what_older_schemas_left_behind(bare_url, tmp_path):
 def test_migration_8_makes_the_full_text_index_merge_16_segments_at_a_time(tmp_path):
     """A new database and one of schema 7 alike: FTS5 keeps the settings in its config table."""
     def merging(path) -> dict[str, int]:
-        with sqlite3.connect(path) as connection:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
             return dict(connection.execute(
                 "SELECT k, v FROM chunks_fts_config WHERE k IN ('automerge', 'crisismerge')"))
 
-    older = db.connect(url_of(tmp_path, "older.db"))
-    migrations._ensure_history(older)
-    for version, name, step in migrations.MIGRATIONS[:7]:
-        step(older, migrations.DIALECTS["sqlite"])
-        older.execute_sql("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
-    older.close()
+    migrate_sqlite_to(tmp_path / "older.db", 7)
     assert merging(tmp_path / "older.db") == {}  # FTS5's defaults: 4 and 16
     for name in ("older.db", "new.db"):
         db.open_store(url_of(tmp_path, name))
