@@ -537,14 +537,6 @@ class TestWorkerProcesses:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["workers"]["processes"]
 
-    @staticmethod
-    def gone(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
     def test_only_the_daemon_ignores_sigio(self, make_daemon):
         """The daemon ignores SIGIO, which a broken lease sends (ingestd/writers.py); its
         worker processes and their extraction processes (and so the sink programs they start)
@@ -612,7 +604,7 @@ class TestWorkerProcesses:
         path = drop(folders["acme"], "held.txt", "held by the sink")
         wait_job(path, "running")
         daemon.process.kill()
-        wait_for(lambda: all(self.gone(pid) for pid in pids), timeout=30,
+        wait_for(lambda: all(gone(pid) for pid in pids), timeout=30,
                  message="worker processes exited")
         job = wait_job(path, "queued")
         release.touch()  # the orphaned sink command exits
