@@ -86,7 +86,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # corpus (test PDFs) and proctree
-from proctree import descendants  # noqa: E402
+from proctree import cpu_seconds, descendants  # noqa: E402
 POLL_SECONDS = 0.05
 READY_EVENT = "io.ingestd.daemon.started"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -245,19 +245,6 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
         busy = (machine_ticks()[0] - before) / 2.0
         if busy <= threshold or time.monotonic() > deadline:
             return round(busy, 2)
-
-
-def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime of ``pid`` and its reaped children, and (``children``) of its live
-    descendants (worker processes, PDF extractors), in seconds; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    if children:
-        total += sum(cpu_seconds(kid, children=False) for kid in descendants(pid))
-    return total
 
 
 def cpu_by_role(pid: int) -> dict[str, float]:

@@ -9,8 +9,10 @@ ts_rank_cd over a tsvector column.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import peewee as pw
 
@@ -21,6 +23,7 @@ from ingestd.models import database
 
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
+SIGNAL_CHECK_STEPS = 10_000  # SQLite VM steps between chances for Ctrl-C to stop a search
 MARK_START, MARK_END = "[", "]"
 _TOKEN = re.compile(r'"([^"]*)"|(\S+)')
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -124,8 +127,36 @@ def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]
         hits, expression = _SQLITE, _fts5(groups)
     sql = _WITH_PATHS.format(hits=hits)
     try:
-        rows = database.execute_sql(sql, (expression, project_id, limit)).fetchall()
-    except pw.OperationalError as exc:  # parse() should make this unreachable; say it plainly
-        raise UsageError(f"malformed query: {exc}") from None
+        with _stoppable():
+            rows = database.execute_sql(sql, (expression, project_id, limit)).fetchall()
+    except pw.OperationalError as exc:
+        if str(exc) == "interrupted":  # a signal handler raised in _stoppable's callback
+            raise KeyboardInterrupt from None
+        raise UsageError(f"malformed query: {exc}") from None  # parse() should prevent it
     return [Hit(float(score), " ".join(snippet.split()), page, path, job_id, document_id)
             for score, snippet, page, path, job_id, document_id in rows]
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """Let Ctrl-C stop a long search (one that ranks most of a large index) at once.
+
+    Python runs signal handlers between its own instructions, never inside a call into
+    SQLite, so KeyboardInterrupt would wait for the query to end. SQLite calls back into Python
+    every SIGNAL_CHECK_STEPS steps instead; a handler that raises there makes the query fail
+    as "interrupted" (the exception itself is dropped: search() raises it again). psycopg
+    waits for PostgreSQL in Python, where signals are handled already."""
+    if is_postgres():
+        yield
+        return
+    connection = database.connection()
+    connection.set_progress_handler(_carry_on, SIGNAL_CHECK_STEPS)
+    try:
+        yield
+    finally:
+        connection.set_progress_handler(None, SIGNAL_CHECK_STEPS)
+
+
+def _carry_on() -> int:
+    return 0  # non-zero would abort the query
+

@@ -3,6 +3,7 @@ the tests' harness and the benchmarks alike."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -32,3 +33,17 @@ def gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """utime + stime of ``pid`` and its reaped children, and (``children``) of its live
+    descendants (worker processes, PDF extractors), in seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    if children:
+        total += sum(cpu_seconds(kid, children=False) for kid in descendants(pid))
+    return total
+

@@ -4,8 +4,13 @@ deletes that clean up, and strict, safe search queries."""
 from __future__ import annotations
 
 import os
+import random
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from ingestd.sinks.index import IndexSink
 
 import corpus
 from conftest import run_cli, wait_for
+from proctree import cpu_seconds
 
 
 @pytest.fixture
@@ -175,6 +181,42 @@ class TestSearch:
         bad = run_cli("search", "-p", "acme", '"oops', config=config_file)
         assert bad.returncode == 2 and "malformed query" in bad.stderr
         assert run_cli("search", "-p", "nope", "x", config=config_file).returncode == 3
+
+
+def test_ctrl_c_stops_a_long_search_at_once(drop, config_file, store):
+    """A search that ranks most of a large index takes seconds (the README says how many);
+    SIGINT ends it within a moment, exit 130 and nothing printed, instead of after the query.
+    Here every word of 3,000 documents matches ``w*``, asked 30 times over: over 15 s."""
+    rng = random.Random(7)
+    words = [f"w{number}x" for number in range(2000)]
+    with store.atomic():  # rows written straight, the full-text index built in one go
+        for number in range(3000):
+            text = " ".join(rng.choices(words, k=300))
+            document = Document.create(project_id="acme", content_sha256=f"{number:064x}",
+                                       source_path=str(drop / f"{number}.txt"), text=text,
+                                       created_at=time.time())
+            Chunk.create(document=document, project_id="acme", seq=0, start_offset=0,
+                         end_offset=len(text), text=text)
+        store.execute_sql("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
+    db.close_store()
+    query = " OR ".join(["w*"] * 30)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ingestd", "-c", str(config_file), "search", "-p", "acme", query],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        # Starting the CLI takes well under a second of CPU; past that it is in the query.
+        wait_for(lambda: cpu_seconds(process.pid, children=False) > 1.5, timeout=60,
+                 message="the search to be well into its query")
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the search went on for 3 s after SIGINT")
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and out == "", (out, err)
 
 
 class TestDedupAndChanges:
