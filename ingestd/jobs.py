@@ -272,16 +272,22 @@ def _emit_jobs(event_type: str, changed: Sequence[Job]) -> None:
 
 # --- creating ------------------------------------------------------------------------------------
 
-_source_ids: dict[tuple[str, str, str], int] = {}
 _source_lock = threading.Lock()
+
+
+def _known_sources() -> dict[tuple[str, str], int]:
+    """Source ids already looked up, kept with the open database (by its name alone, two
+    PostgreSQL schemas of one database would share them)."""
+    return database.obj.__dict__.setdefault("_ingestd_source_ids", {})
 
 
 def ensure_source(project_id: str, folder: str) -> int:
     """The id of the project's source row for ``folder``, created if missing."""
-    cache_key = (str(database.obj.database), project_id, folder)
+    cache_key = (project_id, folder)
+    known = _known_sources()
     with _source_lock:
-        if cache_key in _source_ids:
-            return _source_ids[cache_key]
+        if cache_key in known:
+            return known[cache_key]
     with database.atomic():
         found = Source.get_or_none(Source.project_id == project_id, Source.path == folder)
         if found is None:
@@ -295,7 +301,7 @@ def ensure_source(project_id: str, folder: str) -> int:
         else:
             source_id = found.id
     with _source_lock:
-        _source_ids[cache_key] = source_id
+        known[cache_key] = source_id
     return source_id
 
 
