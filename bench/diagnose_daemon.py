@@ -7,6 +7,10 @@ pipeline  N 2 KB text files with queued jobs; one thread loops jobs.claim(limit=
           (read, sniff, extract, IndexSink, complete), the work one daemon worker does per job
           without the dispatcher and APScheduler. Prints jobs/s and microseconds per job for
           each step (each step timed by wrapping it here; nothing in the package is changed).
+writes    N 2 KB text files: job creation (500 per transaction, as the settler) then a worker's groups
+          (25 jobs read and extracted, then ended in one transaction that claims the next 25, as
+          work.py does), with checkpoints off: the pages each writes to the WAL per file, by
+          table or index (every page a transaction changes is written whole, 8 KB).
 creation  N (default 100,000) 200-byte files already in a folder: scan -> Settler ->
           intake.create_jobs, exactly the daemon's start-up path but with no worker running;
           seconds until every file has a job row (compare: bench_daemon.py startup).
@@ -95,6 +99,57 @@ def diagnose_pipeline(work: Path, count: int) -> None:
     print(f"  {1e6 * rest / done:6.0f} us  the rest (transactions' BEGIN/COMMIT, progress, context)")
 
 
+def wal_pages(wal: Path, start: int, stop: int, page_size: int, owners: dict[int, str]
+              ) -> collections.Counter:
+    """Frames written to the WAL between two of its sizes, by the table or index of their page."""
+    frames: collections.Counter = collections.Counter()
+    with open(wal, "rb") as handle:
+        handle.seek(max(start, 32))  # the WAL header, then (24-byte header, page) per frame
+        while handle.tell() < stop and len(header := handle.read(24)) == 24:
+            frames[owners.get(int.from_bytes(header[:4], "big"), "?")] += 1
+            handle.seek(page_size, os.SEEK_CUR)
+    return frames
+
+
+def diagnose_writes(work: Path, count: int, group: int = 25) -> None:
+    from ingestd.models import database
+    from ingestd.pipeline import Context, Control, conclude_group, prepare
+    from ingestd.work import WorkerPool
+
+    config, project, layout = open_project(bench.fresh(work / "writes"), 0.2)
+    database.execute_sql("PRAGMA wal_autocheckpoint = 0")  # every frame stays in the WAL
+    wal = Path(f"{database.database}-wal")
+    paths = [layout.folder / f"f{index:07d}.txt" for index in range(count)]
+    for index, path in enumerate(paths):
+        bench.drop(path, bench.text_payload(index, 2048))
+    ready = [Ready(project, str(path), signature_of(os.lstat(path)), layout.folder)
+             for path in paths]
+    before_creation = wal.stat().st_size
+    for start in range(0, count, 500):
+        intake.create_jobs(ready[start:start + 500])
+    before_groups = wal.stat().st_size
+    pool = WorkerPool(config, scheduler=None)
+    claimed = jobs.claim(pool.owner, group, 30)
+    while claimed:
+        prepared = []
+        for job in claimed:
+            ctx = pool._context(project, Control())
+            ctx.grouped = True
+            prepared.append((job, ctx, prepare(job, ctx)))
+        with database.atomic(), jobs.events_at_end():
+            conclude_group(prepared)
+            claimed = jobs.claim(pool.owner, group, 30)
+    page_size = database.execute_sql("PRAGMA page_size").fetchone()[0]
+    owners = dict(database.execute_sql("SELECT pageno, name FROM dbstat").fetchall())
+    for title, start, end in (("creation", before_creation, before_groups),
+                              (f"worker groups of {group}", before_groups, wal.stat().st_size)):
+        frames = wal_pages(wal, start, end, page_size, owners)
+        print(f"writes, {title}: {sum(frames.values()) / count:.2f} pages of {page_size // 1024}"
+              f" KB per file ({(end - start) / count / 1024:.1f} KB of WAL)")
+        for name, pages in frames.most_common(8):
+            print(f"  {pages / count:5.2f}  {name}")
+
+
 def diagnose_creation(work: Path, count: int) -> None:
     home = work / "creation"
     layout = bench.Daemon(home, 1.0, 2)
@@ -129,15 +184,17 @@ def diagnose_creation(work: Path, count: int) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", help="pipeline, creation (default: both)")
-    parser.add_argument("--files", type=int, help="default: 5,000 (pipeline), 100,000 (creation)")
+    parser.add_argument("parts", nargs="*", help="pipeline, writes, creation (default: all)")
+    parser.add_argument("--files", type=int,
+                        help="default: 5,000 (pipeline), 10,000 (writes), 100,000 (creation)")
     parser.add_argument("--dir", type=Path, help="work here (kept) instead of a temp dir")
     args = parser.parse_args(argv)
     parts: dict[str, tuple[Callable[[Path, int], None], int]] = {
-        "pipeline": (diagnose_pipeline, 5_000), "creation": (diagnose_creation, 100_000)}
+        "pipeline": (diagnose_pipeline, 5_000), "writes": (diagnose_writes, 10_000),
+        "creation": (diagnose_creation, 100_000)}
     unknown = set(args.parts) - set(parts)
     if unknown:
-        parser.error(f"unknown part(s) {', '.join(sorted(unknown))} (known: pipeline, creation)")
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))} (known: {', '.join(parts)})")
     work = (args.dir or Path(tempfile.mkdtemp(prefix="diagnose-daemon-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log_file = open(work / "log.jsonl", "w")

@@ -96,9 +96,14 @@ class FileVersion:
 
 def version_key(project_id: str, raw_path: bytes, size: int, mtime_ns: int | None,
                 inode: int | None) -> str:
+    """The version's key in the jobs' unique index: its file's mtime (20 digits, 0 if unknown
+    or before 1970), a dot, and a SHA-256 of the version. Files come in roughly in mtime order,
+    so a burst's keys go to the end of the index: led by the hash alone, each file's key went
+    to a random page of it, and every page a transaction changes is written out whole."""
     parts = [project_id.encode(), raw_path, str(size).encode(), str(mtime_ns).encode(),
              str(inode).encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()
+    return f"{max(mtime_ns or 0, 0):020d}.{digest}"
 
 
 def existing_version_keys(keys: Sequence[str]) -> set[str]:

@@ -278,6 +278,28 @@ def _v8(db: pw.Database, dialect: dict[str, str]) -> None:
         _run(db, dialect, V8_SQLITE_FTS_MERGING)
 
 
+# Each key a job's version takes in the unique index, now led by the file's mtime (see
+# jobs.version_key): what older code wrote, given its lead. Keys that have one are left alone.
+V9_KEYS_IN_FILE_ORDER = {
+    "sqlite": """UPDATE ingest_jobs SET version_key =
+        printf('%020d', max(coalesce(file_mtime_ns, 0), 0)) || '.' || version_key
+        WHERE length(version_key) = 64""",
+    "postgres": """UPDATE ingest_jobs SET version_key =
+        lpad(greatest(coalesce(file_mtime_ns, 0), 0)::text, 20, '0') || '.' || version_key
+        WHERE length(version_key) = 64""",
+}
+V9_INDEXES = [
+    # Content dedup looks documents up through their jobs (ix_jobs_content); nothing reads this
+    # one, and every document's random SHA-256 put it on another page of it.
+    """DROP INDEX IF EXISTS ix_documents_sha""",
+]
+
+
+def _v9(db: pw.Database, dialect: dict[str, str]) -> None:
+    db.execute_sql(V9_KEYS_IN_FILE_ORDER[dialect["name"]])
+    _run(db, dialect, V9_INDEXES)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -288,6 +310,7 @@ MIGRATIONS: list[Migration] = [
     (6, "chunks reach the full-text index in one statement per transaction", _v6),
     (7, "repairs: claim and stats indexes, chunks of older documents, the full-text index", _v7),
     (8, "the full-text index merges its segments 16 at a time", _v8),
+    (9, "version keys in file order; no index on documents' content", _v9),
 ]
 LATEST = MIGRATIONS[-1][0]
 

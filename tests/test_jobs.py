@@ -65,6 +65,19 @@ class TestCreate:
         assert created and not created_again and again.id == first.id
         assert Job.select().count() == 1 and Event.select().count() == 1
 
+    def test_version_keys_sort_in_the_order_the_files_were_written(self):
+        """A burst's keys go to the end of the unique index, not to random pages of it:
+        keys are led by the mtime (0 when it is unknown or before 1970)."""
+        keys = [jobs.version_key("acme", f"/drop/{name}".encode(), 10, mtime_ns, 7)
+                for name, mtime_ns in (("z", 1_700_000_000_000_000_000), ("a", 1_700_000_000_000_000_001),
+                                       ("m", 1_800_000_000_000_000_000))]
+        assert keys == sorted(keys) and len(set(keys)) == 3
+        for unknown in (None, -5):
+            key = jobs.version_key("acme", b"/drop/old", 10, unknown, 7)
+            assert key.startswith("0" * 20 + ".") and len(key) == 85
+        assert (jobs.version_key("acme", b"/drop/x", 10, None, 7)
+                != jobs.version_key("acme", b"/drop/x", 10, 0, 7))  # the hash still tells
+
     def test_a_changed_file_is_a_new_version(self, cfg, any_store, drop):
         """A file whose size changed gets a job of its own."""
         path = make_file(drop, "a.txt")

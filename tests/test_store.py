@@ -245,3 +245,42 @@ def test_migration_8_makes_the_full_text_index_merge_16_segments_at_a_time(tmp_p
         db.close_store()
         assert merging(tmp_path / name) == {"automerge": 16, "crisismerge": 64}
 
+
+
+def _has_index(database, name: str) -> bool:
+    if db.is_postgres():
+        sql = "SELECT 1 FROM pg_indexes WHERE indexname = %s AND schemaname = current_schema()"
+    else:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
+    return database.execute_sql(sql, (name,)).fetchone() is not None
+
+
+def test_migration_9_rekeys_versions_in_file_order_and_drops_the_documents_sha_index(bare_url):
+    """Jobs made by older code (keys of the hash alone, the documents' content index) are
+    re-keyed as new code keys them: their files, found again, get no second job."""
+    from ingestd.jobs import FileVersion
+    from ingestd.models import Job, database
+
+    versions = [FileVersion("/drop/a.txt", "a.txt", 5, 1_700_000_000_123_456_789, 11, "text/plain"),
+                FileVersion("/drop/b.txt", "b.txt", 6, None, None, "text/plain")]
+    db.open_store(bare_url)
+    for version in versions:
+        jobs.create("acme", "/drop", version, 3)
+    # As code of schema 8 left them: the hash alone, and the index on documents.
+    database.execute_sql("UPDATE ingest_jobs SET version_key = substr(version_key, 22)")
+    database.execute_sql("CREATE INDEX ix_documents_sha ON documents (project_id, content_sha256)")
+    database.execute_sql("DELETE FROM schema_migrations WHERE version >= 9")
+    assert all(len(job.version_key) == 64 for job in Job.select())
+    db.close_store()
+    db.open_store(bare_url)  # applies 9
+    keys = [row[0] for row in database.execute_sql(
+        "SELECT version_key FROM ingest_jobs ORDER BY id").fetchall()]
+    assert keys == [version.key("acme") for version in versions]
+    assert keys[0].startswith("01700000000123456789.") and keys[1].startswith("0" * 20 + ".")
+    assert [jobs.create("acme", "/drop", version, 3)[1] for version in versions] == [False, False]
+    assert not _has_index(database, "ix_documents_sha")
+    v9 = dict((number, step) for number, _, step in migrations.MIGRATIONS)[9]
+    v9(database.obj, migrations.DIALECTS[migrations.dialect_name(database.obj)])
+    assert [row[0] for row in database.execute_sql(  # run again, it changes nothing
+        "SELECT version_key FROM ingest_jobs ORDER BY id").fetchall()] == keys
+    db.close_store()
