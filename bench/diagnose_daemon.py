@@ -113,7 +113,7 @@ def wal_pages(wal: Path, start: int, stop: int, page_size: int, owners: dict[int
 
 def diagnose_writes(work: Path, count: int, group: int = 25) -> None:
     from ingestd.models import database
-    from ingestd.pipeline import Context, Control, conclude_group, prepare
+    from ingestd.pipeline import Control, conclude_group, prepare
     from ingestd.work import WorkerPool
 
     config, project, layout = open_project(bench.fresh(work / "writes"), 0.2)
