@@ -278,8 +278,9 @@ def _v8(db: pw.Database, dialect: dict[str, str]) -> None:
         _run(db, dialect, V8_SQLITE_FTS_MERGING)
 
 
-# Each key a job's version takes in the unique index, now led by the file's mtime (see
-# jobs.version_key): what older code wrote, given its lead. Keys that have one are left alone.
+# Version keys as jobs.version_key makes them now, led by the file's mtime: a key of older code
+# (the hash alone, 64 characters) gets its lead from the row's file_mtime_ns. A key that has one
+# is left alone, so the step may run twice.
 V9_KEYS_IN_FILE_ORDER = {
     "sqlite": """UPDATE ingest_jobs SET version_key =
         printf('%020d', max(coalesce(file_mtime_ns, 0), 0)) || '.' || version_key
