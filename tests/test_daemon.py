@@ -359,6 +359,25 @@ class TestLifecycle:
         assert len(per_path) == 2000 and set(per_path.values()) == {1}
         assert Document.select().count() == 2000
 
+    def test_files_ingested_before_an_upgrade_get_no_second_job(self, make_daemon, folders):
+        """A daemon started on a database of schema 8 (version keys of the hash alone) migrates
+        it: its start-up scan finds each file's job under the new key and makes no other."""
+        running = make_daemon()
+        paths = [drop(folders["acme"], f"old{i}.txt", f"before the upgrade {i}") for i in range(3)]
+        for path in paths:
+            wait_job(path)
+        running.stop()
+        database = Job._meta.database
+        database.execute_sql("UPDATE ingest_jobs SET version_key = substr(version_key, 22)")
+        database.execute_sql("DELETE FROM schema_migrations WHERE version >= 9")
+        running.start()
+        wait_for(lambda: len([e for e in events_of_type("io.ingestd.watch.rescanned")
+                              if '"reason":"start"' in e.data]) == 2,
+                 message="the start-up scan after the upgrade")
+        barrier(folders["acme"])  # what the scan found has been settled
+        assert [len(jobs_for(path)) for path in paths] == [1, 1, 1]
+        assert all(len(job.version_key) == 85 for path in paths for job in jobs_for(path))
+
     def test_work_starts_at_once_at_a_start_while_files_keep_coming(self, make_daemon, folders):
         """Workers wait for the start-up scan's files to become jobs, not for every file
         dropped meanwhile: under a steady stream some file is always settling (they used to
