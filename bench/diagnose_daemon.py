@@ -7,10 +7,10 @@ pipeline  N 2 KB text files with queued jobs; one thread loops jobs.claim(limit=
           (read, sniff, extract, IndexSink, complete), the work one daemon worker does per job
           without the dispatcher and APScheduler. Prints jobs/s and microseconds per job for
           each step (each step timed by wrapping it here; nothing in the package is changed).
-writes    N 2 KB text files: job creation (500 per transaction, as the settler) then a worker's groups
-          (25 jobs read and extracted, then ended in one transaction that claims the next 25, as
-          work.py does), with checkpoints off: the pages each writes to the WAL per file, by
-          table or index (every page a transaction changes is written whole, 8 KB).
+writes    N 2 KB text files: job creation (500 per transaction, as the settler), then a worker's
+          groups (25 jobs read and extracted, then ended in one transaction that claims the next
+          25, as work.py does), with checkpoints off: the pages each writes to the WAL per file,
+          by table or index (every page a transaction changes is written whole, 8 KB).
 creation  N (default 100,000) 200-byte files already in a folder: scan -> Settler ->
           intake.create_jobs, exactly the daemon's start-up path but with no worker running;
           seconds until every file has a job row (compare: bench_daemon.py startup).

@@ -68,9 +68,10 @@ class TestCreate:
     def test_version_keys_sort_in_the_order_the_files_were_written(self):
         """A burst's keys go to the end of the unique index, not to random pages of it:
         keys are led by the mtime (0 when it is unknown or before 1970)."""
+        written = (("z", 1_700_000_000_000_000_000), ("a", 1_700_000_000_000_000_001),
+                   ("m", 1_800_000_000_000_000_000))
         keys = [jobs.version_key("acme", f"/drop/{name}".encode(), 10, mtime_ns, 7)
-                for name, mtime_ns in (("z", 1_700_000_000_000_000_000), ("a", 1_700_000_000_000_000_001),
-                                       ("m", 1_800_000_000_000_000_000))]
+                for name, mtime_ns in written]
         assert keys == sorted(keys) and len(set(keys)) == 3
         for unknown in (None, -5):
             key = jobs.version_key("acme", b"/drop/old", 10, unknown, 7)
