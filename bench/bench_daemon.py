@@ -41,8 +41,8 @@ index-cost  Issue 5: the throughput run with the text sink and with the index si
             --index-rounds (5) rounds, the order swapped every round; the median of the
             rounds' ratio of seconds per file. As the issue says, into a store that already
             holds --index-prefill (100,000) documents of 2 KB: each run starts on a copy of a
-            store filled once per sink (documents; for the index also their chunks and
-            full-text index, about 650 MB). --index-prefill 0 starts from empty stores.
+            store filled once per sink (documents, 274 MB; for the index also their chunks and
+            full-text index, 606 MB). --index-prefill 0 starts from empty stores.
             Goal: <= 1.2 (indexing adds no more than 20% per small file).
 
 --lock-stats times the database's write lock in every daemon process (bench/lockstats, put on the
