@@ -730,14 +730,12 @@ def figure_throughput(work: Path, args: argparse.Namespace, settle: float,
 def filled_store(work: Path, kind: str, documents: int) -> Path:
     """A store holding ``documents`` documents of 2 KB written by the ``kind`` sink of project
     bench (no jobs), made in this process through the sink itself, 1,000 per transaction."""
-    from ingestd import config as config_mod, db
+    from bench_index import project_in
+    from ingestd import db
     from ingestd.sinks import Document, open_sink
 
     home = fresh(work / f"prefill-{kind}")
-    (home / "drop").mkdir()
-    raw = {"daemon": {"state_dir": str(home)},
-           "projects": {"bench": {"folders": [str(home / "drop")], "sink": {"kind": kind}}}}
-    project = config_mod.from_mapping(raw, None, base=home).projects["bench"]
+    project = project_in(home, kind)
     path = home / "ingestd.db"
     database = db.open_store(f"sqlite:///{path}")
     sink, began = open_sink(project), time.monotonic()

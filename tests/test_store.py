@@ -171,14 +171,14 @@ def bare_url(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-def _index_definitions(database) -> dict[str, str]:
+def _index_definitions(database, table: str = "ingest_jobs") -> dict[str, str]:
     if db.is_postgres():
         rows = database.execute_sql("SELECT indexname, indexdef FROM pg_indexes WHERE "
-                                    "tablename = 'ingest_jobs' AND schemaname = current_schema()"
-                                    ).fetchall()
+                                    "tablename = %s AND schemaname = current_schema()",
+                                    (table,)).fetchall()
     else:
         rows = database.execute_sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                                    "AND tbl_name = 'ingest_jobs' AND sql IS NOT NULL").fetchall()
+                                    "AND tbl_name = ? AND sql IS NOT NULL", (table,)).fetchall()
     return {name: " ".join(definition.split()) for name, definition in rows}
 
 
@@ -246,15 +246,6 @@ def test_migration_8_makes_the_full_text_index_merge_16_segments_at_a_time(tmp_p
         assert merging(tmp_path / name) == {"automerge": 16, "crisismerge": 64}
 
 
-
-def _has_index(database, name: str) -> bool:
-    if db.is_postgres():
-        sql = "SELECT 1 FROM pg_indexes WHERE indexname = %s AND schemaname = current_schema()"
-    else:
-        sql = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?"
-    return database.execute_sql(sql, (name,)).fetchone() is not None
-
-
 def test_migration_9_rekeys_versions_in_file_order_and_drops_the_documents_sha_index(bare_url):
     """Jobs made by older code (keys of the hash alone, the documents' content index) are
     re-keyed as new code keys them: their files, found again, get no second job."""
@@ -278,7 +269,7 @@ def test_migration_9_rekeys_versions_in_file_order_and_drops_the_documents_sha_i
     assert keys == [version.key("acme") for version in versions]
     assert keys[0].startswith("01700000000123456789.") and keys[1].startswith("0" * 20 + ".")
     assert [jobs.create("acme", "/drop", version, 3)[1] for version in versions] == [False, False]
-    assert not _has_index(database, "ix_documents_sha")
+    assert "ix_documents_sha" not in _index_definitions(database, "documents")
     v9 = dict((number, step) for number, _, step in migrations.MIGRATIONS)[9]
     v9(database.obj, migrations.DIALECTS[migrations.dialect_name(database.obj)])
     assert [row[0] for row in database.execute_sql(  # run again, it changes nothing
