@@ -48,9 +48,11 @@ index-cost  Issue 5: the throughput run with the text sink and with the index si
 --lock-stats times the database's write lock in every daemon process (bench/lockstats, put on the
 daemon's PYTHONPATH: nothing in the package is changed) and adds "write_lock" to each daemon
 figure: busy (seconds held / seconds of the run) and per holder (process role: thread) its
-transactions and seconds waiting, holding, and on a CPU while holding. Taken with 2 workers
-and the index sink: busy 0.86-0.89, and holders on a CPU for only 60-75% of the time they
-hold it.
+transactions and seconds waiting, holding, on a CPU while holding, and runnable but waiting for
+a CPU while holding (the kernel's run queue, from /proc/thread-self/schedstat). Taken with 2
+workers and the index sink: busy 0.80-0.89, holders on a CPU for only 60-75% of the time they
+hold it, and in the run queue for nearly all the rest (preempted by the daemon's other threads
+and processes: 2 cores, more runnable threads).
 --profile [threads|gil] attaches `py-spy record --threads` (pip install py-spy) to each daemon once
 it is ready (threads: with --subprocesses; gil: with --gil, so only the thread holding the GIL is
 sampled, which shows where the interpreter's one core goes) and writes
@@ -513,17 +515,19 @@ def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
 def lock_report(before: dict[str, collections.Counter], after: dict[str, collections.Counter],
                 seconds: float) -> dict[str, Any]:
     """--lock-stats over a run: how busy the write lock was (seconds held / seconds of the
-    run), and per holder its transactions, seconds waiting, holding, and on a CPU while
-    holding (a holder that is not on a CPU, preempted or waiting for its GIL, still holds)."""
+    run), and per holder its transactions, seconds waiting, holding, on a CPU while holding,
+    and waiting for a CPU while holding (runnable, in the kernel's run queue). A holder that
+    is neither (on a CPU nor in the run queue) sleeps while it holds: on its GIL or in I/O."""
     holders = {}
     for name, counts in sorted(after.items()):
         delta = {key: counts[key] - before.get(name, collections.Counter())[key]
-                 for key in ("txns", "wait_s", "hold_s", "cpu_in_hold_s")}
+                 for key in ("txns", "wait_s", "hold_s", "cpu_in_hold_s", "runq_in_hold_s")}
         if delta["txns"]:
             holders[name] = {key: round(value, 3) for key, value in delta.items()}
     held = sum(h["hold_s"] for h in holders.values())
     return {"busy": round(held / seconds, 2), "held_seconds": round(held, 2),
             "cpu_while_held_seconds": round(sum(h["cpu_in_hold_s"] for h in holders.values()), 2),
+            "runq_while_held_seconds": round(sum(h["runq_in_hold_s"] for h in holders.values()), 2),
             "holders": holders}
 
 

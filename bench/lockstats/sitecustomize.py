@@ -4,7 +4,7 @@ Python imports this at start-up when this folder is on PYTHONPATH (the bench put
 the daemon it starts; worker processes inherit it). With INGESTD_BENCH_LOCKSTATS naming a
 folder, it wraps QueuedWriterSqlite's begin and unlock (nothing in the package is changed) and
 keeps, per thread name: write transactions, seconds waiting for the lock, seconds holding it,
-and this thread's CPU seconds while holding it. Each process rewrites FOLDER/<pid>.json after
+this thread's CPU seconds while holding it, and its seconds in the run queue while holding it. Each process rewrites FOLDER/<pid>.json after
 every transaction (about 50 us each: figures taken with --lock-stats are not the figures).
 """
 
@@ -25,15 +25,24 @@ if FOLDER:
     _guard = threading.Lock()
     _begin, _unlock = db.QueuedWriterSqlite.begin, db.QueuedWriterSqlite._unlock
 
+    def _runq_seconds() -> float:
+        """Seconds this thread has spent runnable but waiting for a CPU (the scheduler's
+        run queue), from /proc/thread-self/schedstat; 0 where the kernel does not say."""
+        try:
+            with open("/proc/thread-self/schedstat") as stat:
+                return int(stat.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def begin(self, lock_type=None):
         asked = time.perf_counter()
         _begin(self, lock_type)
-        _local.held = (time.perf_counter(), time.thread_time(), asked)
+        _local.held = (time.perf_counter(), time.thread_time(), asked, _runq_seconds())
 
     def unlock(self):
         held = getattr(_local, "held", None)
         _local.held = None
-        now, cpu = time.perf_counter(), time.thread_time()
+        now, cpu, runq = time.perf_counter(), time.thread_time(), _runq_seconds()
         _unlock(self)  # first: writing the counters is no part of the transaction
         if held is None:
             return
@@ -43,6 +52,7 @@ if FOLDER:
             counts["wait_s"] += held[0] - held[2]
             counts["hold_s"] += now - held[0]
             counts["cpu_in_hold_s"] += cpu - held[1]
+            counts["runq_in_hold_s"] += runq - held[3]
             path = os.path.join(FOLDER, f"{os.getpid()}.json")
             with open(path + ".tmp", "w") as out:
                 json.dump(_counts, out)
