@@ -142,13 +142,13 @@ def _rfc3339_second(whole: int) -> str:
 
 
 # The model keeps its values by field name ("source" for the column source_id).
-_RECORD_KEYS = [(name, "source" if name == "source_id" else name) for name in JOB_FIELDS]
+_RECORD_KEYS = ["source" if name == "source_id" else name for name in JOB_FIELDS]
 
 
 def job_record(job: Job) -> dict[str, Any]:
     """The job as the contract shows it (JSON output and event data)."""
     data = job.__data__  # read straight, not through each field's descriptor: one per event
-    record = {name: data.get(key) for name, key in _RECORD_KEYS}
+    record = dict(zip(JOB_FIELDS, map(data.get, _RECORD_KEYS)))
     for name in _TIME_FIELDS:
         record[name] = rfc3339(record[name])
     return record
@@ -222,6 +222,8 @@ def emit(event_type: str, data: dict[str, Any], project_id: str | None = None,
 
 
 _collecting = threading.local()
+# One encoder for every event's data: json.dumps with options builds a new one per call.
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @contextlib.contextmanager
@@ -259,7 +261,7 @@ def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None
                         "RETURNING last_seq", (len(events),)).fetchone()[0]
         moment, first = now(), last - len(events) + 1
         rows = [(first + index, event_type, project_id, job_id, moment,
-                 json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+                 _EVENT_JSON.encode(data))
                 for index, (event_type, data, project_id, job_id) in enumerate(events)]
         database.cursor().executemany(
             _sql("INSERT INTO ingest_events (seq, type, project_id, job_id, time, data) "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -438,10 +439,13 @@ def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job |
         completed = jobs.complete_many(owner, [
             (job.id, _indexed_message(found.extracted), document_id, found.sha)
             for (job, _, found), document_id in zip(items, ids)])
+        # Asked once (structlog asks the same stdlib logger): this runs holding the write lock.
+        debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
         for (job, ctx, _), final in zip(items, completed):
             ctx.control.enter("")
-            log.debug("job_completed", job_id=job.id, project=job.project_id,
-                      path=job.source_path, message=final.message)
+            if debug:
+                log.debug("job_completed", job_id=job.id, project=job.project_id,
+                          path=job.source_path, message=final.message)
             finals[job.id] = final
     for job, ctx, found in group:
         if job.id not in finals:
