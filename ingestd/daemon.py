@@ -23,7 +23,7 @@ from ingestd import (__version__, config as config_mod, db, events, intake, jobs
                      writers)
 from ingestd.config import Config
 from ingestd.control import ControlServer
-from ingestd.errors import ConfigError, IngestdError
+from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap
@@ -45,6 +45,7 @@ STATUS_SECONDS = 5.0
 OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
 WORKERS_START_SECONDS = 60.0  # past this, the daemon says it is ready without them
 REWATCH_SECONDS = 2.0  # how soon a lost folder (deleted, or not watchable) is watched again
+DATABASE_RETRY_MAX_SECONDS = 30.0  # the longest wait between tries to reach the database at start
 
 
 class Daemon:
@@ -76,7 +77,9 @@ class Daemon:
         self._signals.catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
                             at_once=self._on_signal)
         writers.ignore_lease_breaks()
-        db.open_store(self.config.daemon.database)
+        if not self._open_store():
+            self.notifier.stopping()
+            return 0
         self._start_events()
         self._start()
         try:
@@ -84,6 +87,28 @@ class Daemon:
         finally:
             self._shutdown()
         return 0
+
+    def _open_store(self) -> bool:
+        """Open the database. A PostgreSQL server that cannot be reached yet (the daemon started
+        before it at boot, or it is restarting) is waited for, not given up on: tried again
+        with backoff, each try a log line and systemd's STATUS=, systemd's start timeout
+        extended meanwhile. False if a stop signal came first."""
+        delay = 1.0
+        while True:
+            try:
+                db.open_store(self.config.daemon.database)
+                return True
+            except StoreUnreachable as exc:
+                log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)
+                self.notifier.status(f"waiting for the database: {exc}")
+                self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1_000_000)}")
+            for number in self._signals.wait(delay):
+                if number in (signal.SIGTERM, signal.SIGINT):
+                    log.info("daemon_stopping", signal=signal.Signals(number).name)
+                    return False
+                log.warning("signal_ignored", signal=signal.Signals(number).name,
+                            reason="waiting for the database")
+            delay = min(2 * delay, DATABASE_RETRY_MAX_SECONDS)
 
     def _start_events(self) -> None:
         """The socket first (a second daemon on the same paths stops here), then the publisher."""

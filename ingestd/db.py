@@ -13,7 +13,7 @@ from typing import Callable, Iterator, TypeVar
 import peewee as pw
 import structlog
 
-from ingestd.errors import StoreError
+from ingestd.errors import StoreError, StoreUnreachable
 from ingestd.models import database
 
 T = TypeVar("T")
@@ -149,12 +149,30 @@ def open_store(url: str, migrate: bool = True) -> pw.Database:
     db = connect(url)
     database.initialize(db)
     with translate_errors(url):
-        db.connect(reuse_if_open=True)
+        _connect(db, url)
         if migrate:
             migrations.migrate(db)
         else:
             migrations.check_current(db)
     return db
+
+
+# What a PostgreSQL server says while it will soon take connections. Any other refusal it sends
+# (a login it refuses, a database or role that does not exist) is the operator's to fix.
+_SERVER_NOT_YET = ("starting up", "shutting down", "in recovery", "not yet accepting",
+                   "too many clients", "connection slots")
+
+
+def _connect(db: pw.Database, url: str) -> None:
+    """Connect; StoreUnreachable if a PostgreSQL server could not be reached (nothing answered:
+    refused, timed out, an unknown host name) or is not taking connections yet."""
+    try:
+        db.connect(reuse_if_open=True)
+    except (pw.PeeweeException, sqlite3.Error) as exc:
+        said = str(exc)
+        if is_postgres(db) and ("FATAL" not in said or any(s in said for s in _SERVER_NOT_YET)):
+            raise StoreUnreachable(str(as_store_error(exc, url))) from None
+        raise
 
 
 def reset_connection() -> None:

@@ -50,3 +50,8 @@ class StoreError(IngestdError):
     """The database cannot be used: corrupt, locked, or of a newer schema."""
 
     exit_code = EXIT_FAILURE
+
+
+class StoreUnreachable(StoreError):
+    """A PostgreSQL server that cannot be reached, or does not take connections yet: it may
+    be starting or restarting, so a daemon waits for it (a command fails as for StoreError)."""

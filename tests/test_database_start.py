@@ -1,0 +1,148 @@
+"""A daemon whose PostgreSQL server cannot be reached at start (a boot where ingestd starts
+first, a server restarting) waits for it instead of exiting; a refused login still fails at once.
+The server is the real one, reached through a TCP relay the test opens only when it wants the
+server to "come up"."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import textwrap
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from ingestd import db
+
+from conftest import PG_URL, wait_for
+from harness import Daemon, wait_job
+
+pytest.importorskip("psycopg", reason="PostgreSQL support is the postgres extra")
+
+
+class Relay:
+    """Forwards every TCP connection on a local port to PostgreSQL's, from start() on."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self.listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def config_for(root: Path, url: str) -> Path:
+    (root / "drop").mkdir()
+    path = root / "ingestd.toml"
+    path.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "state"
+        database = "{url}"
+        workers = 1
+
+        [projects.acme]
+        folders = ["{root / 'drop'}"]
+        settle_seconds = 0.2
+    """))
+    return path
+
+
+def server_of(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+def via_port(url: str, port: int) -> str:
+    """``url`` (the test's PostgreSQL URL, with its schema) through 127.0.0.1:``port``."""
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    return parts._replace(netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}").geturl()
+
+
+def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url):
+    port = free_port()
+    relay = Relay(port, server_of(PG_URL))
+    daemon = Daemon(tmp_path, config_for(tmp_path, via_port(pg_url, port)))
+    daemon.start(wait_ready=False)
+    try:
+        daemon.notify.wait_for(lambda m: "STATUS=waiting for the database" in m,
+                               alive=lambda: daemon.alive)
+        daemon.notify.wait_for(lambda m: m.startswith("EXTEND_TIMEOUT_USEC="),
+                               alive=lambda: daemon.alive)
+        wait_for(lambda: daemon.log().count('"database_unreachable"') >= 2, timeout=30,
+                 message="two tries logged")
+        assert daemon.alive and not any("READY=1" in m for m in daemon.notify.messages)
+        assert "Connection refused" in daemon.log()
+
+        relay.start()  # the server "comes up"
+        daemon.notify.wait_for(lambda m: "READY=1" in m, timeout=60, alive=lambda: daemon.alive)
+        (tmp_path / "drop" / "a.txt").write_text("ingested once the database was there")
+        db.open_store(pg_url)
+        assert wait_job(tmp_path / "drop" / "a.txt", timeout=60).status == "completed"
+        assert daemon.stop() == 0
+    finally:
+        if daemon.alive:
+            daemon.kill(with_children=True)
+        relay.close()
+        db.close_store()
+
+
+def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
+    daemon = Daemon(tmp_path, config_for(
+        tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/test"))
+    daemon.start(wait_ready=False)
+    daemon.notify.wait_for(lambda m: "STATUS=waiting for the database" in m,
+                           alive=lambda: daemon.alive)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=10) == 0
+    daemon.notify.wait_for(lambda m: "STOPPING=1" in m, timeout=5)
+    assert '"daemon_stopping"' in daemon.log()
+    assert not daemon.unclean_lines()
+
+
+def test_a_login_the_server_refuses_fails_at_once(tmp_path, pg_url):
+    unknown_role = pg_url.replace("://postgres@", "://ingestd_no_such_role@")
+    assert unknown_role != pg_url
+    daemon = Daemon(tmp_path, config_for(tmp_path, unknown_role))
+    daemon.start(wait_ready=False)
+    assert daemon.process.wait(timeout=30) == 1
+    log = daemon.log()
+    assert 'role "ingestd_no_such_role" does not exist' in log
+    assert "database_unreachable" not in log
