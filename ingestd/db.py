@@ -18,6 +18,7 @@ from ingestd.models import database
 
 T = TypeVar("T")
 BUSY_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL: give up a connection attempt after this long
 SQLITE_PRAGMAS = {
     # Only a new file takes it (before WAL is on); an existing one keeps its page size. A 2 KB
     # text is one row of ``documents``: 4 KB pages hold one such row, 8 KB pages three, so a
@@ -56,9 +57,13 @@ def connect(url: str) -> pw.Database:
         from playhouse.db_url import connect as connect_url
 
         try:
-            return connect_url(url)
+            database = connect_url(url)
         except pw.ImproperlyConfigured as exc:
             raise StoreError(f"{describe(url)}: {exc} (install ingestd[postgres])") from None
+        # libpq waits as long as the system's TCP timeout (minutes) for a host that does not
+        # answer, and a stop signal waits with it; the URL's own connect_timeout wins.
+        database.connect_params.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+        return database
     raise StoreError(f"{describe(url)}: unsupported database URL "
                      "(use sqlite:///PATH or postgresql://USER@HOST/DB)")
 

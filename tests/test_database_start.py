@@ -9,12 +9,14 @@ import signal
 import socket
 import textwrap
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from ingestd import db
+from ingestd.errors import StoreUnreachable
 
 from conftest import PG_URL, wait_for
 from harness import Daemon, wait_job
@@ -146,3 +148,28 @@ def test_a_login_the_server_refuses_fails_at_once(tmp_path, pg_url):
     log = daemon.log()
     assert 'role "ingestd_no_such_role" does not exist' in log
     assert "database_unreachable" not in log
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_the_connect_timeout():
+    """A host that takes the connection and then says nothing (hung, or a firewall eating the
+    packets) holds libpq for the system's TCP timeout, minutes, unless a timeout is set: the
+    URL's connect_timeout, else ingestd's default. Then it is unreachable, and waited for."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake
+    url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+    outcome: list[BaseException] = []
+
+    def try_to_open() -> None:
+        try:
+            db.open_store(url)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    began = time.monotonic()
+    opener = threading.Thread(target=try_to_open, daemon=True)
+    opener.start()
+    opener.join(db.CONNECT_TIMEOUT_SECONDS + 20)
+    silent.close()
+    assert not opener.is_alive(), "open_store still waiting on a server that never answers"
+    assert time.monotonic() - began >= db.CONNECT_TIMEOUT_SECONDS - 1
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreUnreachable), outcome
+    assert "timeout" in str(outcome[0])
