@@ -46,6 +46,7 @@ OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
 WORKERS_START_SECONDS = 60.0  # past this, the daemon says it is ready without them
 REWATCH_SECONDS = 2.0  # how soon a lost folder (deleted, or not watchable) is watched again
 DATABASE_RETRY_MAX_SECONDS = 30.0  # the longest wait between tries to reach the database at start
+START_SECONDS_AFTER_WAITING = 90.0  # systemd's default start timeout, granted again meanwhile
 
 
 class Daemon:
@@ -101,7 +102,9 @@ class Daemon:
             except StoreUnreachable as exc:
                 log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)
                 self.notifier.status(f"waiting for the database: {exc}")
-                self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int((delay + 30) * 1_000_000)}")
+                # Time for the wait, the next try, and then a start as systemd allows by default.
+                extend = delay + db.CONNECT_TIMEOUT_SECONDS + START_SECONDS_AFTER_WAITING
+                self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int(extend * 1_000_000)}")
             for number in self._signals.wait(delay):
                 if number in (signal.SIGTERM, signal.SIGINT):
                     log.info("daemon_stopping", signal=signal.Signals(number).name)
