@@ -46,6 +46,9 @@ pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once int
             of bare runs just before and after it), the median is reported.
             Goals: 2 workers >= 1.7 x 1 worker; 1 worker within 10% of bare pypdf.
 
+soak        (only when named) --soak-rate (400) files per second for --soak-seconds (300) into a
+            running daemon that deletes each file once ingested: RSS of the daemon and of its
+            process tree every 10 s, and their growth after the first minute.
 index-cost  Issue 5: the throughput run with the text sink and with the index sink, in
             --index-rounds (5) rounds, the order swapped every round; the median of the
             rounds' ratio of seconds per file. As the issue says, into a store that already
@@ -105,6 +108,7 @@ POLL_SECONDS = 0.05
 READY_EVENT = "io.ingestd.daemon.started"
 TERMINAL = ("completed", "failed", "cancelled")
 FIGURES = ("floor", "throughput", "ratio", "latency", "startup", "pdf", "index-cost")
+OPT_IN = ("soak",)  # run only when named
 WORDS = ("ingest daemon folder settle worker queue lease sqlite event record extract page text "
          "scanner invoice contract report quarterly budget meeting summary archive customer "
          "delivery warehouse shipment payment balance account review policy schedule").split()
@@ -349,6 +353,7 @@ class Daemon:
     workers: int
     profile: str | None = None  # None, "threads" or "gil" (see --profile)
     sink: str = "index"  # the project's sink kind (--sink)
+    after: str = "keep"  # the project's `after` (what becomes of each original)
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     peak_rss_kb: int = 0
@@ -379,7 +384,7 @@ class Daemon:
             [projects.bench]
             folders = ["{self.folder}"]
             settle_seconds = {self.settle_seconds}
-            after = "keep"
+            after = "{self.after}"
 
             [projects.bench.sink]
             kind = "{self.sink}"
@@ -479,10 +484,10 @@ class Daemon:
 def run_daemon(home: Path, settle: float, workers: int, profile: str | None,
                body: Callable[[Daemon, DbReader], dict[str, Any]],
                before_start: Callable[[Daemon], None] | None = None,
-               ready_timeout: float = 60.0) -> dict[str, Any]:
+               ready_timeout: float = 60.0, after: str = "keep") -> dict[str, Any]:
     """Write the config, run ``before_start``, start the daemon, wait until ready, run ``body``,
     stop the daemon; ``body``'s result plus facts about the run."""
-    daemon = Daemon(fresh(home), settle, workers, profile, SINK["kind"])
+    daemon = Daemon(fresh(home), settle, workers, profile, SINK["kind"], after)
     daemon.write_config()
     if before_start is not None:
         before_start(daemon)
@@ -831,6 +836,42 @@ def figure_index_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 # --- latency --------------------------------------------------------------------------------------
 
+def figure_soak(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A steady stream for a long while: does the daemon's memory stay put? RSS of the daemon
+    and of its process tree every 10 s, and their growth after the first minute (caches and
+    the allocator's arenas fill in that minute; growth after it would be a leak). Each file
+    is deleted once ingested (after = "delete"), so the folder, and with it what a rescan
+    holds at once, stays small: with "keep" the rescans (every 5 min) walk an ever larger
+    folder, and the daemon keeps the memory the largest one took."""
+    def body(daemon: Daemon, reader: DbReader) -> dict[str, Any]:
+        samples: list[dict[str, float]] = []
+        began = next_sample = time.time()
+        dropped = 0
+        while (now := time.time()) - began < args.soak_seconds:
+            while dropped < int((now - began) * args.soak_rate):
+                drop(daemon.folder / f"f{dropped:08d}.txt", text_payload(dropped, args.size))
+                dropped += 1
+            if now >= next_sample:
+                status = daemon.sample_rss()
+                tree = status.get("VmRSS", 0) + sum(proc_status(pid).get("VmRSS", 0)
+                                                    for pid in descendants(daemon.process.pid))
+                samples.append({"seconds": round(now - began), "dropped": dropped,
+                                "daemon_rss_mb": round(status.get("VmRSS", 0) / 1024, 1),
+                                "tree_rss_mb": round(tree / 1024, 1)})
+                next_sample += 10
+            time.sleep(0.01)
+        counts = wait_all_ended(daemon, reader, dropped, args.timeout)
+        settled = [sample for sample in samples if sample["seconds"] >= 60] or samples
+        return {"files": dropped, "files_per_second": args.soak_rate, "statuses": counts,
+                "daemon_rss_growth_mb": round(samples[-1]["daemon_rss_mb"]
+                                              - settled[0]["daemon_rss_mb"], 1),
+                "tree_rss_growth_mb": round(samples[-1]["tree_rss_mb"]
+                                            - settled[0]["tree_rss_mb"], 1),
+                "samples": samples}
+
+    return run_daemon(work / "soak", 0.2, 2, args.profile, body, after="delete")
+
+
 def figure_latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     settle, count, rate = 1.0, args.latency_files, args.latency_rate
 
@@ -1048,6 +1089,11 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("throughput / floor, back to back (median of rounds)",
                      "n/a (every floor drop-bound)" if ratio is None else f"{ratio:.2f} x",
                      ">= 0.5 x", verdict(None if ratio is None else ratio >= 0.5)))
+    if "samples" in results.get("soak", {}):
+        run = results["soak"]
+        rows.append((f"soak, {run['files']:,} files: RSS growth after the first minute",
+                     f"{run['daemon_rss_growth_mb']:+.1f} MB (tree {run['tree_rss_growth_mb']:+.1f})",
+                     "-", "-"))
     if "latency" in results:
         run = results["latency"]
         goal = 1000 * run["settle_seconds"] + 50
@@ -1114,7 +1160,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figures", nargs="*", metavar="FIGURE",
-                        help=f"any of {', '.join(FIGURES)} (default: all)")
+                        help=f"any of {', '.join(FIGURES + OPT_IN)} (default: all but "
+                             f"{', '.join(OPT_IN)})")
     parser.add_argument("--dir", type=Path, help="work here (kept) instead of a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--files", type=int, default=10_000, help="floor/throughput files")
@@ -1141,6 +1188,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pdf-rounds", type=int, default=3,
                         help="rounds of the pdf figure (the ratios' median is the figure)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of each wait, s")
+    parser.add_argument("--soak-rate", type=int, default=400, help="soak: files per second")
+    parser.add_argument("--soak-seconds", type=int, default=300, help="soak: seconds of drops")
     parser.add_argument("--profile", nargs="?", const="threads", choices=("threads", "gil"),
                         help="attach py-spy to each daemon (slows it; see the docstring): "
                              "'threads' (default) samples every busy thread and the extraction "
@@ -1156,9 +1205,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="before each figure, wait up to S seconds for the machine to be "
                              "idle (others' test runs skew every figure; 0: do not wait)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.figures) - set(FIGURES))
+    known = FIGURES + OPT_IN
+    unknown = sorted(set(args.figures) - set(known))
     if unknown:
-        parser.error(f"unknown figure(s) {', '.join(unknown)} (known: {', '.join(FIGURES)})")
+        parser.error(f"unknown figure(s) {', '.join(unknown)} (known: {', '.join(known)})")
     return args
 
 
@@ -1191,7 +1241,8 @@ def run_figures(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 FIGURE_FUNCS = {"floor": figure_floor, "ratio": figure_ratio, "latency": figure_latency,
-                "startup": figure_startup, "pdf": figure_pdf, "index-cost": figure_index_cost}
+                "startup": figure_startup, "pdf": figure_pdf, "index-cost": figure_index_cost,
+                "soak": figure_soak}
 
 
 def code_version() -> str:
