@@ -30,7 +30,7 @@ ratio       The throughput / floor goal again, from runs taken back to back: --r
             created, not the loop, and is left out (n/a if every round was). The floor and
             throughput figures above are minutes apart, and how fast ext4 creates files drifts
             by up to 2x in minutes: their ratio read 0.45-0.49 when a recent delete slowed the
-            drops (the floor then waits for files), 0.31-0.37 when drops were fast.
+            drops (the floor then waits for files), 0.31-0.40 when drops were fast.
 latency     settle_seconds = 1.0; 500 files dropped at 50/s; for each, job created_at minus the
             time.time() taken right after its close. Goal: p99 <= settle_seconds + 50 ms.
 startup     100,000 files of 200 bytes already in the folder when the daemon starts: seconds from
@@ -48,7 +48,8 @@ pdf         40 PDFs of 50 text pages (tests/corpus.make_pdf) dropped at once int
 
 soak        (only when named) --soak-rate (400) files per second for --soak-seconds (300) into a
             running daemon that deletes each file once ingested: RSS of the daemon and of its
-            process tree every 10 s, and their growth after the first minute.
+            process tree every 10 s, and their growth after the first minute. 264,000 files in
+            11 minutes: daemon +2.0 MB, tree +7.0 MB (tracemalloc: no Python object piles up).
 index-cost  Issue 5: the throughput run with the text sink and with the index sink, in
             --index-rounds (5) rounds, the order swapped every round; the median of the
             rounds' ratio of seconds per file. As the issue says, into a store that already
@@ -430,15 +431,15 @@ class Daemon:
             self._start_profiler()
         return time.time() - self.started_at
 
-    def sample_rss(self) -> dict[str, int]:
+    def sample_rss(self) -> tuple[int, int]:
         """Sample the daemon's RSS and its process tree's (worker processes and their PDF
-        extractors included: the tree's sum is the figure)."""
+        extractors included: the tree's sum is the figure); both now, in KB."""
         status = proc_status(self.process.pid)
         self.peak_rss_kb = max(self.peak_rss_kb, status.get("VmHWM", 0), status.get("VmRSS", 0))
         tree = status.get("VmRSS", 0) + sum(proc_status(pid).get("VmRSS", 0)
                                             for pid in descendants(self.process.pid))
         self.peak_tree_rss_kb = max(self.peak_tree_rss_kb, tree)
-        return status
+        return status.get("VmRSS", 0), tree
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM, wait (then SIGKILL at the deadline); the exit code."""
@@ -852,11 +853,9 @@ def figure_soak(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 drop(daemon.folder / f"f{dropped:08d}.txt", text_payload(dropped, args.size))
                 dropped += 1
             if now >= next_sample:
-                status = daemon.sample_rss()
-                tree = status.get("VmRSS", 0) + sum(proc_status(pid).get("VmRSS", 0)
-                                                    for pid in descendants(daemon.process.pid))
+                own, tree = daemon.sample_rss()
                 samples.append({"seconds": round(now - began), "dropped": dropped,
-                                "daemon_rss_mb": round(status.get("VmRSS", 0) / 1024, 1),
+                                "daemon_rss_mb": round(own / 1024, 1),
                                 "tree_rss_mb": round(tree / 1024, 1)})
                 next_sample += 10
             time.sleep(0.01)

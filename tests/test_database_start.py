@@ -32,7 +32,7 @@ class Relay:
         self.listener: socket.socket | None = None
 
     def start(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self.listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:

@@ -4,8 +4,9 @@ Python imports this at start-up when this folder is on PYTHONPATH (the bench put
 the daemon it starts; worker processes inherit it). With INGESTD_BENCH_LOCKSTATS naming a
 folder, it wraps QueuedWriterSqlite's begin and unlock (nothing in the package is changed) and
 keeps, per thread name: write transactions, seconds waiting for the lock, seconds holding it,
-this thread's CPU seconds while holding it, and its seconds in the run queue while holding it. Each process rewrites FOLDER/<pid>.json after
-every transaction (about 50 us each: figures taken with --lock-stats are not the figures).
+this thread's CPU seconds while holding it, and its seconds in the run queue while holding it.
+Each process rewrites FOLDER/<pid>.json after every transaction (about 50 us each: figures
+taken with --lock-stats are not the figures).
 """
 
 import os
