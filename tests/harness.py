@@ -141,6 +141,32 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
+                sink: str = "", project: str = "acme") -> Path:
+    """A config for node ``name``: its own state, log and socket; the shared folder and database
+    (as ``project``)."""
+    home = root / name
+    home.mkdir(exist_ok=True)
+    path = home / "ingestd.toml"
+    path.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "state"
+        database = "{url}"
+        workers = 2
+        lease_seconds = 2
+        shutdown_grace_seconds = 5
+
+        [defaults]
+        settle_seconds = 0.3
+        {extra}
+
+        [projects.{project}]
+        folders = ["{shared}"]
+        {sink}
+    """))
+    return path
+
+
 def write_config(root: Path, body: str) -> Path:
     path = root / "ingestd.toml"
     path.write_text(textwrap.dedent(body))

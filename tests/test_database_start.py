@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from ingestd import db
 from ingestd.errors import StoreUnreachable
 
 from conftest import PG_URL, wait_for
-from harness import Daemon, wait_job
+from harness import Daemon, node_config, wait_job
 
 pytest.importorskip("psycopg", reason="PostgreSQL support is the postgres extra")
 
@@ -70,20 +69,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def config_for(root: Path, url: str) -> Path:
-    (root / "drop").mkdir()
-    path = root / "ingestd.toml"
-    path.write_text(textwrap.dedent(f"""
-        [daemon]
-        state_dir = "state"
-        database = "{url}"
-        workers = 1
-
-        [projects.acme]
-        folders = ["{root / 'drop'}"]
-        settle_seconds = 0.2
-    """))
-    return path
+def node(root: Path, url: str) -> Daemon:
+    """A daemon (not started yet) on ``url``, watching root/drop."""
+    (root / "drop").mkdir(exist_ok=True)
+    config = node_config(root, "node", url, root / "drop")
+    return Daemon(config.parent, config)
 
 
 def server_of(url: str) -> tuple[str, int]:
@@ -101,7 +91,7 @@ def via_port(url: str, port: int) -> str:
 def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url):
     port = free_port()
     relay = Relay(port, server_of(PG_URL))
-    daemon = Daemon(tmp_path, config_for(tmp_path, via_port(pg_url, port)))
+    daemon = node(tmp_path, via_port(pg_url, port))
     daemon.start(wait_ready=False)
     try:
         daemon.notify.wait_for(lambda m: "STATUS=waiting for the database" in m,
@@ -127,8 +117,7 @@ def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url)
 
 
 def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
-    daemon = Daemon(tmp_path, config_for(
-        tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/test"))
+    daemon = node(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/test")
     daemon.start(wait_ready=False)
     daemon.notify.wait_for(lambda m: "STATUS=waiting for the database" in m,
                            alive=lambda: daemon.alive)
@@ -142,7 +131,7 @@ def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
 def test_a_login_the_server_refuses_fails_at_once(tmp_path, pg_url):
     unknown_role = pg_url.replace("://postgres@", "://ingestd_no_such_role@")
     assert unknown_role != pg_url
-    daemon = Daemon(tmp_path, config_for(tmp_path, unknown_role))
+    daemon = node(tmp_path, unknown_role)
     daemon.start(wait_ready=False)
     assert daemon.process.wait(timeout=30) == 1
     log = daemon.log()

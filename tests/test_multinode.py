@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -18,33 +17,7 @@ from ingestd.jobs import FileVersion
 from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
-from harness import Daemon, claim_race, jobs_for, wait_job
-
-def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
-                sink: str = "", project: str = "acme") -> Path:
-    """A config for node ``name``: its own state, log and socket; the shared folder and database
-    (as ``project``)."""
-    home = root / name
-    home.mkdir(exist_ok=True)
-    path = home / "ingestd.toml"
-    path.write_text(textwrap.dedent(f"""
-        [daemon]
-        state_dir = "state"
-        database = "{url}"
-        workers = 2
-        lease_seconds = 2
-        shutdown_grace_seconds = 5
-
-        [defaults]
-        settle_seconds = 0.3
-        {extra}
-
-        [projects.{project}]
-        folders = ["{shared}"]
-        {sink}
-    """))
-    return path
-
+from harness import Daemon, claim_race, jobs_for, node_config, wait_job
 
 @pytest.fixture
 def cluster(tmp_path, pg_url):
