@@ -147,8 +147,7 @@ def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
     (as ``project``)."""
     home = root / name
     home.mkdir(exist_ok=True)
-    path = home / "ingestd.toml"
-    path.write_text(textwrap.dedent(f"""
+    return write_config(home, f"""
         [daemon]
         state_dir = "state"
         database = "{url}"
@@ -163,8 +162,7 @@ def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",
         [projects.{project}]
         folders = ["{shared}"]
         {sink}
-    """))
-    return path
+    """)
 
 
 def write_config(root: Path, body: str) -> Path:
