@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ingestd import writers
 from ingestd.writers import open_for_writing
 
 from conftest import held
@@ -60,12 +61,15 @@ def test_no_answer_for_another_users_file_without_cap_lease():
         folder.chmod(0o755)
         path = folder / "theirs.txt"
         path.write_text("dropped by someone else")
+        # The other user runs the module (stdlib only) from the shared folder and the real
+        # interpreter: a checkout or venv under a private folder (mktemp -d) is not theirs.
+        shutil.copy(writers.__file__, folder / "writers.py")
         probe = ("import signal, sys; signal.signal(signal.SIGIO, signal.SIG_IGN); "
-                 "from ingestd.writers import open_for_writing; "
+                 "from writers import open_for_writing; "
                  "open(sys.argv[1]).close(); print(open_for_writing(sys.argv[1]))")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, "PYTHONPATH": str(folder)}
         answer = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                 sys.executable, "-c", probe, str(path)],
+                                 os.path.realpath(sys.executable), "-c", probe, str(path)],
                                 capture_output=True, text=True, env=env, timeout=30)
         assert answer.stdout.strip() == "None", answer.stderr
     finally:
