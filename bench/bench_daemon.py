@@ -574,14 +574,15 @@ def job_times(reader: DbReader, after_id: int = 0) -> dict[str, float]:
     return dict(zip(("first_created", "last_created", "first_started", "last_completed"), row))
 
 
-def completion_rates(reader: DbReader, times: dict[str, float]) -> dict[str, float | None]:
+def completion_rates(reader: DbReader, times: dict[str, float], total: int
+                     ) -> dict[str, float | None]:
     """Jobs completed per second while job creation was still going on (from the first job
-    created to the last) and after it: the settler's creating transactions take the write lock
-    and CPU the workers' groups then wait for, so the two rates show what that costs."""
+    created to the last) and after it, of ``total`` completed: the settler's creating
+    transactions take the write lock and CPU the workers' groups then wait for, so the two
+    rates show what that costs."""
     while_creating = reader.value(
         "SELECT count(*) FROM ingest_jobs WHERE status = 'completed' AND completed_at <= ?",
         (times["last_created"],)) or 0
-    total = reader.value("SELECT count(*) FROM ingest_jobs WHERE status = 'completed'") or 0
     creating = times["last_created"] - times["first_created"]
     after = times["last_completed"] - times["last_created"]
     return {"completed_per_second_while_creating":
@@ -756,7 +757,7 @@ def figure_throughput(work: Path, args: argparse.Namespace, settle: float,
                 "files_per_second": round(counts.get("completed", 0) / seconds, 1),
                 "drop_seconds": round(last_close - first, 3),
                 "all_created_after": round(times["last_created"] - first, 3),
-                **completion_rates(reader, times), "statuses": counts}
+                **completion_rates(reader, times, counts.get("completed", 0)), "statuses": counts}
 
     def copy_store(daemon: Daemon) -> None:
         shutil.copyfile(store, daemon.db_path)
