@@ -21,6 +21,7 @@ import structlog
 
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics, scan,
                      writers)
+from ingestd.checkpoint import WalCheckpointer
 from ingestd.config import Config
 from ingestd.control import ControlServer
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
@@ -69,6 +70,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.listener: JobListener | None = None
         self.control: ControlServer | None = None
+        self.checkpointer: WalCheckpointer | None = None
         self._stop_metrics: Callable[[], None] | None = None
 
     # --- the main thread -----------------------------------------------------------------------
@@ -135,6 +137,9 @@ class Daemon:
             log.error("folders_not_watched", folders=failed, watching=self.watcher.watched,
                       then=f"each tried again every {REWATCH_SECONDS:g} s")
         self.pool.start()
+        if (path := db.sqlite_file()) is not None:
+            self.checkpointer = WalCheckpointer(path)
+            self.checkpointer.start()
         if db.is_postgres():
             self.listener = JobListener(self.config.daemon.database, self.pool.wake)
             self.listener.start()
@@ -207,6 +212,8 @@ class Daemon:
             self.control.stop()
         if self._stop_metrics is not None:
             self._stop_metrics()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         db.close_store()
         log.info("daemon_stopped")
 

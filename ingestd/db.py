@@ -40,6 +40,12 @@ def is_postgres(db: pw.Database | None = None) -> bool:
     return isinstance(db, pw.PostgresqlDatabase)
 
 
+def sqlite_file() -> str | None:
+    """The path of the open store when it is an SQLite file (with a WAL), else None."""
+    obj = database.obj
+    return obj.database if isinstance(obj, QueuedWriterSqlite) else None
+
+
 def describe(url: str) -> str:
     """The URL without its password, for messages."""
     if "@" in url and "://" in url:
