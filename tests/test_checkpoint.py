@@ -58,7 +58,7 @@ def test_it_copies_committed_pages_into_the_database_file(tmp_path, checkpointer
     page_count = writer.execute("PRAGMA page_count").fetchone()[0]
     assert pages_in_file(path) < page_count / 10  # all of it still in the WAL
     checkpointer(path)
-    wait_for(lambda: pages_in_file(path) == page_count, timeout=10,
+    wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
              message="every page in the database file")
     writer.close()
 
@@ -72,7 +72,7 @@ def test_it_keeps_up_when_the_log_starts_over(tmp_path, checkpointer):
     for round_ in range(3):
         write(writer, 200)
         page_count = writer.execute("PRAGMA page_count").fetchone()[0]
-        wait_for(lambda: pages_in_file(path) == page_count, timeout=10,
+        wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
                  message=f"round {round_}'s pages in the database file")
     writer.close()
 
@@ -83,14 +83,14 @@ def test_a_failing_checkpoint_is_logged_once_and_tried_again(tmp_path, checkpoin
     Path(f"{path}-wal").write_bytes(b"nor a log")
     with capture_logs() as logs:
         running = checkpointer(path)
-        wait_for(lambda: running.tries >= 5, timeout=10, message="five tries")  # none fatal
+        wait_for(lambda: running.tries >= 5, timeout=30, message="five tries")  # none fatal
         assert running.checkpoints == 0
         path.unlink(missing_ok=True)
         Path(f"{path}-wal").unlink(missing_ok=True)
         writer = wal_writer(path)  # a real database there now
         write(writer, 100)
         page_count = writer.execute("PRAGMA page_count").fetchone()[0]
-        wait_for(lambda: pages_in_file(path) == page_count, timeout=10,
+        wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
                  message="the new database's pages in its file")
         writer.close()
     said = [entry["event"] for entry in logs if entry["event"].startswith("wal_checkpoint")]
