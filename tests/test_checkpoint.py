@@ -26,11 +26,13 @@ def wal_writer(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def write(connection: sqlite3.Connection, rows: int) -> None:
+def write(connection: sqlite3.Connection, rows: int) -> int:
+    """Commit ``rows`` rows, 50 a transaction; the database's size in pages then."""
     for _ in range(rows // 50):
         connection.execute("BEGIN")
         connection.executemany("INSERT INTO t (body) VALUES (?)", [(os.urandom(3000),)] * 50)
         connection.execute("COMMIT")
+    return connection.execute("PRAGMA page_count").fetchone()[0]
 
 
 def pages_in_file(path: Path) -> int:
@@ -54,8 +56,7 @@ def checkpointer():
 def test_it_copies_committed_pages_into_the_database_file(tmp_path, checkpointer):
     path = tmp_path / "store.db"
     writer = wal_writer(path)
-    write(writer, 500)
-    page_count = writer.execute("PRAGMA page_count").fetchone()[0]
+    page_count = write(writer, 500)
     assert pages_in_file(path) < page_count / 10  # all of it still in the WAL
     checkpointer(path)
     wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
@@ -70,8 +71,7 @@ def test_it_keeps_up_when_the_log_starts_over(tmp_path, checkpointer):
     writer = wal_writer(path)
     checkpointer(path)
     for round_ in range(3):
-        write(writer, 200)
-        page_count = writer.execute("PRAGMA page_count").fetchone()[0]
+        page_count = write(writer, 200)
         wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
                  message=f"round {round_}'s pages in the database file")
     writer.close()
@@ -88,8 +88,7 @@ def test_a_failing_checkpoint_is_logged_once_and_tried_again(tmp_path, checkpoin
         path.unlink(missing_ok=True)
         Path(f"{path}-wal").unlink(missing_ok=True)
         writer = wal_writer(path)  # a real database there now
-        write(writer, 100)
-        page_count = writer.execute("PRAGMA page_count").fetchone()[0]
+        page_count = write(writer, 100)
         wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
                  message="the new database's pages in its file")
         writer.close()
