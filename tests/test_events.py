@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import db
+from ingestd import db, jobs
+from ingestd.events import EventRow, format_sequence, source_uri, to_line
 from ingestd.models import Event, Job
 
 import corpus
@@ -209,6 +210,33 @@ def test_event_log_lines_are_valid_cloudevents(start, tmp_path):
         if event["type"].startswith("io.ingestd.job."):
             assert event["subject"] == str(event["data"]["id"])
             assert event["source"].endswith(":project:acme")
+
+
+@pytest.mark.parametrize("project, path", [
+    ("acme", "/drop/acme/plain.txt"),
+    ('qu"ote\\back', '/drop/"tab\there"\n\u00e9\u6f22\U0001f600\x01.txt'),
+])
+@pytest.mark.parametrize("kind, job_id", [("io.ingestd.job.completed", 42),
+                                          ("io.ingestd.file.rejected", None),
+                                          ("io.ingestd.daemon.started", None)])
+def test_a_line_is_the_json_dump_of_its_envelope(project, path, kind, job_id):
+    """to_line builds the line as a string (it runs for every event): it must say exactly what
+    json.dumps of the envelope says, escapes included, attributes in the same order."""
+    data = json.dumps({"path": path, "reason": "r"} if job_id is None else {"id": job_id},
+                      ensure_ascii=False, separators=(",", ":"))
+    row = EventRow(1234, kind, None if kind.endswith("started") else project, job_id,
+                   1733320000.123456, data)
+    envelope = {"specversion": "1.0", "id": f"inst\u00e9-{row.seq}",
+                "source": source_uri("inst\u00e9", row.project_id), "type": kind,
+                "time": jobs.rfc3339(row.time), "datacontenttype": "application/json",
+                "sequence": format_sequence(row.seq)}
+    subject = str(job_id) if job_id is not None else (path if kind.endswith("rejected") else None)
+    if subject is not None:
+        envelope["subject"] = subject
+    envelope["data"] = json.loads(data)
+    line = to_line(row, "inst\u00e9")
+    assert line == json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+    assert json.loads(line) == envelope
 
 
 def test_socket_mode_and_a_stale_socket_is_replaced(start, tmp_path):
