@@ -11,6 +11,7 @@ be watched at start, or whose watch ends (it was deleted), is reported and watch
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import time
@@ -287,10 +288,10 @@ class Daemon:
                     return  # the start-up scan of the next run finds them again
                 log.warning("job_creation_failed", files=len(ready), reason=str(exc))
                 time.sleep(CREATE_RETRY_SECONDS)
-        for item in ready:
-            metrics.files_seen.labels(item.project.name).inc()
-        for job in created:
-            metrics.jobs_created.labels(job.project_id).inc()
+        for project, count in collections.Counter(item.project.name for item in ready).items():
+            metrics.child(metrics.files_seen, project).inc(count)
+        for project, count in collections.Counter(job.project_id for job in created).items():
+            metrics.child(metrics.jobs_created, project).inc(count)
         for item, reason in rejected:
             log.info("file_rejected", project=item.project.name, path=item.path, reason=reason)
         if created:
@@ -353,11 +354,12 @@ class Daemon:
         self.request_rescan("overflow", after=OVERFLOW_RESCAN_AGAIN_SECONDS)
 
     def _job_finished(self, job: Finished) -> None:
-        metrics.jobs_finished.labels(job.project_id, job.status).inc()
+        metrics.child(metrics.jobs_finished, job.project_id, job.status).inc()
         if job.status == JobStatus.COMPLETED and job.completed_at:
-            metrics.job_duration.labels(job.project_id).observe(job.completed_at - job.created_at)
+            metrics.child(metrics.job_duration, job.project_id).observe(
+                job.completed_at - job.created_at)
         for stage, seconds in job.stage_seconds.items():
-            metrics.stage_duration.labels(stage).observe(seconds)
+            metrics.child(metrics.stage_duration, stage).observe(seconds)
 
     # --- state -----------------------------------------------------------------------------------
 
