@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+import functools
+import re
+from fnmatch import translate
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ingestd.config import ProjectConfig
 
@@ -14,14 +16,15 @@ class ProjectMap:
 
     def __init__(self, projects: Iterable[ProjectConfig]) -> None:
         self.projects = {project.name: project for project in projects}
-        self._folders = sorted(((str(folder), project) for project in self.projects.values()
+        self._folders = sorted(((str(folder), folder, project)
+                                for project in self.projects.values()
                                 for folder in project.folders), key=lambda item: -len(item[0]))
 
     def locate(self, path: str) -> tuple[ProjectConfig, Path] | None:
         """``(project, folder)`` for ``path``, or None when no project folder holds it."""
-        for folder, project in self._folders:
-            if path.startswith(folder) and (len(path) == len(folder) or path[len(folder)] == "/"):
-                return project, Path(folder)
+        for text, folder, project in self._folders:
+            if path.startswith(text) and (len(path) == len(text) or path[len(text)] == "/"):
+                return project, folder
         return None
 
     def project_of(self, path: str) -> ProjectConfig | None:
@@ -45,11 +48,21 @@ def is_wanted(project: ProjectConfig, folder: Path, path: str) -> bool:
     parts = relative.split("/") if relative else []
     if not parts or (not project.recursive and len(parts) > 1):
         return False
-    if any(is_excluded_name(project, part) for part in parts):
+    excluded = _matcher(project.exclude)
+    if any(excluded(part) for part in parts):
         return False
-    return any(fnmatchcase(parts[-1], pattern) for pattern in project.include)
+    return _matcher(project.include)(parts[-1]) is not None
 
 
 def is_excluded_name(project: ProjectConfig, name: str) -> bool:
     """A file or directory name matching an exclude pattern (hidden and temp names by default)."""
-    return any(fnmatchcase(name, pattern) for pattern in project.exclude)
+    return _matcher(project.exclude)(name) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match | None]:
+    """One regular expression for a list of glob patterns, matched as fnmatchcase would match
+    each (the settler asks this of every file it is told of: one match, not one per pattern)."""
+    if not patterns:
+        return lambda name: None
+    return re.compile("|".join(map(translate, patterns))).match  # each is (?s:...)\Z
