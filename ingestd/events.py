@@ -49,9 +49,9 @@ def _subject(row: Event | EventRow) -> str | None:
 
 def to_line(row: Event | EventRow, installation: str) -> str:
     """The event as one CloudEvents JSON line (no newline): what ``json.dumps(envelope,
-    ensure_ascii=False, separators=(",", ":"))`` writes, built as a string (the publisher does
-    this for every event, in the daemon's interpreter; a third of the time). ``data`` is
-    spliced in as stored, not parsed and dumped again; the time and sequence need no escaping."""
+    ensure_ascii=False, separators=(",", ":"))`` writes, built as a string: the publisher does
+    this for every event, in the daemon's interpreter (3 us instead of 8). ``data`` is spliced
+    in as stored, not parsed and dumped again; the time and sequence need no escaping."""
     subject = _subject(row)
     return "".join((
         '{"specversion":"1.0","id":', _json_string(f"{installation}-{row.seq}"),

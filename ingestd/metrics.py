@@ -44,7 +44,7 @@ inotify_overflows = Counter("ingestd_inotify_overflows", "Kernel event queue ove
 _children: dict[tuple, Any] = {}
 
 
-def child(metric: Any, *labels: str) -> Any:
+def child(metric: Any, *labels: object) -> Any:
     """``metric.labels(*labels)``, looked up once: the daemon counts every file and every job
     end with it, in the interpreter that watches and settles (labels() costs about 3 us, this
     0.2). Labels are projects, statuses, stages and reasons: a handful."""
