@@ -182,7 +182,7 @@ class WorkerPool:
             for job_id, _ in leftovers:
                 del self._running[job_id]
         for job_id, running in leftovers:
-            running.control.abandon.set()
+            running.control.abandoned = True
             try:
                 db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
                 log.info("job_requeued", job_id=job_id, project=running.job.project_id,
@@ -262,7 +262,7 @@ class WorkerPool:
         group: list[tuple[Job, Control, Context, Prepared]] = []
         opened = time.monotonic()
         for job, control in controls:
-            if self._stopping.is_set() or control.abandon.is_set():
+            if self._stopping.is_set() or control.abandoned:
                 continue  # stop() releases it
             project = self.config.projects.get(job.project_id)
             if project is not None and self._is_quick(job, project):
@@ -455,9 +455,9 @@ class WorkerPool:
         for job_id, running in held.items():
             if job_id not in still_ours:
                 if job_id in self._running:  # not just finished: someone else has it now
-                    running.control.abandon.set()
+                    running.control.abandoned = True
             elif still_ours[job_id]:
-                running.control.cancel.set()
+                running.control.cancelled = True
             elif _unshown_progress(running.control):
                 self._show_progress(job_id, running.control)
 
