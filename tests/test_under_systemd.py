@@ -153,9 +153,14 @@ def _job(container: Container, project: str, name: str) -> dict | None:
                  if job["original_filename"] == name), None)
 
 
-def _wait_completed(container: Container, project: str, folder: str, name: str, text: str) -> None:
-    container.run(f"printf '%s\\n' '{text}' > {folder}/{name}", shell=True)
-    wait_for(lambda: (_job(container, project, name) or {}).get("status") == "completed", 60, 0.3,
+def _completed(container: Container, project: str, name: str) -> bool:
+    return (_job(container, project, name) or {}).get("status") == "completed"
+
+
+def _wait_completed(container: Container, project: str, name: str, text: str) -> None:
+    """Drop ``name`` into the project's folder (the README's /srv/drop/PROJECT); wait for its job."""
+    container.run(f"printf '%s\\n' '{text}' > /srv/drop/{project}/{name}", shell=True)
+    wait_for(lambda: _completed(container, project, name), 60, 0.3,
              f"{name} to be completed under systemd")
 
 
@@ -169,10 +174,10 @@ def test_the_readme_installs_a_service_that_systemd_runs_restarts_and_stops(
     assert "queued" in container.show("ingestd", "StatusText")  # STATUS= reached systemd
 
     # Files become jobs; the CLI, with the README's profile.d line, finds the service's database.
-    _wait_completed(container, "acme", "/srv/drop/acme", "hello.txt", "hello from a service")
+    _wait_completed(container, "acme", "hello.txt", "hello from a service")
     found = container.run(f"{CLI} search -p acme hello", shell=True).stdout
     assert "/srv/drop/acme/hello.txt" in found
-    _wait_completed(container, "scans", "/srv/drop/scans", "scan.txt", "a polled folder")
+    _wait_completed(container, "scans", "scan.txt", "a polled folder")
     assert container.run("ls /var/lib/ingestd/projects/scans/processed", shell=True
                          ).stdout.split() == [f"{_job(container, 'scans', 'scan.txt')['id']}-scan.txt"]
 
@@ -203,9 +208,9 @@ def test_the_readme_installs_a_service_that_systemd_runs_restarts_and_stops(
              and container.show("ingestd", "ActiveState") == "active", 60, 0.2,
              "a restart after SIGKILL")
     assert container.show("ingestd", "MainPID") != killed
-    _wait_completed(container, "acme", "/srv/drop/acme", "after-kill.txt", "still here")
-    wait_for(lambda: (_job(container, "acme", "in-flight.txt") or {}).get("status") == "completed",
-             60, 0.3, "the file dropped as the daemon was killed to be completed")
+    _wait_completed(container, "acme", "after-kill.txt", "still here")
+    wait_for(lambda: _completed(container, "acme", "in-flight.txt"), 60, 0.3,
+             "the file dropped as the daemon was killed to be completed")
 
     # systemctl stop: SIGTERM, a clean exit 0, nothing left running.
     container.run("systemctl", "stop", "ingestd")
