@@ -106,6 +106,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._held = threading.Event()
         self._claims = 0  # claims in flight: their jobs run in the database, not yet here
+        self._releasing = 0  # releases in flight: their jobs are no longer here, not yet queued
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -159,8 +160,9 @@ class WorkerPool:
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A claim that was waiting for the write lock may commit after that release; its jobs
         # are released as it registers them (see _register). Wait for it, or the process could
-        # exit between the two and leave them running.
-        _wait_while(lambda: self._claims, db.BUSY_TIMEOUT_SECONDS + 1.0)
+        # exit between the two and leave them running. Likewise a release an ending thread began
+        # (after a database error): its jobs left the books before they were back in the queue.
+        _wait_while(lambda: self._claims or self._releasing, db.BUSY_TIMEOUT_SECONDS + 1.0)
         self._enders.shutdown(wait=False)
         self._extractors.close()
 
@@ -181,6 +183,7 @@ class WorkerPool:
             leftovers = [(job_id, r) for job_id, r in self._running.items() if which(r)]
             for job_id, _ in leftovers:
                 del self._running[job_id]
+            self._releasing += len(leftovers)
         for job_id, running in leftovers:
             running.control.abandoned = True
             try:
@@ -189,6 +192,9 @@ class WorkerPool:
                          reason=reason)
             except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
+            finally:
+                with self._lock:
+                    self._releasing -= 1
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import peewee as pw
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from conftest import wait_for
@@ -226,6 +227,39 @@ def test_a_claim_that_commits_after_stop_released_everything_is_released_before_
     job = Job.get_by_id(queued.id)
     assert (job.status, job.attempts) == ("queued", 0)
     assert not pool.busy
+
+
+def test_a_release_an_ending_thread_began_is_committed_before_stop_returns(cfg, store, drop):
+    """A job's end that met a lost connection hands the job back to the queue from its ending
+    thread; it leaves the pool's books at once. A stop meanwhile waits for that release to
+    commit (the process exits right after stop returns): the job is queued, not left running
+    until its lease expires."""
+    [queued] = queue_files(cfg, drop, 1)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    [(job, _)] = pool._register(jobs.claim(pool.owner, 1))
+    lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
+    holder = os.open(lock_file, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # the release waits for the write lock, as on a slow server
+    lost = pw.OperationalError("server closed the connection unexpectedly")
+    ender = threading.Thread(target=pool._database_failed, args=([job], lost))
+    at_return: list[list[str]] = []
+    stopper = threading.Thread(target=lambda: (pool.stop(grace_seconds=0),
+                                               at_return.append(events_of(queued.id))))
+    try:
+        ender.start()
+        wait_for(lambda: blocked_on_flock(lock_file), message="the release to wait")
+        stopper.start()
+        wait_for(lambda: pool._stopping.is_set(), message="stop() to begin")
+        stopper.join(timeout=1.0)  # not a wait for a condition: stop() must not return here
+        assert stopper.is_alive(), "stop() returned while a release was still in flight"
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    stopper.join(timeout=30)
+    ender.join(timeout=30)
+    assert not stopper.is_alive() and not ender.is_alive()
+    assert at_return == [["created", "started", "requeued"]]
+    assert Job.get_by_id(queued.id).status == "queued"
 
 
 def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
