@@ -48,8 +48,8 @@ class Extracted:
     encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "utf-32", "cp1252"; None for PDFs
 
     def __post_init__(self) -> None:
-        # Every extracted text is made here: keep it encodable as UTF-8 (frozen: object.__setattr__).
-        object.__setattr__(self, "text", _without_surrogates(self.text))
+        # Every extracted text is made here: keep it storable (frozen: object.__setattr__).
+        object.__setattr__(self, "text", _storable(self.text))
 
 
 def extract(data_or_path: Source, mime_type: str, on_page: OnPage | None = None) -> Extracted:
@@ -89,11 +89,16 @@ def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extract
     return Extracted("\n\n".join(texts), tuple(spans), None)
 
 
-def _without_surrogates(text: str) -> str:
-    """``text`` with each lone surrogate as U+FFFD, one character for one (``pages`` stay right).
+def _storable(text: str) -> str:
+    """``text`` with each lone surrogate and each NUL as U+FFFD, one character for one (``pages``
+    stay right).
 
-    pypdf returns one for a ToUnicode CMap that maps a glyph to half a UTF-16 pair (<D800>), and
-    UTF-8 (SQLite, JSON, a sink) refuses it. extract_text's strict decoders never make one."""
+    pypdf returns them for a ToUnicode CMap that maps a glyph to half a UTF-16 pair (<D800>) or
+    to <0000>. UTF-8 (SQLite, JSON, a sink) refuses a surrogate; PostgreSQL's text refuses a
+    NUL, and SQLite's substr() stops at one. extract_text never returns either (its decoders
+    are strict, and it refuses text with a NUL)."""
+    if "\0" in text:
+        text = text.replace("\0", "\ufffd")
     if text.isascii():  # fast, and ASCII holds no surrogate
         return text
     try:

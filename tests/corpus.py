@@ -104,11 +104,22 @@ def make_nested_pdf_bomb(path: str | os.PathLike, depth: int = 100_000, where: s
 def make_lone_surrogate_pdf(path: str | os.PathLike, text: str) -> str:
     """A one-page PDF whose font's ToUnicode CMap maps "#" to <D800>, half a UTF-16 surrogate pair:
     pypdf extracts each "#" of ``text`` as a lone surrogate, '\\ud800'."""
+    return make_remapped_pdf(path, text, b"D800")
+
+
+def make_nul_pdf(path: str | os.PathLike, text: str) -> str:
+    """A one-page PDF whose font's ToUnicode CMap maps "#" to <0000>: pypdf extracts each "#"
+    of ``text`` as a NUL."""
+    return make_remapped_pdf(path, text, b"0000")
+
+
+def make_remapped_pdf(path: str | os.PathLike, text: str, unicode_hex: bytes) -> str:
+    """A one-page PDF whose font's ToUnicode CMap maps "#" to the UTF-16 code ``unicode_hex``."""
     cmap = (b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n"
             b"/CIDSystemInfo << /Registry (Adobe) /Ordering (UCS) /Supplement 0 >> def\n"
             b"/CMapName /Adobe-Identity-UCS def /CMapType 2 def\n"
             b"1 begincodespacerange <00> <FF> endcodespacerange\n"
-            b"1 beginbfchar <23> <D800> endbfchar\n"
+            b"1 beginbfchar <23> <" + unicode_hex + b"> endbfchar\n"
             b"endcmap CMapName currentdict /CIDInit /ProcSet findresource pop end end\n")
     font = _FONT[:-2] + b"/ToUnicode 6 0 R >>"
     return _write(path, _pdf_bytes([_text_stream(text)], font=font, extra_objects=(_stream(cmap),)))

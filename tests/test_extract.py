@@ -186,6 +186,15 @@ def test_lone_surrogates_become_replacement_characters(tmp_path: Path) -> None:
     got.text.encode("utf-8")
 
 
+def test_nuls_become_replacement_characters(tmp_path: Path) -> None:
+    """A ToUnicode CMap mapping a glyph to <0000>: each NUL pypdf returns becomes U+FFFD
+    (PostgreSQL's text refuses a NUL, SQLite's substr() stops at one)."""
+    path = corpus.make_nul_pdf(tmp_path / "n.pdf", "nul # here, #B#B")
+    got = extract(path, "application/pdf")
+    assert got.text == "nul \ufffd here, \ufffdB\ufffdB"
+    assert got.pages == ((0, len(got.text)),)
+
+
 def test_a_killed_extraction_process_fails_the_pdf_and_is_replaced(tmp_path: Path) -> None:
     """An extraction process killed mid-PDF (as the OOM killer kills a PDF bomb) fails that PDF
     with the pool's one-line reason, and the pool's next PDF gets a new process."""
