@@ -19,7 +19,7 @@ _THROUGH_LAST_SENTENCE_END = re.compile(r".*[.!?…][\"')\]]*\s", re.DOTALL)
 @dataclass(frozen=True)
 class Chunk:
     text: str
-    start: int   # character offsets in the document's text
+    start: int   # character offsets in the document's text: text[start:end] == self.text
     end: int
     page: int | None  # 1-based page of a PDF; None for a text file
 
@@ -30,9 +30,11 @@ def chunk_text(text: str, pages: tuple[tuple[int, int], ...], size: int = DEFAUL
     chunks: list[Chunk] = []
     for number, (page_start, page_end) in enumerate(pages or ((0, len(text)),), start=1):
         for start, end in _spans(text, page_start, page_end, size, overlap):
-            piece = text[start:end].strip()
-            if piece:
-                chunks.append(Chunk(piece, start, end, number if paged else None))
+            span = text[start:end]
+            piece = span.strip()
+            if piece:  # the offsets of the piece, not of its span: text[first:last] is its text
+                first = start + len(span) - len(span.lstrip())
+                chunks.append(Chunk(piece, first, first + len(piece), number if paged else None))
     return chunks
 
 

@@ -167,7 +167,8 @@ class Chunk(BaseModel):
     page = pw.IntegerField(null=True)
     start_offset = pw.IntegerField()
     end_offset = pw.IntegerField()
-    text = pw.TextField()
+    # SQLite: NULL, the slice start:end of the document's text (read through chunk_texts).
+    text = pw.TextField(null=True)
 
     class Meta:
         table_name = "chunks"

@@ -20,8 +20,8 @@ from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
 from ingestd.procpool import ExtractorPool
-from ingestd.sinks import open_sink
-from ingestd.sinks.index import IndexSink
+from ingestd.sinks import Document as SinkDocument, open_sink
+from ingestd.sinks.index import SLICED_UP_TO, IndexSink
 
 import corpus
 from conftest import run_cli, wait_for
@@ -84,7 +84,7 @@ class TestChunking:
         assert all(len(c.text) <= 400 for c in chunks)
         assert {c.page for c in chunks} == {1, 2}
         for chunk in chunks:
-            assert chunk.text == text[chunk.start:chunk.end].strip()
+            assert chunk.text == text[chunk.start:chunk.end]
             assert spans[chunk.page - 1][0] <= chunk.start < chunk.end <= spans[chunk.page - 1][1]
 
     def test_chunks_break_at_sentences_and_overlap(self):
@@ -103,9 +103,9 @@ class TestChunking:
         sentence_end = re.compile(r"[.!?…][\"')\]]*\s")
         for chunk in chunks[:-1]:
             floor, limit = chunk.start + size // 2, chunk.start + size
-            ends = [m.end() for m in sentence_end.finditer(text, floor, limit)]
+            ends = [m.end() - 1 for m in sentence_end.finditer(text, floor, limit)]  # not \s
             assert ends and chunk.end == ends[-1]
-            assert text[chunk.start:chunk.end].rstrip().endswith(('."', "?", ".", "!)"))
+            assert text[chunk.start:chunk.end].endswith(('."', "?", ".", "!)"))
 
 
 class TestSearch:
@@ -385,6 +385,83 @@ class TestRaces:
         assert second_done.wait(30)
         for thread in threads:
             thread.join(30)
+
+
+def passages_of(document_id: int) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each chunk of a document, its text as full-text search reads it."""
+    if db.is_postgres():
+        query = "SELECT start_offset, end_offset, text FROM chunks WHERE document_id = %s"
+    else:
+        query = ("SELECT c.start_offset, c.end_offset, t.text FROM chunks c "
+                 "JOIN chunk_texts t ON t.id = c.id WHERE c.document_id = ?")
+    rows = db.database.execute_sql(query + " ORDER BY 1", (document_id,)).fetchall()
+    return [tuple(row) for row in rows]
+
+
+def assert_full_text_index_consistent() -> None:
+    """FTS5 compares its index with the chunks' text (a 'delete' given other text than was
+    indexed leaves it corrupt, and this says so); PostgreSQL's tsvector is generated."""
+    if not db.is_postgres():
+        db.database.execute_sql(
+            "INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+
+
+class TestStorage:
+    def test_a_chunk_is_its_documents_slice_and_sqlite_stores_it_once(self, ingest, drop):
+        """Each chunk is the slice start:end of its document's text (multi-byte characters
+        included); SQLite reads it from the document instead of storing it again, and the
+        full-text index agrees with it through re-ingest and delete."""
+        text = "\n\n".join(f"Paragraph {i}: naïve café Ünïcode résumé 🦔 hedgehog{i} "
+                           f"{'blah ' * 60}" for i in range(8))
+        job = ingest(write(drop / "slices.txt", text))
+        document = Document.get_by_id(job.canonical_document_id)
+        passages = passages_of(document.id)
+        assert len(passages) > 3
+        assert all(piece == document.text[start:end] for start, end, piece in passages)
+        stored = [chunk.text for chunk in Chunk.select().where(Chunk.document == document.id)]
+        assert stored == ([piece for *_, piece in passages] if db.is_postgres()
+                          else [None] * len(passages))
+        [hit] = search.search("acme", "hedgehog5")
+        assert f"{search.MARK_START}hedgehog5{search.MARK_END}" in hit.snippet
+        if not db.is_postgres():  # FTS5's snippet shows the words before it, read by offset
+            assert "résumé 🦔" in hit.snippet
+        assert_full_text_index_consistent()
+        ingest(write(drop / "slices.txt", "the new version mentions only a porcupine"))
+        assert search.search("acme", "hedgehog5") == []
+        assert len(search.search("acme", "porcupine")) == 1
+        assert_full_text_index_consistent()
+
+    def test_a_pdf_whose_glyphs_map_to_nul_is_indexed(self, ingest, drop):
+        """pypdf extracts a glyph mapped to <0000> as a NUL, which PostgreSQL's text refuses
+        and SQLite's substr() stops at: it is stored as U+FFFD, and the text after it is found."""
+        job = ingest(Path(corpus.make_nul_pdf(drop / "nul.pdf", "a # then the numbat")))
+        assert job.status == "completed", job.error_message
+        [hit] = search.search("acme", "numbat")
+        assert "\ufffd" in Document.get_by_id(job.canonical_document_id).text
+        assert_full_text_index_consistent()
+
+    @pytest.mark.parametrize("text", [
+        "before the nul \0 after the nul comes the wallaby",
+        "the wallaby. " + "long " * (SLICED_UP_TO // 5)], ids=["nul", "long"])
+    def test_a_long_document_or_one_with_a_nul_keeps_its_chunks_text(self, store, cfg, text):
+        """SQLite stores the chunks' text of a document longer than SLICED_UP_TO (reading a
+        slice reads the whole document, chunk after chunk) or with a NUL (no extraction makes
+        one now; substr() stops there): they are found and deleted like any other."""
+        sink = IndexSink(cfg.projects["acme"])
+        document = SinkDocument("acme", 1, text, "/drop/x.txt", "x.txt", "text/plain", "0" * 64,
+                                ((0, len(text)),))
+        with db.database.atomic():
+            [document_id] = sink.ingest_many([(document, sink.parts_of(document))])
+        passages = passages_of(document_id)
+        assert all(piece == text[start:end] for start, end, piece in passages)
+        assert [chunk.text for chunk in Chunk.select().order_by(Chunk.start_offset)] == [
+            piece for *_, piece in passages]
+        [hit] = search.search("acme", "wallaby")
+        assert hit.document_id == document_id
+        assert_full_text_index_consistent()
+        sink.delete(document_id)
+        assert search.search("acme", "wallaby") == []
+        assert_full_text_index_consistent()
 
 
 class TestDeletes:

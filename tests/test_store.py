@@ -275,3 +275,53 @@ def test_migration_9_rekeys_versions_in_file_order_and_drops_the_documents_sha_i
     assert [row[0] for row in database.execute_sql(  # run again, it changes nothing
         "SELECT version_key FROM ingest_jobs ORDER BY id").fetchall()] == keys
     db.close_store()
+
+
+def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_old(tmp_path):
+    """A SQLite file of schema 9 with chunks as its code wrote them (their text stored, offsets
+    that took in the space around it): after migration 10 they are found as before, a new
+    chunk stores no text and is found through its document, and the full-text index agrees
+    with both, also after deletes. FTS5's merge settings survive its new table."""
+    from ingestd import search
+    from ingestd.config import ProjectConfig
+    from ingestd.sinks import Document
+    from ingestd.sinks.index import IndexSink
+
+    path = tmp_path / "nine.db"
+    migrate_sqlite_to(path, 9)
+    old_text = "  an old capybara passage  "
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("INSERT INTO documents (id, project_id, content_sha256, source_path, "
+                           "text, created_at) VALUES (7, 'acme', 'sha', '/drop/old.txt', ?, 0)",
+                           (old_text,))
+        connection.execute("INSERT INTO chunks (id, document_id, project_id, seq, start_offset, "
+                           "end_offset, text) VALUES (41, 7, 'acme', 0, 0, ?, ?)",
+                           (len(old_text), old_text.strip()))
+        connection.execute("INSERT INTO chunks_fts (rowid, text) SELECT id, text FROM chunks")
+    db.open_store(url_of(tmp_path, "nine.db"))  # applies 10
+    try:
+        database = db.database
+        assert [(hit.document_id, hit.snippet) for hit in search.search("acme", "capybara")] == [
+            (7, "an old [capybara] passage")]
+        nullable = {row[1]: not row[3] for row in database.execute_sql("PRAGMA table_info(chunks)")}
+        assert nullable["text"] and not nullable["start_offset"]
+        sink = IndexSink(ProjectConfig(name="acme", folders=()))
+        new_text = "a new tapir passage"
+        document = Document("acme", 1, new_text, "/drop/new.txt", "new.txt", "text/plain",
+                            "0" * 64, ((0, len(new_text)),))
+        with database.atomic():
+            [new_id] = sink.ingest_many([(document, sink.parts_of(document))])
+        assert database.execute_sql("SELECT id, text FROM chunks WHERE document_id = ?",
+                                    (new_id,)).fetchall() == [(42, None)]
+        assert [hit.snippet for hit in search.search("acme", "tapir")] == ["a new [tapir] passage"]
+        database.execute_sql("INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+        sink.delete(7)
+        sink.delete(new_id)
+        assert search.search("acme", "capybara OR tapir") == []
+        database.execute_sql("INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+        assert dict(database.execute_sql(
+            "SELECT k, v FROM chunks_fts_config WHERE k IN ('automerge', 'crisismerge')")) == {
+            "automerge": 16, "crisismerge": 64}
+    finally:
+        db.close_store()
+

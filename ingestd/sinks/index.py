@@ -1,6 +1,8 @@
 """The built-in index (the default sink): documents, their chunks, and a full-text index over
 the chunks (SQLite FTS5; PostgreSQL: a tsvector column with a GIN index), all written in the
-transaction that completes the job."""
+transaction that completes the job. A chunk is a slice of its document's text; on SQLite the
+slice of a document up to SLICED_UP_TO characters is not stored again (FTS5 reads it through
+the view chunk_texts)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ from ingestd.extract import PDF
 from ingestd.models import Chunk, database
 from ingestd.sinks import Document
 from ingestd.sinks.text import TextSink
+
+
+# SQLite reads the text of a chunk of a document up to this long from the document (see
+# migration 10): the slice costs a read of the whole document's text, which for a long one,
+# chunk after chunk, would cost more than storing the chunks' text again. And not at a NUL,
+# where substr() stops.
+SLICED_UP_TO = 64 * 1024  # characters
 
 
 class IndexSink(TextSink):
@@ -24,7 +33,10 @@ class IndexSink(TextSink):
     def parts_of(self, document: Document) -> list[tuple]:
         pieces = chunking.chunk_text(document.text, document.pages, self.size, self.overlap,
                                      paged=document.mime_type == PDF)
-        return [(document.project_id, seq, piece.page, piece.start, piece.end, piece.text)
+        stored = (db.is_postgres() or len(document.text) > SLICED_UP_TO
+                  or "\0" in document.text)
+        return [(document.project_id, seq, piece.page, piece.start, piece.end,
+                 piece.text if stored else None)
                 for seq, piece in enumerate(pieces)]
 
     def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
@@ -38,7 +50,7 @@ class IndexSink(TextSink):
             # trigger cost more than twice as much CPU per chunk.
             ids = [document_id for document_id, _ in parts]
             database.execute_sql(
-                "INSERT INTO chunks_fts (rowid, text) SELECT id, text FROM chunks "
+                "INSERT INTO chunks_fts (rowid, text) SELECT id, text FROM chunk_texts "
                 f"WHERE document_id IN ({', '.join([database.param] * len(ids))})", ids)
 
     def delete(self, document_id: int) -> None:
