@@ -34,7 +34,7 @@ from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import check_all as check_sinks
 from ingestd.stream import EventStream
-from ingestd.systemd import Notifier
+from ingestd.systemd import Notifier, StartExtender
 from ingestd.wakeup import JobListener
 from ingestd.watch import Watcher
 from ingestd.work import node_owner
@@ -49,6 +49,7 @@ WORKERS_START_SECONDS = 60.0  # past this, the daemon says it is ready without t
 REWATCH_SECONDS = 2.0  # how soon a lost folder (deleted, or not watchable) is watched again
 DATABASE_RETRY_MAX_SECONDS = 30.0  # the longest wait between tries to reach the database at start
 START_SECONDS_AFTER_WAITING = 90.0  # systemd's default start timeout, granted again meanwhile
+MIGRATION_EXTEND_SECONDS = 30.0  # systemd's start timeout, extended this far at a time while migrating
 
 
 class Daemon:
@@ -100,7 +101,10 @@ class Daemon:
         delay = 1.0
         while True:
             try:
-                db.open_store(self.config.daemon.database)
+                with StartExtender(self.notifier, MIGRATION_EXTEND_SECONDS) as extender:
+                    db.open_store(self.config.daemon.database,
+                                  on_migration=lambda version, name: self._migrating(
+                                      version, name, extender))
                 return True
             except StoreUnreachable as exc:
                 log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)
@@ -115,6 +119,13 @@ class Daemon:
                 log.warning("signal_ignored", signal=signal.Signals(number).name,
                             reason="waiting for the database")
             delay = min(2 * delay, DATABASE_RETRY_MAX_SECONDS)
+
+    def _migrating(self, version: int, name: str, extender: StartExtender) -> None:
+        """A migration begins: said in the log and to systemd, whose start timeout is extended
+        until the database is open (rebuilding an index can take minutes)."""
+        log.info("migrating", version=version, name=name)
+        self.notifier.status(f"migrating the database to schema {version}: {name}")
+        extender.start()
 
     def _start_events(self) -> None:
         """The socket first (a second daemon on the same paths stops here), then the publisher."""

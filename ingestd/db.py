@@ -152,9 +152,11 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
             self._unlock()
 
 
-def open_store(url: str, migrate: bool = True) -> pw.Database:
+def open_store(url: str, migrate: bool = True,
+               on_migration: Callable[[int, str], None] | None = None) -> pw.Database:
     """Bind the models to ``url``'s database, check it is usable, and bring its schema up to date
-    (``migrate``) or check that it is this ingestd's (see migrations.check_current)."""
+    (``migrate``; ``on_migration(version, name)`` as each migration begins) or check that it is
+    this ingestd's (see migrations.check_current)."""
     from ingestd import migrations
 
     db = connect(url)
@@ -162,7 +164,7 @@ def open_store(url: str, migrate: bool = True) -> pw.Database:
     with translate_errors(url):
         _connect(db, url)
         if migrate:
-            migrations.migrate(db)
+            migrations.migrate(db, on_migration)
         else:
             migrations.check_current(db)
     return db

@@ -414,8 +414,9 @@ def check_current(db: pw.Database) -> None:
                          "not touched")
 
 
-def migrate(db: pw.Database) -> list[int]:
-    """Apply every pending migration; return the versions applied (empty when up to date)."""
+def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None) -> list[int]:
+    """Apply every pending migration; return the versions applied (empty when up to date).
+    ``on_step(version, name)`` is called as each begins (some take minutes on a big database)."""
     if check_not_newer(db) == LATEST:
         return []
     with _migration_lock(db):
@@ -426,6 +427,8 @@ def migrate(db: pw.Database) -> list[int]:
                 # Re-read inside the transaction: another process may have migrated meanwhile.
                 if check_not_newer(db) >= version:
                     continue
+                if on_step is not None:
+                    on_step(version, name)
                 step(db, DIALECTS[dialect_name(db)])
                 db.execute_sql(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)"

@@ -43,6 +43,36 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
+class StartExtender:
+    """While a long step of the start runs (after :meth:`start`, until the block ends), keeps
+    systemd's start timeout from running out: EXTEND_TIMEOUT_USEC= for ``seconds`` at once and
+    again each third of that, so a step that hangs still times out ``seconds`` later."""
+
+    def __init__(self, notifier: Notifier, seconds: float) -> None:
+        self.notifier, self.seconds = notifier, seconds
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="start-extender", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int(self.seconds * 1_000_000)}")
+            if self._done.wait(self.seconds / 3):
+                return
+
+    def __enter__(self) -> StartExtender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class Notifier:
     """Tells the service manager how the daemon is doing (sd_notify(3)).
 

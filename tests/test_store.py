@@ -325,3 +325,56 @@ def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_o
     finally:
         db.close_store()
 
+
+def test_a_daemon_that_migrates_at_start_says_so_and_extends_its_start_timeout(tmp_path):
+    """A migration can take minutes (10 reindexes every chunk on SQLite): the daemon logs it,
+    shows it in systemd's STATUS=, and extends systemd's start timeout before it is ready."""
+    from harness import Daemon, node_config
+
+    (tmp_path / "drop").mkdir()
+    migrate_sqlite_to(tmp_path / "nine.db", 9)
+    config = node_config(tmp_path, "node", url_of(tmp_path, "nine.db"), tmp_path / "drop")
+    daemon = Daemon(config.parent, config)
+    daemon.start()
+    try:
+        messages = daemon.notify.messages
+        ready = next(index for index, m in enumerate(messages) if "READY=1" in m)
+        migrating = next(index for index, m in enumerate(messages) if m.startswith(
+            "STATUS=migrating the database to schema 10: "))
+        extended = next(index for index, m in enumerate(messages) if m.startswith(
+            "EXTEND_TIMEOUT_USEC=30000000"))
+        assert migrating < ready and extended < ready
+        assert '"version": 10' in daemon.log() and '"event": "migrating"' in daemon.log()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_the_start_extender_extends_until_its_step_ends(tmp_path, monkeypatch):
+    """Once started, it extends systemd's start timeout at once and every third of the
+    extension; when the step ends it stops (a hung step still times out)."""
+    import socket
+
+    from ingestd.systemd import Notifier, StartExtender
+
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    notifier = Notifier()
+    with StartExtender(notifier, 0.3) as extender:
+        receiver.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            receiver.recv(100)  # nothing before it is started
+        receiver.settimeout(10)
+        extender.start()
+        got = [receiver.recv(100) for _ in range(3)]  # at once, then every 0.1 s
+    assert got == [b"EXTEND_TIMEOUT_USEC=300000"] * 3
+    receiver.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # sent before the block ended (a datagram is queued as it is sent)
+            receiver.recv(100)
+    receiver.settimeout(0.3)  # three of its intervals: nothing more comes
+    with pytest.raises(TimeoutError):
+        receiver.recv(100)
+    receiver.close()
