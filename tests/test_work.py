@@ -3,6 +3,7 @@ cannot go as planned does not take the rest of its group with it."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
@@ -10,6 +11,7 @@ import textwrap
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import peewee as pw
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -198,6 +200,28 @@ def blocked_on_flock(path: Path) -> bool:
                for line in Path("/proc/locks").read_text().splitlines())
 
 
+@contextlib.contextmanager
+def write_lock_taken(cfg) -> Iterator[Path]:
+    """The database's write lock (its lock file's path), held as another process's write
+    transaction would hold it."""
+    lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
+    holder = os.open(lock_file, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        yield lock_file
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+
+
+def stopper(pool: WorkerPool, job_id: int) -> tuple[threading.Thread, list[list[str]]]:
+    """A thread that stops the pool, and the job's events as they were when stop() returned."""
+    at_return: list[list[str]] = []
+    thread = threading.Thread(target=lambda: (pool.stop(grace_seconds=0),
+                                              at_return.append(events_of(job_id))))
+    return thread, at_return
+
+
 def test_a_claim_that_commits_after_stop_released_everything_is_released_before_stop_returns(
         cfg, store, drop):
     """stop() releases the jobs it knows; a slot's claim still waiting for the write lock
@@ -205,24 +229,16 @@ def test_a_claim_that_commits_after_stop_released_everything_is_released_before_
     process exits right after): not left running until their lease expires."""
     [queued] = queue_files(cfg, drop, 1)
     pool = WorkerPool(cfg, BackgroundScheduler())
-    lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
-    holder = os.open(lock_file, os.O_RDONLY)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # as another process's write transaction would
     slot = threading.Thread(target=pool._drain, args=(0,))
-    at_return: list[list[str]] = []
-    stopper = threading.Thread(target=lambda: (pool.stop(grace_seconds=0),
-                                               at_return.append(events_of(queued.id))))
-    try:
+    stopping, at_return = stopper(pool, queued.id)
+    with write_lock_taken(cfg) as lock_file:
         slot.start()
         wait_for(lambda: blocked_on_flock(lock_file), message="the slot's claim to wait")
-        stopper.start()
+        stopping.start()
         wait_for(lambda: pool._stopping.is_set(), message="stop() to begin")
-    finally:
-        fcntl.flock(holder, fcntl.LOCK_UN)
-        os.close(holder)
-    stopper.join(timeout=30)
+    stopping.join(timeout=30)
     slot.join(timeout=30)
-    assert not stopper.is_alive() and not slot.is_alive()
+    assert not stopping.is_alive() and not slot.is_alive()
     assert at_return == [["created", "started", "requeued"]]
     job = Job.get_by_id(queued.id)
     assert (job.status, job.attempts) == ("queued", 0)
@@ -237,27 +253,19 @@ def test_a_release_an_ending_thread_began_is_committed_before_stop_returns(cfg, 
     [queued] = queue_files(cfg, drop, 1)
     pool = WorkerPool(cfg, BackgroundScheduler())
     [(job, _)] = pool._register(jobs.claim(pool.owner, 1))
-    lock_file = Path(cfg.daemon.database.removeprefix("sqlite:///") + ".writelock")
-    holder = os.open(lock_file, os.O_RDONLY)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # the release waits for the write lock, as on a slow server
     lost = pw.OperationalError("server closed the connection unexpectedly")
     ender = threading.Thread(target=pool._database_failed, args=([job], lost))
-    at_return: list[list[str]] = []
-    stopper = threading.Thread(target=lambda: (pool.stop(grace_seconds=0),
-                                               at_return.append(events_of(queued.id))))
-    try:
+    stopping, at_return = stopper(pool, queued.id)
+    with write_lock_taken(cfg) as lock_file:  # the release waits for it, as on a slow server
         ender.start()
         wait_for(lambda: blocked_on_flock(lock_file), message="the release to wait")
-        stopper.start()
+        stopping.start()
         wait_for(lambda: pool._stopping.is_set(), message="stop() to begin")
-        stopper.join(timeout=1.0)  # not a wait for a condition: stop() must not return here
-        assert stopper.is_alive(), "stop() returned while a release was still in flight"
-    finally:
-        fcntl.flock(holder, fcntl.LOCK_UN)
-        os.close(holder)
-    stopper.join(timeout=30)
+        stopping.join(timeout=1.0)  # not a wait for a condition: stop() must not return here
+        assert stopping.is_alive(), "stop() returned while a release was still in flight"
+    stopping.join(timeout=30)
     ender.join(timeout=30)
-    assert not stopper.is_alive() and not ender.is_alive()
+    assert not stopping.is_alive() and not ender.is_alive()
     assert at_return == [["created", "started", "requeued"]]
     assert Job.get_by_id(queued.id).status == "queued"
 
