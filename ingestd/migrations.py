@@ -304,8 +304,14 @@ def _v9(db: pw.Database, dialect: dict[str, str]) -> None:
 # A chunk's text is a slice of its document's: SQLite no longer stores it twice. A new chunk's
 # text is NULL and FTS5 reads it from the document, through a view (substr counts characters,
 # as Python's offsets do). The sink still stores it for long documents and at a NUL (see
-# sinks/index.py); chunks written before keep theirs. 2 KB files take 28% less room. The full-text index is made anew over the view (FTS5
-# keeps its content table in its definition), so this step reindexes every chunk once.
+# sinks/index.py); chunks written before keep theirs. 2 KB files take 28% less room. The
+# full-text index is made anew over the view (FTS5 keeps its content table in its definition),
+# so this step reindexes every chunk once. The chunks table is migration 4's with text
+# nullable, written out again: a migration keeps its own statements (one shared with another
+# and edited later would change what the older one does).
+_V10_CHUNK_TEXTS = """CREATE VIEW chunk_texts AS SELECT c.id AS id, c.document_id AS document_id,
+    coalesce(c.text, substr(d.text, c.start_offset + 1, c.end_offset - c.start_offset)) AS text
+    FROM chunks c JOIN documents d ON d.id = c.document_id"""
 V10_SQLITE_CHUNKS = [
     # Written to run again over its own result (a test rolls a database's history back).
     """DROP TRIGGER IF EXISTS chunks_fts_delete""",
@@ -326,9 +332,7 @@ V10_SQLITE_CHUNKS = [
     """DROP TABLE chunks""",
     """ALTER TABLE chunks_v10 RENAME TO chunks""",
     """CREATE INDEX ix_chunks_document ON chunks (document_id)""",
-    """CREATE VIEW chunk_texts AS SELECT c.id AS id, c.document_id AS document_id,
-        coalesce(c.text, substr(d.text, c.start_offset + 1, c.end_offset - c.start_offset)) AS text
-        FROM chunks c JOIN documents d ON d.id = c.document_id""",
+    _V10_CHUNK_TEXTS,
     """CREATE VIRTUAL TABLE chunks_fts USING fts5(
         text, content='chunk_texts', content_rowid='id', tokenize='unicode61 remove_diacritics 2')""",
     *V8_SQLITE_FTS_MERGING,
@@ -340,8 +344,10 @@ V10_SQLITE_CHUNKS = [
                                 FROM documents d WHERE d.id = old.document_id))); END""",
     """INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')""",
 ]
-# PostgreSQL keeps storing it (its tsvector column is generated from it); NULL is allowed alike.
-V10_POSTGRES_CHUNKS = ["""ALTER TABLE chunks ALTER COLUMN text DROP NOT NULL"""]
+# PostgreSQL keeps storing it (its tsvector column is generated from it); the column and the
+# view are as on SQLite, so readers need not ask which database they read.
+V10_POSTGRES_CHUNKS = ["""ALTER TABLE chunks ALTER COLUMN text DROP NOT NULL""",
+                       """DROP VIEW IF EXISTS chunk_texts""", _V10_CHUNK_TEXTS]
 
 
 def _v10(db: pw.Database, dialect: dict[str, str]) -> None:

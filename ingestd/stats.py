@@ -256,15 +256,12 @@ def stage_spans(started: float, completed: float,
     return spans
 
 
-# A chunk's text: on SQLite mostly not stored, but the slice of its document's (migration 10).
-_CHUNK_TEXT = "coalesce(c.text, substr(d.text, c.start_offset + 1, c.end_offset - c.start_offset))"
-
-
 def _index(project_id: str) -> dict[str, int]:
-    """Live documents of the project, their chunks and the chunks' text size."""
+    """Live documents of the project, their chunks and the chunks' text size (chunk_texts: on
+    SQLite a chunk's text is mostly read from its document)."""
     documents, chunks, size = _rows(
-        f"SELECT COUNT(DISTINCT d.id), COUNT(c.id), SUM({_byte_length(_CHUNK_TEXT)}) "
-        "FROM documents d LEFT JOIN chunks c ON c.document_id = d.id "
+        f"SELECT COUNT(DISTINCT d.id), COUNT(c.id), SUM({_byte_length('c.text')}) "
+        "FROM documents d LEFT JOIN chunk_texts c ON c.document_id = d.id "
         "WHERE d.project_id = ? AND d.deleted_at IS NULL", (project_id,))[0]
     return {"documents": int(documents), "chunks": int(chunks), "index_bytes": int(size or 0)}
 

@@ -389,12 +389,10 @@ class TestRaces:
 
 def passages_of(document_id: int) -> list[tuple[int, int, str]]:
     """(start, end, text) of each chunk of a document, its text as full-text search reads it."""
-    if db.is_postgres():
-        query = "SELECT start_offset, end_offset, text FROM chunks WHERE document_id = %s"
-    else:
-        query = ("SELECT c.start_offset, c.end_offset, t.text FROM chunks c "
-                 "JOIN chunk_texts t ON t.id = c.id WHERE c.document_id = ?")
-    rows = db.database.execute_sql(query + " ORDER BY 1", (document_id,)).fetchall()
+    rows = db.database.execute_sql(
+        "SELECT c.start_offset, c.end_offset, t.text FROM chunks c JOIN chunk_texts t "
+        f"ON t.id = c.id WHERE c.document_id = {db.database.param} ORDER BY 1",
+        (document_id,)).fetchall()
     return [tuple(row) for row in rows]
 
 
