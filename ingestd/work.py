@@ -331,9 +331,11 @@ class WorkerPool:
                 finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
                 if claim_next and not self._stopping.is_set():
                     claimed = self._claim()
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files
-            self._database_failed([job for job, *_ in group], exc)
-            return None
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files...
+            if not _refused(exc):
+                self._database_failed([job for job, *_ in group], exc)
+                return None
+            return self._conclude_one_by_one(group), None  # ...unless one job's data: which?
         except BaseException as exc:  # rolled back with what it claimed: end them one by one
             if not _raised_by_the_run(exc):
                 raise
@@ -349,6 +351,9 @@ class WorkerPool:
             try:
                 ended.append((job, control, self._end_alone(job, ctx, found)))
             except (pw.PeeweeException, sqlite3.Error) as exc:
+                if _refused(exc):
+                    ended.append((job, control, self._fail_refused(job, exc)))
+                    continue
                 self._database_failed([job for job, *_ in group[index:]], exc)
                 break
         return ended
@@ -392,9 +397,11 @@ class WorkerPool:
         final = None
         try:
             final = end()
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file
-            self._database_failed([job], exc)
-            return
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file...
+            if not _refused(exc):
+                self._database_failed([job], exc)
+                return
+            final = self._fail_refused(job, exc)  # ...unless it refused what the job wrote
         except BaseException as exc:
             if not _raised_by_the_run(exc):
                 raise
@@ -441,6 +448,23 @@ class WorkerPool:
         if sink is None:
             sink = self._sinks[project.name] = open_sink(project)
         return sink
+
+    def _fail_refused(self, job: Job, exc: Exception) -> Job | None:
+        """The database refused what the job's end wrote (rolled back): it would refuse it on
+        every try, so the job fails, saying why (released, it would come back at once, and
+        take the jobs ending with it along each time)."""
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("job_data_refused", job_id=job.id, project=job.project_id,
+                    path=job.source_path, reason=said)
+        try:
+            return db.again_if_lost(lambda: jobs.fail(
+                job.id, self.owner, f"the database refused what it would store: {said}"))
+        except (pw.PeeweeException, sqlite3.Error) as failed:
+            self._database_failed([job], failed)
+            return None
+        except Exception as other:  # ended meanwhile (cancelled, lease lost)
+            log.warning("job_not_failed", job_id=job.id, reason=str(other))
+            return None
 
     def _fail_after_bug(self, job: Job) -> Job | None:
         try:
@@ -498,6 +522,14 @@ def _unshown_progress(control: Control) -> bool:
     return (control.begun and control.stage not in ("", Stage.INITIAL.value)
             and time.monotonic() - control.stage_started >= SHOW_PROGRESS_AFTER_SECONDS
             and (control.stage, control.fraction) != control.shown)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a database error is the database refusing the data written (a constraint, a
+    value it cannot hold), which a new try repeats, rather than the database or its connection
+    failing (locked, busy, lost), which a new try may not."""
+    return isinstance(exc, (pw.IntegrityError, pw.DataError,
+                            sqlite3.IntegrityError, sqlite3.DataError))
 
 
 def _raised_by_the_run(exc: BaseException) -> bool:

@@ -22,6 +22,7 @@ from ingestd import intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document, Event, Job
 from ingestd.pipeline import Control
+from ingestd.sinks.index import IndexSink
 from ingestd.work import WorkerPool
 
 
@@ -118,6 +119,45 @@ def test_a_group_of_new_files_duplicates_and_new_versions_ends_each_as_if_alone(
     live = Document.select().where(Document.deleted_at.is_null())
     assert {d.text for d in live} == {"the second version of old, longer", "twins share this",
                                       "content the project has", "fresh one", "fresh two"}
+
+
+class RefusingIndex(IndexSink):
+    """The index, writing for a document that says "poison" a value the database refuses (a
+    progress out of its CHECK's range), as a sink whose data the database cannot hold."""
+
+    def ingest_many(self, documents):
+        for document, _ in documents:
+            if "poison" in document.text:
+                Job.update(progress=2.0).where(Job.id == document.job_id).execute()
+        return super().ingest_many(documents)
+
+
+def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
+        backend, any_store, drop):
+    """A constraint the database enforces on what a job's end writes fails that job, saying
+    why, at its first try (released, it would come back at once, and its group with it, for
+    ever); the jobs ending in its group complete. A PDF, which ends alone, likewise."""
+    pool = WorkerPool(backend, BackgroundScheduler())
+    pool._sinks["acme"] = RefusingIndex(backend.projects["acme"])
+    names = ["fine-1.txt", "poison.txt", "fine-2.txt", "fine-3.txt"]
+    for name in names:
+        (drop / name).write_text(f"{name}: {'poison' if 'poison' in name else 'good'} text")
+    make_pdf(drop / "poison.pdf", ["a poison page"])
+    for name in [*names, "poison.pdf"]:
+        folder, version = intake.inspect(backend.projects["acme"], drop / name)
+        jobs.create("acme", str(folder), version, 3)
+    ended = {job.source_path.rsplit("/", 1)[1]: job for job in run_claimed(pool)}
+    pool._enders.shutdown(wait=True)  # the PDF's end runs on an ending thread
+    ended = {name: Job.get_by_id(job.id) for name, job in ended.items()}
+    assert {name: job.status for name, job in ended.items()} == {
+        "fine-1.txt": "completed", "poison.txt": "failed", "fine-2.txt": "completed",
+        "fine-3.txt": "completed", "poison.pdf": "failed"}
+    for name in ("poison.txt", "poison.pdf"):
+        job = ended[name]
+        assert job.error_message.startswith("the database refused what it would store: ")
+        assert "check" in job.error_message.lower() and "\n" not in job.error_message
+        assert (job.attempts, events_of(job.id)) == (1, ["created", "started", "failed"])
+        assert Document.select().where(Document.job_id == job.id).count() == 0
 
 
 def test_the_last_group_of_a_batch_claims_the_next_batch_in_its_transaction(cfg, store, drop):
