@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import peewee as pw
 import structlog
@@ -221,6 +221,16 @@ def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
             return None
 
     return run
+
+
+def executemany(statement: str, rows: Sequence[Sequence[Any]],
+                on: pw.Database | None = None) -> None:
+    """One prepared statement for every row (``on`` the bound database by default), its
+    driver's errors turned into peewee's as execute_sql turns them: a raw psycopg error would
+    pass for a bug in the caller, not for what the database said."""
+    cursor = (on or database).cursor()
+    with pw.__exception_wrapper__:
+        cursor.executemany(statement, rows)
 
 
 def transaction() -> contextlib.AbstractContextManager:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
-from ingestd.db import is_postgres, transaction
+from ingestd.db import executemany, is_postgres, transaction
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Job, JobStatus, Source, Stage, database
 from ingestd.wakeup import notify_sql
@@ -263,9 +263,8 @@ def _emit_all(events: Sequence[tuple[str, dict[str, Any], str | None, int | None
         rows = [(first + index, event_type, project_id, job_id, moment,
                  _EVENT_JSON.encode(data))
                 for index, (event_type, data, project_id, job_id) in enumerate(events)]
-        database.cursor().executemany(
-            _sql("INSERT INTO ingest_events (seq, type, project_id, job_id, time, data) "
-                 "VALUES (?, ?, ?, ?, ?, ?)"), rows)
+        executemany(_sql("INSERT INTO ingest_events (seq, type, project_id, job_id, time, data) "
+                         "VALUES (?, ?, ?, ?, ?, ?)"), rows)
     return last
 
 

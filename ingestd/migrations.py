@@ -16,7 +16,7 @@ from typing import Callable
 import peewee as pw
 
 from ingestd import chunking
-from ingestd.db import is_postgres
+from ingestd.db import executemany, is_postgres
 from ingestd.errors import StoreError
 
 ADVISORY_LOCK_KEY = 0x1D6E57D  # "ingestd"
@@ -253,10 +253,10 @@ def _chunk_documents_without_chunks(db: pw.Database) -> None:
                   for document_id, project_id, text in rows
                   for seq, piece in enumerate(chunking.chunk_text(text, ()))]
         if chunks:
-            db.cursor().executemany(
+            executemany(
                 "INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
                 f"end_offset, text) VALUES ({param}, {param}, {param}, NULL, {param}, {param}, "
-                f"{param})", chunks)
+                f"{param})", chunks, on=db)
         after = rows[-1][0]
 
 

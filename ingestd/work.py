@@ -527,9 +527,11 @@ def _unshown_progress(control: Control) -> bool:
 def _refused(exc: BaseException) -> bool:
     """Whether a database error is the database refusing the data written (a constraint, a
     value it cannot hold), which a new try repeats, rather than the database or its connection
-    failing (locked, busy, lost), which a new try may not."""
-    return isinstance(exc, (pw.IntegrityError, pw.DataError,
-                            sqlite3.IntegrityError, sqlite3.DataError))
+    failing (locked, busy, lost), which a new try may not. PostgreSQL's program limits (class
+    54: a chunk too big for a tsvector) reach peewee as OperationalError; its SQLSTATE tells."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return sqlstate.startswith("54") or isinstance(
+        exc, (pw.IntegrityError, pw.DataError, sqlite3.IntegrityError, sqlite3.DataError))
 
 
 def _raised_by_the_run(exc: BaseException) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import sys
 import textwrap
 import threading
@@ -18,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from conftest import wait_for
 from corpus import make_pdf
-from ingestd import intake, jobs
+from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document, Event, Job
 from ingestd.pipeline import Control
@@ -158,6 +159,32 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
         assert "check" in job.error_message.lower() and "\n" not in job.error_message
         assert (job.attempts, events_of(job.id)) == (1, ["created", "started", "failed"])
         assert Document.select().where(Document.job_id == job.id).count() == 0
+
+
+def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, drop):
+    """PostgreSQL's tsvector holds at most 1 MB: a chunk past that (a project with a huge
+    chunk_size) is refused on every try, as a program limit (an OperationalError, like a lost
+    connection). Its job fails saying so; the job ending in its group completes."""
+    backend = config_mod.with_database(cfg, pg_url)
+    db.open_store(backend.daemon.database)
+    try:
+        project = backend.projects["acme"]
+        pool = WorkerPool(backend, BackgroundScheduler())
+        pool._sinks["acme"] = IndexSink(replace(project, sink=replace(
+            project.sink, kind="index", options={"chunk_size": 1_000_000})))
+        words = random.Random(5).sample(range(10**11, 10**12), 70_000)  # 13 bytes, all distinct
+        (drop / "huge.txt").write_text(" ".join(f"w{word}" for word in words))
+        (drop / "small.txt").write_text("a small neighbour")
+        for name in ("huge.txt", "small.txt"):
+            folder, version = intake.inspect(project, drop / name)
+            jobs.create("acme", str(folder), version, 3)
+        ended = {job.source_path.rsplit("/", 1)[1]: job for job in run_claimed(pool)}
+        assert (ended["small.txt"].status, ended["huge.txt"].status) == ("completed", "failed")
+        assert ended["huge.txt"].error_message.startswith(
+            "the database refused what it would store: string is too long for tsvector")
+        assert ended["huge.txt"].attempts == 1
+    finally:
+        db.close_store()
 
 
 def test_the_last_group_of_a_batch_claims_the_next_batch_in_its_transaction(cfg, store, drop):

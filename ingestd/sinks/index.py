@@ -42,9 +42,8 @@ class IndexSink(TextSink):
     def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
         rows = [(document_id, *row) for document_id, chunks in parts for row in chunks]
         marks = ", ".join([database.param] * 7)
-        cursor = database.cursor()  # executemany: one prepared statement for every chunk
-        cursor.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
-                           f"end_offset, text) VALUES ({marks})", rows)
+        db.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
+                       f"end_offset, text) VALUES ({marks})", rows)
         if not db.is_postgres():  # PostgreSQL's tsvector column is generated with the row
             # One statement for all the chunks: FTS5 inserting them row by row from a
             # trigger cost more than twice as much CPU per chunk.
