@@ -255,6 +255,16 @@ def translate_errors(url: str | None = None) -> Iterator[None]:
         raise as_store_error(exc, url) from None
 
 
+def refused(exc: BaseException) -> bool:
+    """Whether a database error is the database refusing the data written (a constraint, a
+    value it cannot hold), which a new try repeats, rather than the database or its connection
+    failing (locked, busy, lost), which a new try may not. PostgreSQL's program limits (class
+    54: a chunk too big for a tsvector) reach peewee as OperationalError; its SQLSTATE tells."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return sqlstate.startswith("54") or isinstance(
+        exc, (pw.IntegrityError, pw.DataError, sqlite3.IntegrityError, sqlite3.DataError))
+
+
 def as_store_error(exc: BaseException, url: str | None = None) -> StoreError:
     """A one-line StoreError for a database error (``url`` defaults to the bound database)."""
     if url is None:

@@ -332,7 +332,7 @@ class WorkerPool:
                 if claim_next and not self._stopping.is_set():
                     claimed = self._claim()
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files...
-            if not _refused(exc):
+            if not db.refused(exc):
                 self._database_failed([job for job, *_ in group], exc)
                 return None
             return self._conclude_one_by_one(group), None  # ...unless one job's data: which?
@@ -351,7 +351,7 @@ class WorkerPool:
             try:
                 ended.append((job, control, self._end_alone(job, ctx, found)))
             except (pw.PeeweeException, sqlite3.Error) as exc:
-                if _refused(exc):
+                if db.refused(exc):
                     ended.append((job, control, self._fail_refused(job, exc)))
                     continue
                 self._database_failed([job for job, *_ in group[index:]], exc)
@@ -398,7 +398,7 @@ class WorkerPool:
         try:
             final = end()
         except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file...
-            if not _refused(exc):
+            if not db.refused(exc):
                 self._database_failed([job], exc)
                 return
             final = self._fail_refused(job, exc)  # ...unless it refused what the job wrote
@@ -522,16 +522,6 @@ def _unshown_progress(control: Control) -> bool:
     return (control.begun and control.stage not in ("", Stage.INITIAL.value)
             and time.monotonic() - control.stage_started >= SHOW_PROGRESS_AFTER_SECONDS
             and (control.stage, control.fraction) != control.shown)
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether a database error is the database refusing the data written (a constraint, a
-    value it cannot hold), which a new try repeats, rather than the database or its connection
-    failing (locked, busy, lost), which a new try may not. PostgreSQL's program limits (class
-    54: a chunk too big for a tsvector) reach peewee as OperationalError; its SQLSTATE tells."""
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
-    return sqlstate.startswith("54") or isinstance(
-        exc, (pw.IntegrityError, pw.DataError, sqlite3.IntegrityError, sqlite3.DataError))
 
 
 def _raised_by_the_run(exc: BaseException) -> bool:

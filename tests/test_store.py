@@ -286,6 +286,7 @@ def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_o
     from ingestd.config import ProjectConfig
     from ingestd.sinks import Document
     from ingestd.sinks.index import IndexSink
+    from test_index import assert_full_text_index_consistent
 
     path = tmp_path / "nine.db"
     migrate_sqlite_to(path, 9)
@@ -314,11 +315,11 @@ def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_o
         assert database.execute_sql("SELECT id, text FROM chunks WHERE document_id = ?",
                                     (new_id,)).fetchall() == [(42, None)]
         assert [hit.snippet for hit in search.search("acme", "tapir")] == ["a new [tapir] passage"]
-        database.execute_sql("INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+        assert_full_text_index_consistent()
         sink.delete(7)
         sink.delete(new_id)
         assert search.search("acme", "capybara OR tapir") == []
-        database.execute_sql("INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+        assert_full_text_index_consistent()
         assert dict(database.execute_sql(
             "SELECT k, v FROM chunks_fts_config WHERE k IN ('automerge', 'crisismerge')")) == {
             "automerge": 16, "crisismerge": 64}
