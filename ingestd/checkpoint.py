@@ -70,7 +70,11 @@ class WalCheckpointer:
                 # mode=rw: a database that is not there is an error, not made anew.
                 self._connection = sqlite3.connect(f"{self._uri}?mode=rw", uri=True,
                                                    isolation_level=None)
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _, frames, _ = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames == -1:  # not in WAL mode: a database file just made, its maker about
+                # to switch it. This connection would never see the switch; a new one will.
+                self._disconnect()
+                return
         except sqlite3.Error as exc:  # the writers' own checkpoints go on: say it, once
             if not self._failing:
                 log.warning("wal_checkpoint_failed", path=self.path, reason=str(exc))

@@ -77,6 +77,23 @@ def test_it_keeps_up_when_the_log_starts_over(tmp_path, checkpointer):
     writer.close()
 
 
+def test_a_database_switched_to_wal_after_it_was_first_opened_is_checkpointed(
+        tmp_path, checkpointer):
+    """A database file made but not yet in WAL mode (its maker sets that next) checkpoints
+    as nothing; a connection that found it so would never see the switch, and never copy a
+    page."""
+    path = tmp_path / "store.db"
+    maker = sqlite3.connect(path, isolation_level=None)
+    running = checkpointer(path)
+    wait_for(lambda: running.tries >= 2, timeout=30, message="tries before the switch")
+    maker.close()
+    writer = wal_writer(path)
+    page_count = write(writer, 100)
+    wait_for(lambda: pages_in_file(path) == page_count, timeout=30,
+             message="the pages in the database file")
+    writer.close()
+
+
 def test_a_failing_checkpoint_is_logged_once_and_tried_again(tmp_path, checkpointer):
     path = tmp_path / "store.db"
     path.write_bytes(b"not a database at all " * 300)
