@@ -97,6 +97,10 @@ class Context:
     # ended in the group's transaction with no savepoints, where a lost compare-and-set raises
     # (the worker rolls the group back and ends its jobs one by one).
     grouped: bool = False
+    # Called as the job's extraction gets under way (for a PDF: once its extraction process
+    # has the file). The worker hands its previous job's end over then, not before: see
+    # WorkerPool._run.
+    on_extracting: Callable[[], None] = lambda: None
 
     def atomic(self) -> Any:
         """A savepoint to undo this job's writes on its own; none in a group."""
@@ -413,12 +417,14 @@ def _check_type(job: Job, project: ProjectConfig, data: bytes) -> str:
 
 def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extracted:
     if mime != PDF:
+        ctx.on_extracting()
         return extract_text(data, mime)
 
     def on_page(done: int, total: int) -> None:
         progress.update(fraction=0.1 + 0.8 * done / max(total, 1))
 
-    return ctx.extractors.extract_pdf(data, ctx.deadline, on_page, ctx.check)
+    return ctx.extractors.extract_pdf(data, ctx.deadline, on_page, ctx.check,
+                                      on_sent=ctx.on_extracting)
 
 
 def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job | None]:

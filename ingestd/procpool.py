@@ -141,13 +141,15 @@ class ExtractorPool:
 
     def extract_pdf(self, data: bytes, deadline: float,
                     on_page: Callable[[int, int], None],
-                    check: Callable[[], None]) -> Extracted:
-        """Extract ``data`` in a child before ``deadline`` (monotonic). ``on_page`` and ``check``
-        run in the calling thread; if either raises, the child is killed and the error raised."""
+                    check: Callable[[], None],
+                    on_sent: Callable[[], None] = lambda: None) -> Extracted:
+        """Extract ``data`` in a child before ``deadline`` (monotonic). ``on_page``, ``check``
+        and ``on_sent`` (once the child has the PDF) run in the calling thread; if ``on_page``
+        or ``check`` raises, the child is killed and the error raised."""
         with self._slots:
             worker = self._acquire()
             try:
-                result = self._converse(worker, data, deadline, on_page, check)
+                result = self._converse(worker, data, deadline, on_page, check, on_sent)
             except BaseException:
                 self._discard(worker)
                 raise
@@ -155,11 +157,13 @@ class ExtractorPool:
             return result
 
     def _converse(self, worker: _Worker, data: bytes, deadline: float,
-                  on_page: Callable[[int, int], None], check: Callable[[], None]) -> Extracted:
+                  on_page: Callable[[int, int], None], check: Callable[[], None],
+                  on_sent: Callable[[], None]) -> Extracted:
         try:
             worker.conn.send_bytes(data)
         except OSError:  # BrokenPipeError: it died before reading the whole PDF
             raise worker.died() from None
+        on_sent()
         while True:
             check()
             remaining = deadline - time.monotonic()

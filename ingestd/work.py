@@ -8,9 +8,9 @@ the poll) starts the idle slots. A slot claims as many jobs as it finishes in ab
 small files share one claim and a PDF is claimed alone (another slot may take the next one).
 Periodic tasks (heartbeat, lease rescue, the poll) run on the scheduler's default executor.
 CPU-bound PDF extraction runs in child processes (procpool), so ``workers`` threads keep
-``workers`` cores busy. A slow job's end (indexing its text, its final transition) is handed to
-a thread of its own while the slot goes on to the next job: the slot's extraction process
-starts the next PDF at once instead of waiting for the last one to be indexed.
+``workers`` cores busy. A slow job's end (indexing its text, its final transition) runs on a
+thread of its own while the slot's extraction process works on the next PDF: the slot first
+claims and reads that PDF and hands it over, then hands the end over (see ``_hand_over``).
 
 Whatever a job's run raises ends that job, never its slot: on these threads even a
 KeyboardInterrupt or SystemExit can only come from the run's own code (a sink plugin), since
@@ -21,6 +21,7 @@ signals reach only the main thread, where the daemon's inbox takes them (see
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sqlite3
@@ -99,7 +100,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._draining: set[int] = set()
         self._enders = EndingThreads(self.size, thread_name_prefix="job-end")
-        self._ending: dict[int, Future] = {}  # by slot: the end of its last slow job
+        self._ending: dict[int, Future] = {}  # by slot: the end of its last slow job...
+        self._unhanded: dict[int, Callable[[], None]] = {}  # ...before it is handed over
         # Moving average of recent job run times, which sizes the batches. It starts at a
         # batch of one: a slot must not sit on several PDFs while another slot is idle.
         self._job_seconds = BATCH_SECONDS
@@ -233,6 +235,7 @@ class WorkerPool:
             self._release(lambda running: running.job.id in batch and not running.control.begun,
                           "re-queued: its worker slot failed (see the daemon's log)")
         finally:
+            self._hand_over(slot)
             with self._lock:
                 self._draining.discard(slot)
 
@@ -273,6 +276,7 @@ class WorkerPool:
             project = self.config.projects.get(job.project_id)
             if project is not None and self._is_quick(job, project):
                 if not group:
+                    self._hand_over(slot)
                     opened = time.monotonic()
                 group.append(self._prepare(job, project, control, grouped=True))
                 if time.monotonic() - opened > GROUP_SECONDS:
@@ -288,11 +292,14 @@ class WorkerPool:
         return (job.mime_type != PDF and (job.byte_size or 0) <= QUICK_BYTES
                 and self._sink(project).transactional)
 
-    def _prepare(self, job: Job, project: ProjectConfig, control: Control,
-                 grouped: bool) -> tuple[Job, Control, Context, Prepared]:
+    def _prepare(self, job: Job, project: ProjectConfig, control: Control, grouped: bool,
+                 on_extracting: Callable[[], None] | None = None
+                 ) -> tuple[Job, Control, Context, Prepared]:
         control.begun = True
         ctx = self._context(project, control)
         ctx.grouped = grouped
+        if on_extracting is not None:
+            ctx.on_extracting = on_extracting
         try:
             return job, control, ctx, prepare(job, ctx)
         except BaseException as exc:  # a bug, or the database: conclude raises it again
@@ -373,24 +380,38 @@ class WorkerPool:
 
     def _run(self, job: Job, project: ProjectConfig | None, control: Control, slot: int) -> None:
         """Run one job on its own, each write its own transaction. Reading and extracting
-        happen here; the job's end (indexing, its final transition) is handed to an ending
-        thread, and the slot goes on with its next job meanwhile. A slot is never more than
-        one job ahead of its ends."""
+        happen here; the job's end (indexing, its final transition) is kept until the slot's
+        next job is extracting, then handed to an ending thread (see :meth:`_hand_over`). A slot
+        is never more than one job ahead of its ends."""
         started = time.monotonic()
         control.begun = True
         if project is None:
+            self._hand_over(slot)
             self._end_run(job, control, started, lambda: jobs.fail(
                 job.id, self.owner, f"project {job.project_id!r} is no longer configured"))
             return
-        _, _, ctx, found = self._prepare(job, project, control, grouped=False)
-        end = lambda: conclude(job, ctx, found)  # noqa: E731
+        _, _, ctx, found = self._prepare(job, project, control, grouped=False,
+                                         on_extracting=lambda: self._hand_over(slot))
+        self._hand_over(slot)  # if it did not get as far as extracting
         previous = self._ending.get(slot)
-        try:
-            self._ending[slot] = self._enders.submit(self._end_run, job, control, started, end)
-        except RuntimeError:  # stop() shut the ending threads down: the job was released
-            self._end_run(job, control, started, end)
         if previous is not None:
             previous.result()
+        self._unhanded[slot] = functools.partial(self._end_run, job, control, started,
+                                                 lambda: conclude(job, ctx, found))
+
+    def _hand_over(self, slot: int) -> None:
+        """Hand the slot's last slow job's end to an ending thread. It waits until the slot's
+        next job is claimed, read and in its extraction process: until then the end would hold
+        the write lock the next claim waits for, and the worker's GIL its reading needs, while
+        the extraction process sits idle. The slot hands it over before anything else too
+        (a group of small files, an empty queue, a stop)."""
+        end = self._unhanded.pop(slot, None)
+        if end is None:
+            return
+        try:
+            self._ending[slot] = self._enders.submit(end)
+        except RuntimeError:  # stop() shut the ending threads down: the job was released
+            end()
 
     def _end_run(self, job: Job, control: Control, started: float,
                  end: Callable[[], Job | None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import random
 import sys
@@ -84,6 +85,7 @@ def test_a_job_cancelled_while_its_group_ends_is_cancelled_and_the_rest_complete
 def run_claimed(pool: WorkerPool, limit: int = 16) -> list[Job]:
     claimed = jobs.claim(pool.owner, limit)
     pool._run_batch([(job, Control()) for job in claimed], slot=0)
+    pool._hand_over(0)  # the last slow job's end, as the slot does when the queue is empty
     return [Job.get_by_id(job.id) for job in claimed]
 
 
@@ -224,12 +226,11 @@ def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, st
     held = SinkConfig(kind="command", options={"command": [sys.executable, str(sink_script)]})
     config = replace(cfg, projects={**cfg.projects,
                                     "acme": replace(cfg.projects["acme"], sink=held)})
-    queue_files(config, drop, 2, lambda index: Path(make_pdf(
+    queued = queue_files(config, drop, 2, lambda index: Path(make_pdf(
         drop / f"doc{index}.pdf", [f"page one of document {index}", "page two"])))
     pool = WorkerPool(config, BackgroundScheduler())
-    claimed = pool._register(jobs.claim(pool.owner, 2))
-    first, second = (job.id for job, _ in claimed)
-    slot = threading.Thread(target=pool._run_batch, args=(claimed, 0))
+    first, second = (job.id for job in queued)
+    slot = threading.Thread(target=pool._drain, args=(0,))
     try:
         slot.start()
         stages = lambda: {r["job_id"]: r["stage"] for r in pool.running()}  # noqa: E731
@@ -247,6 +248,46 @@ def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, st
         pool.stop(grace_seconds=10)
 
 
+class Spied:
+    """What a pool's slot does, in order: each PDF it gives its extraction process ("sent")
+    and each job end it hands to an ending thread (("end", job id))."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.log: list[object] = []
+        extract_pdf, submit = pool._extractors.extract_pdf, pool._enders.submit
+
+        def spied_extract(data, deadline, on_page, check, on_sent=lambda: None):
+            return extract_pdf(data, deadline, on_page, check,
+                               on_sent=lambda: (self.log.append("sent"), on_sent()))
+
+        def spied_submit(end, *args):
+            job = (end.args if isinstance(end, functools.partial) else args)[0]
+            self.log.append(("end", job.id))
+            return submit(end, *args)
+
+        pool._extractors.extract_pdf, pool._enders.submit = spied_extract, spied_submit
+
+
+def test_a_slot_hands_a_pdfs_end_over_once_its_next_pdf_is_being_extracted(cfg, store, drop):
+    """A PDF's end waits until the slot's next PDF is claimed, read and in the extraction
+    process (ended before, it would hold the write lock that claim waits for, and the GIL
+    the reading needs, while the extraction process sits idle); the last one's end waits
+    for nothing."""
+    queued = queue_files(cfg, drop, 3, lambda index: Path(make_pdf(
+        drop / f"doc{index}.pdf", [f"page {page} of document {index}" for page in range(3)])))
+    first, second, third = (job.id for job in queued)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    spied = Spied(pool)
+    try:
+        pool._drain(0)
+        pool._enders.shutdown(wait=True)
+        assert [Job.get_by_id(i).status for i in (first, second, third)] == ["completed"] * 3
+        assert spied.log == ["sent", "sent", ("end", first), "sent", ("end", second),
+                             ("end", third)]
+    finally:
+        pool.stop(grace_seconds=10)
+
+
 def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, store, drop):
     """A slot may still reach a slow job after stop() released it and shut the ending threads
     down: the job ends on the slot's own thread (abandoned), it is not an error, and the job
@@ -256,6 +297,7 @@ def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, 
     [(job, control)] = pool._register(jobs.claim(pool.owner, 1))
     pool.stop(grace_seconds=0)
     pool._run(job, cfg.projects["acme"], control, slot=0)
+    pool._hand_over(0)
     assert Job.get_by_id(job.id).status == "queued"
     assert not pool.busy
 
