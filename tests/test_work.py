@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import random
 import sys
@@ -260,10 +259,9 @@ class Spied:
             return extract_pdf(data, deadline, on_page, check,
                                on_sent=lambda: (self.log.append("sent"), on_sent()))
 
-        def spied_submit(end, *args):
-            job = (end.args if isinstance(end, functools.partial) else args)[0]
-            self.log.append(("end", job.id))
-            return submit(end, *args)
+        def spied_submit(end):  # a partial of WorkerPool._end_run(job, ...)
+            self.log.append(("end", end.args[0].id))
+            return submit(end)
 
         pool._extractors.extract_pdf, pool._enders.submit = spied_extract, spied_submit
 
