@@ -104,7 +104,9 @@ class Daemon:
                 with StartExtender(self.notifier, MIGRATION_EXTEND_SECONDS) as extender:
                     db.open_store(self.config.daemon.database,
                                   on_migration=lambda version, name: self._migrating(
-                                      version, name, extender))
+                                      version, name, extender),
+                                  on_migration_wait=lambda: self._waiting_for_migration(
+                                      extender))
                 return True
             except StoreUnreachable as exc:
                 log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)
@@ -119,6 +121,12 @@ class Daemon:
                 log.warning("signal_ignored", signal=signal.Signals(number).name,
                             reason="waiting for the database")
             delay = min(2 * delay, DATABASE_RETRY_MAX_SECONDS)
+
+    def _waiting_for_migration(self, extender: StartExtender) -> None:
+        """Another node is migrating the shared database: this one waits as long, and says so."""
+        log.info("waiting_for_migration")
+        self.notifier.status("waiting for another node to migrate the database")
+        extender.start()
 
     def _migrating(self, version: int, name: str, extender: StartExtender) -> None:
         """A migration begins: said in the log and to systemd, whose start timeout is extended

@@ -153,10 +153,12 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
 
 
 def open_store(url: str, migrate: bool = True,
-               on_migration: Callable[[int, str], None] | None = None) -> pw.Database:
+               on_migration: Callable[[int, str], None] | None = None,
+               on_migration_wait: Callable[[], None] | None = None) -> pw.Database:
     """Bind the models to ``url``'s database, check it is usable, and bring its schema up to date
-    (``migrate``; ``on_migration(version, name)`` as each migration begins) or check that it is
-    this ingestd's (see migrations.check_current)."""
+    (``migrate``; ``on_migration(version, name)`` as each migration begins, ``on_migration_wait()``
+    before waiting for another node's) or check that it is this ingestd's (see
+    migrations.check_current)."""
     from ingestd import migrations
 
     db = connect(url)
@@ -164,7 +166,7 @@ def open_store(url: str, migrate: bool = True,
     with translate_errors(url):
         _connect(db, url)
         if migrate:
-            migrations.migrate(db, on_migration)
+            migrations.migrate(db, on_migration, on_migration_wait)
         else:
             migrations.check_current(db)
     return db

@@ -420,12 +420,14 @@ def check_current(db: pw.Database) -> None:
                          "not touched")
 
 
-def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None) -> list[int]:
+def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None,
+            on_wait: Callable[[], None] | None = None) -> list[int]:
     """Apply every pending migration; return the versions applied (empty when up to date).
-    ``on_step(version, name)`` is called as each begins (some take minutes on a big database)."""
+    ``on_step(version, name)`` is called as each begins (some take minutes on a big database),
+    ``on_wait()`` before waiting for another process's migrations to end (PostgreSQL)."""
     if check_not_newer(db) == LATEST:
         return []
-    with _migration_lock(db):
+    with _migration_lock(db, on_wait):
         _ensure_history(db)
         applied = []
         for version, name, step in MIGRATIONS:
@@ -446,12 +448,19 @@ def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None) 
 class _migration_lock:
     """A session-level advisory lock on PostgreSQL; nothing on SQLite (IMMEDIATE suffices)."""
 
-    def __init__(self, db: pw.Database) -> None:
+    def __init__(self, db: pw.Database, on_wait: Callable[[], None] | None) -> None:
         self.db = db
         self.postgres = is_postgres(db)
+        self.on_wait = on_wait
 
     def __enter__(self) -> None:
-        if self.postgres:
+        if not self.postgres:
+            return
+        [(taken,)] = self.db.execute_sql("SELECT pg_try_advisory_lock(%s)",
+                                         (ADVISORY_LOCK_KEY,)).fetchall()
+        if not taken:  # another node is migrating: say so, then wait for it
+            if self.on_wait is not None:
+                self.on_wait()
             self.db.execute_sql("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
 
     def __exit__(self, *exc: object) -> None:

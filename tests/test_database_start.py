@@ -116,6 +116,35 @@ def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url)
         db.close_store()
 
 
+def test_a_daemon_waiting_for_another_nodes_migration_says_so_and_extends_its_start_timeout(
+        tmp_path, pg_url):
+    """While another node migrates the shared database (it holds the migration lock), a node
+    starting on it waits as long: it says so in its log and in systemd's STATUS=, and extends
+    systemd's start timeout meanwhile (a migration can take minutes). Then it starts."""
+    import psycopg
+
+    from ingestd.migrations import ADVISORY_LOCK_KEY
+
+    daemon = node(tmp_path, pg_url)
+    alive = lambda: daemon.alive  # noqa: E731
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as other_node:
+        other_node.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        try:
+            daemon.start(wait_ready=False)
+            waiting = "STATUS=waiting for another node to migrate the database"
+            daemon.notify.wait_for(lambda m: m == waiting, alive=alive)
+            daemon.notify.wait_for(lambda m: m.startswith("EXTEND_TIMEOUT_USEC=30000000"),
+                                   alive=alive)
+            assert not any("READY=1" in m for m in daemon.notify.messages)
+            assert '"event": "waiting_for_migration"' in daemon.log()
+            other_node.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            daemon.notify.wait_for(lambda m: "READY=1" in m, timeout=60, alive=alive)
+            assert daemon.stop() == 0
+        finally:
+            if daemon.alive:
+                daemon.kill(with_children=True)
+
+
 def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
     daemon = node(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/test")
     daemon.start(wait_ready=False)
