@@ -46,7 +46,9 @@ def _one_line(text: str) -> str:
 class StartExtender:
     """While a long step of the start runs (after :meth:`start`, until the block ends), keeps
     systemd's start timeout from running out: EXTEND_TIMEOUT_USEC= for ``seconds`` at once and
-    again each third of that, so a step that hangs still times out ``seconds`` later."""
+    again each third of that. It runs on a thread of its own, so it extends for as long as the
+    step runs, however long; a process that stops running altogether (stopped, or frozen
+    whole) times out ``seconds`` later."""
 
     def __init__(self, notifier: Notifier, seconds: float) -> None:
         self.notifier, self.seconds = notifier, seconds

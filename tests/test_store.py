@@ -352,7 +352,7 @@ def test_a_daemon_that_migrates_at_start_says_so_and_extends_its_start_timeout(t
 
 def test_the_start_extender_extends_until_its_step_ends(tmp_path, monkeypatch):
     """Once started, it extends systemd's start timeout at once and every third of the
-    extension; when the step ends it stops (a hung step still times out)."""
+    extension; when the step ends it stops."""
     import socket
 
     from ingestd.systemd import Notifier, StartExtender
