@@ -319,7 +319,9 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     url = cfg.daemon.database
     database = db.connect(url)
     with db.translate_errors(url):
-        applied = migrations.migrate(database)
+        applied = migrations.migrate(database, on_wait=lambda: print(
+            f"{db.describe(url)}: another node is migrating it; waiting until it is done",
+            file=sys.stderr, flush=True))
         version = migrations.current_version(database)
     database.close()
     if applied:

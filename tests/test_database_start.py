@@ -145,6 +145,38 @@ def test_a_daemon_waiting_for_another_nodes_migration_says_so_and_extends_its_st
                 daemon.kill(with_children=True)
 
 
+def test_db_migrate_waiting_for_another_nodes_migration_says_so_then_migrates(tmp_path, pg_url):
+    """`ingestd db migrate` on a database another node is migrating says it waits (a big
+    migration takes minutes), and migrates once the other node is done."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from ingestd.migrations import ADVISORY_LOCK_KEY, LATEST
+
+    (tmp_path / "drop").mkdir()
+    config = node_config(tmp_path, "node", pg_url, tmp_path / "drop")
+    stderr = tmp_path / "stderr"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as other_node:
+        other_node.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        with stderr.open("w") as err:
+            command = subprocess.Popen(
+                [sys.executable, "-m", "ingestd", "-c", str(config), "db", "migrate"],
+                stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            wait_for(lambda: "another node is migrating it; waiting" in stderr.read_text(),
+                     timeout=30, message="the command says it waits")
+            assert command.poll() is None and len(stderr.read_text().splitlines()) == 1
+            other_node.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            out, _ = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+    assert command.returncode == 0
+    assert f"schema version {LATEST}" in out and "applied migrations" in out
+
+
 def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
     daemon = node(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/test")
     daemon.start(wait_ready=False)
