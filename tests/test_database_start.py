@@ -5,11 +5,13 @@ server to "come up"."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -88,6 +90,19 @@ def via_port(url: str, port: int) -> str:
     return parts._replace(netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}").geturl()
 
 
+@contextlib.contextmanager
+def another_node_migrating() -> Iterator[Callable[[], None]]:
+    """The migration lock held as another node holds it while it migrates the database; what
+    it yields ends that migration."""
+    import psycopg
+
+    from ingestd.migrations import ADVISORY_LOCK_KEY
+
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as other_node:
+        other_node.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        yield lambda: other_node.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+
+
 def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url):
     port = free_port()
     relay = Relay(port, server_of(PG_URL))
@@ -121,14 +136,9 @@ def test_a_daemon_waiting_for_another_nodes_migration_says_so_and_extends_its_st
     """While another node migrates the shared database (it holds the migration lock), a node
     starting on it waits as long: it says so in its log and in systemd's STATUS=, and extends
     systemd's start timeout meanwhile (a migration can take minutes). Then it starts."""
-    import psycopg
-
-    from ingestd.migrations import ADVISORY_LOCK_KEY
-
     daemon = node(tmp_path, pg_url)
     alive = lambda: daemon.alive  # noqa: E731
-    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as other_node:
-        other_node.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+    with another_node_migrating() as migrated:
         try:
             daemon.start(wait_ready=False)
             waiting = "STATUS=waiting for another node to migrate the database"
@@ -137,7 +147,7 @@ def test_a_daemon_waiting_for_another_nodes_migration_says_so_and_extends_its_st
                                    alive=alive)
             assert not any("READY=1" in m for m in daemon.notify.messages)
             assert '"event": "waiting_for_migration"' in daemon.log()
-            other_node.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            migrated()
             daemon.notify.wait_for(lambda m: "READY=1" in m, timeout=60, alive=alive)
             assert daemon.stop() == 0
         finally:
@@ -151,15 +161,12 @@ def test_db_migrate_waiting_for_another_nodes_migration_says_so_then_migrates(tm
     import subprocess
     import sys
 
-    import psycopg
-
-    from ingestd.migrations import ADVISORY_LOCK_KEY, LATEST
+    from ingestd.migrations import LATEST
 
     (tmp_path / "drop").mkdir()
     config = node_config(tmp_path, "node", pg_url, tmp_path / "drop")
     stderr = tmp_path / "stderr"
-    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as other_node:
-        other_node.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+    with another_node_migrating() as migrated:
         with stderr.open("w") as err:
             command = subprocess.Popen(
                 [sys.executable, "-m", "ingestd", "-c", str(config), "db", "migrate"],
@@ -168,7 +175,7 @@ def test_db_migrate_waiting_for_another_nodes_migration_says_so_then_migrates(tm
             wait_for(lambda: "another node is migrating it; waiting" in stderr.read_text(),
                      timeout=30, message="the command says it waits")
             assert command.poll() is None and len(stderr.read_text().splitlines()) == 1
-            other_node.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            migrated()
             out, _ = command.communicate(timeout=60)
         finally:
             if command.poll() is None:
