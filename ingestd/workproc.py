@@ -11,7 +11,8 @@ The parent talks to each child over one pipe. Parent -> child: ``wake`` (new job
 owner id, once it and its extraction processes are up: the daemon is ready when every child
 has said it) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
 replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
-sees the pipe close and stops as on SIGTERM, re-queueing what it runs.
+sees the pipe close and stops as if told, re-queueing what it runs. Signals are for the parent
+alone: a child ignores them, and so do the extraction processes it starts.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
-# What stops a child: SIGTERM, or the parent-reader thread posting the same number when the
-# parent says "stop" or is gone.
+# What stops a child: the parent-reader thread posts it when the parent says "stop" or is gone
+# (the child ignores the signal itself: see child_main).
 STOP = signal.SIGTERM
 
 
@@ -235,8 +236,8 @@ class WorkerProcesses:
 # --- the child's side ------------------------------------------------------------------------------
 
 def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
-    """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop,
-    SIGTERM or orphaned."""
+    """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop
+    or orphaned."""
     from ingestd import db, log as logging_setup
     from ingestd.procpool import START_TIMEOUT_SECONDS
     from ingestd.scheduling import new_scheduler
@@ -245,11 +246,14 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     logging_setup.configure(log_level)
     stop = Inbox()
     grace = [config.daemon.shutdown_grace_seconds]
-    stop.catch([STOP])
-    # Ctrl-C in a terminal reaches the whole process group: the parent alone decides, and tells
-    # its children to stop; likewise it reloads on SIGHUP and passes the new config on.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Ctrl-C in a terminal reaches the whole process group, and so does a SIGTERM from a shell's
+    # `kill %1`, `timeout` or a supervisor that signals the group: the parent alone decides,
+    # and tells its children to stop; likewise it reloads on SIGHUP and passes the new config
+    # on. A child that stopped on its own was reported dead (the parent not yet stopping), and
+    # the extraction processes, which inherit what is ignored here, died under their PDFs,
+    # which failed as if they were bombs.
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
     # The daemon ignores SIGIO for its leases (writers.py); no lease is taken here, and the
     # sink programs and extractors started from here get the default back.
     signal.signal(signal.SIGIO, signal.SIG_DFL)

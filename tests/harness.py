@@ -55,9 +55,11 @@ class Daemon:
     """``python -m ingestd -c CONFIG run`` with its stderr in a log file."""
 
     def __init__(self, root: Path, config: Path, env: dict[str, str] | None = None,
-                 log_level: str = "info", wrapper: Sequence[str] = ()) -> None:
+                 log_level: str = "info", wrapper: Sequence[str] = (),
+                 own_group: bool = False) -> None:
         self.root, self.config, self.log_level = root, config, log_level
         self.wrapper = list(wrapper)  # a command that runs the daemon (setpriv ...)
+        self.own_group = own_group  # leads a process group of its own (see signal_group)
         self.extra_env = env or {}
         self.process: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
@@ -75,7 +77,8 @@ class Daemon:
         self.process = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "ingestd", "-c", str(self.config), "run",
              "--log-level", self.log_level],
-            stdout=log, stderr=log, env=env, cwd=self.root)
+            stdout=log, stderr=log, env=env, cwd=self.root,
+            process_group=0 if self.own_group else None)
         log.close()
         if wait_ready:
             try:
@@ -87,6 +90,12 @@ class Daemon:
     def signal(self, number: int) -> None:
         assert self.process is not None
         self.process.send_signal(number)
+
+    def signal_group(self, number: int) -> None:
+        """Signal the daemon's whole process group, its worker and extraction processes with
+        it, as a shell's ``kill %1`` or ``timeout`` does (needs ``own_group``)."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.process.pid, number)
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM and wait; the exit code. A clean stop must also leave a clean log."""

@@ -418,6 +418,31 @@ class TestLifecycle:
         running.start()
         assert wait_job(path, timeout=60).attempts == 1, running.log()[-3000:]
 
+    @pytest.mark.parametrize("whole_group", [False, True], ids=["daemon", "process-group"])
+    def test_sigterm_requeues_a_pdf_being_extracted(self, make_daemon, folders, whole_group):
+        """A PDF still extracting after the grace period goes back to the queue, with nothing
+        logged as an error (its extraction process, killed as its worker stops, was reported
+        as a job_run_error). SIGTERM to the daemon's whole process group (a shell's `kill %1`,
+        `timeout`, a supervisor that signals the group) reaches its worker and extraction
+        processes too, and the daemon still alone decides: the PDF's extraction process died
+        of that signal and failed the job as a PDF bomb, and a worker process stopping on its
+        own was logged as died."""
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=BIG,
+                              own_group=whole_group)
+        path = slow_pdf(folders["acme"] / "extracting.pdf")
+        wait_for(lambda: any(job.stage == "extracting" for job in jobs_for(path)), timeout=30,
+                 interval=0.02, message="the PDF extracting")
+        if whole_group:
+            running.signal_group(signal.SIGTERM)
+        else:
+            running.signal(signal.SIGTERM)
+        assert running.process.wait(timeout=30) == 0, running.log()[-3000:]
+        [job] = jobs_for(path)
+        assert (job.status, job.error_message) == ("queued", None), running.log()[-3000:]
+        assert '"level": "error"' not in running.log(), running.log()[-3000:]
+        running.start()
+        assert wait_job(path, timeout=120).attempts == 1, running.log()[-3000:]
+
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
         sink, release = blocking_sink(tmp_path)
