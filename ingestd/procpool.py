@@ -91,6 +91,13 @@ class _Worker:
         self.conn.close()
 
 
+def _death(worker: _Worker, check: Callable[[], None]) -> ExtractError:
+    """The failure for a child that died mid-PDF, unless ``check`` raises the job's own reason
+    to stop: a worker stopping releases its jobs, then kills its children under them."""
+    check()
+    return worker.died()
+
+
 class ExtractorPool:
     """Up to ``size`` extraction processes, started on demand and reused."""
 
@@ -162,7 +169,7 @@ class ExtractorPool:
         try:
             worker.conn.send_bytes(data)
         except OSError:  # BrokenPipeError: it died before reading the whole PDF
-            raise worker.died() from None
+            raise _death(worker, check) from None
         on_sent()
         while True:
             check()
@@ -171,12 +178,12 @@ class ExtractorPool:
                 raise ExtractionTimeout()
             if not worker.conn.poll(min(remaining, 0.25)):
                 if not worker.process.is_alive():
-                    raise worker.died()
+                    raise _death(worker, check)
                 continue
             try:
                 kind, *payload = worker.conn.recv()
             except (EOFError, OSError):  # poll() is true at EOF too: the child is gone
-                raise worker.died() from None
+                raise _death(worker, check) from None
             if kind == "ready":  # started on demand, or warmed past its start timeout
                 continue
             if kind == "page":
