@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -34,6 +35,9 @@ class ExtractionTimeout(Exception):
 
 def _child(conn: Connection) -> None:
     """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
+    # A SIGTERM to the daemon's whole process group would kill it under its PDF, which would
+    # fail as if it were a bomb: the daemon decides, and its worker closes the pipe or kills.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     importlib.import_module("pypdf")  # now, while idle: the first PDF need not wait for it
     conn.send(("ready",))
     while True:

@@ -12,7 +12,7 @@ owner id, once it and its extraction processes are up: the daemon is ready when 
 has said it) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
 replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
 sees the pipe close and stops as if told, re-queueing what it runs. Signals are for the parent
-alone: a child ignores them, and so do the extraction processes it starts.
+alone: a child and its extraction processes ignore them.
 """
 
 from __future__ import annotations
@@ -248,12 +248,13 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     grace = [config.daemon.shutdown_grace_seconds]
     # Ctrl-C in a terminal reaches the whole process group, and so does a SIGTERM from a shell's
     # `kill %1`, `timeout` or a supervisor that signals the group: the parent alone decides,
-    # and tells its children to stop; likewise it reloads on SIGHUP and passes the new config
-    # on. A child that stopped on its own was reported dead (the parent not yet stopping), and
-    # the extraction processes, which inherit what is ignored here, died under their PDFs,
-    # which failed as if they were bombs.
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(number, signal.SIG_IGN)
+    # and tells its children to stop (a child that stopped on its own was reported dead, the
+    # parent not yet stopping); likewise it reloads on SIGHUP and passes the new config on.
+    # SIGTERM is caught and dropped, not ignored: the sink programs started from here get
+    # its default back (an ignored signal would be theirs too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _dropped)
     # The daemon ignores SIGIO for its leases (writers.py); no lease is taken here, and the
     # sink programs and extractors started from here get the default back.
     signal.signal(signal.SIGIO, signal.SIG_DFL)
@@ -280,6 +281,10 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     # interpreter wait for that thread at exit.
     logging.shutdown()
     os._exit(0)
+
+
+def _dropped(number: int, frame: object) -> None:
+    """A worker process's SIGTERM: its parent decides when it stops (see child_main)."""
 
 
 class _Reporter:

@@ -591,6 +591,16 @@ class TestWorkerProcesses:
         assert ignores(daemon.process.pid, signal.SIGIO)
         assert len(below) > len(workers) and not any(ignores(pid, signal.SIGIO) for pid in below)
 
+    def test_extraction_processes_ignore_sigterm_and_sink_programs_have_it(self, make_daemon):
+        """A SIGTERM to the daemon's process group must not kill a PDF's extraction process
+        (see test_sigterm_requeues_a_pdf_being_extracted); a worker process catches it rather
+        than ignoring it, so the sink programs it starts have it at its default."""
+        daemon = make_daemon()
+        workers = self.worker_pids(daemon)
+        extractors = [pid for worker in workers for pid in descendants(worker)]
+        assert extractors and all(ignores(pid, signal.SIGTERM) for pid in extractors)
+        assert not any(ignores(pid, signal.SIGTERM) for pid in workers)
+
     def test_ready_once_worker_and_extraction_processes_are_up(self, tmp_path, folders):
         """READY=1 and the started event wait until every worker process is up with its PDF
         extraction process, which has imported pypdf: a burst dropped at once does not compete
