@@ -158,7 +158,9 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
         job = ended[name]
         assert job.error_message.startswith("the database refused what it would store: ")
         assert "check" in job.error_message.lower() and "\n" not in job.error_message
-        assert (job.attempts, events_of(job.id)) == (1, ["created", "started", "failed"])
+        # A PDF slower than the progress interval (a loaded machine) writes progress too.
+        transitions = [event for event in events_of(job.id) if event != "progress"]
+        assert (job.attempts, transitions) == (1, ["created", "started", "failed"])
         assert Document.select().where(Document.job_id == job.id).count() == 0
 
 
