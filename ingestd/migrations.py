@@ -368,6 +368,7 @@ MIGRATIONS: list[Migration] = [
     (10, "chunks' text read from their documents, not stored twice (SQLite)", _v10),
 ]
 LATEST = MIGRATIONS[-1][0]
+NEW_DATABASE = "a new database"
 
 
 def _ensure_history(db: pw.Database) -> None:
@@ -424,18 +425,23 @@ def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None,
             on_wait: Callable[[], None] | None = None) -> list[int]:
     """Apply every pending migration; return the versions applied (empty when up to date).
     ``on_step(version, name)`` is called as each begins (some take minutes on a big database),
-    ``on_wait()`` before waiting for another process's migrations to end (PostgreSQL)."""
+    ``on_wait()`` before waiting for another process's migrations to end (PostgreSQL). A new
+    database gets them all at once and ``on_step(LATEST, NEW_DATABASE)`` once: ten steps named
+    after upgrades and repairs would tell an operator of things that never happened."""
     if check_not_newer(db) == LATEST:
         return []
     with _migration_lock(db, on_wait):
         _ensure_history(db)
         applied = []
+        new = current_version(db) == 0
+        if new and on_step is not None:
+            on_step(LATEST, NEW_DATABASE)
         for version, name, step in MIGRATIONS:
             with db.atomic():
                 # Re-read inside the transaction: another process may have migrated meanwhile.
                 if check_not_newer(db) >= version:
                     continue
-                if on_step is not None:
+                if on_step is not None and not new:
                     on_step(version, name)
                 step(db, DIALECTS[dialect_name(db)])
                 db.execute_sql(

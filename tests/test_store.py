@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 
@@ -325,6 +326,26 @@ def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_o
             "automerge": 16, "crisismerge": 64}
     finally:
         db.close_store()
+
+
+def test_a_daemon_on_a_new_database_says_it_makes_one_not_ten_migrations(tmp_path):
+    """A new database gets the whole schema: one `migrating` line for it, not one per
+    migration, named after upgrades and repairs that never happened."""
+    from harness import Daemon, node_config
+
+    (tmp_path / "drop").mkdir()
+    config = node_config(tmp_path, "node", url_of(tmp_path, "new.db"), tmp_path / "drop")
+    daemon = Daemon(config.parent, config)
+    daemon.start()
+    try:
+        lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        migrating = [(line["version"], line["name"]) for line in lines
+                     if line["event"] == "migrating"]
+        assert migrating == [(migrations.LATEST, "a new database")]
+        assert "STATUS=migrating the database to schema 10: a new database" in (
+            daemon.notify.messages)
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_a_daemon_that_migrates_at_start_says_so_and_extends_its_start_timeout(tmp_path):
