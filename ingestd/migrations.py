@@ -433,15 +433,15 @@ def migrate(db: pw.Database, on_step: Callable[[int, str], None] | None = None,
     with _migration_lock(db, on_wait):
         _ensure_history(db)
         applied = []
-        new = current_version(db) == 0
-        if new and on_step is not None:
+        if current_version(db) == 0 and on_step is not None:
             on_step(LATEST, NEW_DATABASE)
+            on_step = None
         for version, name, step in MIGRATIONS:
             with db.atomic():
                 # Re-read inside the transaction: another process may have migrated meanwhile.
                 if check_not_newer(db) >= version:
                     continue
-                if on_step is not None and not new:
+                if on_step is not None:
                     on_step(version, name)
                 step(db, DIALECTS[dialect_name(db)])
                 db.execute_sql(

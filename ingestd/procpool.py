@@ -83,8 +83,11 @@ class _Worker:
         except (EOFError, OSError):
             return False
 
-    def died(self) -> ExtractError:
-        """The failure for a child that died mid-PDF (the OOM killer's SIGKILL, typically)."""
+    def died(self, check: Callable[[], None]) -> ExtractError:
+        """The failure for a child that died mid-PDF (the OOM killer's SIGKILL, typically),
+        unless ``check`` raises the job's own reason to stop: a worker stopping releases its
+        jobs, then kills its children under them."""
+        check()
         self.process.join(timeout=5)  # its pipe closed as it died: its exit code is due
         return ExtractError(f"the extraction process died (exit code {self.process.exitcode}): "
                             "the file may be a PDF bomb")
@@ -93,13 +96,6 @@ class _Worker:
         self.process.kill()
         self.process.join(timeout=5)
         self.conn.close()
-
-
-def _death(worker: _Worker, check: Callable[[], None]) -> ExtractError:
-    """The failure for a child that died mid-PDF, unless ``check`` raises the job's own reason
-    to stop: a worker stopping releases its jobs, then kills its children under them."""
-    check()
-    return worker.died()
 
 
 class ExtractorPool:
@@ -173,7 +169,7 @@ class ExtractorPool:
         try:
             worker.conn.send_bytes(data)
         except OSError:  # BrokenPipeError: it died before reading the whole PDF
-            raise _death(worker, check) from None
+            raise worker.died(check) from None
         on_sent()
         while True:
             check()
@@ -182,12 +178,12 @@ class ExtractorPool:
                 raise ExtractionTimeout()
             if not worker.conn.poll(min(remaining, 0.25)):
                 if not worker.process.is_alive():
-                    raise _death(worker, check)
+                    raise worker.died(check)
                 continue
             try:
                 kind, *payload = worker.conn.recv()
             except (EOFError, OSError):  # poll() is true at EOF too: the child is gone
-                raise _death(worker, check) from None
+                raise worker.died(check) from None
             if kind == "ready":  # started on demand, or warmed past its start timeout
                 continue
             if kind == "page":
