@@ -1,10 +1,11 @@
 """Settling: a file becomes a job only when it is complete.
 
-Complete means: closed after writing, renamed into the folder, found by a scan (whose writer we
-never saw: a scan never completes a file we saw modified and not closed), or seen written and
-held open for writing by no process, as the kernel says (its close event was lost in an
-overflow: see :mod:`ingestd.writers`); AND its size, mtime and inode unchanged for the
-project's ``settle_seconds`` since the last event. Watchdog handlers and scans only put paths
+Complete means: closed after writing (and not written again since), renamed into the folder,
+found by a scan (whose writer we never saw: a scan never completes a file we saw modified and
+not closed, nor one the kernel says a process holds open for writing), or seen written and held
+open for writing by no process, as the kernel says (its close event was lost in an overflow:
+see :mod:`ingestd.writers`); AND its size, mtime and inode unchanged for the project's
+``settle_seconds`` since the last event. Watchdog handlers and scans only put paths
 on :attr:`Settler.inbox`; one thread owns all settling state, so nothing here needs a lock and
 no handler ever blocks.
 """
@@ -51,6 +52,7 @@ class Pending:
     projects: ProjectMap  # the map ``project`` was found in (a reload replaces it)
     written: bool = False  # not complete, and seen modified (a writer holds it, not a scan)
     waited_for_close: bool = False
+    scanned: bool = False  # complete because a scan found it: no close was seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,8 @@ class Settler:
             drained = drained or self.inbox.empty()
             pending = self._pending
             if drained and not self._flushing and not any(
-                    entry.complete for entry in (pending.get(path) for path in list(paths))
+                    entry.complete and not entry.waited_for_close
+                    for entry in (pending.get(path) for path in list(paths))
                     if entry is not None):
                 return True
             if time.monotonic() > deadline:
@@ -176,8 +179,12 @@ class Settler:
         if what == FOUND and entry is not None and entry.written:
             return  # we saw it written and not yet closed: a scan knows no more than that
         signature = signature_of(info)
-        if what in (CREATED, WRITING) and entry is not None and entry.signature == signature:
-            complete = entry.complete  # an event that changed nothing is no new write
+        if what == CREATED and entry is not None and entry.signature == signature:
+            # Watchdog reports the files of a directory moved in as created, after our scan
+            # may have found them: that says nothing new. A modification does, even with the
+            # stat unchanged (taken after both events): written after the close or the scan,
+            # the file has a writer again.
+            complete = entry.complete
         else:
             # A scan finds files whose writers we never saw (or whose close event was lost in an
             # overflow), and polling observers never see a close: for those the quiet window
@@ -190,7 +197,7 @@ class Settler:
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
         self._pending[path] = Pending(project, folder, signature, due, complete, self.projects,
-                                      written)
+                                      written, scanned=what == FOUND)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:
@@ -216,12 +223,9 @@ class Settler:
             entry.signature, entry.due = current, now + entry.project.settle_seconds
             heapq.heappush(self._heap, (entry.due, path))
             return None
-        if (not entry.complete and not entry.waited_for_close
-                and writers.open_for_writing(path) is not False):
-            # No close seen yet, and a writer may hold the file open. Wait for its close event;
-            # if none comes (lost in an overflow, an mmap writer) a long quiet spell will do. A
-            # file the kernel says nobody holds for writing is complete now: the close event
-            # that followed its last write was lost in an overflow.
+        if not entry.waited_for_close and _writer_may_hold(path, entry):
+            # Wait for the writer's close event; if none comes (lost in an overflow, an mmap
+            # writer) a long quiet spell will do.
             entry.waited_for_close = True
             entry.due = now + max(CLOSE_FALLBACK_SECONDS, 10 * entry.project.settle_seconds)
             heapq.heappush(self._heap, (entry.due, path))
@@ -279,8 +283,8 @@ def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _folded(whats: list[str]) -> list[str]:
     """A path's notes (none of them GONE) as few notes that :meth:`Settler._note` ends the same
-    with, whatever it held for the path: a close makes it complete, and a write after it
-    changes nothing in the same instant; a modification outweighs a creation. A scan's find
+    with, whatever it held for the path: a close makes it complete unless the file was written
+    again after it (a writer reopened it); a modification outweighs a creation. A scan's find
     amid events (rare) depends on what was held (it does not complete a file seen written and
     not closed): those notes stay as they came."""
     if len(set(whats)) == 1:
@@ -288,8 +292,21 @@ def _folded(whats: list[str]) -> list[str]:
     if FOUND in whats:
         return whats
     if COMPLETE in whats:
-        return [COMPLETE]
+        after_last_close = whats[len(whats) - whats[::-1].index(COMPLETE):]
+        return [WRITING] if WRITING in after_last_close else [COMPLETE]
     return [WRITING]  # created and modified
+
+
+def _writer_may_hold(path: str, entry: Pending) -> bool:
+    """Whether a writer may still hold the file, so that its close is worth waiting for.
+
+    No close seen: unless the kernel says no process holds it open for writing (then the close
+    event that followed its last write was lost in an overflow). Found by a scan: only if the
+    kernel says one does (a slow writer, paused for longer than the window); where the kernel
+    will not say, a scan knows no more, and most files it finds were closed long ago."""
+    if not entry.complete:
+        return writers.open_for_writing(path) is not False
+    return entry.scanned and writers.open_for_writing(path) is True
 
 
 def _stat(path: str) -> os.stat_result | None:

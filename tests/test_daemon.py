@@ -242,6 +242,25 @@ class TestDropping:
             wait_job(folders["acme"] / f"early{i}.txt")
         assert '"missed":5' in events_of_type("io.ingestd.watch.rescanned")[0].data
 
+    def test_a_file_its_writer_holds_open_at_start_waits_for_the_close(self, make_daemon,
+                                                                       folders):
+        """The start-up scan finds a file whose writer paused for longer than the quiet window
+        and still holds it open: it becomes one job after the close, with all of its content
+        (not a job of its first half, then another of the whole)."""
+        slow, closed = folders["acme"] / "slow.txt", folders["acme"] / "closed.txt"
+        with open(slow, "w") as writer:
+            writer.write("first half, ")
+            writer.flush()
+            an_hour_ago = time.time() - 3600
+            os.utime(slow, (an_hour_ago, an_hour_ago))  # due at once, before closed.txt
+            drop(folders["acme"], closed.name, "found closed by the same scan")
+            make_daemon()
+            wait_job(closed)
+            assert jobs_for(slow) == []
+            writer.write("second half")
+        assert document_text(wait_job(slow)) == "first half, second half"
+        assert len(jobs_for(slow)) == 1
+
     def test_a_polling_project_ingests_without_inotify(self, make_daemon, folders):
         """polling = true (for NFS/SMB) finds and settles files by polling alone."""
         make_daemon(acme_extra="polling = true")
