@@ -129,6 +129,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._observers: dict[bool, BaseObserver] = {}  # polling? -> a started observer
         self._watches: dict[str, tuple[_Folder, ObservedWatch]] = {}
+        self._identities: dict[str, tuple[int, int] | None] = {}  # folder -> (device, inode)
         self._lost: dict[str, tuple[_Folder, str]] = {}  # folder -> (it, why)
         self._ended: list[tuple[_Folder, ObservedWatch]] = []  # watches of deleted roots
         self._stopped = False
@@ -166,6 +167,7 @@ class Watcher:
         """Watch again the lost folders that can be watched now; those folders."""
         with self._lock:
             self._take_gone()
+            self._take_moved()
             if self._stopped or not self._lost:
                 return []
             self._end_deleted()
@@ -180,7 +182,7 @@ class Watcher:
         with self._lock:
             self._stopped = True
             observers, self._observers = list(self._observers.values()), {}
-            self._watches, self._lost, self._ended = {}, {}, []
+            self._watches, self._lost, self._ended, self._identities = {}, {}, [], {}
         for observer in observers:
             observer.stop()
         for observer in observers:
@@ -192,6 +194,7 @@ class Watcher:
     def _watch(self, folder: _Folder) -> bool:
         """Schedule ``folder`` on its (started) observer: watchdog then starts its emitter at
         once, so a folder that cannot be watched raises here and leaves nothing behind."""
+        identity = _identity(folder.path)  # before: a folder replaced meanwhile is caught
         try:
             observer = self._observer(folder.polling)
             watch = observer.schedule(self._handler, folder.path, recursive=folder.recursive,
@@ -201,6 +204,7 @@ class Watcher:
             return False
         self._lost.pop(folder.path, None)
         self._watches[folder.path] = (folder, watch)
+        self._identities[folder.path] = identity
         return True
 
     def _observer(self, polling: bool) -> BaseObserver:
@@ -231,6 +235,19 @@ class Watcher:
                 log.warning("watch_lost", folder=path, reason="the folder was deleted",
                             then="watched again once it exists")
 
+    def _take_moved(self) -> None:
+        """Roots moved away, or replaced by another folder of that name, are lost too. Watchdog
+        ignores a watched folder's own move (inotify's IN_MOVE_SELF): its watch follows the
+        folder to its new name, and a folder made anew under the old one went unwatched."""
+        for path, (folder, watch) in list(self._watches.items()):
+            if _identity(path) == self._identities.get(path):
+                continue
+            del self._watches[path]
+            self._ended.append((folder, watch))
+            self._lost[path] = (folder, "moved away or replaced")
+            log.warning("watch_lost", folder=path, reason="the folder was moved away or replaced",
+                        then="watched again once it exists")
+
     def _end_deleted(self) -> None:
         """Unschedule the ended watches: scheduling the same folder again would reuse them."""
         for folder, watch in self._ended:
@@ -239,3 +256,12 @@ class Watcher:
             except KeyError:
                 pass  # not there (any more): nothing to reuse
         self._ended = []
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which folder ``path`` names now (device, inode); None if none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -873,6 +873,24 @@ class TestWatchingSurvives:
         late = drop(acme, "late.txt", "seen by the new watch")
         assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
 
+    def test_a_root_folder_moved_away_and_made_anew_is_watched_again(self, daemon, folders,
+                                                                     tmp_path):
+        """A root folder renamed away (watchdog ignores a watched folder's own move, and its
+        watch follows it) is reported lost; the folder made anew under its name is watched,
+        and what was dropped into it is found, without waiting for a periodic rescan."""
+        acme = folders["acme"]
+        socket = control_socket(daemon)
+        acme.rename(tmp_path / "acme-old")
+        wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10, message="acme lost")
+        assert "moved away or replaced" in daemon.log()
+        acme.mkdir()
+        early = drop(acme, "early.txt", "before the watch is back")
+        wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,
+                 message="acme watched again")
+        assert document_text(wait_job(early, timeout=10)) == "before the watch is back"
+        late = drop(acme, "late.txt", "seen by the new watch")
+        assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
+
     def test_a_folder_gone_at_start_is_reported_and_watched_once_back(self, tmp_path, folders):
         """A folder gone between validation and watching at start: the daemon starts on the
         others, says which folder it does not watch, and watches it once it is back."""
