@@ -264,7 +264,9 @@ class Daemon:
         self.config = new
         self.settler.projects = ProjectMap(new.projects.values())
         self.pool.reconfigure(new)
-        self.request_rescan("reload")
+        # Each reload scans with its own projects: a scan still running may have begun on the
+        # projects of the config before (two SIGHUPs in quick succession).
+        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["reload"])
         jobs.emit(jobs.DAEMON_RELOADED, self._facts())
         log.info("daemon_reloaded", projects=sorted(new.projects))
         self.notifier.ready(self.status_line())
@@ -333,11 +335,12 @@ class Daemon:
 
     def request_rescan(self, reason: str, after: float = 0.0) -> None:
         """Scan every folder soon (in ``after`` seconds), on the scheduler's threads (several
-        requests for the same moment coalesce)."""
+        requests for the same moment coalesce). One may start while another of its kind still
+        runs: that one may have passed the folders of the events just lost."""
         self.scheduler.add_job(db.guarded("rescan", self.rescan), "date", args=[reason],
                                run_date=datetime.now(timezone.utc) + timedelta(seconds=after),
                                id=f"rescan-{reason}" + (f"-in-{after:g}s" if after else ""),
-                               replace_existing=True)
+                               replace_existing=True, max_instances=2)
 
     def _scan_directory(self, path: str) -> None:
         """A directory appeared (or moved in): files inside it raised no events of their own."""

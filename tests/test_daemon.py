@@ -487,6 +487,27 @@ class TestLifecycle:
         job = wait_job(drop(extra, "fresh.txt", "new project"))
         assert job.project_id == "new"
 
+    def test_two_quick_reloads_each_scan_with_their_own_config(self, tmp_path, folders,
+                                                               make_daemon):
+        """A second SIGHUP while the first reload's rescan still runs (many files to look
+        up): its own rescan still runs, with the project it adds, and that project's files
+        already in its folder become jobs (not at the next periodic rescan)."""
+        for i in range(3000):
+            (folders["other"] / f"known{i}.txt").write_text(f"known {i}")
+        daemon = make_daemon()
+        wait_for(lambda: Job.select().where(Job.status == "completed").count() == 3000,
+                 timeout=120, message="the known files completed")
+        extra = tmp_path / "drop" / "new"
+        extra.mkdir()
+        waiting = drop(extra, "waiting.txt", "there before its project")
+        base = daemon.config.read_text()
+        daemon.config.write_text(base + "\n# touched\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "daemon_reloaded" in daemon.log(), message="first reload")
+        daemon.config.write_text(base + f'\n[projects.new]\nfolders = ["{extra}"]\n')
+        daemon.signal(signal.SIGHUP)
+        assert wait_job(waiting, timeout=20).project_id == "new"
+
     def test_a_bad_config_on_sighup_is_refused_and_the_old_one_keeps_running(self, daemon, folders):
         """A broken file at reload time changes nothing."""
         good = daemon.config.read_text()
