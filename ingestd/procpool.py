@@ -33,25 +33,47 @@ class ExtractionTimeout(Exception):
     """The extraction ran past the job's deadline and was stopped."""
 
 
+class _ParentGone(Exception):
+    """The child's pipe to its parent broke: nobody is left to answer."""
+
+
 def _child(conn: Connection) -> None:
     """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
     # A SIGTERM to the daemon's whole process group would kill it under its PDF, which would
     # fail as if it were a bomb: the daemon decides, and its worker closes the pipe or kills.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     importlib.import_module("pypdf")  # now, while idle: the first PDF need not wait for it
-    conn.send(("ready",))
-    while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        try:
-            result = extract_pdf(data, on_page=_PageReports(conn))
-            conn.send(("done", result))
-        except ExtractError as exc:
-            conn.send(("error", str(exc)))
-        except Exception as exc:  # a bug in extraction must not hang the parent
-            conn.send(("bug", f"{type(exc).__name__}: {exc}"))
+    try:
+        _send(conn, ("ready",))
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            _send(conn, _answer(conn, data))
+    except _ParentGone:
+        # Its worker died mid-PDF (a daemon stopped at once by a second signal): exit
+        # quietly, as at EOF; a traceback would break the log's one JSON object per line.
+        return
+
+
+def _answer(conn: Connection, data: bytes) -> tuple:
+    """The one result message for a PDF; _ParentGone (from a page report) propagates."""
+    try:
+        return ("done", extract_pdf(data, on_page=_PageReports(conn)))
+    except ExtractError as exc:
+        return ("error", str(exc))
+    except _ParentGone:
+        raise
+    except Exception as exc:  # a bug in extraction must not hang the parent
+        return ("bug", f"{type(exc).__name__}: {exc}")
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError as exc:  # BrokenPipeError, ConnectionResetError
+        raise _ParentGone() from exc
 
 
 class _PageReports:
@@ -65,7 +87,7 @@ class _PageReports:
         now = time.monotonic()
         if done == total or now - self._last >= PAGE_REPORT_SECONDS:
             self._last = now
-            self._conn.send(("page", done, total))
+            _send(self._conn, ("page", done, total))
 
 
 class _Worker:

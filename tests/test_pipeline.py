@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -12,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from corpus import make_pdf
-from ingestd import intake, jobs
+from harness import Daemon, jobs_for, open_db, write_config
+from ingestd import db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document
 from ingestd.pipeline import READ_CHUNK, Context, Control, read_version, run_job
 from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
 from ingestd.sinks import open_sink
+from proctree import descendants, gone
 
 
 @pytest.fixture
@@ -316,3 +321,66 @@ def test_a_long_read_checks_the_type_first_and_the_job_between_reads(cfg, store,
     calls.clear()
     data, _ = read_version(job_for(drop / "short.txt", 100), project, check, calls.append)
     assert data == b"a" * 100 and calls == []
+
+
+# --- the daemon as a subprocess ------------------------------------------------------------------
+
+@pytest.fixture
+def make_daemon(tmp_path: Path):
+    """Start a daemon on one project, ``acme`` (with extra keys), its database bound in this
+    process; ``(daemon, drop folder)``. Stopped after the test."""
+    started: list[Daemon] = []
+    folder = tmp_path / "drop" / "acme"
+    folder.mkdir(parents=True)
+
+    def make(grace: float = 5, acme_extra: str = "", **options) -> tuple[Daemon, Path]:
+        config = write_config(tmp_path, f"""
+            [daemon]
+            state_dir = "state"
+            workers = 1
+            shutdown_grace_seconds = {grace}
+
+            [defaults]
+            settle_seconds = 0.3
+            max_bytes = 100000000
+
+            [projects.acme]
+            folders = ["{folder}"]
+            {acme_extra}
+        """)
+        running = Daemon(tmp_path, config, **options).start()
+        started.append(running)
+        open_db(config)
+        return running, folder
+
+    yield make
+    for running in started:
+        running.stop()
+    db.close_store()
+
+
+def test_a_second_sigterm_during_a_pdf_leaves_one_json_object_per_log_line(make_daemon):
+    """SIGTERM twice while a PDF is extracting: the daemon exits at once, and its extraction
+    process, its parent's pipe gone, exits quietly (no traceback in the daemon's log)."""
+    running, folder = make_daemon(grace=30)
+    path = folder / "long.pdf"
+    make_pdf(path, [f"page {i} lorem ipsum dolor sit amet" for i in range(12_000)])
+    wait_for(lambda: any(job.stage == "extracting" for job in jobs_for(path)), timeout=60,
+             message="the PDF extracting")
+    below = descendants(running.process.pid)
+    running.signal(signal.SIGTERM)
+    running.notify.wait_for(lambda m: m == "STOPPING=1")
+    running.signal(signal.SIGTERM)
+    assert running.process.wait(timeout=10) == 1
+    wait_for(lambda: all(gone(pid) for pid in below), timeout=30,
+             message="the worker and extraction processes gone")
+    lines = running.log_path.read_text(errors="replace").splitlines()
+    not_json = [line for line in lines if not _is_json_object(line)]
+    assert not not_json, "\n".join(not_json[:40])
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
