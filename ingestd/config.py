@@ -89,6 +89,12 @@ class DaemonConfig:
     metrics_address: str = ""
 
 
+# Taken once, at start: a reload cannot change them (the database, the worker processes, the
+# files and sockets opened then).
+RESTART_ONLY = ("state_dir", "database", "workers", "event_log", "event_socket", "socket_mode",
+                "subscriber_buffer_bytes", "control_socket", "metrics_address")
+
+
 @dataclass(frozen=True)
 class Config:
     """The effective configuration; ``source`` is the file it came from (None: zero-config)."""
@@ -105,6 +111,15 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.projects)) or "none"
             raise NotFound(f"unknown project {name!r} (configured: {known})") from None
+
+
+def keep_restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with the running values of the :data:`RESTART_ONLY` settings it changes, and
+    the names of those settings: a reload applies the rest and says which wait for a restart."""
+    changed = [name for name in RESTART_ONLY
+               if getattr(new.daemon, name) != getattr(running.daemon, name)]
+    kept = replace(new.daemon, **{name: getattr(running.daemon, name) for name in changed})
+    return replace(new, daemon=kept), changed
 
 
 # --- key specifications --------------------------------------------------------------------

@@ -254,8 +254,9 @@ class Daemon:
                       exc_info=True)
             self.notifier.ready(self.status_line())
             return
-        if new.daemon.database != self.config.daemon.database:
-            log.warning("reload_database_ignored", reason="a new database needs a restart")
+        new, kept = config_mod.keep_restart_only(self.config, new)
+        if kept:
+            log.warning("reload_settings_kept", settings=kept, reason="they need a restart")
         # The new watch is up before the old one stops: no gap (a file both see is noted twice,
         # which the settler folds), and a refused reload never touched the old one.
         old, self.watcher = self.watcher, watcher

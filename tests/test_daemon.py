@@ -508,6 +508,26 @@ class TestLifecycle:
         daemon.signal(signal.SIGHUP)
         assert wait_job(waiting, timeout=20).project_id == "new"
 
+    def test_a_reload_keeps_the_settings_that_need_a_restart_and_says_which(self, daemon,
+                                                                            folders):
+        """A reload cannot move the event log or change the worker processes: it applies the
+        rest, says which settings wait for a restart, and reports the ones in force."""
+        socket = control_socket(daemon)
+        before = control.query(socket)
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "workers = 2", 'workers = 1\nevent_log = "state/moved-events.jsonl"', 1).replace(
+            f"settle_seconds = {SETTLE}", "settle_seconds = 0.2", 1))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "daemon_reloaded" in daemon.log(), message="reloaded")
+        [kept] = [json.loads(line) for line in daemon.log().splitlines()
+                  if "reload_settings_kept" in line]
+        assert kept["settings"] == ["workers", "event_log"] and kept["level"] == "warning"
+        after = control.query(socket)
+        assert after["events"]["log"] == before["events"]["log"]
+        assert after["workers"]["total"] == before["workers"]["total"] == 2
+        assert document_text(wait_job(drop(folders["acme"], "after.txt", "kept going"))) == \
+            "kept going"
+
     def test_a_bad_config_on_sighup_is_refused_and_the_old_one_keeps_running(self, daemon, folders):
         """A broken file at reload time changes nothing."""
         good = daemon.config.read_text()
