@@ -644,36 +644,41 @@ def progress(job_id: int, owner: str, *, stage: Stage | None = None,
                        event=JOB_PROGRESS if event else None, action="update", **changes)
 
 
-_COMPLETED = dict(status=JobStatus.COMPLETED.value, stage=Stage.DONE.value, progress=1.0, **_END)
+# error_message: an earlier attempt's reason, gone once an attempt succeeds.
+_COMPLETED = dict(status=JobStatus.COMPLETED.value, stage=Stage.DONE.value, progress=1.0,
+                  error_message=None, **_END)
 
 
 def complete(job_id: int, owner: str, *, message: str | None = None,
              canonical_document_id: int | None = None, content_sha256: str | None = None,
-             unless_cancel_requested: bool = False) -> Job:
+             mime_type: str | None = None, unless_cancel_requested: bool = False) -> Job:
     """End a running job as completed; with ``unless_cancel_requested`` a cancellation requested
-    meanwhile wins (Conflict), so a cancelled job never completes."""
+    meanwhile wins (Conflict), so a cancelled job never completes. ``mime_type``, the type the
+    worker sniffed, replaces the one found at the job's creation (none if the file could not
+    be read then); None keeps it."""
     extra = ["NOT cancel_requested"] if unless_cancel_requested else []
+    sniffed = {} if mime_type is None else {"mime_type": mime_type}
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_COMPLETED,
                        action="complete", extra=extra, completed_at=now(), message=message,
                        canonical_document_id=canonical_document_id,
-                       content_sha256=content_sha256, **_COMPLETED)
+                       content_sha256=content_sha256, **sniffed, **_COMPLETED)
 
 
-
-def complete_many(owner: str, ends: Sequence[tuple[int, str, int, str]]) -> list[Job]:
+def complete_many(owner: str, ends: Sequence[tuple[int, str, int, str, str]]) -> list[Job]:
     """:func:`complete` (with ``unless_cancel_requested``) for many running jobs in one
-    statement: ``(job_id, message, canonical_document_id, content_sha256)`` each. All or
-    nothing: if any job is no longer ``owner``'s to complete (cancel requested, lease lost),
-    nothing is changed and Conflict is raised. The jobs in the order given."""
+    statement: ``(job_id, message, canonical_document_id, content_sha256, mime_type)`` each.
+    All or nothing: if any job is no longer ``owner``'s to complete (cancel requested, lease
+    lost), nothing is changed and Conflict is raised. The jobs in the order given."""
     if not ends:
         return []
     moment = now()
-    values = ", ".join(["(?, ?, ?, ?)"] * len(ends))
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * len(ends))
     common = "".join(f", {column} = ?" for column in _COMPLETED)
     with transaction():
         rows = _execute(
             f"UPDATE ingest_jobs SET updated_at = ?, completed_at = ?{common}, "
-            "message = v.column2, canonical_document_id = v.column3, content_sha256 = v.column4 "
+            "message = v.column2, canonical_document_id = v.column3, content_sha256 = v.column4, "
+            "mime_type = v.column5 "
             f"FROM (VALUES {values}) AS v WHERE ingest_jobs.id = v.column1 "
             "AND status = 'running' AND deleted_at IS NULL AND lease_owner = ? "
             f"AND NOT cancel_requested RETURNING {_QUALIFIED_COLUMNS}",

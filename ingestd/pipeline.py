@@ -215,13 +215,13 @@ def prepare(job: Job, ctx: Context) -> Prepared:
 def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     """The job's end transition for what :func:`prepare` found (None: abandoned)."""
     bound = log.bind(job_id=job.id, project=job.project_id, path=job.source_path)
-    sha = found.sha
+    sha, mime = found.sha, found.mime or None  # no type: the file was not read
     try:
         if found.error is not None:
             raise found.error
         ctx.check()
         if found.known is not None:
-            final = _complete_duplicate(job, ctx, sha)
+            final = _complete_duplicate(job, ctx, sha, found.mime)
         else:
             final = _index(job, ctx, found.extracted, found.mime, sha)
     except Abandoned:
@@ -236,9 +236,9 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except ExtractionTimeout:
         final = _timed_out(job, ctx, sha)
     except SinkError as exc:
-        final = _sink_failed(job, ctx, exc, sha)
+        final = _sink_failed(job, ctx, exc, sha, mime)
     except Transient as exc:
-        final = _transient(job, ctx, exc, sha)
+        final = _transient(job, ctx, exc, sha, mime)
     except Conflict:
         if ctx.grouped:
             raise
@@ -258,16 +258,19 @@ def _timed_out(job: Job, ctx: Context, sha: str | None) -> Job:
                                         "(job_timeout_seconds)", content_sha256=sha)
 
 
-def _sink_failed(job: Job, ctx: Context, exc: SinkError, sha: str | None) -> Job:
+def _sink_failed(job: Job, ctx: Context, exc: SinkError, sha: str | None,
+                 mime: str | None) -> Job:
     """A transient sink failure at or past the job's deadline is the job's timeout (the sink
     was given only the job's remaining time, see sinks.time_limit): no time is left to retry."""
     if exc.transient and time.monotonic() >= ctx.deadline:
         return _timed_out(job, ctx, sha)
-    return _transient(job, ctx, exc, sha)
+    return _transient(job, ctx, exc, sha, mime)
 
 
-def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None) -> Job:
-    """Retry with backoff while attempts remain; a sink's failure may end as a warning."""
+def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None,
+               mime: str | None) -> Job:
+    """Retry with backoff while attempts remain; a sink's failure may end as a warning (a
+    completion: with the sniffed ``mime``)."""
     reason = f"sink: {exc}" if isinstance(exc, SinkError) else str(exc)
     last_chance = job.attempts >= job.max_attempts or (
         isinstance(exc, SinkError) and not exc.transient)
@@ -276,7 +279,7 @@ def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None) -> Job:
             warning = f"completed without the sink (sink_errors = warn): {exc}"
             try:
                 return jobs.complete(job.id, ctx.owner, content_sha256=None, message=warning,
-                                     unless_cancel_requested=True)
+                                     mime_type=mime, unless_cancel_requested=True)
             except Conflict:
                 return _after_lost_completion(job, ctx)
         return jobs.fail(job.id, ctx.owner, reason, content_sha256=sha)
@@ -444,7 +447,7 @@ def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job |
         ids = sink.ingest_many([(found.document, found.parts) for _, _, found in items])
         owner = items[0][1].owner
         completed = jobs.complete_many(owner, [
-            (job.id, _indexed_message(found.extracted), document_id, found.sha)
+            (job.id, _indexed_message(found.extracted), document_id, found.sha, found.mime)
             for (job, _, found), document_id in zip(items, ids)])
         # Asked once (structlog asks the same stdlib logger): this runs holding the write lock.
         debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
@@ -512,11 +515,11 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
                 _lock_ends(job, sha)
                 known = documents.current_for_content(job.project_id, sha)
                 if known is not None:
-                    return _complete_duplicate(job, ctx, sha, known)
+                    return _complete_duplicate(job, ctx, sha, mime, known)
                 retire = documents.previous_version(job)
                 document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
                 _retire(ctx, retire)
-                return _complete(job, ctx, message, document_id, sha)
+                return _complete(job, ctx, message, document_id, sha, mime)
         except Conflict:
             if ctx.grouped:
                 raise
@@ -527,7 +530,7 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     try:
         with ctx.atomic():
             _lock_ends(job, sha)
-            final = _complete(job, ctx, message, document_id, sha)
+            final = _complete(job, ctx, message, document_id, sha, mime)
     except Conflict:
         ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
@@ -549,7 +552,7 @@ def _retire(ctx: Context, document_id: int | None) -> None:
         log.warning("previous_document_not_deleted", document_id=document_id, reason=str(exc))
 
 
-def _complete_duplicate(job: Job, ctx: Context, sha: str,
+def _complete_duplicate(job: Job, ctx: Context, sha: str, mime: str,
                         known: documents.Known | None = None) -> Job:
     """Same content as a document the project keeps (``known``, found in this transaction):
     point at it, index nothing. Without ``known`` it is looked for here: one found before the
@@ -565,7 +568,8 @@ def _complete_duplicate(job: Job, ctx: Context, sha: str,
         if previous != known.document_id:  # else the path's content is unchanged (a touch)
             _retire(ctx, previous)
         return _complete(job, ctx, f"duplicate of document {known.document_id} "
-                                   f"(first seen as {known.first_path})", known.document_id, sha)
+                                   f"(first seen as {known.first_path})", known.document_id,
+                         sha, mime)
 
 
 def _lock_ends(job: Job, sha: str) -> None:
@@ -573,18 +577,19 @@ def _lock_ends(job: Job, sha: str) -> None:
     documents.lock_ends([(job.project_id, sha, job.source_path)])
 
 
-def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str) -> Job:
-    """Complete, unless a newer version of the file completed first (a long PDF overtaken by
-    its small replacement): its text must not come back as the path's. In a group that rolls
-    the group back (Conflict), so that no document of it is left behind. Called in the
-    completing transaction, after :func:`_lock_ends`."""
+def _complete(job: Job, ctx: Context, message: str, document_id: int, sha: str,
+              mime: str) -> Job:
+    """Complete with the sniffed ``mime``, unless a newer version of the file completed first
+    (a long PDF overtaken by its small replacement): its text must not come back as the
+    path's. In a group that rolls the group back (Conflict), so that no document of it is left
+    behind. Called in the completing transaction, after :func:`_lock_ends`."""
     newer = documents.newer_version_completed(job)
     if newer is not None:
         if ctx.grouped:
             raise Conflict(f"job {job.id} was superseded by job {newer}")
         raise Superseded(f"a newer version of the file completed first (job {newer})")
     return jobs.complete(job.id, ctx.owner, message=message, canonical_document_id=document_id,
-                         content_sha256=sha, unless_cancel_requested=True)
+                         content_sha256=sha, mime_type=mime, unless_cancel_requested=True)
 
 
 def _after_lost_completion(job: Job, ctx: Context) -> Job:

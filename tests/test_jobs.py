@@ -301,6 +301,30 @@ class TestWorkerTransitions:
         assert final.status == "failed" and "gave up after 3 attempts" in final.error_message
         assert event_types(job.id).count("retrying") == 2
 
+    @pytest.mark.parametrize("grouped", [False, True], ids=["complete", "complete_many"])
+    def test_a_completion_after_a_retry_clears_the_error_and_records_the_sniffed_type(
+            self, cfg, any_store, drop, grouped):
+        """The attempt that succeeds leaves no earlier attempt's error_message, and the type
+        the worker sniffed replaces the one of the job's creation (none: the file could not be
+        read then), in the job and in its completed event alike."""
+        made = create(cfg, make_file(drop, "late.txt"))
+        Job.update(mime_type=None).where(Job.id == made.id).execute()  # as if it was unreadable
+        jobs.claim("w1")
+        jobs.retry_later(made.id, "w1", "cannot open: Permission denied", delay_seconds=0)
+        jobs.claim("w1")
+        if grouped:
+            [done] = jobs.complete_many("w1", [(made.id, "12 characters", 7, "ab", "text/plain")])
+        else:
+            done = jobs.complete(made.id, "w1", message="12 characters", canonical_document_id=7,
+                                 content_sha256="ab", mime_type="text/plain")
+        stored = Job.get_by_id(made.id)
+        event = json.loads(events_of(made.id)[-1].data)
+        for seen in (done, stored):
+            assert (seen.status, seen.error_message, seen.mime_type) == (
+                "completed", None, "text/plain")
+        assert (event["status"], event["error_message"], event["mime_type"]) == (
+            "completed", None, "text/plain")
+
     def test_a_delayed_job_is_not_claimed_before_its_time(self, any_store, job):
         """not_before holds a retried job back."""
         jobs.claim("w1")

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import wait_for
 from corpus import make_pdf
-from harness import Daemon, jobs_for, open_db, write_config
+from harness import Daemon, events_of_type, jobs_for, open_db, wait_job, write_config
 from ingestd import db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document
@@ -60,7 +60,7 @@ def test_a_vanished_file_is_retried_and_completes_when_it_is_back(cfg, store, dr
     os.rename(hidden, path)
     jobs.Job.update(not_before=0).where(jobs.Job.id == job.id).execute()  # skip the wait
     done = run_next(cfg, extractors)
-    assert done.status == "completed" and done.attempts == 2
+    assert (done.status, done.attempts, done.error_message) == ("completed", 2, None)
     assert Document.get_by_id(done.canonical_document_id).text == "now you see me"
 
 
@@ -357,6 +357,38 @@ def make_daemon(tmp_path: Path):
     for running in started:
         running.stop()
     db.close_store()
+
+
+@pytest.mark.parametrize("kind", ["text", "pdf"])
+def test_a_job_that_succeeds_on_a_retry_keeps_no_error_and_gets_its_sniffed_type(make_daemon,
+                                                                                  kind):
+    """A file the daemon could not read (nor so sniff) at first is retried; once readable it
+    completes, and the completed job and its event carry no stale error and the type the
+    worker sniffed. (The daemon runs without the capabilities that let root read any file.)"""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
+    no_override = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    running, folder = make_daemon(acme_extra="max_attempts = 3", wrapper=no_override)
+    staging = folder.parent / f"locked.{kind}"
+    if kind == "pdf":
+        make_pdf(staging, ["locked at first"])
+    else:
+        staging.write_text("locked at first, then not")
+    staging.chmod(0)
+    path = folder / staging.name
+    staging.rename(path)  # appears unreadable: the job is made without a type
+    [retrying] = wait_for(lambda: [job for job in jobs_for(path) if job.status == "queued"
+                                   and job.error_message], message="the job retrying")
+    assert (retrying.error_message, retrying.mime_type) == ("cannot open: Permission denied", None)
+    path.chmod(0o644)
+    done = wait_job(path, timeout=60)
+    mime = "application/pdf" if kind == "pdf" else "text/plain"
+    assert (done.attempts, done.error_message, done.mime_type) == (
+        retrying.attempts + 1, None, mime)
+    [event] = [json.loads(e.data) for e in events_of_type("io.ingestd.job.completed")
+               if e.job_id == done.id]
+    assert (event["error_message"], event["mime_type"]) == (None, mime)
 
 
 def test_a_second_sigterm_during_a_pdf_leaves_one_json_object_per_log_line(make_daemon):
