@@ -261,6 +261,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"ingestd {state['version']} running, pid {state['pid']}, up "
           f"{_human_duration(state['uptime_seconds'])}, node {state['node']}")
     print(f"config: {state['config'] or 'zero-config default'}; database: {state['database']}")
+    if state.get("database_error"):
+        print(f"database: NOT ANSWERING: {state['database_error']} (running jobs unknown)")
     for name, project in state["projects"].items():
         for folder in project["folders"]:
             print(f"project {name}: {printable(folder['folder'])} ({folder['observer']})")

@@ -78,4 +78,7 @@ def query(path: Path, timeout: float = 10.0) -> dict[str, Any]:
         raise NotRunning(f"ingestd is not answering at {path}: {exc}") from None
     finally:
         client.close()
-    return json.loads(b"".join(chunks))
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:  # it failed to make its state: its log says why
+        raise IngestdError(f"ingestd at {path} sent no state (see its log)") from None

@@ -14,10 +14,12 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+import peewee as pw
 import structlog
 
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics, scan,
@@ -28,7 +30,7 @@ from ingestd.control import ControlServer
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
-from ingestd.paths import ProjectMap
+from ingestd.paths import ProjectMap, file_identity
 from ingestd.publish import Publisher
 from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
@@ -74,6 +76,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.checkpointer: WalCheckpointer | None = None
         self._stop_metrics: Callable[[], None] | None = None
+        self._store_identity: tuple[int, int] | None = None  # the SQLite file opened at start
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -85,13 +88,13 @@ class Daemon:
         if not self._open_store():
             self.notifier.stopping()
             return 0
+        self._store_identity = file_identity(db.sqlite_file())
         self._start_events()
         self._start()
         try:
-            self._main_loop()
+            return self._main_loop()
         finally:
             self._shutdown()
-        return 0
 
     def _open_store(self) -> bool:
         """Open the database. A PostgreSQL server that cannot be reached yet (the daemon started
@@ -187,7 +190,8 @@ class Daemon:
                 log.warning("worker_processes_not_ready", waited=round(waited, 1))
                 return
 
-    def _main_loop(self) -> None:
+    def _main_loop(self) -> int:
+        """Until a stop signal (exit code 0) or the database file is replaced (1)."""
         watchdog = self.notifier.watchdog_interval()
         tick = min(STATUS_SECONDS, watchdog) if watchdog else STATUS_SECONDS
         while True:
@@ -198,10 +202,24 @@ class Daemon:
                     self.publisher.reopen()
                 else:
                     log.info("daemon_stopping", signal=signal.Signals(number).name)
-                    return
+                    return 0
+            if self._store_replaced():
+                return 1
             if watchdog:
                 self.notifier.watchdog()
             self.notifier.status(self.status_line())
+
+    def _store_replaced(self) -> bool:
+        """Whether the SQLite file this daemon writes is no longer the one at its path (deleted
+        or replaced): what it writes then is seen by nobody and lost at its next start, so it
+        stops (exit code 1; systemd starts it again), and its start opens the file there."""
+        path = db.sqlite_file()
+        if path is None or file_identity(path) == self._store_identity:
+            return False
+        log.error("database_file_replaced", path=path,
+                  then="stopping (exit code 1): a new start opens the database at that path, "
+                       "and its start-up scan finds the files in the folders again")
+        return True
 
     def _on_signal(self, number: int) -> None:
         """In the signal handler, before the main loop hears of it: takes no lock."""
@@ -403,12 +421,17 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The live state ``ingestd status`` shows."""
         settings = self.config.daemon
-        running = self._running()
+        running, database_error = [], None
+        try:
+            running = self._running()
+        except (pw.PeeweeException, sqlite3.Error) as exc:  # the rest is still worth showing
+            database_error = str(db.as_store_error(exc))
+            db.reset_connection()
         return {
             "pid": os.getpid(), "version": __version__, "node": self.owner,
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "config": str(self.config.source) if self.config.source else None,
-            "database": db.describe(settings.database),
+            "database": db.describe(settings.database), "database_error": database_error,
             "projects": self._folders(),
             "workers": {"busy": len(running), "total": self.pool.size, "running": running,
                         "processes": self.pool.pids, "process_deaths": self.pool.deaths,

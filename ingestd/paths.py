@@ -1,8 +1,10 @@
-"""Which project a path belongs to, and whether the project wants it (include/exclude)."""
+"""Which project a path belongs to, and whether the project wants it (include/exclude); which
+file or folder a path names."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from fnmatch import translate
 from pathlib import Path
@@ -66,3 +68,14 @@ def _matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match | None]:
     if not patterns:
         return lambda name: None
     return re.compile("|".join(map(translate, patterns))).match  # each is (?s:...)\Z
+
+
+def file_identity(path: str | None) -> tuple[int, int] | None:
+    """Which file or folder ``path`` names now (device, inode); None if none (or no path)."""
+    if not path:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -28,6 +28,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserverVFS
 
 from ingestd.config import ProjectConfig
+from ingestd.paths import file_identity
 from ingestd.settle import COMPLETE, CREATED, DIRECTORY, GONE, WRITING
 
 log = structlog.get_logger(__name__)
@@ -194,7 +195,7 @@ class Watcher:
     def _watch(self, folder: _Folder) -> bool:
         """Schedule ``folder`` on its (started) observer: watchdog then starts its emitter at
         once, so a folder that cannot be watched raises here and leaves nothing behind."""
-        identity = _identity(folder.path)  # before: a folder replaced meanwhile is caught
+        identity = file_identity(folder.path)  # before: a folder replaced meanwhile is caught
         try:
             observer = self._observer(folder.polling)
             watch = observer.schedule(self._handler, folder.path, recursive=folder.recursive,
@@ -240,7 +241,7 @@ class Watcher:
         ignores a watched folder's own move (inotify's IN_MOVE_SELF): its watch follows the
         folder to its new name, and a folder made anew under the old one went unwatched."""
         for path, (folder, watch) in list(self._watches.items()):
-            if _identity(path) == self._identities.get(path):
+            if file_identity(path) == self._identities.get(path):
                 continue
             del self._watches[path]
             self._ended.append((folder, watch))
@@ -257,11 +258,3 @@ class Watcher:
                 pass  # not there (any more): nothing to reuse
         self._ended = []
 
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """Which folder ``path`` names now (device, inode); None if none."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino

@@ -528,6 +528,25 @@ class TestLifecycle:
         assert document_text(wait_job(drop(folders["acme"], "after.txt", "kept going"))) == \
             "kept going"
 
+    def test_a_database_file_deleted_under_the_daemon_stops_it_and_a_restart_rescans(
+            self, make_daemon, folders, tmp_path):
+        """The SQLite file deleted while the daemon runs: what it wrote from then on would be
+        seen by nobody. It says so and exits 1 (systemd starts it again); the next start makes
+        a new database and its scan gives the files in the folder jobs again."""
+        daemon = make_daemon()
+        path = drop(folders["acme"], "kept.txt", "still in the folder")
+        wait_job(path)
+        db.close_store()
+        for name in ("ingestd.db", "ingestd.db-wal", "ingestd.db-shm"):
+            (tmp_path / "state" / name).unlink(missing_ok=True)
+        assert daemon.process.wait(timeout=30) == 1
+        [line] = [json.loads(line) for line in daemon.log().splitlines()
+                  if "database_file_replaced" in line]
+        assert line["level"] == "error"
+        daemon.start()
+        open_db(daemon.config)
+        assert document_text(wait_job(path)) == "still in the folder"
+
     def test_a_bad_config_on_sighup_is_refused_and_the_old_one_keeps_running(self, daemon, folders):
         """A broken file at reload time changes nothing."""
         good = daemon.config.read_text()

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd import db
+from ingestd.control import ControlServer
 
 import corpus
 from conftest import run_cli, wait_for
@@ -82,6 +83,23 @@ def test_status_without_a_daemon_exits_3(tmp_path):
     config = write_config(tmp_path, f'[projects.acme]\nfolders = ["{tmp_path / "drop"}"]\n')
     result = run_cli("status", config=config)
     assert result.returncode == 3 and "not running" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_daemon_that_fails_to_make_its_state_gets_a_one_line_error(tmp_path):
+    """A daemon whose status fails (a bug; it logs why) closes the connection with nothing
+    sent: `ingestd status` says so in one line, exit 1, not a JSON traceback."""
+    (tmp_path / "drop").mkdir()
+    sock = tmp_path / "control.sock"
+    config = write_config(tmp_path, f'[daemon]\ncontrol_socket = "{sock}"\n'
+                                    f'[projects.acme]\nfolders = ["{tmp_path / "drop"}"]\n')
+    server = ControlServer(sock, 0o600, lambda: {"broken": 1 / 0})
+    server.start()
+    try:
+        result = run_cli("status", config=config)
+    finally:
+        server.stop()
+    assert result.returncode == 1 and "sent no state" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
