@@ -10,6 +10,8 @@ are (markup included: the words are all there, and no offset is shifted by a los
 PDFs are read page by page with pypdf (strict=False). On a broken or hostile file pypdf raises
 nearly anything (ValueError, KeyError, a bare RecursionError...), so each pypdf call is guarded and
 any failure becomes one ExtractError; ``on_page`` runs outside the guard, so cancellation propagates.
+An encrypted PDF opens with the empty password or fails as encrypted: needing a password, or
+with an encryption pypdf does not support.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import logging
 import os
 import re
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,18 +178,34 @@ def _guarded(call: Callable[[], T]) -> T:
 
         if isinstance(exc, DependencyError):  # AES encryption without 'cryptography'
             raise ExtractError(f"PDF cannot be read here: {_reason(exc)}") from exc
+        if _unsupported_encryption(exc):
+            raise ExtractError("encrypted PDF whose encryption is not supported: "
+                               f"{_one_line(exc)}") from exc
         raise ExtractError(f"truncated or malformed PDF: {_reason(exc)}") from exc
+
+
+def _unsupported_encryption(exc: Exception) -> bool:
+    """pypdf's encryption code refusing a handler or version it lacks (a certificate's
+    /Adobe.PubSec, /V 7...): NotImplementedError, like an unsupported stream filter's, so
+    told apart by where it was raised."""
+    return isinstance(exc, NotImplementedError) and any(
+        frame.f_globals.get("__name__") == "pypdf._encryption"
+        for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, RecursionError) or isinstance(exc.__cause__, RecursionError):
         return "objects nested too deeply"
-    text = " ".join(str(exc).split())
+    text = _one_line(exc)
     from pypdf.errors import PyPdfError
 
     if not isinstance(exc, PyPdfError):  # "KeyError: '/Root'" says more than "'/Root'"
         text = f"{type(exc).__name__}: {text}".rstrip(": ")
     return text[:_MAX_REASON] or type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:_MAX_REASON]
 
 
 @contextmanager

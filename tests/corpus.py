@@ -82,6 +82,21 @@ def make_encrypted_pdf(path: str | os.PathLike, password: str, pages: list[str] 
     return os.fspath(path)
 
 
+# Encryption dictionaries pypdf cannot open: a certificate's (public-key) handler, a future version.
+UNSUPPORTED_ENCRYPTION = {
+    "certificate": b"<< /Filter /Adobe.PubSec /SubFilter /adbe.pkcs7.s5 /V 4 /Length 128"
+                   b" /Recipients [<3082>] >>",
+    "version 7": b"<< /Filter /Standard /V 7 /R 9 /Length 256 /O <00> /U <00> /P -4 >>",
+}
+
+
+def make_unsupported_encrypted_pdf(path: str | os.PathLike, how: str) -> str:
+    """A one-page PDF whose trailer names an encryption of ``UNSUPPORTED_ENCRYPTION``."""
+    data = _pdf_bytes([_text_stream("protected by an unsupported encryption")])
+    encrypt = b"/Root 1 0 R /Encrypt " + UNSUPPORTED_ENCRYPTION[how] + b" /ID [<00> <00>] >>"
+    return _write(path, data.replace(b"/Root 1 0 R >>", encrypt))
+
+
 def make_truncated_pdf(path: str | os.PathLike) -> str:
     """A PDF cut off inside its first page object: no xref, no trailer, no page tree to recover."""
     data = _pdf_bytes([_text_stream("this page is cut off")])

@@ -100,6 +100,19 @@ def test_encrypted_pdf_empty_password(tmp_path: Path) -> None:
     assert got.text == "open sesame"
 
 
+@pytest.mark.parametrize(("how", "named"), [
+    ("certificate", "only Standard PDF encryption handler is available"),
+    ("version 7", "Encryption V=7 NOT supported"),
+])
+def test_encrypted_pdf_with_unsupported_encryption(tmp_path: Path, how: str, named: str) -> None:
+    """An encryption pypdf lacks (a certificate's handler, a newer version) is reported as
+    encryption, naming what pypdf refused, not as a malformed PDF."""
+    path = corpus.make_unsupported_encrypted_pdf(tmp_path / "e.pdf", how)
+    with pytest.raises(ExtractError) as info:
+        extract(path, "application/pdf")
+    assert str(info.value) == f"encrypted PDF whose encryption is not supported: {named}"
+
+
 def test_truncated_pdf(tmp_path: Path) -> None:
     """A truncated PDF is reported as truncated or malformed, in one line."""
     with pytest.raises(ExtractError, match=r"^truncated or malformed PDF: \S") as info:
