@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 
 SNIFF_BYTES = 8192
 OCTET_STREAM = "application/octet-stream"
+PDF = "application/pdf"
+# The PDF spec lets a reader find the header anywhere in the first 1024 bytes (pypdf does):
+# files come with a newline, a BOM or a mail/HTTP header line before it. A text file that
+# merely mentions "%PDF-" must stay text, so only a UTF-8 BOM, blank space and at most one
+# other line may precede it, and it must start its line, with a version digit.
+PDF_HEADER_WITHIN = 1024
+_PDF_HEADER = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:[^\s\0][^\r\n\0]*(?:\r\n|\r|\n)\s*)?%PDF-\d")
 
 _MAGIC = (
-    (b"%PDF-", "application/pdf"),
+    (b"%PDF-", PDF),
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"GIF8", "image/gif"),
@@ -37,9 +45,16 @@ def sniff_head(head: bytes, name: str) -> str:
     for magic, mime in _MAGIC:
         if head.startswith(magic):
             return mime
+    if _late_pdf_header(head):
+        return PDF
     if not (head.startswith(_BOMS) or looks_like_text(head)):
         return OCTET_STREAM
     return _TEXT_BY_SUFFIX.get(os.path.splitext(name)[1].lower(), "text/plain")
+
+
+def _late_pdf_header(head: bytes) -> bool:
+    """A PDF header after a few bytes (see _PDF_HEADER), starting in the first 1024."""
+    return _PDF_HEADER.match(head, 0, PDF_HEADER_WITHIN + len(b"%PDF-1") - 1) is not None
 
 
 def looks_like_text(head: bytes) -> bool:

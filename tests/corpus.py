@@ -73,6 +73,12 @@ def make_pdf(path: str | os.PathLike, pages: list[str]) -> str:
     return _write(path, _pdf_bytes([_text_stream(text) for text in pages]))
 
 
+def make_prefixed_pdf(path: str | os.PathLike, prefix: bytes, pages: list[str]) -> str:
+    """``make_pdf`` with ``prefix`` before its ``%PDF-`` header (a newline, a BOM, a header line),
+    which the PDF spec lets readers accept within the first 1024 bytes."""
+    return _write(path, prefix + _pdf_bytes([_text_stream(text) for text in pages]))
+
+
 def make_encrypted_pdf(path: str | os.PathLike, password: str, pages: list[str] | None = None) -> str:
     """``make_pdf`` encrypted with RC4-128 (needs no crypto library); ``password=""`` opens without one."""
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(_pdf_bytes([_text_stream(t) for t in pages or ["secret text"]]))))

@@ -13,7 +13,7 @@ import pytest
 import corpus
 from ingestd.extract import ExtractError, Extracted, extract, extract_pdf, extract_text
 from ingestd.procpool import ExtractorPool
-from ingestd.sniff import sniff_file
+from ingestd.sniff import sniff_file, sniff_head
 
 TEXT = "Grüße, naïve café – “quoted” €5\nsecond line"
 
@@ -255,3 +255,20 @@ def test_a_utf32_file_with_its_bom_is_text(tmp_path: Path, bom: bytes) -> None:
     path.write_bytes(bom + TEXT.encode("utf-32-le" if bom[0] == 0xFF else "utf-32-be"))
     assert sniff_file(path) == "text/plain"
     assert extract(path, "text/plain").text == TEXT
+
+
+@pytest.mark.parametrize(("head", "mime"), [
+    (b"\n\n%PDF-1.4\n", "application/pdf"),
+    (b"\xef\xbb\xbf%PDF-1.7\n", "application/pdf"),
+    (b"Content-Type: application/pdf\r\n\r\n%PDF-1.4\n", "application/pdf"),
+    (b" " * 1023 + b"%PDF-1.4\n", "application/pdf"),
+    (b" " * 1024 + b"%PDF-1.4\n", "text/plain"),  # past the first 1024 bytes
+    (b"Files start with %PDF-1.4, then objects.\n", "text/plain"),  # not at a line's start
+    (b"Notes\nabout headers:\n%PDF-1.4 comes first\n", "text/plain"),  # after two lines
+    (b"\n%PDF-x is no version\n", "text/plain"),
+])
+def test_a_pdf_header_within_the_first_kb_after_blank_space_or_one_line(head: bytes,
+                                                                        mime: str) -> None:
+    """A PDF whose header comes after a BOM, blank space or one line (a mail or HTTP header)
+    is a PDF; text that merely mentions "%PDF-" stays text."""
+    assert sniff_head(head + b"more text\n", "notes.txt") == mime

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
+import corpus
 from corpus import make_pdf
 from harness import Daemon, events_of_type, jobs_for, open_db, wait_job, write_config
 from ingestd import db, intake, jobs
@@ -62,6 +63,19 @@ def test_a_vanished_file_is_retried_and_completes_when_it_is_back(cfg, store, dr
     done = run_next(cfg, extractors)
     assert (done.status, done.attempts, done.error_message) == ("completed", 2, None)
     assert Document.get_by_id(done.canonical_document_id).text == "now you see me"
+
+
+@pytest.mark.parametrize("prefix", [b"\n", b"\xef\xbb\xbf", b"Content-Type: application/pdf\r\n\r\n"],
+                         ids=["newline", "bom", "header line"])
+def test_a_pdf_with_bytes_before_its_header_is_extracted_as_a_pdf(cfg, store, drop, extractors,
+                                                                  prefix):
+    """A few bytes before "%PDF-" (within the first 1024, as the PDF spec allows): a PDF, its
+    text extracted, not its source indexed as text."""
+    path = Path(corpus.make_prefixed_pdf(drop / "late-header.pdf", prefix, ["page one text"]))
+    assert queue_file(cfg, path).mime_type == "application/pdf"
+    done = run_next(cfg, extractors)
+    assert (done.status, done.mime_type) == ("completed", "application/pdf")
+    assert Document.get_by_id(done.canonical_document_id).text == "page one text"
 
 
 def test_a_file_that_changed_after_its_job_was_made_is_superseded(cfg, store, drop, extractors):
