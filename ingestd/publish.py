@@ -3,10 +3,11 @@
 It follows the whole database's outbox (rows written by the CLI or other nodes too), appends
 each batch to the JSON Lines log and flushes it, then records how far it got. After a SIGKILL it
 resumes after the last sequence found in the log itself, so an event committed but not yet
-published appears exactly once after the restart. The log is reopened on SIGUSR1 and when it
-was moved away (logrotate without copytruncate). When it cannot be written (disk full, a directory
-at its path...), the failure is logged, the lines written whole count as published and the rest
-is retried every RETRY_SECONDS; a line that a full disk cut short is finished, not written again.
+published appears exactly once after the restart. The log is reopened on SIGUSR1 and when it was
+moved away (logrotate without copytruncate). When it cannot be written, at start or later (disk
+full, a directory at its path...), the failure is logged, the lines written whole count as
+published and the rest is retried every RETRY_SECONDS; a line that a full disk cut short is
+finished, not written again.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class Publisher:
     # --- control (any thread) ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._open()
+        try:
+            self._open()
+        except OSError as exc:  # as when it fails later: said once, retried, the events wait
+            self._report(exc)
         self.cursor = max(self._stored_cursor(), _last_sequence_in(self.log_path))
         self._thread.start()
 
@@ -207,7 +211,7 @@ def _last_sequence_in(path: Path) -> int:
         with open(path, "rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
             tail = handle.read()
-    except FileNotFoundError:
+    except OSError:  # none, or unreadable (a directory at its path): the stored cursor says
         return 0
     for line in reversed(tail.splitlines()):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from ingestd import db, jobs
-from ingestd.events import EventRow, format_sequence, source_uri, to_line
-from ingestd.models import Event, Job
+from ingestd.events import EventRow, format_sequence, installation_id, source_uri, to_line
+from ingestd.models import Event, Job, database
+from ingestd.publish import Publisher
 
 import corpus
 from conftest import run_cli, wait_for
@@ -390,3 +392,77 @@ def test_a_full_disk_under_the_log_is_reported_and_then_every_event_logged_once(
     wait_for(lambda: completed() == 50, timeout=60, message="50 completed")
     assert_caught_up_exactly_once(daemon, event_log, subscriber)
     assert len(log_lines(daemon, "event_log_unwritable")) == 1
+
+
+@pytest.fixture
+def immutable_dir(tmp_path):
+    """An empty directory made immutable (chattr +i: no file can be created in it, not even by
+    root); a callable makes it writable again; undone after the test in any case."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    chattr = shutil.which("chattr")
+    made = chattr and subprocess.run([chattr, "+i", str(directory)], capture_output=True)
+    if not made or made.returncode != 0:
+        pytest.skip("chattr +i is unavailable here (no chattr, not root, or a file system "
+                    f"without the immutable flag): {made.stderr.decode().strip() if made else ''}")
+
+    def writable() -> None:
+        subprocess.run([chattr, "-i", str(directory)], check=True)
+
+    yield directory, writable
+    writable()
+
+
+def test_an_unwritable_log_at_start_is_reported_and_then_every_event_logged_once(
+        immutable_dir, start, tmp_path):
+    """The log cannot be created when the daemon starts: it starts anyway and works, says so in
+    one line and in its status, keeps the events in the database, and logs every one of them
+    once the log can be written (as when the log fails while it runs)."""
+    logs, make_writable = immutable_dir
+    event_log = logs / "events.jsonl"
+    daemon = start(f'event_log = "{event_log}"')
+    subscriber = Subscriber(daemon.root / "state" / "events.sock")
+    drop_files(tmp_path / "drop", 20, "a")
+    wait_for(lambda: completed() == 20, timeout=60, message="20 completed")
+    failures = log_lines(daemon, "event_log_unwritable")
+    assert len(failures) == 1 and failures[0]["path"] == str(event_log)
+    assert "Operation not permitted" in failures[0]["reason"]
+    assert "event log: NOT WRITABLE" in run_cli("status", config=daemon.config).stdout
+    assert not event_log.exists() and not subscriber.lines  # the events wait in the database
+    make_writable()
+    drop_files(tmp_path / "drop", 10, "b")
+    wait_for(lambda: completed() == 30, timeout=60, message="30 completed")
+    wait_for(lambda: event_log.exists() and log_sequences(event_log),
+             message="lines in the log (it is tried every second)")
+    assert_caught_up_exactly_once(daemon, event_log, subscriber)
+    assert log_sequences(event_log)[0] == 1
+    assert len(log_lines(daemon, "event_log_unwritable")) == 1
+    assert len(log_lines(daemon, "event_log_writable_again")) == 1
+
+
+def emit_many(count: int) -> int:
+    """``count`` events committed together; the last sequence."""
+    with database.atomic(), jobs.events_at_end():
+        for number in range(count):
+            jobs.emit(jobs.DAEMON_RELOADED, {"number": number})
+    return last_seq()
+
+
+def test_a_directory_at_the_log_path_at_start_is_reported_and_then_logged_to(store, tmp_path):
+    """The real publisher started while its log cannot be opened: it starts, says why, and
+    logs every waiting event once the path can be a file."""
+    event_log = tmp_path / "events.jsonl"
+    event_log.mkdir()
+    final = emit_many(5)
+    publisher = Publisher(event_log, None, installation_id())
+    publisher.start()
+    try:
+        assert publisher.log_failure["reason"] == "Is a directory"
+        event_log.rmdir()
+        wait_for(lambda: event_log.is_file() and log_sequences(event_log)[-1:] == [final],
+                 message="the waiting events logged")
+        assert log_sequences(event_log) == list(range(1, final + 1))
+        assert publisher.log_failure is None
+    finally:
+        publisher.stop()
+
