@@ -15,6 +15,7 @@ import collections
 import os
 import signal
 import sqlite3
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -52,6 +53,7 @@ REWATCH_SECONDS = 2.0  # how soon a lost folder (deleted, or not watchable) is w
 DATABASE_RETRY_MAX_SECONDS = 30.0  # the longest wait between tries to reach the database at start
 START_SECONDS_AFTER_WAITING = 90.0  # systemd's default start timeout, granted again meanwhile
 MIGRATION_EXTEND_SECONDS = 30.0  # systemd's start timeout, extended this far at a time while migrating
+STOP_OVERDUE_SECONDS = 15.0  # past the grace period, a stop stuck on the database gives up
 
 
 class Daemon:
@@ -231,6 +233,27 @@ class Daemon:
         self._stopping = True
 
     def _shutdown(self) -> None:
+        # Its writes wait for the database's write lock, which another process may hold for
+        # as long as it likes: the stop has a limit all the same, within systemd's (90 s).
+        overdue = threading.Timer(self.config.daemon.shutdown_grace_seconds
+                                  + STOP_OVERDUE_SECONDS, self._stop_overdue)
+        overdue.daemon = True
+        overdue.start()
+        try:
+            self._stop_everything()
+        finally:
+            overdue.cancel()
+        log.info("daemon_stopped")
+
+    def _stop_overdue(self) -> None:
+        log.error("stop_overdue", seconds=self.config.daemon.shutdown_grace_seconds
+                  + STOP_OVERDUE_SECONDS, reason="the database did not take the stop's writes "
+                  "(its write lock held elsewhere, or it does not answer)",
+                  then="exiting now (exit code 1): the next start re-queues the jobs left running")
+        self.pool.kill()
+        os._exit(1)
+
+    def _stop_everything(self) -> None:
         self.notifier.stopping()
         try:
             jobs.emit(jobs.DAEMON_STOPPING, self._facts())
@@ -253,7 +276,6 @@ class Daemon:
         if self.checkpointer is not None:
             self.checkpointer.stop()
         db.close_store()
-        log.info("daemon_stopped")
 
     # --- reload --------------------------------------------------------------------------------
 

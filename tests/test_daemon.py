@@ -3,6 +3,7 @@ completed (or clearly failed) job, through bursts, renames, restarts, kills and 
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from ingestd import config as config_mod, control, db
 from ingestd.models import Document, Event, Job
+from ingestd.daemon import STOP_OVERDUE_SECONDS
 from ingestd.settle import CLOSE_FALLBACK_SECONDS
 from ingestd.watch import Watcher
 
@@ -476,6 +478,26 @@ class TestLifecycle:
         release.touch()
         running.start()
         assert wait_job(path, timeout=60).attempts == 2
+
+    def test_a_stop_stuck_on_the_write_lock_gives_up_and_loses_nothing(self, make_daemon,
+                                                                       folders, tmp_path):
+        """Another process holds the database's write lock (its lock file) past the stop: the
+        stop does not wait for it without end. Past the grace period and 15 s more it says
+        why and exits 1; the next start, the lock free, completes the file."""
+        running = make_daemon(daemon_extra="shutdown_grace_seconds = 1")
+        lock = os.open(tmp_path / "state" / "ingestd.db.writelock", os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = drop(folders["acme"], "waiting.txt", "dropped while the lock is held")
+            running.signal(signal.SIGTERM)
+            assert running.process.wait(timeout=1 + STOP_OVERDUE_SECONDS + 15) == 1
+        finally:
+            os.close(lock)
+        [line] = [json.loads(line) for line in running.log().splitlines()
+                  if "stop_overdue" in line]
+        assert line["level"] == "error"
+        running.start()
+        assert document_text(wait_job(path, timeout=60)) == "dropped while the lock is held"
 
     def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
         """A project added to the file and reloaded with SIGHUP is watched at once."""
