@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import peewee as pw
 import structlog
 
+from ingestd import lockwait
 from ingestd.errors import StoreError, StoreUnreachable
 from ingestd.models import database
 
@@ -126,7 +127,7 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
     def begin(self, lock_type: str | None = None) -> None:
         fd = self._lock_fd()
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lockwait.lock(fd, self._lock_path)
         try:
             super().begin(lock_type)
         except BaseException:

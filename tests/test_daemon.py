@@ -482,8 +482,9 @@ class TestLifecycle:
     def test_a_stop_stuck_on_the_write_lock_gives_up_and_loses_nothing(self, make_daemon,
                                                                        folders, tmp_path):
         """Another process holds the database's write lock (its lock file) past the stop: the
-        stop does not wait for it without end. Past the grace period and 15 s more it says
-        why and exits 1; the next start, the lock free, completes the file."""
+        stop does not wait for it without end. Every 10 s of waiting it says who holds the
+        lock; past the grace period and 15 s more it exits 1; the next start, the lock free,
+        completes the file."""
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 1")
         lock = os.open(tmp_path / "state" / "ingestd.db.writelock", os.O_RDONLY)
         try:
@@ -496,6 +497,9 @@ class TestLifecycle:
         [line] = [json.loads(line) for line in running.log().splitlines()
                   if "stop_overdue" in line]
         assert line["level"] == "error"
+        waits = [json.loads(line) for line in running.log().splitlines()
+                 if "write_lock_waiting" in line]  # said while it waited, naming the holder
+        assert waits and waits[0]["holder"].startswith(f"pid {os.getpid()} (")
         running.start()
         assert document_text(wait_job(path, timeout=60)) == "dropped while the lock is held"
 
