@@ -3,11 +3,12 @@
 It follows the whole database's outbox (rows written by the CLI or other nodes too), appends
 each batch to the JSON Lines log and flushes it, then records how far it got. After a SIGKILL it
 resumes after the last sequence found in the log itself, so an event committed but not yet
-published appears exactly once after the restart. The log is reopened on SIGUSR1 and when it was
-moved away (logrotate without copytruncate). When it cannot be written, at start or later (disk
-full, a directory at its path...), the failure is logged, the lines written whole count as
-published and the rest is retried every RETRY_SECONDS; a line that a full disk cut short is
-finished, not written again.
+published appears exactly once after the restart. A log whose last line is another database's
+(another installation id, or a sequence past this database's) is set aside, not continued. The
+log is reopened on SIGUSR1 and when it was moved away (logrotate without copytruncate). When it
+cannot be written, at start or later (disk full, a directory at its path...), the failure is
+logged, the lines written whole count as published and the rest is retried every RETRY_SECONDS;
+a line that a full disk cut short is finished, not written again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from ingestd import db, events
-from ingestd.models import database
+from ingestd.models import EventSequence, database
 from ingestd.stream import EventStream
 
 log = structlog.get_logger(__name__)
@@ -64,7 +65,7 @@ class Publisher:
             self._open()
         except OSError as exc:  # as when it fails later: said once, retried, the events wait
             self._report(exc)
-        self.cursor = max(self._stored_cursor(), _last_sequence_in(self.log_path))
+        self.cursor = max(self._stored_cursor(), self._last_sequence_logged())
         self._thread.start()
 
     def reopen(self) -> None:
@@ -165,8 +166,22 @@ class Publisher:
 
     def _open(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._set_aside_if_not_ours()
         _drop_partial_last_line(self.log_path)
         self._file = open(self.log_path, "ab", buffering=0)
+
+    def _set_aside_if_not_ours(self) -> None:
+        """Another database's log (a new or replaced database, the log kept) is renamed to say
+        so: appended to, its sequences would go back, and a restart would skip the new events
+        up to its last one."""
+        last = _last_event_in(self.log_path)
+        if last is None or self._ours(*last):
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.log_path.with_name(f"{self.log_path.name}.other-database-{stamp}")
+        os.rename(self.log_path, aside)
+        log.warning("event_log_of_another_database", path=str(self.log_path),
+                    moved_to=str(aside), last_event=last[0])
 
     def _close(self) -> None:
         """Close the log, whole lines only: a started line is written whole to the next one."""
@@ -187,6 +202,18 @@ class Publisher:
 
     # --- where we got to -------------------------------------------------------------------------
 
+    def _last_sequence_logged(self) -> int:
+        """The log's last sequence, if the log is this database's: a restart after a kill
+        continues after it."""
+        last = _last_event_in(self.log_path)
+        return last[1] if last is not None and self._ours(*last) else 0
+
+    def _ours(self, event_id: str, seq: int) -> bool:
+        """Whether a logged event was published from this database: another one has another
+        installation id, and this one, restored from a backup, may not have reached it yet."""
+        return (event_id == f"{self.installation}-{seq}"
+                and seq <= EventSequence.get_by_id(1).last_seq)
+
     def _stored_cursor(self) -> int:
         row = database.execute_sql(
             f"SELECT last_seq FROM ingest_publish_cursors WHERE consumer = {database.param}",
@@ -205,20 +232,21 @@ class Publisher:
                 (self.consumer, self.cursor, time.time()))
 
 
-def _last_sequence_in(path: Path) -> int:
-    """The sequence of the last complete line of the log (0 if none)."""
+def _last_event_in(path: Path) -> tuple[str, int] | None:
+    """The id and sequence of the log's last complete line (None if none)."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
             tail = handle.read()
     except OSError:  # none, or unreadable (a directory at its path): the stored cursor says
-        return 0
+        return None
     for line in reversed(tail.splitlines()):
         try:
-            return int(json.loads(line)["sequence"])
+            event = json.loads(line)
+            return str(event["id"]), int(event["sequence"])
         except (ValueError, KeyError, TypeError):
             continue
-    return 0
+    return None
 
 
 def _drop_partial_last_line(path: Path) -> None:

@@ -466,3 +466,57 @@ def test_a_directory_at_the_log_path_at_start_is_reported_and_then_logged_to(sto
     finally:
         publisher.stop()
 
+
+def test_the_log_of_a_replaced_database_is_set_aside_and_a_new_log_begins(start, tmp_path):
+    """The database is deleted (or replaced), the event log kept: its sequences are not the new
+    database's. It is renamed to say so, with one warning, and the new database's events are
+    published from its first, to a new log and to the socket."""
+    daemon = start()
+    state, drop = daemon.root / "state", tmp_path / "drop"
+    event_log = state / "events.jsonl"
+    drop_files(drop, 100)
+    wait_for(lambda: completed() == 100, timeout=60, message="100 completed")
+    assert daemon.stop() == 0
+    old_log = event_log.read_bytes()
+    db.close_store()
+    for path in [*drop.iterdir(), *state.glob("ingestd.db*")]:
+        path.unlink()
+    daemon.start()
+    open_db(daemon.config)
+    subscriber = Subscriber(state / "events.sock")
+    drop_files(drop, 10, "new")
+    wait_for(lambda: completed() == 10, timeout=60, message="10 completed")
+    assert last_seq() < int(json.loads(old_log.splitlines()[-1])["sequence"])
+    assert_caught_up_exactly_once(daemon, event_log, subscriber)
+    assert log_sequences(event_log)[0] == 1
+    [aside] = state.glob("events.jsonl.other-database-*")
+    assert aside.read_bytes() == old_log
+    [warning] = log_lines(daemon, "event_log_of_another_database")
+    assert warning["level"] == "warning" and warning["moved_to"] == str(aside)
+    status = json.loads(run_cli("status", "--json", config=daemon.config).stdout)
+    assert status["events"]["published"] >= last_seq()
+
+
+@pytest.mark.parametrize("writer, last", [("another", 3), ("this", 50)],
+                         ids=["another installation", "past this database"])
+def test_a_log_not_from_this_database_is_set_aside(store, tmp_path, writer, last):
+    """Either way a log shows it is not this database's: another installation's ids (the new
+    database has more events than that log), or this installation's past the database's last
+    sequence (restored from a backup). The real publisher sets it aside and starts a new log."""
+    final = emit_many(10)
+    ours = installation_id()
+    event_log = tmp_path / "events.jsonl"
+    old_lines = "".join(
+        to_line(EventRow(seq, jobs.DAEMON_RELOADED, None, None, 0.0, "{}"),
+                ours if writer == "this" else "0123456789abcdef") + "\n"
+        for seq in range(1, last + 1))
+    event_log.write_text(old_lines)
+    publisher = Publisher(event_log, None, ours)
+    publisher.start()
+    try:
+        wait_for(lambda: log_sequences(event_log)[-1:] == [final], message="the new log")
+        assert log_sequences(event_log) == list(range(1, final + 1))
+        [aside] = tmp_path.glob("events.jsonl.other-database-*")
+        assert aside.read_text() == old_lines
+    finally:
+        publisher.stop()
