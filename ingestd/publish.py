@@ -31,7 +31,8 @@ from ingestd.stream import EventStream
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 0.02  # how soon an event committed by another process is seen
 # How often how far we got is written down: it is a write transaction, which would queue with
-# the workers' after every batch; a restart resumes from the log itself anyway.
+# the workers' after every batch. A restart resumes from the log itself, but from this when the
+# log was rotated away: so it is also written when publishing pauses and before a reopen.
 CURSOR_SECONDS = 1.0
 BATCH = 1000
 TAIL_BYTES = 1 << 16
@@ -47,6 +48,7 @@ class Publisher:
         self.consumer = f"log:{socket.gethostname()}:{log_path}"
         self.published = 0
         self.cursor = 0
+        self._stored = 0  # the cursor as last stored
         self._cursor_stored_at = 0.0
         self._file: io.FileIO | None = None
         self._written = 0  # bytes of the unpublished lines already in the log (a write stopped)
@@ -65,7 +67,8 @@ class Publisher:
             self._open()
         except OSError as exc:  # as when it fails later: said once, retried, the events wait
             self._report(exc)
-        self.cursor = max(self._stored_cursor(), self._last_sequence_logged())
+        self._stored = self._stored_cursor()
+        self.cursor = max(self._stored, self._last_sequence_logged())
         self._thread.start()
 
     def reopen(self) -> None:
@@ -103,8 +106,11 @@ class Publisher:
 
     def _publish_batch(self) -> int:
         rows = events.rows_after(self.cursor, BATCH)
-        if not rows:
-            return 0
+        logged = self._publish(rows) if rows else 0
+        self._store_cursor_if_due(busy=bool(rows))
+        return logged
+
+    def _publish(self, rows: list[events.EventRow]) -> int:
         lines = [(row.seq, events.to_line(row, self.installation)) for row in rows]
         logged = self._append(lines)
         if logged:
@@ -112,9 +118,16 @@ class Publisher:
                 self.stream.publish(lines[:logged])
             self.cursor = lines[logged - 1][0]
             self.published += logged
-        if time.monotonic() - self._cursor_stored_at >= CURSOR_SECONDS:
-            self._store_cursor()  # while the log fails too: what it waits for is not pruned
         return logged
+
+    def _store_cursor_if_due(self, busy: bool) -> None:
+        """At most every CURSOR_SECONDS: while there are events (while the log fails too: what
+        it waits for is not pruned), and once more when they pause, so that the stored cursor
+        does not stay behind the log (a restart after a rotation has nothing else to go by)."""
+        if not busy and self.cursor == self._stored:
+            return
+        if time.monotonic() - self._cursor_stored_at >= CURSOR_SECONDS:
+            self._store_cursor()
 
     def _append(self, lines: list[tuple[int, str]]) -> int:
         """Append ``lines`` to the log; how many are in it whole: all, unless writing failed."""
@@ -159,6 +172,8 @@ class Publisher:
         if self._file is None:  # its opening failed
             self._open()
         elif self._reopen.is_set() or self._moved_away():
+            if self.cursor != self._stored:  # a kill now would find an empty log: store first
+                self._store_cursor()
             self._reopen.clear()
             self._close()
             self._open()
@@ -230,6 +245,7 @@ class Publisher:
                 f"VALUES ({param}, {param}, {param}) ON CONFLICT (consumer) DO UPDATE SET "
                 "last_seq = excluded.last_seq, updated_at = excluded.updated_at",
                 (self.consumer, self.cursor, time.time()))
+        self._stored = self.cursor
 
 
 def _last_event_in(path: Path) -> tuple[str, int] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import db, jobs
+from ingestd import db, jobs, publish
 from ingestd.events import EventRow, format_sequence, installation_id, source_uri, to_line
 from ingestd.models import Event, Job, database
 from ingestd.publish import Publisher
@@ -520,3 +520,64 @@ def test_a_log_not_from_this_database_is_set_aside(store, tmp_path, writer, last
         assert aside.read_text() == old_lines
     finally:
         publisher.stop()
+
+
+def stored_cursor() -> int:
+    """How far the event log got, as stored in the database (0 if never stored)."""
+    row = database.execute_sql("SELECT MAX(last_seq) FROM ingest_publish_cursors").fetchone()
+    return row[0] or 0
+
+
+def test_rotation_then_sigkill_after_a_burst_logs_no_event_twice(start, tmp_path):
+    """After a burst the stored cursor catches up (it was written at most once a second while
+    publishing, and never when idle): the log rotated away and the daemon killed, the restart
+    has only an empty new log and the stored cursor to resume from, and repeats nothing."""
+    daemon = start()
+    event_log = daemon.root / "state" / "events.jsonl"
+    drop_files(tmp_path / "drop", 300, "a")
+    wait_for(lambda: completed() == 300, timeout=60, message="300 completed")
+    wait_for(lambda: log_sequences(event_log)[-1] == last_seq(), message="log caught up")
+    wait_for(lambda: stored_cursor() == last_seq(), timeout=10,
+             message="the stored cursor caught up with the log")
+    rotated = event_log.with_name("events.jsonl.1")
+    os.rename(event_log, rotated)
+    daemon.kill(with_children=True)
+    daemon.start()
+    drop_files(tmp_path / "drop", 10, "b")
+    wait_for(lambda: completed() == 310, timeout=60, message="310 completed")
+    final = last_seq()
+    wait_for(lambda: event_log.exists() and log_sequences(event_log)[-1:] == [final],
+             message="new log caught up")
+    assert log_sequences(rotated) + log_sequences(event_log) == list(range(1, final + 1))
+
+
+@pytest.fixture
+def publisher(store, tmp_path):
+    """The real publisher on the test's SQLite database, logging to tmp_path/events.jsonl."""
+    running = Publisher(tmp_path / "events.jsonl", None, installation_id())
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_the_stored_cursor_catches_up_when_publishing_pauses(publisher):
+    """Two batches in less than a second: the second is stored too, once nothing follows."""
+    final = emit_many(publish.BATCH + 500)
+    wait_for(lambda: publisher.cursor == final, message="published")
+    wait_for(lambda: stored_cursor() == final, timeout=5, message="the cursor stored")
+
+
+def test_the_cursor_is_stored_when_a_rotation_is_noticed(publisher, monkeypatch):
+    """The log moved away, the next batch goes to a new, empty log: before it does, how far the
+    old one got is stored (without it, a kill now would repeat the old log's last events)."""
+    monkeypatch.setattr(publish, "CURSOR_SECONDS", 3600.0)  # no store but the first batch's
+    emit_many(10)
+    wait_for(lambda: publisher.cursor > 0, message="the first batch published")
+    first = emit_many(10)  # published, not stored
+    wait_for(lambda: log_sequences(publisher.log_path)[-1:] == [first], message="published")
+    os.rename(publisher.log_path, publisher.log_path.with_name("events.jsonl.1"))
+    final = emit_many(10)
+    wait_for(lambda: publisher.log_path.exists() and log_sequences(publisher.log_path)[-1:]
+             == [final], message="the new log has the next events")
+    assert log_sequences(publisher.log_path)[0] == first + 1
+    assert stored_cursor() == first
