@@ -193,8 +193,16 @@ class Publisher:
         if last is None or self._ours(*last):
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.log_path.with_name(f"{self.log_path.name}.other-database-{stamp}")
-        os.rename(self.log_path, aside)
+        base = f"{self.log_path.name}.other-database-{stamp}"
+        aside, number = self.log_path.with_name(base), 1
+        while True:  # a link never replaces a file: one set aside in the same second stays
+            try:
+                os.link(self.log_path, aside)
+                break
+            except FileExistsError:
+                number += 1
+                aside = self.log_path.with_name(f"{base}-{number}")
+        os.unlink(self.log_path)
         log.warning("event_log_of_another_database", path=str(self.log_path),
                     moved_to=str(aside), last_event=last[0])
 

@@ -522,6 +522,31 @@ def test_a_log_not_from_this_database_is_set_aside(store, tmp_path, writer, last
         publisher.stop()
 
 
+def test_a_log_set_aside_never_replaces_one_set_aside_before(store, tmp_path):
+    """Two logs set aside within one second (two database replacements in quick succession)
+    each keep their own file: the second gets a numbered name."""
+    emit_many(3)
+    event_log = tmp_path / "events.jsonl"
+    old_lines = to_line(EventRow(1, jobs.DAEMON_RELOADED, None, None, 0.0, "{}"),
+                        "0123456789abcdef") + "\n"
+    event_log.write_text(old_lines)
+    earlier = {}
+    for ahead in range(3):  # this second's name, and the next ones' (the start may cross one)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + ahead))
+        earlier[stamp] = tmp_path / f"events.jsonl.other-database-{stamp}"
+        earlier[stamp].write_text(f"set aside before, {stamp}\n")
+    publisher = Publisher(event_log, None, installation_id())
+    publisher.start()
+    try:
+        wait_for(lambda: log_sequences(event_log)[-1:] == [3], message="the new log")
+    finally:
+        publisher.stop()
+    assert all(path.read_text() == f"set aside before, {stamp}\n"
+               for stamp, path in earlier.items())
+    [aside] = tmp_path.glob("events.jsonl.other-database-*-2")
+    assert aside.read_text() == old_lines
+
+
 def stored_cursor() -> int:
     """How far the event log got, as stored in the database (0 if never stored)."""
     row = database.execute_sql("SELECT MAX(last_seq) FROM ingest_publish_cursors").fetchone()
