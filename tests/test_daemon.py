@@ -942,33 +942,23 @@ class TestWatchingSurvives:
         wait_for(lambda: events_of_type("io.ingestd.daemon.reloaded"), message="reloaded")
         wait_for(lambda: len(periodic()) >= 2, timeout=15, message="two periodic rescans")
 
-    def test_a_deleted_and_recreated_root_folder_is_watched_again(self, daemon, folders):
-        """A root folder deleted is reported lost (not watched) and watched again once it
-        exists again; what was dropped meanwhile is found."""
+    @pytest.mark.parametrize("gone", ["deleted", "moved away"])
+    def test_a_root_folder_gone_and_made_anew_is_watched_again(self, daemon, folders, tmp_path,
+                                                              gone):
+        """A root folder deleted, or renamed away (watchdog ignores a watched folder's own
+        move: its watch follows it), is reported lost (not watched) and watched again once it
+        exists again; what was dropped meanwhile is found, without a periodic rescan."""
         acme = folders["acme"]
         socket = control_socket(daemon)
-        shutil.rmtree(acme)
+        if gone == "deleted":
+            shutil.rmtree(acme)
+        else:
+            acme.rename(tmp_path / "acme-old")
         wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10, message="acme lost")
         assert control.query(socket)["projects"]["acme"]["unwatched"][0]["folder"] == str(acme)
-        assert "watch_lost" in daemon.log()
-        acme.mkdir()
-        early = drop(acme, "early.txt", "before the watch is back")
-        wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,
-                 message="acme watched again")
-        assert document_text(wait_job(early, timeout=10)) == "before the watch is back"
-        late = drop(acme, "late.txt", "seen by the new watch")
-        assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
-
-    def test_a_root_folder_moved_away_and_made_anew_is_watched_again(self, daemon, folders,
-                                                                     tmp_path):
-        """A root folder renamed away (watchdog ignores a watched folder's own move, and its
-        watch follows it) is reported lost; the folder made anew under its name is watched,
-        and what was dropped into it is found, without waiting for a periodic rescan."""
-        acme = folders["acme"]
-        socket = control_socket(daemon)
-        acme.rename(tmp_path / "acme-old")
-        wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10, message="acme lost")
-        assert "moved away or replaced" in daemon.log()
+        [lost] = [json.loads(line) for line in daemon.log().splitlines() if "watch_lost" in line]
+        assert lost["reason"] == ("the folder was deleted" if gone == "deleted"
+                                  else "the folder was moved away or replaced")
         acme.mkdir()
         early = drop(acme, "early.txt", "before the watch is back")
         wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,

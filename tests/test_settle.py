@@ -7,6 +7,8 @@ import itertools
 import os
 import time
 
+import pytest
+
 from ingestd.paths import ProjectMap
 from ingestd.settle import (CLOSE_FALLBACK_SECONDS, COMPLETE, CREATED, DIRECTORY, FOUND, GONE,
                             WRITING, Settler, fold)
@@ -90,13 +92,22 @@ def test_a_file_seen_written_whose_close_was_lost_settles_when_nobody_holds_it(
     assert ready.path == str(path)
 
 
-def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_allowed):
+@pytest.mark.parametrize("notes", [
+    (WRITING,),  # written, its close not come yet
+    # closed and at once reopened to append (``echo a > f; slow >> f``): the close and the
+    # new write come in one drain, with one stat taken after both
+    (CREATED, WRITING, COMPLETE, WRITING),
+], ids=["written", "closed-then-reopened"])
+def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_allowed, notes):
     """Quiet for the window, but another process holds it open for writing: the settler waits
     for the close event, and the file becomes one job with all its content."""
     s, path = settler(cfg), drop / "slow.txt"
     path.write_text("first part, ")
     with held(path, "a"):
-        s._note(str(path), WRITING)
+        for what in notes:
+            s.note(str(path), what)
+        s._drain_inbox(0)
+        assert state(s, str(path))[1:3] == (False, True)  # not complete, written
         got: list = []
         wait_for(lambda: got.extend(s._due_files()) or got
                  or s._pending[str(path)].waited_for_close,
@@ -107,32 +118,6 @@ def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_all
     s._note(str(path), COMPLETE)
     [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
     assert ready.signature[0] == len("first part, second part")
-
-
-def test_a_file_written_again_right_after_its_close_waits_for_the_next_close(
-        cfg, drop, leases_allowed):
-    """A writer closes the file and at once reopens it to append (``echo a > f; slow >> f``):
-    the close and the new write come in one drain, with one stat taken after both. The file
-    is not complete: another process holds it for writing, so it waits for that close."""
-    s, path = settler(cfg), drop / "log.txt"
-    path.write_text("header\n")
-    with held(path, "a"):
-        with open(path, "a") as writer:
-            writer.write("first line\n")
-        for what in (CREATED, WRITING, COMPLETE, WRITING):
-            s.note(str(path), what)
-        s._drain_inbox(0)
-        assert state(s, str(path))[1:3] == (False, True)  # not complete, written
-        got: list = []
-        wait_for(lambda: got.extend(s._due_files()) or got
-                 or s._pending[str(path)].waited_for_close,
-                 timeout=10, message="the quiet window to pass")
-        assert got == []
-        with open(path, "a") as writer:
-            writer.write("second line\n")
-    s._note(str(path), COMPLETE)
-    [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
-    assert ready.signature[0] == len("header\nfirst line\nsecond line\n")
 
 
 def test_a_file_settling_across_a_reload_goes_by_the_project_as_it_is_now(cfg, drop):
