@@ -111,6 +111,18 @@ def _open(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
+def _project_with_jobs(cfg: config_mod.Config, name: str) -> None:
+    """Refuse (NotFound) a project that is neither configured nor has jobs in the database.
+    One removed from the file keeps its jobs, which no worker takes any more: they can still
+    be listed, shown and cancelled, and it is said why."""
+    if name in cfg.projects:
+        return
+    if not jobs.project_has_jobs(name):
+        cfg.project(name)  # raises, naming the projects configured
+    print(f"ingestd: project {name!r} is not in the configuration; its jobs are still in the "
+          "database, and no worker takes them", file=sys.stderr)
+
+
 def _integer(what: str, minimum: int = 1) -> Callable[[str], int]:
     """The argparse ``type`` of every integer argument (ids, limits, sequences): see
     :func:`jobs.parse_integer`. Its UsageError is no ValueError, so argparse lets it through to
@@ -124,7 +136,7 @@ def _integer(what: str, minimum: int = 1) -> Callable[[str], int]:
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     cfg = _open(args)
-    cfg.project(args.project)
+    _project_with_jobs(cfg, args.project)
     page = jobs.list_jobs(args.project, status=args.status, stage=args.stage,
                           source_id=args.source, limit=args.limit, cursor=args.cursor)
     records = [jobs.job_record(job) for job in page.jobs]
@@ -139,7 +151,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     cfg = _open(args)
-    cfg.project(args.project)
+    _project_with_jobs(cfg, args.project)
     _print_job(jobs.job_record(jobs.get(args.project, args.job)), args.json)
     return EXIT_OK
 
@@ -156,7 +168,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     cfg = _open(args)
-    cfg.project(args.project)
+    _project_with_jobs(cfg, args.project)
     job = jobs.cancel(args.project, args.job)
     verb = "cancellation requested" if job.status == "running" else "cancelled"
     _say_job(verb, job, args.json)

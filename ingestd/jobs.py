@@ -610,6 +610,11 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
         return claimed
 
 
+def project_has_jobs(project_id: str) -> bool:
+    """Whether any job of ``project_id`` is in the database (deleted ones aside)."""
+    return Job.select().where(Job.project_id == project_id, Job.deleted_at.is_null()).exists()
+
+
 def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[int, bool]:
     """Renew ``owner``'s leases; return ``{job_id: cancel_requested}`` for the jobs still held."""
     if not job_ids:

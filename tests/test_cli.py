@@ -53,6 +53,25 @@ def test_submit_list_show_cancel_retry_delete(config_file, drop):
     assert gone.returncode == 3 and f"job {job_id} not found" in gone.stderr
 
 
+def test_a_project_removed_from_the_file_keeps_its_jobs_within_reach(config_file, drop):
+    """A project taken out of the config leaves its jobs in the database, where no worker
+    takes them: they can still be listed, shown and cancelled, with a note saying why; a
+    project that never had a job is still unknown (exit 3)."""
+    (drop / "a.txt").write_text("alpha")
+    job_id = submitted_id(config_file, drop / "a.txt")
+    text = config_file.read_text()
+    config_file.write_text(text.replace("[projects.acme]", "[projects.renamed]", 1))
+    listing = run_cli("jobs", "list", "-p", "acme", config=config_file)
+    assert listing.returncode == 0 and "a.txt" in listing.stdout
+    assert "not in the configuration" in listing.stderr
+    shown = run_cli("jobs", "show", "-p", "acme", str(job_id), "--json", config=config_file)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "queued"
+    cancelled = run_cli("jobs", "cancel", "-p", "acme", str(job_id), "--json", config=config_file)
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+    unknown = run_cli("jobs", "list", "-p", "never", config=config_file)
+    assert unknown.returncode == 3 and "unknown project 'never'" in unknown.stderr
+
+
 def test_list_json_pages_with_a_cursor(config_file, drop):
     """--json gives one document with next_cursor; following it reaches every job."""
     for i in range(5):
