@@ -1,11 +1,13 @@
 """Bytes to text, by the MIME type that ingestd.sniff found (never by the file name).
 
 Text: a UTF-8 BOM -> "utf-8-sig"; a UTF-32 or UTF-16 BOM (LE or BE) -> "utf-32", "utf-16"; else
-strict UTF-8; else the one fallback, cp1252 (legacy Windows text), taken only if every byte is defined in cp1252 and no
-control byte but tab, LF, CR, form feed, ESC occurs (sniff's rule for text). Anything else is
-refused, not turned into mojibake, and so is text with a NUL character (binary data after a
-text-like head). CRLF becomes LF. Markdown, CSV, JSON, XML and HTML stay as they
-are (markup included: the words are all there, and no offset is shifted by a lossy tag stripper).
+strict UTF-8; else, if no control byte but tab, LF, CR, form feed, ESC occurs (sniff's rule for
+text): UTF-8 with its few invalid sequences read as U+FFFD, when it holds at least as many valid
+non-ASCII characters (or has a BOM); else the one fallback, cp1252 (legacy Windows text), taken
+only if every byte is defined in cp1252. Anything else is refused, not turned into mojibake,
+and so is text with a NUL character (binary data after a text-like head). CRLF becomes LF.
+Markdown, CSV, JSON, XML and HTML stay as they are (markup included: the words are all there,
+and no offset is shifted by a lossy tag stripper).
 
 PDFs are read page by page with pypdf (strict=False). On a broken or hostile file pypdf raises
 nearly anything (ValueError, KeyError, a bare RecursionError...), so each pypdf call is guarded and
@@ -49,6 +51,7 @@ class Extracted:
     text: str  # the whole text; PDF pages joined with "\n\n"
     pages: tuple[tuple[int, int], ...]  # (start, end) of each page's text in `text`; one span for text files
     encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "utf-32", "cp1252"; None for PDFs
+    replaced: int = 0  # invalid UTF-8 sequences in mostly-UTF-8 text, read as U+FFFD
 
     def __post_init__(self) -> None:
         # Every extracted text is made here: keep it storable (frozen: object.__setattr__).
@@ -67,9 +70,9 @@ def extract_text(data: bytes, mime_type: str) -> Extracted:
     mime = _base_type(mime_type)
     if not (mime.startswith("text/") or mime in TEXT_TYPES):
         raise ExtractError(f"type {mime or '(none)'} cannot be extracted")
-    text, encoding = _decode(bytes(data))
+    text, encoding, replaced = _decode(bytes(data))
     text = text.replace("\r\n", "\n")
-    return Extracted(text, ((0, len(text)),), encoding)
+    return Extracted(text, ((0, len(text)),), encoding, replaced)
 
 
 def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extracted:
@@ -122,36 +125,53 @@ def _read(source: Source) -> bytes:
         return handle.read()
 
 
-def _decode(data: bytes) -> tuple[str, str]:
-    """(text, encoding name) by BOM, then UTF-8, then the cp1252 fallback; else ExtractError.
-    Decoded text with a NUL in it is binary data after a text-like head: not text either."""
-    text, encoding = _decode_any(data)
+def _decode(data: bytes) -> tuple[str, str, int]:
+    """(text, encoding name, invalid UTF-8 sequences replaced) by BOM, then UTF-8, then the
+    cp1252 fallback; else ExtractError. Decoded text with a NUL in it is binary data after a
+    text-like head: not text either."""
+    text, encoding, replaced = _decode_any(data)
     nul = text.find("\0")
     if nul != -1:
         raise ExtractError(f"not text: a NUL character at offset {nul} ({encoding})")
-    return text, encoding
+    return text, encoding, replaced
 
 
-def _decode_any(data: bytes) -> tuple[str, str]:
+def _decode_any(data: bytes) -> tuple[str, str, int]:
     # UTF-32 first: its little-endian BOM starts with UTF-16's.
     for boms, encoding in (((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE), "utf-32"),
                            ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "utf-16")):
         if data.startswith(boms):
             try:
-                return data.decode(encoding), encoding
+                return data.decode(encoding), encoding, 0
             except UnicodeDecodeError as exc:
                 raise ExtractError(f"not text: invalid {encoding.upper()} at byte {exc.start}") from None
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    utf8 = "utf-8-sig" if bom else "utf-8"
     try:
-        return data[bom:].decode("utf-8"), "utf-8-sig" if bom else "utf-8"
+        return data[bom:].decode("utf-8"), utf8, 0
     except UnicodeDecodeError as exc:
         bad = bom + exc.start
-    if not bom and len(data.translate(None, BINARY_CONTROLS)) == len(data):
+    if len(data.translate(None, BINARY_CONTROLS)) == len(data):  # text, by sniff's rule
+        damaged = _damaged_utf8(data[bom:], bom > 0)
+        if damaged is not None:
+            return damaged[0], utf8, damaged[1]
         try:
-            return data.decode("cp1252"), "cp1252"
+            return data.decode("cp1252"), "cp1252", 0
         except UnicodeDecodeError:
             pass
     raise ExtractError(f"not text: invalid UTF-8 at byte {bad}" + ("" if bom else " and not cp1252 text"))
+
+
+def _damaged_utf8(data: bytes, bom: bool) -> tuple[str, int] | None:
+    """UTF-8 text with a few invalid bytes (damaged, or two files joined): its text with each
+    invalid sequence read as U+FFFD, and how many; None if it does not look like UTF-8. A BOM
+    says it is; else it must hold at least as many valid non-ASCII characters as invalid
+    sequences: legacy 8-bit text has its accents as lone bytes, none of them valid UTF-8, and
+    read as cp1252 it keeps them, where this text would turn every valid one into mojibake."""
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+    valid = len(text) - len(text.encode("ascii", "ignore")) - replaced
+    return (text, replaced) if bom or valid >= max(1, replaced) else None
 
 
 def _open_pdf(data: bytes) -> Any:

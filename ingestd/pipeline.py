@@ -499,7 +499,9 @@ def _document(job: Job, extracted: Extracted, mime: str, sha: str,
 
 
 def _indexed_message(extracted: Extracted) -> str:
-    return f"{len(extracted.text)} characters from {len(extracted.pages)} page(s)"
+    replaced = (f"; {extracted.replaced} invalid UTF-8 sequence(s) read as U+FFFD"
+                if extracted.replaced else "")
+    return f"{len(extracted.text)} characters from {len(extracted.pages)} page(s){replaced}"
 
 
 def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) -> Job:

@@ -36,6 +36,29 @@ def test_encodings(data: bytes, encoding: str) -> None:
     assert got == Extracted(TEXT, ((0, len(TEXT)),), encoding)
 
 
+@pytest.mark.parametrize(("data", "encoding", "text", "replaced"), [
+    (TEXT.encode() + b" \xff\xfe joined " + TEXT.encode(), "utf-8",
+     f"{TEXT} \ufffd\ufffd joined {TEXT}", 2),
+    (b"\xef\xbb\xbfjust ASCII, then \x81", "utf-8-sig", "just ASCII, then \ufffd", 1),
+], ids=["mostly-utf-8", "bom"])
+def test_damaged_utf8_keeps_its_valid_characters(data: bytes, encoding: str, text: str,
+                                                 replaced: int) -> None:
+    """UTF-8 with a few invalid bytes (two files joined, a damaged copy) keeps every valid
+    character, each invalid sequence read as U+FFFD and counted: read as cp1252, as it was,
+    "café" became "cafÃ©" and no search found it. A BOM says it is UTF-8 whatever else."""
+    got = extract_text(data, "text/plain")
+    assert (got.text, got.encoding, got.replaced) == (text, encoding, replaced)
+
+
+def test_legacy_text_with_lone_accent_bytes_stays_cp1252() -> None:
+    """Text whose every non-ASCII byte is a lone cp1252 accent has no valid UTF-8 character:
+    cp1252, as before, even with one pair of bytes that happens to be valid UTF-8."""
+    data = "Ã© is rare, but here: Grüße, naïve café, déjà vu, über".encode("cp1252")
+    got = extract_text(data, "text/plain")
+    assert (got.encoding, got.replaced) == ("cp1252", 0)
+    assert got.text == data.decode("cp1252")
+
+
 def test_corpus_utf16_and_cp1252_files(tmp_path: Path) -> None:
     """The corpus's UTF-16 and cp1252 files come back as their text through extract() by path."""
     assert extract(corpus.make_utf16(tmp_path / "u.txt", TEXT), "text/plain").encoding == "utf-16"

@@ -65,6 +65,20 @@ def test_a_vanished_file_is_retried_and_completes_when_it_is_back(cfg, store, dr
     assert Document.get_by_id(done.canonical_document_id).text == "now you see me"
 
 
+def test_damaged_utf8_text_is_indexed_with_its_words_and_the_job_says_so(cfg, store, drop,
+                                                                        extractors):
+    """Two UTF-8 files joined by a stray byte pair: the job completes with its words intact
+    (findable) and its message counts the sequences read as U+FFFD."""
+    path = drop / "joined.txt"
+    path.write_bytes("déjà vu in the café".encode() + b"\xff\xfe" + " naïve".encode())
+    queue_file(cfg, path)
+    done = run_next(cfg, extractors)
+    assert done.status == "completed"
+    assert done.message.endswith("; 2 invalid UTF-8 sequence(s) read as U+FFFD")
+    assert Document.get_by_id(done.canonical_document_id).text == \
+        "déjà vu in the café\ufffd\ufffd naïve"
+
+
 @pytest.mark.parametrize("prefix", [b"\n", b"\xef\xbb\xbf", b"Content-Type: application/pdf\r\n\r\n"],
                          ids=["newline", "bom", "header line"])
 def test_a_pdf_with_bytes_before_its_header_is_extracted_as_a_pdf(cfg, store, drop, extractors,
