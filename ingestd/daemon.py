@@ -79,6 +79,7 @@ class Daemon:
         self.checkpointer: WalCheckpointer | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._store_identity: tuple[int, int] | None = None  # the SQLite file opened at start
+        self._status_line = "starting"  # systemd's STATUS=, refreshed off the main thread
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -179,7 +180,10 @@ class Daemon:
         self.scheduler.add_job(self._start_scan, id="rescan-start")
         self._wait_for_workers()
         jobs.emit(jobs.DAEMON_STARTED, self._facts())
-        self.notifier.ready(self.status_line())
+        self._refresh_status()
+        self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_SECONDS,
+                               id="status-line")
+        self.notifier.ready(self._status_line)
         log.info("daemon_started", **self._facts())
 
     def _wait_for_workers(self) -> None:
@@ -209,7 +213,7 @@ class Daemon:
                 return 1
             if watchdog:
                 self.notifier.watchdog()
-            self.notifier.status(self.status_line())
+            self.notifier.status(self._status_line)
 
     def _store_replaced(self) -> bool:
         """Whether the SQLite file this daemon writes is no longer the one at its path (deleted
@@ -287,12 +291,12 @@ class Daemon:
             watcher = self._watch(new)
         except IngestdError as exc:
             log.error("reload_refused", reason=str(exc).replace("\n", "; "))
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(self._status_line)
             return
         except Exception as exc:  # a bug in loading or checking: still no reason to stop
             log.error("reload_refused", reason=f"{type(exc).__name__}: {exc}".replace("\n", "; "),
                       exc_info=True)
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(self._status_line)
             return
         new, kept = config_mod.keep_restart_only(self.config, new)
         if kept:
@@ -308,9 +312,10 @@ class Daemon:
         # Each reload scans with its own projects: a scan still running may have begun on the
         # projects of the config before (two SIGHUPs in quick succession).
         self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["reload"])
-        jobs.emit(jobs.DAEMON_RELOADED, self._facts())
+        self.scheduler.add_job(db.guarded("reloaded_event", jobs.emit),
+                               args=[jobs.DAEMON_RELOADED, self._facts()])
         log.info("daemon_reloaded", projects=sorted(new.projects))
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self._status_line)
 
     def _watch(self, config: Config) -> Watcher:
         """A started watcher on every folder of ``config``; ConfigError, with nothing of it left
@@ -484,6 +489,12 @@ class Daemon:
     def _last_death(self) -> dict[str, object] | None:
         death = self.pool.last_death
         return None if death is None else {**death, "at": jobs.rfc3339(death["at"])}
+
+    def _refresh_status(self) -> None:
+        """Compute systemd's STATUS= line, on a scheduler thread once started: a database that
+        keeps its queries waiting (a table locked on PostgreSQL) must not keep the main loop
+        from its signals; SIGTERM then went unheard for as long as the lock lasted."""
+        self._status_line = self.status_line()
 
     def status_line(self) -> str:
         """systemd's STATUS=; the database being away shows as such, it never stops the daemon."""

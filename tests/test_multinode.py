@@ -247,3 +247,26 @@ def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_bef
         release.touch()
         node.stop()
         db.close_store()
+
+
+def test_sigterm_is_heard_while_a_lock_keeps_the_database_waiting(cluster, pg_url):
+    """A session holds the job and event tables locked (a long migration, an operator's LOCK
+    TABLE). A reload then, and the SIGTERM that follows, must not wait for it: the main loop
+    touches no table (the reload's event is written on a scheduler thread), so the stop
+    begins at once, and ends as soon as the lock is gone; the reload's event is written then."""
+    import signal
+
+    import psycopg
+
+    start, _ = cluster
+    node = start("a")
+    with psycopg.connect(pg_url, connect_timeout=10) as locker:
+        locker.execute("LOCK TABLE ingest_jobs, ingest_events IN ACCESS EXCLUSIVE MODE")
+        node.signal(signal.SIGHUP)
+        node.notify.wait_for(lambda m: "RELOADING=1" in m)
+        node.signal(signal.SIGTERM)
+        wait_for(lambda: "daemon_stopping" in node.log(), timeout=10,
+                 message="the stop begun while the tables are locked")
+        locker.rollback()
+    assert node.process.wait(timeout=30) == 0
+    assert Event.select().where(Event.type == "io.ingestd.daemon.reloaded").count() == 1
