@@ -100,13 +100,15 @@ def _say_jobs(verb: str | None, ended: Sequence[Any], as_json: bool) -> None:
 
 # --- context -----------------------------------------------------------------------------------
 
-def _config(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(getattr(args, "config", None))
+def _config(args: argparse.Namespace, folders_must_exist: bool = True) -> config_mod.Config:
+    return config_mod.load(getattr(args, "config", None), folders_must_exist=folders_must_exist)
 
 
-def _open(args: argparse.Namespace) -> config_mod.Config:
-    """The config, with its database open (never migrated here: see migrations.check_current)."""
-    cfg = _config(args)
+def _open(args: argparse.Namespace, folders_must_exist: bool = False) -> config_mod.Config:
+    """The config, with its database open (never migrated here: see migrations.check_current).
+    Commands that only work on the database do not need the project folders: one that is gone
+    (a watched folder the daemon reports lost) must not stop them for every project."""
+    cfg = _config(args, folders_must_exist)
     db.open_store(cfg.daemon.database, migrate=False)
     return cfg
 
@@ -157,7 +159,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_submit(args: argparse.Namespace) -> int:
-    cfg = _open(args)
+    cfg = _open(args, folders_must_exist=True)
     project = cfg.project(args.project)
     folder, version = intake.inspect(project, os.fsencode(args.path))
     intake.check_type(project, version)
@@ -240,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from ingestd import add
 
-    cfg = _open(args)
+    cfg = _open(args, folders_must_exist=True)
     project = cfg.project(args.project)
     if args.files.count("-") > 1:
         raise UsageError("'-' (standard input) can be given once")
@@ -515,13 +517,22 @@ def _fail(exc: IngestdError, every_problem: bool = False) -> int:
     return exc.exit_code
 
 
+def _discard_stdout() -> None:
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(errors="backslashreplace")
+        if stream is not None:  # None: started with it closed (print() then writes nothing)
+            stream.reconfigure(errors="backslashreplace")
     args = None
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        code = args.handler(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where its failure is one line, not at exit
+        return code
     except (pw.PeeweeException, sqlite3.Error) as exc:
         return _fail(db.as_store_error(exc))
     except IngestdError as exc:
@@ -530,7 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # `ingestd ... | head`: stop quietly, and keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return EXIT_FAILURE
+    except OSError as exc:  # a folder we may not write to, our output on a full disk...
+        _discard_stdout()  # what could not be written would fail again at exit
+        where = f": {printable(os.fsdecode(exc.filename))}" if exc.filename else ""
+        return _fail(IngestdError(f"{exc.strerror or exc}{where}"))
     finally:
         db.close_store()

@@ -72,6 +72,37 @@ def test_a_project_removed_from_the_file_keeps_its_jobs_within_reach(config_file
     assert unknown.returncode == 3 and "unknown project 'never'" in unknown.stderr
 
 
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(config_file, drop):
+    """stdout on a full disk: one line naming why, exit 1, no traceback (writing it failed in
+    the table printer, or at exit); stdout closed: the command runs, printing nothing."""
+    (drop / "a.txt").write_text("alpha")
+    submitted_id(config_file, drop / "a.txt")
+    command = [sys.executable, "-m", "ingestd", "-c", str(config_file), "jobs", "list", "-p",
+               "acme"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["ingestd: No space left on device"]
+    closed = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], capture_output=True,
+                            text=True, timeout=60)
+    assert (closed.returncode, closed.stderr) == (0, "")
+
+
+def test_read_commands_work_while_a_project_folder_is_gone(config_file, drop, tmp_path):
+    """A project's folder gone (the daemon reports it lost and watches it again once back):
+    commands that only read or change the database still work, for every project."""
+    (drop / "a.txt").write_text("alpha")
+    job_id = submitted_id(config_file, drop / "a.txt")
+    (tmp_path / "drop" / "other").rmdir()
+    for command in (["jobs", "list", "-p", "acme"], ["jobs", "show", "-p", "acme", str(job_id)],
+                    ["stats", "-p", "acme"], ["events"], ["search", "-p", "acme", "alpha"]):
+        result = run_cli(*command, config=config_file)
+        assert result.returncode == 0, (command, result.stderr)
+    refused = run_cli("jobs", "submit", "-p", "acme", str(drop / "a.txt"), config=config_file)
+    assert refused.returncode == 1 and "no such folder" in refused.stderr
+
+
 def test_list_json_pages_with_a_cursor(config_file, drop):
     """--json gives one document with next_cursor; following it reaches every job."""
     for i in range(5):
