@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 
-from ingestd.sniff import BINARY_CONTROLS
+from ingestd.sniff import BINARY_CONTROLS, PDF
 
-PDF = "application/pdf"
 TEXT_TYPES = ("application/json", "application/xml")  # besides every text/* type
 _MAX_REASON = 200
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -221,7 +221,7 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
             raise found.error
         ctx.check()
         if found.known is not None:
-            final = _complete_duplicate(job, ctx, sha, found.mime)
+            final = _complete_duplicate(job, ctx, sha, mime)
         else:
             final = _index(job, ctx, found.extracted, found.mime, sha)
     except Abandoned:

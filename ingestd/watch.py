@@ -230,24 +230,23 @@ class Watcher:
             except queue.Empty:
                 return
             if path in self._watches:
-                folder, watch = self._watches.pop(path)
-                self._ended.append((folder, watch))
-                self._lost[path] = (folder, "deleted")
-                log.warning("watch_lost", folder=path, reason="the folder was deleted",
-                            then="watched again once it exists")
+                self._lose(path, "deleted")
 
     def _take_moved(self) -> None:
         """Roots moved away, or replaced by another folder of that name, are lost too. Watchdog
         ignores a watched folder's own move (inotify's IN_MOVE_SELF): its watch follows the
         folder to its new name, and a folder made anew under the old one went unwatched."""
-        for path, (folder, watch) in list(self._watches.items()):
-            if file_identity(path) == self._identities.get(path):
-                continue
-            del self._watches[path]
-            self._ended.append((folder, watch))
-            self._lost[path] = (folder, "moved away or replaced")
-            log.warning("watch_lost", folder=path, reason="the folder was moved away or replaced",
-                        then="watched again once it exists")
+        for path in list(self._watches):
+            if file_identity(path) != self._identities.get(path):
+                self._lose(path, "moved away or replaced")
+
+    def _lose(self, path: str, why: str) -> None:
+        """``path``'s watch has ended: reported, and watched again by :meth:`rewatch`."""
+        folder, watch = self._watches.pop(path)
+        self._ended.append((folder, watch))
+        self._lost[path] = (folder, why)
+        log.warning("watch_lost", folder=path, reason=f"the folder was {why}",
+                    then="watched again once it exists")
 
     def _end_deleted(self) -> None:
         """Unschedule the ended watches: scheduling the same folder again would reuse them."""
