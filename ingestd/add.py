@@ -99,30 +99,31 @@ def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
     raise InputRefused(f"{name}: no free name left in {folder}")
 
 
-def target_name(path: str, count: int, given: str | None) -> str:
-    """The name ``path`` gets in the drop folder: ``--name`` for stdin or a single file."""
+def target_name(path: str, given: str | None) -> str:
+    """The name ``path`` gets in the drop folder: ``given`` (``--name``) or its own."""
     if path == "-":
         name = given or f"stdin-{time.strftime('%Y%m%dT%H%M%S')}"
     else:
-        name = given if count == 1 and given else path
+        name = given or path
     return os.path.basename(name) or "stdin"
 
 
-def add_files(project: ProjectConfig, paths: Iterable[str], stdin_name: str | None) -> list[Job]:
-    """Deliver each path (``-`` = stdin) and create its job; all are checked before any is copied."""
+def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) -> list[Job]:
+    """Deliver each path (``-`` = stdin) and create its job; all are checked before any is copied.
+    ``name`` names the one file given (the command line refuses it with several)."""
     paths = list(paths)
-    names = [target_name(path, len(paths), stdin_name) for path in paths]
-    for path, name in zip(paths, names):
-        check_name(project.folders[0], name)
+    targets = [target_name(path, name) for path in paths]
+    for path, target_as in zip(paths, targets):
+        check_name(project.folders[0], target_as)
         if path != "-":
             check_source(project, path)
     created = []
-    for path, name in zip(paths, names):
+    for path, target_as in zip(paths, targets):
         if path == "-":
-            target = deliver(project, sys.stdin.buffer, name)
+            target = deliver(project, sys.stdin.buffer, target_as)
         else:
             with open(path, "rb") as handle:
-                target = deliver(project, handle, name)
+                target = deliver(project, handle, target_as)
         folder, version = intake.inspect(project, target)
         try:
             intake.check_type(project, version)

@@ -246,10 +246,13 @@ def cmd_add(args: argparse.Namespace) -> int:
     project = cfg.project(args.project)
     if args.files.count("-") > 1:
         raise UsageError("'-' (standard input) can be given once")
+    if args.name is not None and len(args.files) > 1:
+        raise UsageError(f"--name names one file; {len(args.files)} were given")
     created = add.add_files(project, args.files, args.name)
     if not args.wait:
         _say_jobs("queued", created, args.json)
         return EXIT_OK
+    _say_if_no_daemon(cfg)
     show_progress = len(created) > 1 and sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -261,6 +264,20 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     _say_jobs(None, ended, args.json)
     return EXIT_OK if all(job.status == "completed" for job in ended) else EXIT_FAILURE
+
+
+def _say_if_no_daemon(cfg: config_mod.Config) -> None:
+    """Waiting on jobs no daemon here will run looks like a hang: say so (another machine's
+    daemon, or one started later, may still run them)."""
+    from ingestd import control
+
+    try:
+        control.query(cfg.daemon.control_socket)
+    except control.NotRunning as exc:
+        print(f"ingestd add: {exc}; waiting for a daemon to run the jobs (Ctrl-C stops "
+              "waiting, the jobs stay queued)", file=sys.stderr, flush=True)
+    except IngestdError:
+        pass  # it answers, but not with its state: it is there
 
 
 def cmd_status(args: argparse.Namespace) -> int:

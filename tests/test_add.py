@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,40 @@ def test_a_file_whose_stat_says_0_bytes_but_holds_text_is_added(config_file, dro
     result = run_cli("add", "-p", "acme", "/proc/version", config=config_file)
     assert result.returncode == 0, result.stderr
     assert (drop / "version").read_text().startswith("Linux version")
+
+
+def test_name_with_several_files_is_a_usage_error(config_file, drop, tmp_path):
+    """--name can name one file only: with two it would silently be ignored, so it is refused
+    (exit 2, one line) and nothing is copied."""
+    sources = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    for source in sources:
+        source.write_text(f"the text of {source.name}")
+    result = run_cli("add", "-p", "acme", *map(str, sources), "--name", "x.txt",
+                     config=config_file)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.splitlines() == ["ingestd: --name names one file; 2 were given"]
+    assert list(drop.iterdir()) == []
+
+
+def test_wait_without_a_daemon_says_so_and_ctrl_c_leaves_the_job_queued(config_file, drop,
+                                                                         tmp_path):
+    """`add --wait` with no daemon running would look hung: it says on stderr what it waits
+    for; Ctrl-C stops the waiting (exit 130) and the job stays queued for a later daemon."""
+    source = tmp_path / "wait.txt"
+    source.write_text("nobody runs me yet")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme",
+         str(source), "--wait"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        said: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [said.put(line) for line in waiting.stderr],
+                         daemon=True).start()
+        line = said.get(timeout=30)
+        assert "is not running" in line and "waiting for a daemon to run the jobs" in line, line
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=30) == 130
+    finally:
+        waiting.kill()
+        waiting.communicate()
+    listed = run_cli("jobs", "list", "-p", "acme", "--json", config=config_file)
+    assert [job["status"] for job in json.loads(listed.stdout)["jobs"]] == ["queued"]
