@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pathlib
+import signal
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 
 from ingestd import __version__
 
-from conftest import run_cli
+from conftest import run_cli, wait_for
 
 
 def submit(config, path, project="acme"):
@@ -30,6 +32,24 @@ def test_version_and_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "ingestd", "--version"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"ingestd {__version__}"
+
+
+def test_ctrl_c_while_the_command_loads_is_quiet(config_file):
+    """Ctrl-C while the command's modules still load (peewee and psycopg take a few tenths of
+    a second) ends it with exit 130 and no traceback, as Ctrl-C later does. The signal is sent
+    once _sqlite3 is mapped: the command line's imports have begun and peewee's are ahead."""
+    command = subprocess.Popen([sys.executable, "-m", "ingestd", "-c", str(config_file),
+                                "jobs", "list", "-p", "acme"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = f"/proc/{command.pid}/maps"
+    try:
+        wait_for(lambda: "_sqlite3" in pathlib.Path(maps).read_text(), timeout=30,
+                 interval=0.001)
+        command.send_signal(signal.SIGINT)
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+    assert command.returncode == 130 and "Traceback" not in stderr, stderr
 
 
 def test_submit_list_show_cancel_retry_delete(config_file, drop):
