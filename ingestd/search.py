@@ -65,7 +65,15 @@ def parse(query: str) -> list[list[Term]]:
             raise UsageError("malformed query: OR needs a term on each side")
         raise UsageError("malformed query: it has no word to search for" if query.strip()
                          else "malformed query: it is empty")
-    return groups
+    return _without_repeats(groups)
+
+
+def _without_repeats(groups: list[list[Term]]) -> list[list[Term]]:
+    """The same terms, each once per group, and each group once: a repeat matches nothing more,
+    and FTS5's time grows with the square of a term's repeats (40 times one common word took
+    8.7 s on a 3 MB document)."""
+    unique_groups = dict.fromkeys(tuple(dict.fromkeys(group)) for group in groups)
+    return [list(group) for group in unique_groups]
 
 
 def _fts5(groups: list[list[Term]]) -> str:
