@@ -183,13 +183,7 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
 
     cfg = _open(args)
     sink = open_sink(cfg.project(args.project))
-
-    def cleanup(job: Any) -> None:  # in the delete's transaction: the index forgets it too
-        released = documents.released_by_delete(job)
-        if released is not None:
-            sink.delete(released)
-
-    _say_job("deleted", jobs.delete(args.project, args.job, cleanup), args.json)
+    _say_job("deleted", documents.delete_job(args.project, args.job, sink), args.json)
     return EXIT_OK
 
 

@@ -26,7 +26,7 @@ MAX_LIMIT = 100
 SIGNAL_CHECK_STEPS = 10_000  # SQLite VM steps between chances for Ctrl-C to stop a search
 MARK_START, MARK_END = "[", "]"
 _TOKEN = re.compile(r'"([^"]*)"|(\S+)')
-_WORD = re.compile(r"\w+", re.UNICODE)
+_WORD = re.compile(r"[^\W_]+")  # letters and digits: the indexes split words at "_" too
 
 
 @dataclass(frozen=True)
