@@ -115,6 +115,16 @@ def existing_version_keys(keys: Sequence[str]) -> set[str]:
     return {row[0] for row in rows.fetchall()}
 
 
+def ended_with_version_keys(keys: Sequence[str]) -> list[Job]:
+    """The completed or failed jobs (not deleted) of ``keys``, the versions of files a scan
+    found still in place: with after = "move" or "delete" their originals should be gone."""
+    if not keys:
+        return []
+    return list(Job.select().where(
+        Job.version_key.in_(list(keys)), Job.deleted_at.is_null(),
+        Job.status.in_([JobStatus.COMPLETED.value, JobStatus.FAILED.value])))
+
+
 @dataclass(frozen=True)
 class Page:
     jobs: list[Job]

@@ -1,5 +1,5 @@
 """File names that must fit the file system: ``ingestd add``'s numbered copies in a drop
-folder, the job-id-prefixed originals in processed/ and failed/."""
+folder, the job-id-prefixed originals in processed/ and failed/; ingestd's own names."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 NAME_MAX = 255  # bytes in a file name, on every file system Linux mounts for data
+OWN_PREFIX = ".ingestd-"  # ingestd's own temporary names beside users' files: no project takes them
 
 
 def name_max(folder: Path) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ingestd.config import ProjectConfig
+from ingestd.names import OWN_PREFIX
 
 
 class ProjectMap:
@@ -45,10 +46,13 @@ class ProjectMap:
 
 def is_wanted(project: ProjectConfig, folder: Path, path: str) -> bool:
     """Include/exclude patterns apply to every path component below the folder (so a hidden
-    directory's files are excluded too); the file name must match an include pattern."""
+    directory's files are excluded too); the file name must match an include pattern and not
+    be one of ingestd's own (``add``'s and ``after``'s temporary names)."""
     relative = path[len(str(folder)):].lstrip("/")
     parts = relative.split("/") if relative else []
     if not parts or (not project.recursive and len(parts) > 1):
+        return False
+    if parts[-1].startswith(OWN_PREFIX):  # whatever the project's patterns say
         return False
     excluded = _matcher(project.exclude)
     if any(excluded(part) for part in parts):

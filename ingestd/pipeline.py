@@ -14,16 +14,13 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
-import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import structlog
 
-from ingestd import db, documents, intake, jobs, names, sinks
+from ingestd import db, documents, intake, jobs, originals, sinks
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -160,7 +157,7 @@ def after_end(final: Job, project: ProjectConfig) -> None:
     """What follows a committed end: the original of a completed or failed job is moved or
     deleted as the project says."""
     if final.status in (JobStatus.COMPLETED, JobStatus.FAILED):
-        dispose_original(final, project)
+        originals.dispose(final, project)
 
 
 def execute(job: Job, ctx: Context) -> Job | None:
@@ -302,21 +299,8 @@ def _log_end(bound: structlog.BoundLogger, final: Job) -> None:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def fs_path(job: Job) -> bytes:
-    return job.source_path_raw or os.fsencode(job.source_path)
-
-
 def _signature(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ino
-
-
-def _is_version(job: Job, info: os.stat_result, moved: bool = False) -> bool:
-    """Whether ``info`` is the version the job was made for. A moved copy is matched by size
-    and mtime only: a move across file systems is a copy, with another inode."""
-    if job.file_mtime_ns is None:  # a job made without a signature: the size is all we know
-        return not moved or info.st_size == job.byte_size
-    expected = (job.byte_size, job.file_mtime_ns, job.file_inode)
-    return _signature(info)[:2] == expected[:2] if moved else _signature(info) == expected
 
 
 def read_version(job: Job, project: ProjectConfig, check: Callable[[], None] = lambda: None,
@@ -328,10 +312,10 @@ def read_version(job: Job, project: ProjectConfig, check: Callable[[], None] = l
     is known then) and ``check`` between reads (the job's deadline, a cancel)."""
     reading = (check, check_head)
     try:
-        return _read_at(fs_path(job), job, project, reading, moved=False)
+        return _read_at(originals.fs_path(job), job, project, reading, moved=False)
     except FileNotFoundError:
         pass
-    copy = _quarantined(job, project)
+    copy = originals.quarantined(job, project)
     if copy is not None:
         _check_newest(job)
         try:
@@ -361,7 +345,7 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
         os.close(fd)
         raise Permanent(f"not a regular file ({kind})")
     with os.fdopen(fd, "rb") as handle:
-        if not _is_version(job, before, moved):
+        if not originals.is_version(job, before, moved):
             raise Superseded("the file changed after this job was made")
         if before.st_size > project.max_bytes:
             raise Permanent(f"too large ({before.st_size} bytes; max_bytes is {project.max_bytes})")
@@ -369,19 +353,6 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
         if _signature(os.fstat(fd)) != _signature(before):
             raise Superseded("the file changed while it was being read")
     return data, digest
-
-
-def _quarantined(job: Job, project: ProjectConfig) -> bytes | None:
-    """The job's version in ``<move_to>/failed/``, where :func:`dispose_original` put it when
-    the job failed, if it is there unchanged."""
-    if project.move_to is None:
-        return None
-    path = _moved_path(job, project.move_to, JobStatus.FAILED)
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    return path if stat.S_ISREG(info.st_mode) and _is_version(job, info, moved=True) else None
 
 
 def _check_newest(job: Job) -> None:
@@ -600,51 +571,3 @@ def _after_lost_completion(job: Job, ctx: Context) -> Job:
     if current.status == JobStatus.RUNNING and current.lease_owner == ctx.owner:
         return jobs.finish_cancelled(job.id, ctx.owner)
     raise Conflict(f"job {job.id} is {current.status}")
-
-
-# --- the original ------------------------------------------------------------------------------
-
-def dispose_original(job: Job, project: ProjectConfig) -> None:
-    """Keep, move (processed/ or failed/) or delete the job's version of its file, where it is
-    now: at its source path, or (a retried job) in failed/. Under "delete" a failed job's file
-    is moved to failed/ too: deleted, it would be lost, and its retry would have nothing to read.
-    Nothing goes back to a watched folder."""
-    if project.after == "keep":
-        return
-    try:
-        path = _original(job, project)
-        if path is None:
-            return  # gone, or a newer version is there now: not ours to touch
-        if project.after == "delete" and job.status == JobStatus.COMPLETED:
-            os.unlink(path)
-            return
-        target = _moved_path(job, project.move_to, JobStatus(job.status))
-        if target != path:  # else a retried job failed again: it is in failed/ already
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(path, target)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
-                    after=project.after, reason=exc.strerror)
-
-
-def _original(job: Job, project: ProjectConfig) -> bytes | None:
-    """Where the job's version of its file is: its source path, else its quarantined copy."""
-    path = fs_path(job)
-    try:
-        if _is_version(job, os.lstat(path)):
-            return path
-    except FileNotFoundError:
-        pass
-    return _quarantined(job, project)
-
-
-def _moved_path(job: Job, move_to: Path, status: JobStatus) -> bytes:
-    """``<move_to>/processed/`` or ``failed/``, as ``<job id>-<name>``: the job id makes names
-    unique, the original name stays readable after it."""
-    folder = "processed" if status == JobStatus.COMPLETED else "failed"
-    return (os.fsencode(move_to / folder) + b"/"
-            + os.fsencode(names.fitting(os.fsdecode(os.path.basename(fs_path(job))),
-                                        before=f"{job.id}-")))
-

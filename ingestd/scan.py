@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import structlog
 
-from ingestd import intake, jobs
+from ingestd import intake, jobs, originals
 from ingestd.config import ProjectConfig
 from ingestd.paths import is_excluded_name, is_wanted
 from ingestd.settle import FOUND
@@ -26,8 +26,10 @@ class ScanResult:
     missed: int   # of those, files with no job that the settler was not already handling
 
 
-def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Wanted regular files below ``top`` (no symlinks followed), with their lstat."""
+def walk_files(project: ProjectConfig, top: str, on_taken: Callable[[str], None] = lambda _: None
+               ) -> Iterator[tuple[str, os.stat_result]]:
+    """Wanted regular files below ``top`` (no symlinks followed), with their lstat; files
+    that moving or deleting originals left half-done go to ``on_taken``."""
     for folder in project.folders:
         if top == str(folder) or top.startswith(f"{folder}/"):
             break
@@ -55,8 +57,11 @@ def walk_files(project: ProjectConfig, top: str) -> Iterator[tuple[str, os.stat_
                 if stat.S_ISDIR(info.st_mode):
                     if project.recursive and not is_excluded_name(project, entry.name):
                         stack.append(entry.path)
-                elif stat.S_ISREG(info.st_mode) and is_wanted(project, folder, entry.path):
-                    yield entry.path, info
+                elif stat.S_ISREG(info.st_mode):
+                    if is_wanted(project, folder, entry.path):
+                        yield entry.path, info
+                    elif originals.is_taken(entry.name):
+                        on_taken(entry.path)
 
 
 def _reached_without_links(folder: str, top: str) -> bool:
@@ -78,24 +83,32 @@ def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],
     files = missed = 0
     for project in projects:
         tops = [top] if top else [str(folder) for folder in project.folders]
+        taken: list[str] = []
         for start in tops:
             batch: list[tuple[str, str]] = []
-            for path, info in walk_files(project, start):
+            for path, info in walk_files(project, start, taken.append):
                 files += 1
                 batch.append((path, jobs.version_key(project.name, os.fsencode(path),
                                                      info.st_size, info.st_mtime_ns, info.st_ino)))
                 if len(batch) == LOOKUP_BATCH:
-                    missed += _note_unknown(batch, note, is_pending)
+                    missed += _note_unknown(project, batch, note, is_pending)
                     batch = []
-            missed += _note_unknown(batch, note, is_pending)
+            missed += _note_unknown(project, batch, note, is_pending)
+        for path in taken:
+            originals.recover_taken(path, project)
     return ScanResult(reason, files, missed)
 
 
-def _note_unknown(batch: list[tuple[str, str]], note: Callable[[str, str], None],
-                  is_pending: Callable[[str], bool]) -> int:
+def _note_unknown(project: ProjectConfig, batch: list[tuple[str, str]],
+                  note: Callable[[str, str], None], is_pending: Callable[[str], bool]) -> int:
+    """Note the files of ``batch`` without a job; dispose of those whose job ended and whose
+    original should be gone (a crash or a failed move came between)."""
     if not batch:
         return 0
     known = jobs.existing_version_keys([key for _, key in batch])
+    if known and project.after != "keep":
+        for job in jobs.ended_with_version_keys(list(known)):
+            originals.dispose(job, project)
     missed = 0
     for path, key in batch:
         if key not in known and not intake.skipped_before(key):

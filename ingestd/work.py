@@ -109,6 +109,7 @@ class WorkerPool:
         self._held = threading.Event()
         self._claims = 0  # claims in flight: their jobs run in the database, not yet here
         self._releasing = 0  # releases in flight: their jobs are no longer here, not yet queued
+        self._disposing = 0  # ended jobs whose originals are being moved or deleted
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class WorkerPool:
         (claimed jobs whose turn had not come are re-queued at once)."""
         self._stopping.set()
         self._release(lambda running: not running.control.begun)
-        _wait_while(lambda: self.busy, grace_seconds)
+        _wait_while(lambda: self.busy or self._disposing, grace_seconds)
         self._release(lambda running: True)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A claim that was waiting for the write lock may commit after that release; its jobs
@@ -437,16 +438,26 @@ class WorkerPool:
             log.exception("job_aftermath_error", job_id=job.id, project=job.project_id)
 
     def _ended(self, job: Job, final: Job | None, control: Control) -> None:
-        """After the job's end committed: its original, the metrics, the slot's bookkeeping."""
+        """After the job's end committed: its original, the metrics, the slot's bookkeeping.
+        A stop waits for the original's move (a copy to another file system takes time) as
+        it waits for running jobs."""
         with self._lock:
             self._running.pop(job.id, None)
-        if final is None:
-            return
-        project = self.config.projects.get(job.project_id)
+            self._disposing += 1
+        try:
+            if final is None:
+                return
+            self._dispose(final)
+            if self._on_finished is not None:
+                self._on_finished(final, control)
+        finally:
+            with self._lock:
+                self._disposing -= 1
+
+    def _dispose(self, final: Job) -> None:
+        project = self.config.projects.get(final.project_id)
         if project is not None:
             after_end(final, project)
-        if self._on_finished is not None:
-            self._on_finished(final, control)
 
     def _database_failed(self, lost: list[Job], exc: Exception) -> None:
         """A database error: the jobs' ends (if any) were rolled back; they are still ours and
@@ -525,6 +536,7 @@ class WorkerPool:
         """Re-queue (or fail) jobs whose worker stopped renewing its lease, on any node."""
         for job in jobs.rescue_expired():
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status)
+            self._dispose(job)  # one that ran out of attempts failed: its original goes too
         self.wake()
 
     def rescue_dead_local_owners(self) -> None:
@@ -534,6 +546,7 @@ class WorkerPool:
         for job in jobs.rescue_owned(owners):
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status,
                      reason="its worker's process is gone")
+            self._dispose(job)
 
 
 def _unshown_progress(control: Control) -> bool:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -163,3 +165,22 @@ def leases_allowed() -> Iterator[None]:
     before = signal.signal(signal.SIGIO, signal.SIG_IGN)
     yield
     signal.signal(signal.SIGIO, before)
+
+
+@pytest.fixture
+def another_file_system(tmp_path) -> Iterator[Path]:
+    """A folder on another file system than tmp_path's (/dev/shm), where a move is a copy."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ingestd-test-"))
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.fixture(params=["same file system", "another file system"])
+def move_to(request, tmp_path) -> Path:
+    """A move_to folder on the drop folder's file system, or on another one, where a move is a
+    copy and the quarantined copy has another inode."""
+    if request.param == "same file system":
+        return tmp_path / "moved"
+    return request.getfixturevalue("another_file_system")

@@ -630,6 +630,39 @@ class TestJobControl:
         assert (moved / "processed" / f"{good_job.id}-good.txt").read_text() == "fine"
         assert (moved / "failed" / f"{bad_job.id}-bad.pdf").exists()
 
+    def test_a_stop_lets_a_move_to_another_file_system_finish(self, make_daemon, folders,
+                                                               another_file_system):
+        """SIGTERM as a large file's job ends: its copy to another file system is part of the
+        job's end, and the grace period covers it. The copy is whole and the original gone."""
+        move_to = another_file_system
+        daemon = make_daemon(acme_extra=f'after = "move"\nmove_to = "{move_to}"\n'
+                                         'max_bytes = 1000')
+        path = folders["acme"] / "large.txt"
+        with open(path, "wb") as large:  # too large: failed at once, then moved to failed/
+            large.truncate(256 << 20)
+        wait_ended(path)
+        assert daemon.stop() == 0
+        [moved] = (move_to / "failed").iterdir()
+        assert moved.name.endswith("-large.txt") and moved.stat().st_size == 256 << 20
+        assert not path.exists()
+
+    def test_a_job_failed_by_its_lease_rescue_has_its_original_moved(self, make_daemon, folders,
+                                                                    tmp_path):
+        """max_attempts = 1 and the process running the job killed: the rescue that fails the
+        job moves its original to failed/ as a worker's end would."""
+        sink, release = blocking_sink(tmp_path)
+        daemon = make_daemon(acme_extra=f'after = "move"\nmax_attempts = 1\n{sink}')
+        path = drop(folders["acme"], "held.txt", "held by the sink")
+        running = wait_job(path, "running")
+        os.kill(int(running.lease_owner.split("/")[1]), signal.SIGKILL)
+        failed = wait_ended(path)
+        release.touch()  # the orphaned sink command exits
+        assert failed.status == "failed" and "gave up after 1 attempts" in failed.error_message
+        moved = tmp_path / "state" / "projects" / "acme" / "failed" / f"{failed.id}-held.txt"
+        wait_for(moved.exists, message="the original moved to failed/")
+        assert moved.read_text() == "held by the sink" and not path.exists()
+        assert daemon.stop() == 0
+
 
 class TestAdd:
     def test_add_with_wait_reports_each_job(self, daemon, folders, tmp_path):

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -214,20 +213,6 @@ def failed_in_an_outage(cfg, tmp_path: Path, drop: Path, extractors, after: str,
     job = queue_file(cfg, path, max_attempts=max_attempts)
     assert run_until_ended(cfg, extractors, project, job.id).status == "failed"
     return project, path, job
-
-
-@pytest.fixture(params=["same file system", "another file system"])
-def move_to(request, tmp_path):
-    """A move_to folder on the drop folder's file system, or on another one (/dev/shm), where
-    a move is a copy and the quarantined copy has another inode."""
-    if request.param == "same file system":
-        yield tmp_path / "moved"
-        return
-    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("no second file system at /dev/shm")
-    moved = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ingestd-test-"))
-    yield moved
-    shutil.rmtree(moved)
 
 
 def test_a_retry_after_a_sink_outage_reads_the_quarantined_original(cfg, store, drop, tmp_path,

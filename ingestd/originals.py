@@ -1,0 +1,333 @@
+"""A job's original after its end, as its project's ``after`` says: kept; moved to
+``<move_to>/processed/`` (completed) or ``failed/``; or deleted (completed; a failed file goes
+to failed/, where its retry reads it, and so does a file completed without its sink).
+
+Only the version the job was made for is ever touched, and no file is ever written over:
+
+- the file is taken from its name with one rename, to a name of ingestd's own beside it
+  (``.ingestd-<job id>-<token>.taking``, which no project takes), and checked there: a newer
+  version dropped under the name meanwhile is put back, never moved or deleted;
+- a moved file gets a name no other file has: ``<job id>-<name>``, else ``<job id>-<name (1)>``
+  and on (job ids start again with a new database, and installations may share move_to);
+- across file systems it is copied under a temporary name, synced, then named;
+- what a crash or a stop cut short (a taken file, a half copy, a job ended with its original
+  still in place) is finished by the next scan (:func:`recover_taken`, :func:`dispose`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from ingestd import names
+from ingestd.config import ProjectConfig
+from ingestd.models import Job, JobStatus
+
+log = structlog.get_logger(__name__)
+
+TAKEN = re.compile(rf"{re.escape(names.OWN_PREFIX)}(\d+)-[0-9a-f]{{12}}-(.*)\.taking\Z", re.DOTALL)
+UNLOCKABLE_AGE_SECONDS = 3600  # a taken file that cannot be locked (NFS) is left this long
+COPY_CHUNK = 1 << 20
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+# --- the job's version ---------------------------------------------------------------------------
+
+def fs_path(job: Job) -> bytes:
+    return job.source_path_raw or os.fsencode(job.source_path)
+
+
+def is_version(job: Job, info: os.stat_result, moved: bool = False) -> bool:
+    """Whether ``info`` is the version the job was made for. A moved copy is matched by size
+    and mtime only: a move across file systems is a copy, with another inode."""
+    if job.file_mtime_ns is None:  # a job made without a signature: the size is all we know
+        return not moved or info.st_size == job.byte_size
+    if moved:
+        return (info.st_size, info.st_mtime_ns) == (job.byte_size, job.file_mtime_ns)
+    return (info.st_size, info.st_mtime_ns, info.st_ino) == (
+        job.byte_size, job.file_mtime_ns, job.file_inode)
+
+
+def quarantined(job: Job, project: ProjectConfig) -> bytes | None:
+    """The job's version in ``<move_to>/failed/``, where :func:`dispose` put it when the job
+    failed, if it is there unchanged."""
+    if project.move_to is None:
+        return None
+    return _placed(job, _folder(project, "failed"))
+
+
+# --- disposing ---------------------------------------------------------------------------------
+
+def dispose(job: Job, project: ProjectConfig) -> None:
+    """Keep, move or delete the ended job's version of its file, where it is now: at its source
+    path, or (a retried job) in failed/. A failure is logged: the next scan tries again."""
+    if project.after == "keep" or job.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
+        return
+    try:
+        _dispose(job, project)
+    except OSError as exc:
+        log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
+                    after=project.after, reason=exc.strerror or str(exc))
+
+
+def _dispose(job: Job, project: ProjectConfig) -> None:
+    where = "processed" if _stored(job) else "failed"
+    taken = _take(job)
+    if taken is not None:
+        with _claimed(taken) as state:
+            if state is None:
+                return  # the scan's recovery has it
+            try:
+                _put(taken, job, project, where)
+            except OSError:  # back under its name until the next scan tries again
+                _put_back(taken, fs_path(job))
+                raise
+        return
+    copy = quarantined(job, project)
+    if copy is not None and where == "processed":  # a retry completed it from failed/
+        _put(copy, job, project, where)
+
+
+def _stored(job: Job) -> bool:
+    """Completed with its text in the sink. A job completed without (sink_errors = "warn")
+    has no content_sha256: its file is all there is, so it goes where failed files go."""
+    return job.status == JobStatus.COMPLETED and job.content_sha256 is not None
+
+
+def _put(path: bytes, job: Job, project: ProjectConfig, where: str) -> None:
+    if project.after == "delete" and where == "processed":
+        os.unlink(path)
+    else:
+        _place(path, job, _folder(project, where))
+
+
+def _folder(project: ProjectConfig, where: str) -> bytes:
+    return os.fsencode(project.move_to / where)
+
+
+def _take(job: Job) -> bytes | None:
+    """Take the file at the job's path to a name of our own, if it is the job's version; its
+    new path, or None (gone, or another version: that one is put back)."""
+    source = fs_path(job)
+    try:
+        if not is_version(job, os.lstat(source)):
+            return None  # gone, or another version there: nothing to take
+    except FileNotFoundError:
+        return None
+    directory, name = os.path.split(source)
+    taken = os.path.join(directory, _own_name(job.id, name, "taking"))
+    try:
+        os.rename(source, taken)  # whatever the name holds by now: checked again below
+    except FileNotFoundError:
+        return None
+    if is_version(job, os.lstat(taken)):
+        return taken
+    _put_back(taken, source)
+    return None
+
+
+def _own_name(job_id: int, name: bytes, kind: str) -> bytes:
+    fixed = f"{names.OWN_PREFIX}{job_id}-{uuid.uuid4().hex[:12]}-"
+    return os.fsencode(names.fitting(os.fsdecode(name) + f".{kind}", before=fixed))
+
+
+def _put_back(taken: bytes, source: bytes) -> None:
+    """A file taken by mistake goes back to its name, or beside it if the name was taken
+    again meanwhile (never over the newer file)."""
+    directory, name = os.path.split(source)
+    for target in _names(directory, os.fsdecode(name), ""):
+        if _give_name(taken, target):
+            if target != source:
+                log.warning("original_put_back_beside", path=os.fsdecode(source),
+                            as_path=os.fsdecode(target))
+            return
+
+
+def _names(directory: bytes, name: str, before: str) -> Iterator[bytes]:
+    """``before + name``, then ``before + name (1)``, ``(2)``..., each fitted to the limit."""
+    limit = names.name_max(Path(os.fsdecode(directory)))
+    yield os.path.join(directory, os.fsencode(names.fitting(name, before=before, limit=limit)))
+    for number in range(1, 100_000):
+        yield os.path.join(directory, os.fsencode(
+            names.fitting(name, before=before, after_stem=f" ({number})", limit=limit)))
+
+
+def _give_name(path: bytes, target: bytes) -> bool:
+    """Rename ``path`` to ``target`` unless ``target`` exists (False then). OSError EXDEV
+    across file systems."""
+    try:
+        os.link(path, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):  # no hard links here (vfat, some FUSE): check, then rename
+            return False
+        os.rename(path, target)
+        return True
+    os.unlink(path)
+    return True
+
+
+def _placed_name_candidates(job: Job, folder: bytes) -> Iterator[bytes]:
+    name = os.fsdecode(os.path.basename(fs_path(job)))
+    return _names(folder, name, f"{job.id}-")
+
+
+def _placed(job: Job, folder: bytes) -> bytes | None:
+    """This job's version under one of its names in ``folder``, if it is there."""
+    for candidate in _placed_name_candidates(job, folder):
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return None  # names are given in order: none further on
+        if stat.S_ISREG(info.st_mode) and is_version(job, info, moved=True):
+            return candidate
+    return None
+
+
+def _place(path: bytes, job: Job, folder: bytes) -> None:
+    """Move ``path`` into ``folder`` under a name no other file has."""
+    if os.path.dirname(path) == folder:
+        return  # in failed/ already (a retry that failed again)
+    os.makedirs(folder, exist_ok=True)
+    for target in _placed_name_candidates(job, folder):
+        try:
+            if _give_name(path, target):
+                return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(path, job, folder)
+            return
+
+
+def _copy_across(path: bytes, job: Job, folder: bytes) -> None:
+    """Another file system: a synced copy under a temporary name, then named; then the
+    original goes. A crash leaves the original (taken) and at most a partial copy."""
+    partial = os.path.join(folder, _own_name(job.id, os.path.basename(path), "copying"))
+    try:
+        with open(path, "rb") as source, open(partial, "xb") as copy:
+            shutil.copyfileobj(source, copy, COPY_CHUNK)
+            copy.flush()
+            os.fsync(copy.fileno())
+        shutil.copystat(path, partial)
+        for target in _placed_name_candidates(job, folder):
+            if _give_name(partial, target):
+                break
+        _sync_folder(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    os.unlink(path)
+
+
+def _sync_folder(folder: bytes) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- what a crash left ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _claimed(taken: bytes) -> Iterator[str | None]:
+    """An exclusive lock on a taken file while it is moved, so that the scan's recovery leaves
+    it alone meanwhile: "locked", "unlockable" (a file system without locks), or None if not
+    ours (someone holds it, or it was dealt with already)."""
+    try:
+        fd = os.open(taken, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            state = "locked"
+        except BlockingIOError:
+            state = None
+        except OSError:
+            state = "unlockable"
+        try:
+            if state and not os.path.samestat(os.fstat(fd), os.lstat(taken)):
+                state = None  # renamed away and another file given its name: not this one
+        except FileNotFoundError:
+            state = None
+        yield state
+    finally:
+        os.close(fd)
+
+
+def is_taken(name: str) -> bool:
+    """A file :func:`dispose` took and a crash or stop left behind."""
+    return name.startswith(names.OWN_PREFIX) and name.endswith(".taking")
+
+
+def recover_taken(path: str, project: ProjectConfig) -> None:
+    """Finish what :func:`dispose` began on ``path`` (a taken file), or put it back where it
+    was taken from if its job did not end (retried since, deleted, another database)."""
+    found = TAKEN.match(os.path.basename(path))
+    if found is None:
+        return
+    raw = os.fsencode(path)
+    try:
+        with _claimed(raw) as state:
+            if state == "locked" or (state == "unlockable" and _old(raw)):
+                _recover(raw, int(found.group(1)), found.group(2), project)
+    except OSError as exc:
+        log.warning("original_not_recovered", path=path, reason=exc.strerror or str(exc))
+
+
+def _old(taken: bytes) -> bool:
+    """Taken (renamed: its ctime) longer ago than any dispose in progress could have been."""
+    return time.time() - os.lstat(taken).st_ctime > UNLOCKABLE_AGE_SECONDS
+
+
+def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> None:
+    job = Job.get_or_none(Job.id == job_id)
+    directory = os.path.dirname(taken)
+    info = os.lstat(taken)
+    ours = (job is not None and job.project_id == project.name
+            and os.path.dirname(fs_path(job)) == directory and is_version(job, info))
+    if (ours and job.status in (JobStatus.COMPLETED, JobStatus.FAILED) and job.deleted_at is None
+            and project.after != "keep"):
+        where = "processed" if _stored(job) else "failed"
+        folder = _folder(project, where)
+        _remove_partials(folder, job_id)
+        if project.after == "delete" and where == "processed":
+            os.unlink(taken)
+        elif _placed(job, folder) is not None:
+            os.unlink(taken)  # placed before the crash: only the taken name was left
+        else:
+            _place(taken, job, folder)
+        log.info("original_recovered", job_id=job_id, path=job.source_path, to=where)
+        return
+    source = fs_path(job) if ours else os.path.join(directory, os.fsencode(name))
+    _put_back(taken, source)
+    log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
+
+
+def _remove_partials(folder: bytes, job_id: int) -> None:
+    prefix = os.fsencode(f"{names.OWN_PREFIX}{job_id}-")
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix) and entry.endswith(b".copying"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
