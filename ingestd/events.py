@@ -63,14 +63,20 @@ def to_line(row: Event | EventRow, installation: str) -> str:
         ',"data":', row.data, "}"))
 
 
-def overflow_line(installation: str, last_sequence: int | None) -> str:
-    """The last line a subscriber gets when it fell too far behind."""
+READ_TOO_SLOWLY = "the subscriber read too slowly; resume with --since"
+STOPPING = "the daemon stopped before the subscriber read the rest; resume with --since"
+
+
+def overflow_line(installation: str, last_sequence: int | None,
+                  reason: str = READ_TOO_SLOWLY) -> str:
+    """The last line a subscriber gets when it fell too far behind (or at a stop, before it
+    read all that was queued for it)."""
     return json.dumps({
         "specversion": "1.0", "id": f"{installation}-overflow-{last_sequence or 0}",
         "source": source_uri(installation, None), "type": OVERFLOW,
         "time": jobs.rfc3339(jobs.now()), "datacontenttype": "application/json",
         "data": {"last_sequence": format_sequence(last_sequence or 0),
-                 "reason": "the subscriber read too slowly; resume with --since"},
+                 "reason": reason},
     }, separators=(",", ":"))
 
 

@@ -2,9 +2,10 @@
 
 No handshake: a client connects and reads (``socat - UNIX-CONNECT:PATH`` works). One thread
 with a selector serves all clients with non-blocking sockets, so hundreds are cheap. Publishing
-only appends to per-client buffers and never waits: a client whose buffer passes its bound gets
-a final ``io.ingestd.stream.overflow`` line naming the last sequence it received, and is
-disconnected.
+only appends to per-client buffers and never waits: a client more than its bound behind when
+new events come gets a final ``io.ingestd.stream.overflow`` line naming the last sequence it
+received, and is disconnected. At a stop, clients get a moment to take what is queued; one that
+does not is cut off on a whole line, after such a notice.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
-from ingestd.events import overflow_line
+from ingestd.events import READ_TOO_SLOWLY, STOPPING, overflow_line
 from ingestd.systemd import listen_fds
 from ingestd.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 OVERFLOW_GRACE_SECONDS = 60.0  # a stuck client has this long to read its overflow line
+DRAIN_SECONDS = 2.0  # at a stop, how long clients have to take what is queued for them
+FINISH_SECONDS = 1.0  # then, to take the rest of the line being sent and the notice
 
 
 class _Client:
@@ -40,22 +44,32 @@ class _Client:
         self.closing_at: float | None = None
 
     def queue(self, lines: list[tuple[int, bytes]], installation: str) -> None:
+        """Add a batch, unless the client is more than ``limit`` bytes behind already: the
+        batch itself may be larger (a backlog after a pause) and a client keeping up takes it."""
         if self.closing_at is not None:
+            return
+        if self.queued_bytes > self.limit:
+            self._overflow(installation)
             return
         self.lines.extend(lines)
         self.queued_bytes += sum(len(data) for _, data in lines)
-        if self.queued_bytes > self.limit:
-            self._overflow(installation)
 
-    def _overflow(self, installation: str) -> None:
+    def _overflow(self, installation: str, grace: float = OVERFLOW_GRACE_SECONDS,
+                  at_stop: bool = False) -> None:
         """Drop what is queued, except a line already half sent, and say so in a last line."""
         kept = [self.lines[0]] if self.head_sent else []
         last = kept[0][0] if kept else self.sent_seq
-        notice = (overflow_line(installation, last) + "\n").encode()
+        reason = STOPPING if at_stop else READ_TOO_SLOWLY
+        notice = (overflow_line(installation, last, reason) + "\n").encode()
         self.lines = deque(kept + [(None, notice)])
         self.queued_bytes = sum(len(data) for _, data in self.lines)
-        self.closing_at = time.monotonic() + OVERFLOW_GRACE_SECONDS
-        log.warning("subscriber_overflow", last_sequence=last)
+        self.closing_at = time.monotonic() + grace
+        log.warning("subscriber_overflow", last_sequence=last, at_stop=at_stop)
+
+    def cut_short(self, installation: str) -> None:
+        """At a stop: after the line being sent, only the notice of what was left unsent."""
+        if self.closing_at is None and len(self.lines) > (1 if self.head_sent else 0):
+            self._overflow(installation, FINISH_SECONDS, at_stop=True)
 
     def flush(self) -> bool:
         """Send what the socket takes now; False when the client should be closed."""
@@ -145,6 +159,15 @@ class EventStream:
                 client.queue(encoded, self.installation)
         self._wake()
 
+    def _wait_while(self, counts: Callable[[_Client], bool], seconds: float) -> None:
+        """Wait until no client that ``counts`` has lines queued, for at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with self._lock:
+                if not any(client.lines and counts(client) for client in self._clients.values()):
+                    return
+            time.sleep(0.01)
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")
@@ -152,6 +175,15 @@ class EventStream:
             pass  # already awake
 
     def stop(self) -> None:
+        """Give clients DRAIN_SECONDS to take what is queued (the stop's own events are the
+        last); then FINISH_SECONDS to take the rest of the line being sent and a notice of
+        what they did not get; then close."""
+        self._wait_while(lambda client: client.closing_at is None, DRAIN_SECONDS)
+        with self._lock:
+            for client in self._clients.values():
+                client.cut_short(self.installation)
+        self._wake()
+        self._wait_while(lambda client: True, FINISH_SECONDS)
         self._stop.set()
         self._wake()
         self._thread.join(timeout=5)

@@ -21,6 +21,7 @@ from ingestd import db, jobs, publish
 from ingestd.events import EventRow, format_sequence, installation_id, source_uri, to_line
 from ingestd.models import Event, Job, database
 from ingestd.publish import Publisher
+from ingestd.stream import EventStream
 
 import corpus
 from conftest import run_cli, wait_for
@@ -141,6 +142,62 @@ def test_a_subscriber_that_never_reads_is_dropped_with_an_overflow_line(start, t
     wait_for(lambda: reader.sequences() and reader.sequences()[-1] >= last_seq(), timeout=30,
              message="the reading subscriber caught up")
     assert reader.lines[-1]["type"] != "io.ingestd.stream.overflow"
+
+
+def numbered_lines(count: int, size: int) -> list[tuple[int, str]]:
+    """``count`` event-like lines of about ``size`` bytes, sequences 1..count."""
+    return [(seq, json.dumps({"type": "io.ingestd.test", "sequence": format_sequence(seq),
+                              "pad": "x" * size})) for seq in range(1, count + 1)]
+
+
+@pytest.fixture
+def stream(tmp_path):
+    """An event socket served on its own, 20 KB of buffer per subscriber."""
+    served = EventStream(tmp_path / "events.sock", 0o600, "test-installation", 20_000)
+    served.start()
+    yield served
+    served.stop()
+
+
+def test_a_batch_larger_than_the_buffer_reaches_a_subscriber_that_keeps_up(stream):
+    """One batch of 100 KB (a backlog published at once) to a subscriber with nothing queued:
+    it is not behind, so it gets every line, not an overflow notice."""
+    subscriber = Subscriber(stream.path)
+    wait_for(lambda: stream.subscribers == 1, message="the subscriber accepted")
+    stream.publish(numbered_lines(100, 1000))
+    wait_for(lambda: len(subscriber.lines) >= 100, message="100 lines received")
+    assert subscriber.sequences() == list(range(1, 101))
+
+
+def test_a_stop_ends_each_subscriber_on_a_whole_line_saying_what_it_missed(stream):
+    """A slow subscriber at a stop gets a moment to read what is queued; then its connection
+    ends on a whole line, and if events were left, with the overflow notice naming the last
+    one it got (from where `ingestd events --since` resumes)."""
+    stream.buffer_bytes = 10_000_000
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    client.connect(str(stream.path))
+    wait_for(lambda: stream.subscribers == 1, message="the subscriber accepted")
+    received = bytearray()
+
+    def read_slowly() -> None:  # under 1 MB/s: 5 MB take longer than a stop waits
+        while chunk := client.recv(1024):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    stream.publish(numbered_lines(5000, 1000))
+    stream.stop()
+    reader.join(30)
+    assert received.endswith(b"\n")
+    lines = [json.loads(line) for line in received.decode().splitlines()]
+    sequences = [int(line["sequence"]) for line in lines if line["type"] == "io.ingestd.test"]
+    assert sequences == list(range(1, len(sequences) + 1))
+    if len(sequences) < 5000:
+        assert lines[-1]["type"] == "io.ingestd.stream.overflow"
+        assert int(lines[-1]["data"]["last_sequence"]) == sequences[-1]
+        assert lines[-1]["data"]["reason"].startswith("the daemon stopped")
 
 
 def test_sigkill_between_commit_and_publish_then_restart_logs_every_event_once(start, tmp_path):
