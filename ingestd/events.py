@@ -4,12 +4,14 @@ Every state change is already a row of ``ingest_events`` (written by :mod:`inges
 transaction of the change). This module turns rows into CloudEvents, one JSON object per line:
 ``specversion, id, source, type, time, subject, datacontenttype, data`` plus the ``sequence``
 extension (the database-wide, gap-free ``seq``, zero-padded so that string order is sequence
-order). ``id`` is ``<installation>-<seq>``: unique per database and the same on every re-send.
+order). ``id`` is ``<installation>-<seq>-<time in microseconds>``: the same on every re-send,
+and unique even when a database restored from a backup numbers its new events again.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
@@ -34,6 +36,12 @@ def format_sequence(seq: int) -> str:
     return str(seq).zfill(SEQUENCE_DIGITS)
 
 
+def event_id(installation: str, seq: int, time: float) -> str:
+    """An event's CloudEvents id. The sequence alone would name two events after a restore
+    from a backup (CloudEvents: source and id unique per distinct event); its time does not."""
+    return f"{installation}-{seq}-{round(time * 1_000_000)}"
+
+
 def source_uri(installation: str, project_id: str | None) -> str:
     base = f"urn:ingestd:{installation}"
     return f"{base}:project:{project_id}" if project_id else base
@@ -54,7 +62,7 @@ def to_line(row: Event | EventRow, installation: str) -> str:
     in as stored, not parsed and dumped again; the time and sequence need no escaping."""
     subject = _subject(row)
     return "".join((
-        '{"specversion":"1.0","id":', _json_string(f"{installation}-{row.seq}"),
+        '{"specversion":"1.0","id":', _json_string(event_id(installation, row.seq, row.time)),
         ',"source":', _json_string(source_uri(installation, row.project_id)),
         ',"type":', _json_string(row.type),
         ',"time":"', jobs.rfc3339(row.time),
@@ -72,7 +80,8 @@ def overflow_line(installation: str, last_sequence: int | None,
     """The last line a subscriber gets when it fell too far behind (or at a stop, before it
     read all that was queued for it)."""
     return json.dumps({
-        "specversion": "1.0", "id": f"{installation}-overflow-{last_sequence or 0}",
+        "specversion": "1.0",
+        "id": f"{installation}-overflow-{last_sequence or 0}-{uuid.uuid4().hex[:12]}",
         "source": source_uri(installation, None), "type": OVERFLOW,
         "time": jobs.rfc3339(jobs.now()), "datacontenttype": "application/json",
         "data": {"last_sequence": format_sequence(last_sequence or 0),
@@ -88,10 +97,16 @@ class Retained:
     last: int
 
     def check_since(self, since: int) -> None:
-        """Refuse a resume point whose next events were pruned (like HTTP 410 Gone)."""
+        """Refuse a resume point whose next events were pruned (like HTTP 410 Gone), or that
+        this database never reached (it was restored from a backup since, or is another):
+        its next events would be skipped without a word."""
         if since + 1 < self.first:
             raise Gone(f"events after sequence {since} are gone: the oldest kept is "
                        f"{self.first} (event_retention_days); resume with --since {self.first - 1}")
+        if since > self.last:
+            raise Gone(f"there is no event {since}: the last is {self.last} (a database "
+                       f"restored from a backup numbers its events again from there); "
+                       f"resume with --since {self.last}")
 
 
 class Gone(IngestdError):

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from ingestd import db, events
-from ingestd.models import EventSequence, database
+from ingestd.models import Event, EventSequence, database
 from ingestd.stream import EventStream
 
 log = structlog.get_logger(__name__)
@@ -233,8 +233,13 @@ class Publisher:
 
     def _ours(self, event_id: str, seq: int) -> bool:
         """Whether a logged event was published from this database: another one has another
-        installation id, and this one, restored from a backup, may not have reached it yet."""
-        return (event_id == f"{self.installation}-{seq}"
+        installation id; this one, restored from a backup, may not have reached its sequence
+        yet, or gave it to another event (another time in the id)."""
+        legacy = f"{self.installation}-{seq}"  # as an earlier ingestd wrote ids
+        row = Event.get_or_none(Event.seq == seq)
+        if row is not None:
+            return event_id in (events.event_id(self.installation, seq, row.time), legacy)
+        return ((event_id == legacy or event_id.startswith(legacy + "-"))  # pruned since
                 and seq <= EventSequence.get_by_id(1).last_seq)
 
     def _stored_cursor(self) -> int:

@@ -265,7 +265,7 @@ def test_event_log_lines_are_valid_cloudevents(start, tmp_path):
         assert event["specversion"] == "1.0" and event["type"].startswith("io.ingestd.")
         assert event["datacontenttype"] == "application/json"
         assert event["time"].endswith("Z") and len(event["sequence"]) == 20
-        assert event["id"].endswith(f"-{int(event['sequence'])}")
+        assert event["id"].startswith(f"{installation_id()}-{int(event['sequence'])}-")
         if event["type"].startswith("io.ingestd.job."):
             assert event["subject"] == str(event["data"]["id"])
             assert event["source"].endswith(":project:acme")
@@ -285,7 +285,7 @@ def test_a_line_is_the_json_dump_of_its_envelope(project, path, kind, job_id):
                       ensure_ascii=False, separators=(",", ":"))
     row = EventRow(1234, kind, None if kind.endswith("started") else project, job_id,
                    1733320000.123456, data)
-    envelope = {"specversion": "1.0", "id": f"inst\u00e9-{row.seq}",
+    envelope = {"specversion": "1.0", "id": f"inst\u00e9-{row.seq}-1733320000123456",
                 "source": source_uri("inst\u00e9", row.project_id), "type": kind,
                 "time": jobs.rfc3339(row.time), "datacontenttype": "application/json",
                 "sequence": format_sequence(row.seq)}
@@ -554,12 +554,15 @@ def test_the_log_of_a_replaced_database_is_set_aside_and_a_new_log_begins(start,
     assert status["events"]["published"] >= last_seq()
 
 
-@pytest.mark.parametrize("writer, last", [("another", 3), ("this", 50)],
-                         ids=["another installation", "past this database"])
+@pytest.mark.parametrize("writer, last", [("another", 3), ("this", 50), ("this", 10)],
+                         ids=["another installation", "past this database",
+                              "this database's sequences for other events"])
 def test_a_log_not_from_this_database_is_set_aside(store, tmp_path, writer, last):
-    """Either way a log shows it is not this database's: another installation's ids (the new
-    database has more events than that log), or this installation's past the database's last
-    sequence (restored from a backup). The real publisher sets it aside and starts a new log."""
+    """Each way a log shows it is not this database's: another installation's ids (the new
+    database has more events than that log); this installation's past the database's last
+    sequence (restored from a backup); or its sequences with other events (restored, then
+    as many new events as the log had: the ids' times differ). The real publisher sets it
+    aside and starts a new log, whose ids are not the old log's."""
     final = emit_many(10)
     ours = installation_id()
     event_log = tmp_path / "events.jsonl"
@@ -575,6 +578,27 @@ def test_a_log_not_from_this_database_is_set_aside(store, tmp_path, writer, last
         assert log_sequences(event_log) == list(range(1, final + 1))
         [aside] = tmp_path.glob("events.jsonl.other-database-*")
         assert aside.read_text() == old_lines
+        old_ids = {json.loads(line)["id"] for line in old_lines.splitlines()}
+        assert not old_ids & {json.loads(line)["id"]
+                              for line in event_log.read_text().splitlines()}
+    finally:
+        publisher.stop()
+
+
+def test_a_log_an_earlier_ingestd_wrote_is_continued(store, tmp_path):
+    """Ids were <installation>-<seq> before they had the time: such a log of this database is
+    continued after its last line, not set aside."""
+    emit_many(5)
+    event_log = tmp_path / "events.jsonl"
+    ours = installation_id()
+    event_log.write_text("".join(json.dumps({"id": f"{ours}-{seq}", "sequence": format_sequence(
+        seq)}) + "\n" for seq in range(1, 4)))
+    publisher = Publisher(event_log, None, ours)
+    publisher.start()
+    try:
+        wait_for(lambda: log_sequences(event_log)[-1:] == [5], message="the log continued")
+        assert log_sequences(event_log) == [1, 2, 3, 4, 5]
+        assert not list(tmp_path.glob("events.jsonl.other-database-*"))
     finally:
         publisher.stop()
 

@@ -485,6 +485,19 @@ class TestReplay:
         assert command.finish() == 0
         assert command.sequences() == [6, 7, 8, 9, 10]
 
+    def test_since_past_the_last_event_is_refused(self, site):
+        """A resume point the database never reached (restored from a backup since): its next
+        events would be skipped silently, so it is refused, naming where to resume."""
+        for i in range(3):
+            reject(f"/drop/acme/r{i}.txt")
+        for args in (["--since", "9"], ["--since", "9", "-f"]):
+            command = site.events(*args, "--format", "json")
+            assert command.finish() == 1
+            stderr = command.stderr()
+            assert "there is no event 9: the last is 3" in stderr and "--since 3" in stderr, stderr
+            assert command.lines == [] and "Traceback" not in stderr
+        assert site.events("--since", "3", "--format", "json").finish() == 0
+
     def test_without_flags_the_last_20_events(self, site):
         """No --since, no -f: the newest 20 retained events, oldest first; filters look further back."""
         started = jobs.emit(jobs.DAEMON_STARTED, {"pid": 4242})
