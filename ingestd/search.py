@@ -2,13 +2,15 @@
 
 Query syntax (documented in the README): words (all must occur), ``"a phrase"``, ``prefix*``,
 and ``OR`` between two terms. The query is parsed here and rebuilt for the database, so any
-user input is either a valid search or a clear usage error, never an SQL or FTS5 error, and a
-query can never reach outside its project. SQLite ranks with FTS5's BM25; PostgreSQL with
-ts_rank_cd over a tsvector column.
+user input is either a valid search or a clear usage error, never an SQL, FTS5 or tsquery error,
+and a query can never reach outside its project. SQLite ranks with FTS5's BM25; PostgreSQL with
+ts_rank_cd over a tsvector column. Both see the same words (:mod:`ingestd.words`), so both find
+the same passages; PostgreSQL's snippet is made here as FTS5 makes SQLite's.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import re
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Iterator
 
 import peewee as pw
 
+from ingestd import words as words_
 from ingestd.db import is_postgres
 from ingestd.documents import CURRENT_JOB
 from ingestd.errors import UsageError
@@ -24,14 +27,14 @@ from ingestd.models import database
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
 SIGNAL_CHECK_STEPS = 10_000  # SQLite VM steps between chances for Ctrl-C to stop a search
-MARK_START, MARK_END = "[", "]"
+MARK_START, MARK_END, ELLIPSIS = "[", "]", "…"
+SNIPPET_WORDS = 24  # a snippet's length in words, on both databases
 _TOKEN = re.compile(r'"([^"]*)"|(\S+)')
-_WORD = re.compile(r"[^\W_]+")  # letters and digits: the indexes split words at "_" too
 
 
 @dataclass(frozen=True)
 class Term:
-    words: tuple[str, ...]   # one word, or a phrase
+    words: tuple[str, ...]   # one word, or a phrase; folded (words.fold)
     prefix: bool = False
 
 
@@ -57,9 +60,9 @@ def parse(query: str) -> list[list[Term]]:
             groups.append([])
             continue
         text, prefix = (phrase, False) if phrase or not word else (word.rstrip("*"), word.endswith("*"))
-        words = tuple(w.lower() for w in _WORD.findall(text))
-        if words:  # punctuation alone is no term (the index does not store it either)
-            groups[-1].append(Term(words, prefix))
+        found = tuple(words_.words(text))
+        if found:  # punctuation alone is no term (the index does not store it either)
+            groups[-1].append(Term(found, prefix))
     if not groups[-1]:
         if len(groups) > 1:
             raise UsageError("malformed query: OR needs a term on each side")
@@ -84,11 +87,12 @@ def _fts5(groups: list[list[Term]]) -> str:
 
 
 def _tsquery(groups: list[list[Term]]) -> str:
+    """tsquery input, read as it is (no parser, no dictionary: nothing depends on the locale)."""
     def term(t: Term) -> str:
-        words = [f"'{w}'" for w in t.words]
+        lexemes = [words_.quoted(words_.lexeme(w)) for w in t.words]
         if t.prefix:
-            words[-1] += ":*"
-        return "(" + " <-> ".join(words) + ")"
+            lexemes[-1] = words_.quoted(words_.prefix_lexeme(t.words[-1])) + ":*"
+        return "(" + " <-> ".join(lexemes) + ")"
 
     return " | ".join("(" + " & ".join(term(t) for t in group) + ")" for group in groups)
 
@@ -104,18 +108,21 @@ _SHOWN_JOB = f"""(SELECT j.id FROM ingest_jobs j WHERE j.canonical_document_id =
 # documents, the same results).
 _SQLITE = f"""
 SELECT -chunks_fts.rank AS score,
-       snippet(chunks_fts, 0, '{MARK_START}', '{MARK_END}', '…', 24) AS snippet,
+       snippet(chunks_fts, 0, '{MARK_START}', '{MARK_END}', '{ELLIPSIS}', {SNIPPET_WORDS})
+           AS snippet,
        c.page, d.source_path, {_SHOWN_JOB} AS job_id, d.id
 FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id
 WHERE chunks_fts MATCH ? AND c.project_id = ? AND d.deleted_at IS NULL
 ORDER BY chunks_fts.rank LIMIT ?"""
 
+# The chunk's text comes back whole: its snippet is made in Python (ts_headline's parser sees
+# other words than the index: no "example" in "example.com", no "cafe" in "café").
 _POSTGRES = f"""
 SELECT ts_rank_cd(c.tsv, q) AS score,
-       ts_headline('simple', c.text, q, 'StartSel={MARK_START}, StopSel={MARK_END}, MaxWords=30, MinWords=10')
+       coalesce(c.text, substr(d.text, c.start_offset + 1, c.end_offset - c.start_offset))
            AS snippet,
        c.page, d.source_path, {_SHOWN_JOB} AS job_id, d.id
-FROM chunks c JOIN documents d ON d.id = c.document_id, to_tsquery('simple', %s) q
+FROM chunks c JOIN documents d ON d.id = c.document_id, CAST(%s AS tsquery) q
 WHERE c.tsv @@ q AND c.project_id = %s AND d.deleted_at IS NULL
 ORDER BY score DESC LIMIT %s"""
 
@@ -129,7 +136,8 @@ def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]
     """The best-matching passages of ``project_id``'s live documents, best first."""
     groups = parse(query)
     limit = max(1, min(int(limit), MAX_LIMIT))
-    if is_postgres():
+    postgres = is_postgres()
+    if postgres:
         hits, expression = _POSTGRES, _tsquery(groups)
     else:
         hits, expression = _SQLITE, _fts5(groups)
@@ -141,8 +149,111 @@ def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]
         if str(exc) == "interrupted":  # a signal handler raised in _stoppable's callback
             raise KeyboardInterrupt from None
         raise UsageError(f"malformed query: {exc}") from None  # parse() should prevent it
-    return [Hit(float(score), " ".join(snippet.split()), page, path, job_id, document_id)
-            for score, snippet, page, path, job_id, document_id in rows]
+    return [Hit(float(score), " ".join((make_snippet(text, groups) if postgres else text).split()),
+                page, path, job_id, document_id)
+            for score, text, page, path, job_id, document_id in rows]
+
+
+def make_snippet(text: str, groups: list[list[Term]], size: int = SNIPPET_WORDS) -> str:
+    """The passage's snippet as FTS5's ``snippet()`` makes it on SQLite: the window of ``size``
+    words that holds the most different matched terms (a window starting a sentence preferred),
+    matches in brackets (a phrase in one pair), an ellipsis where text is cut."""
+    tokens = words_.spans(text)
+    if not tokens:
+        return text
+    folded = [word for _, _, word in tokens]
+    found = {term: _occurrences(folded, term) for group in groups for term in group}
+    # FTS5's phrases are the terms in query order, a term of two groups twice. It lists the
+    # matches as (position, phrase), in position order, and none of a group that does not match.
+    phrases = [(term, all(found[other] for other in group)) for group in groups for term in group]
+    matches = sorted((position, phrase) for phrase, (term, group_matched) in enumerate(phrases)
+                     if group_matched for position in found[term])
+    length = [len(term.words) for term, _ in phrases]
+    start = _best_window(text, tokens, matches, length, size)
+    return _marked(text, tokens, matches, length, start, size)
+
+
+def _occurrences(folded: list[str], term: Term) -> list[int]:
+    """Where ``term`` (a word, a phrase, a prefix) starts among a passage's folded words."""
+    *whole, last = term.words
+    span = len(term.words)
+    return [position for position in range(len(folded) - span + 1)
+            if all(folded[position + k] == word for k, word in enumerate(whole))
+            and (folded[position + span - 1].startswith(last) if term.prefix
+                 else folded[position + span - 1] == last)]
+
+
+def _best_window(text: str, tokens: list[tuple[int, int, str]], matches: list[tuple[int, int]],
+                 length: list[int], size: int) -> int:
+    """The first word of the snippet, chosen by FTS5's scores: 1000 for each term first seen in
+    the window, 1 for each repeat, plus 100 (120 at the text's start) for starting a sentence."""
+    count = len(tokens)
+    offsets = [position for position, _ in matches]
+
+    def score(first_word: int) -> tuple[int, int]:
+        """The window's score and the start that centres its matches."""
+        seen: set[int] = set()
+        total, first, last = 0, -1, 0
+        for position, phrase in matches[bisect.bisect_left(offsets, first_word):
+                                        bisect.bisect_left(offsets, first_word + size)]:
+            total += 1 if phrase in seen else 1000
+            seen.add(phrase)
+            first = position if first < 0 else first
+            last = position + length[phrase]
+        centred = first - int((size - (last - first)) / 2)  # C's division: toward zero
+        return total, max(min(centred, count - size), 0)
+
+    # A sentence starts at the first word, and at a word after a "." or ":" and white space;
+    # FTS5 looks for them only in a text longer than a snippet.
+    sentences = [0]
+    if count > size:
+        sentences += [index for index in range(1, count)
+                      if _after_sentence_end(text, tokens[index][0])]
+    best_score, best_start = 0, 0
+    for position, _ in matches:
+        total, centred = score(position)
+        if total > best_score:
+            best_score, best_start = total, centred
+        if count > size:
+            sentence = sentences[bisect.bisect_right(sentences, position) - 1]
+            if sentence < position:
+                total = score(sentence)[0] + (120 if sentence == 0 else 100)
+                if total > best_score:
+                    best_score, best_start = total, sentence
+    return best_start
+
+
+def _after_sentence_end(text: str, start: int) -> bool:
+    index = start - 1
+    while index >= 0 and text[index] in " \t\n\r":
+        index -= 1
+    return 0 <= index < start - 1 and text[index] in ".:"
+
+
+def _marked(text: str, tokens: list[tuple[int, int, str]], matches: list[tuple[int, int]],
+            length: list[int], start: int, size: int) -> str:
+    """Words ``start`` to ``start + size - 1`` of the text, each run of overlapping matches in
+    one pair of marks (a run that starts before the window is not marked)."""
+    count = len(tokens)
+    end = min(start + size, count) - 1
+    runs: list[list[int]] = []
+    for position, phrase in matches:
+        last = position + length[phrase] - 1
+        if runs and position <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], last)
+        else:
+            runs.append([position, last])
+    out = [ELLIPSIS] if start > 0 else []
+    cursor = tokens[start][0] if start > 0 else 0
+    for first, last in runs:
+        if start <= first <= end:
+            last = min(last, end)
+            out += [text[cursor:tokens[first][0]], MARK_START,
+                    text[tokens[first][0]:tokens[last][1]], MARK_END]
+            cursor = tokens[last][1]
+    out.append(text[cursor:tokens[end][1]])
+    out.append(text[tokens[end][1]:] if start + size >= count else ELLIPSIS)
+    return "".join(out)
 
 
 @contextlib.contextmanager

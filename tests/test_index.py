@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import chunking, db, documents, intake, jobs, search
+from ingestd import chunking, db, documents, intake, jobs, migrations, search, words
 from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
@@ -170,7 +170,8 @@ class TestSearch:
 
     @pytest.mark.parametrize("query, reason", [
         ('"unclosed phrase', "not closed"), ("", "empty"), ("OR cats", "OR needs"),
-        ("cats OR", "OR needs"), ("***", "no word"), ('""', "no word"), ("_", "no word")])
+        ("cats OR", "OR needs"), ("***", "no word"), ('""', "no word"), ("_", "no word"),
+        ("😀 ™", "no word")])
     def test_malformed_queries_are_usage_errors(self, any_store, query, reason):
         """A bad query is a clear UsageError, never a database error."""
         with pytest.raises(UsageError, match=reason):
@@ -204,6 +205,170 @@ class TestSearch:
         bad = run_cli("search", "-p", "acme", '"oops', config=config_file)
         assert bad.returncode == 2 and "malformed query" in bad.stderr
         assert run_cli("search", "-p", "nope", "x", config=config_file).returncode == 3
+
+
+INVOICE = """Invoice dated 2024-01-15 for 3.14 units, see example.com or mail billing@example.com.
+Attached: report.pdf in /srv/share/reports. Release v1.2.3.
+Le café est fermé; a naïve résumé.
+ΟΔΟΣ ΑΘΗΝΑΣ
+"""
+LONG_WORD = "語" * 700  # 2,100 bytes: more than a PostgreSQL lexeme takes (2,047)
+PARITY_FILES = {
+    "invoice.txt": INVOICE,
+    "cjk.txt": "東京都の会議 资料",
+    "emoji.txt": "a garden party, then party🥳time and a 😀 smile",
+    "hyphen.txt": "a state-of-the-art design",
+    "snake.txt": "call snake_case here",
+    "greek.txt": "ο δρόμος της πόλης",
+    "decomposed.txt": "un cafe\u0301 noir",
+    "long.txt": f"{LONG_WORD} tail",
+}
+# What each query finds (file names), the same on SQLite (FTS5 is the reference) and PostgreSQL.
+PARITY = {
+    **{query: ["invoice.txt"] for query in (
+        "2024-01-15", "01", "3.14", "v1.2.3", "example.com", "example", "billing@example.com",
+        "billing", "report.pdf", "report", "reports", "/srv/share", "naive", "resume", "ΟΔΟΣ",
+        "ΑΘΗΝΑΣ", "οδος", "fermé", "ferme*", '"example com or"', "v1.2*")},
+    "cafe": ["decomposed.txt", "invoice.txt"],
+    "café": ["decomposed.txt", "invoice.txt"],
+    "caf*": ["decomposed.txt", "invoice.txt"],
+    "naive OR smile": ["emoji.txt", "invoice.txt"],
+    "2024-01-16": [],
+    "a" * 3000 + " party": [],  # a word no passage has: no match, however long
+    "東京都の会議": ["cjk.txt"],  # FTS5 does not split CJK runs into words: neither does PG
+    "東京*": ["cjk.txt"],
+    "東京都": [],
+    "party🥳time": ["emoji.txt"],  # a newer emoji is a word character to FTS5
+    '"then party"': [],
+    "smile": ["emoji.txt"],
+    "state-of-the-art": ["hyphen.txt"],
+    "art": ["hyphen.txt"],
+    '"art of"': [],
+    "snake_case": ["snake.txt"],
+    "snake case": ["snake.txt"],
+    "case_snake": [],
+    "δρόμος": ["greek.txt"],
+    "ΔΡΌΜΟΣ": ["greek.txt"],
+    "δρομος": [],  # FTS5 removes the diacritics of Latin letters only
+    LONG_WORD: ["long.txt"],
+    "語" * 699 + "文": [],
+    "語語*": ["long.txt"],
+    f'"{LONG_WORD} tail"': ["long.txt"],
+}
+
+
+class TestBothDatabasesSeeTheSameWords:
+    """PostgreSQL's index and queries use the words FTS5 sees (ingestd.words): one corpus and
+    one query find the same passages on both databases, with the same snippets."""
+
+    def test_the_same_queries_find_the_same_files(self, ingest, drop):
+        for name, text in PARITY_FILES.items():
+            assert ingest(write(drop / name, text)).status == "completed"
+        found = {query: sorted(Path(hit.source_path).name
+                               for hit in search.search("acme", query, limit=100))
+                 for query in PARITY}
+        assert found == PARITY
+        assert_full_text_index_consistent()
+
+    @pytest.mark.parametrize("query, snippet", [
+        ("example", "Invoice dated 2024-01-15 for 3.14 units, see [example].com or mail "
+                    "billing@[example].com. Attached: report.pdf in /srv/share/reports…"),
+        ("cafe", "…Le [café] est fermé; a naïve résumé. ΟΔΟΣ ΑΘΗΝΑΣ"),  # a sentence's start
+        ('"2024 01"', "Invoice dated [2024-01]-15 for 3.14 units, see example.com or mail "
+                      "billing@example.com. Attached: report.pdf in /srv/share/reports…")])
+    def test_snippets_mark_the_matched_words_of_the_text(self, ingest, drop, query, snippet):
+        """The marks are around the words of the original text that matched, folded or split
+        ("example" in "example.com", "cafe" for "café"), in a window of 24 words."""
+        ingest(write(drop / "invoice.txt", INVOICE))
+        [hit] = search.search("acme", query)
+        assert hit.snippet == snippet
+
+    def test_postgresql_snippets_are_made_as_fts5_makes_sqlites(self):
+        """search.make_snippet (PostgreSQL's) against FTS5's snippet() over random passages and
+        queries: words, phrases, prefixes, OR, repeats, sentence starts, long passages."""
+        import sqlite3
+
+        rng = random.Random(11)
+        vocabulary = ["alpha", "Beta", "café", "ΟΔΟΣ", "οδός", "example.com", "snake_case",
+                      "2024-01-15", "kiwi", "fig", "party🥳time", "東京都", "Straße", "nai\u0308ve"]
+        separators = [" ", " ", " ", ". ", ": ", ", ", "\n\n", " - ", "."]
+        connection = sqlite3.connect(":memory:")
+        connection.execute("CREATE VIRTUAL TABLE t USING fts5(x, "
+                           "tokenize='unicode61 remove_diacritics 2')")
+        compared = 0
+        for _ in range(600):
+            text = "".join(rng.choice(vocabulary) + rng.choice(separators)
+                           for _ in range(rng.choice([2, 10, 30, 80]))).strip()
+            terms = []
+            for group in range(rng.choice([1, 1, 2])):
+                terms += ["OR"] if group else []
+                for _ in range(rng.choice([1, 2, 3])):
+                    word = rng.choice(vocabulary)
+                    terms.append(rng.choice([word, word[:2] + "*",
+                                             f'"{word} {rng.choice(vocabulary)}"']))
+            groups = search.parse(" ".join(terms))
+            with connection:
+                connection.execute("DELETE FROM t")
+                connection.execute("INSERT INTO t (rowid, x) VALUES (1, ?)", (text,))
+            row = connection.execute(
+                f"SELECT snippet(t, 0, '[', ']', '…', {search.SNIPPET_WORDS}) FROM t "
+                "WHERE t MATCH ?", (search._fts5(groups),)).fetchone()
+            if row is not None:
+                assert search.make_snippet(text, groups) == row[0], (text, terms)
+                compared += 1
+        assert compared > 150  # the others matched nothing
+        connection.close()
+
+    def test_postgresql_chunks_of_schema_10_are_found_once_migrated(self, pg_url):
+        """A PostgreSQL database of schema 10 whose chunks were indexed by its generated
+        tsvector (to_tsvector('simple', text)): migration 11 rebuilds every chunk's tsvector
+        from ingestd.words, keeps the GIN index, and the chunks are found by today's queries;
+        it runs again over its own result alike."""
+        database = db.connect(pg_url)
+        migrations._ensure_history(database)
+        for number, name, step in migrations.MIGRATIONS[:10]:
+            with database.atomic():
+                step(database, migrations.DIALECTS["postgres"])
+                database.execute_sql("INSERT INTO schema_migrations VALUES (%s, %s, 0)",
+                                     (number, name))
+        with database.atomic():  # as the index sink of schema 10 wrote them
+            ids = [database.execute_sql(
+                "INSERT INTO documents (project_id, content_sha256, source_path, text, "
+                "created_at) VALUES ('acme', %s, %s, %s, 0) RETURNING id",
+                (f"sha{n}", f"/drop/{n}.txt", text)).fetchone()[0]
+                for n, text in enumerate([INVOICE, "the kumquat ledger"])]
+            for document_id, text in zip(ids, [INVOICE, "the kumquat ledger"]):
+                database.execute_sql(
+                    "INSERT INTO chunks (document_id, project_id, seq, start_offset, end_offset, "
+                    "text) VALUES (%s, 'acme', 0, 0, %s, %s)", (document_id, len(text), text))
+        assert database.execute_sql(
+            "SELECT count(*) FROM chunks WHERE tsv @@ CAST('cafe' AS tsquery)").fetchone() == (0,)
+        database.close()
+
+        def found() -> dict[str, list[int]]:
+            return {query: [hit.document_id for hit in search.search("acme", query)]
+                    for query in ("2024-01-15", "example", "cafe", "ΟΔΟΣ", "kumquat", "ledger*")}
+
+        expected = {"2024-01-15": ids[:1], "example": ids[:1], "cafe": ids[:1],
+                    "ΟΔΟΣ": ids[:1], "kumquat": ids[1:], "ledger*": ids[1:]}
+        db.open_store(pg_url)  # applies 11
+        try:
+            assert found() == expected
+            assert_full_text_index_consistent()
+            assert db.database.execute_sql(
+                "SELECT is_generated FROM information_schema.columns WHERE table_name = 'chunks' "
+                "AND column_name = 'tsv' AND table_schema = current_schema()").fetchone() == (
+                "NEVER",)
+            assert db.database.execute_sql(
+                "SELECT indexdef LIKE %s FROM pg_indexes WHERE indexname = 'ix_chunks_tsv' "
+                "AND schemaname = current_schema()", ("% USING gin (tsv)",)).fetchone() == (True,)
+            v11 = {number: step for number, _, step in migrations.MIGRATIONS}[11]
+            with db.database.atomic():
+                v11(db.database.obj, migrations.DIALECTS["postgres"])
+            assert found() == expected
+            assert_full_text_index_consistent()
+        finally:
+            db.close_store()
 
 
 def test_ctrl_c_stops_a_long_search_at_once(drop, config_file, store):
@@ -467,10 +632,17 @@ def passages_of(document_id: int) -> list[tuple[int, int, str]]:
 
 def assert_full_text_index_consistent() -> None:
     """FTS5 compares its index with the chunks' text (a 'delete' given other text than was
-    indexed leaves it corrupt, and this says so); PostgreSQL's tsvector is generated."""
+    indexed leaves it corrupt, and this says so); on PostgreSQL, every chunk's tsvector is its
+    text's words (ingestd.words)."""
     if not db.is_postgres():
         db.database.execute_sql(
             "INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+        return
+    rows = db.database.execute_sql("SELECT id, text FROM chunk_texts").fetchall()
+    assert db.database.execute_sql(
+        "SELECT count(*) FROM chunks c LEFT JOIN unnest(%s::bigint[], %s::text[]) AS v (id, tsv) "
+        "ON v.id = c.id WHERE c.tsv IS DISTINCT FROM CAST(v.tsv AS tsvector)",
+        ([id_ for id_, _ in rows], [words.tsvector(text) for _, text in rows])).fetchone() == (0,)
 
 
 class TestStorage:
@@ -490,8 +662,7 @@ class TestStorage:
                           else [None] * len(passages))
         [hit] = search.search("acme", "hedgehog5")
         assert f"{search.MARK_START}hedgehog5{search.MARK_END}" in hit.snippet
-        if not db.is_postgres():  # FTS5's snippet shows the words before it, read by offset
-            assert "résumé 🦔" in hit.snippet
+        assert "résumé 🦔" in hit.snippet  # the words before it, read by offset
         assert_full_text_index_consistent()
         ingest(write(drop / "slices.txt", "the new version mentions only a porcupine"))
         assert search.search("acme", "hedgehog5") == []

@@ -1,12 +1,12 @@
 """The built-in index (the default sink): documents, their chunks, and a full-text index over
-the chunks (SQLite FTS5; PostgreSQL: a tsvector column with a GIN index), all written in the
-transaction that completes the job. A chunk is a slice of its document's text; on SQLite the
-slice of a document up to SLICED_UP_TO characters is not stored again (FTS5 reads it through
-the view chunk_texts)."""
+the chunks (SQLite FTS5; PostgreSQL: a tsvector column with a GIN index, written with each chunk
+from the words FTS5 would see, :mod:`ingestd.words`), all in the transaction that completes the
+job. A chunk is a slice of its document's text; on SQLite the slice of a document up to
+SLICED_UP_TO characters is not stored again (FTS5 reads it through the view chunk_texts)."""
 
 from __future__ import annotations
 
-from ingestd import chunking, db
+from ingestd import chunking, db, words
 from ingestd.config import ProjectConfig
 from ingestd.extract import PDF
 from ingestd.models import Chunk, database
@@ -33,18 +33,25 @@ class IndexSink(TextSink):
     def parts_of(self, document: Document) -> list[tuple]:
         pieces = chunking.chunk_text(document.text, document.pages, self.size, self.overlap,
                                      paged=document.mime_type == PDF)
-        stored = (db.is_postgres() or len(document.text) > SLICED_UP_TO
-                  or "\0" in document.text)
+        if db.is_postgres():  # with each chunk's tsvector, worked out before the transaction
+            return [(document.project_id, seq, piece.page, piece.start, piece.end, piece.text,
+                     words.tsvector(piece.text))
+                    for seq, piece in enumerate(pieces)]
+        stored = len(document.text) > SLICED_UP_TO or "\0" in document.text
         return [(document.project_id, seq, piece.page, piece.start, piece.end,
                  piece.text if stored else None)
                 for seq, piece in enumerate(pieces)]
 
     def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
         rows = [(document_id, *row) for document_id, chunks in parts for row in chunks]
-        marks = ", ".join([database.param] * 7)
-        db.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
-                       f"end_offset, text) VALUES ({marks})", rows)
-        if not db.is_postgres():  # PostgreSQL's tsvector column is generated with the row
+        if db.is_postgres():
+            db.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
+                           "end_offset, text, tsv) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+                           "CAST(%s AS tsvector))", rows)
+        else:
+            marks = ", ".join([database.param] * 7)
+            db.executemany("INSERT INTO chunks (document_id, project_id, seq, page, start_offset, "
+                           f"end_offset, text) VALUES ({marks})", rows)
             # One statement for all the chunks: FTS5 inserting them row by row from a
             # trigger cost more than twice as much CPU per chunk.
             ids = [document_id for document_id, _ in parts]
