@@ -342,7 +342,7 @@ def test_a_daemon_on_a_new_database_says_it_makes_one_not_ten_migrations(tmp_pat
         migrating = [(line["version"], line["name"]) for line in lines
                      if line["event"] == "migrating"]
         assert migrating == [(migrations.LATEST, "a new database")]
-        assert "STATUS=migrating the database to schema 10: a new database" in (
+        assert f"STATUS=migrating the database to schema {migrations.LATEST}: a new database" in (
             daemon.notify.messages)
     finally:
         assert daemon.stop() == 0
