@@ -513,6 +513,11 @@ def _check_folders(projects: Mapping[str, ProjectConfig], daemon: DaemonConfig,
             problems.add(key, f"{path}: inside the watched folder {folder} of project "
                               f"{owner!r}; a folder that holds {what} would ingest the "
                               "daemon's own files again and again")
+        elif key.endswith(".move_to"):
+            for folder, owner in seen:
+                if real in _real(folder).parents:
+                    problems.add(key, f"{path}: holds the watched folder {folder} of project "
+                                      f"{owner!r}; moved originals would be ingested again")
 
 
 def _written_paths(projects: Mapping[str, ProjectConfig],

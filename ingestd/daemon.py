@@ -23,8 +23,8 @@ from typing import Any, Callable
 import peewee as pw
 import structlog
 
-from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics, scan,
-                     writers)
+from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics,
+                     originals, scan, writers)
 from ingestd.checkpoint import WalCheckpointer
 from ingestd.config import Config
 from ingestd.control import ControlServer
@@ -267,7 +267,10 @@ class Daemon:
         self.settler.stop()
         if self.listener is not None:
             self.listener.stop()
-        self.pool.stop(self.config.daemon.shutdown_grace_seconds)
+        began = time.monotonic()
+        grace = self.config.daemon.shutdown_grace_seconds
+        self.pool.stop(grace)
+        originals.wait_idle(max(0.0, grace - (time.monotonic() - began)))  # a scan's move
         self.scheduler.shutdown(wait=False)
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first

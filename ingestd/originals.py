@@ -10,8 +10,10 @@ Only the version the job was made for is ever touched, and no file is ever writt
 - a moved file gets a name no other file has: ``<job id>-<name>``, else ``<job id>-<name (1)>``
   and on (job ids start again with a new database, and installations may share move_to);
 - across file systems it is copied under a temporary name, synced, then named;
+- a file a writer still holds open is left alone: what it writes next is a new version;
 - what a crash or a stop cut short (a taken file, a half copy, a job ended with its original
-  still in place) is finished by the next scan (:func:`recover_taken`, :func:`dispose`).
+  still in place or still in failed/) is finished by the next scan (:func:`recover_taken`,
+  :func:`dispose`, :func:`tidy`); a stop waits for a move in progress (:func:`wait_idle`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Iterator
 
 import structlog
 
-from ingestd import names
+from ingestd import names, writers
 from ingestd.config import ProjectConfig
 from ingestd.models import Job, JobStatus
 
@@ -39,7 +42,45 @@ log = structlog.get_logger(__name__)
 TAKEN = re.compile(rf"{re.escape(names.OWN_PREFIX)}(\d+)-[0-9a-f]{{12}}-(.*)\.taking\Z", re.DOTALL)
 UNLOCKABLE_AGE_SECONDS = 3600  # a taken file that cannot be locked (NFS) is left this long
 COPY_CHUNK = 1 << 20
+LOOKUP_BATCH = 500
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+_NUMBERED = re.compile(rb" \((\d+)\)")
+_JOB_ID = re.compile(rb"(\d+)-")
+
+
+class _Activity:
+    """Moves in progress in this process, so that a stop can wait for them; none begins once
+    the stop began (the next start's scan finishes what is left)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._running = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[bool]:
+        with self._lock:
+            allowed = not self._closed
+            self._running += allowed
+        try:
+            yield allowed
+        finally:
+            with self._lock:
+                self._running -= allowed
+                self._lock.notify_all()
+
+    def close_and_wait(self, seconds: float) -> bool:
+        with self._lock:
+            self._closed = True
+            return self._lock.wait_for(lambda: self._running == 0, timeout=seconds)
+
+
+_activity = _Activity()
+
+
+def wait_idle(seconds: float) -> bool:
+    """At a stop: begin no more moves, and wait up to ``seconds`` for those in progress."""
+    return _activity.close_and_wait(seconds)
 
 
 # --- the job's version ---------------------------------------------------------------------------
@@ -74,11 +115,14 @@ def dispose(job: Job, project: ProjectConfig) -> None:
     path, or (a retried job) in failed/. A failure is logged: the next scan tries again."""
     if project.after == "keep" or job.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
         return
-    try:
-        _dispose(job, project)
-    except OSError as exc:
-        log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
-                    after=project.after, reason=exc.strerror or str(exc))
+    with _activity.running() as allowed:
+        if not allowed:
+            return
+        try:
+            _dispose(job, project)
+        except OSError as exc:
+            log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
+                        after=project.after, reason=exc.strerror or str(exc))
 
 
 def _dispose(job: Job, project: ProjectConfig) -> None:
@@ -131,7 +175,9 @@ def _take(job: Job) -> bytes | None:
         os.rename(source, taken)  # whatever the name holds by now: checked again below
     except FileNotFoundError:
         return None
-    if is_version(job, os.lstat(taken)):
+    # A writer with the file still open (`slow >> f` after its first close) would go on writing
+    # into what is moved or deleted: leave it, and what it writes is a new version, a new job.
+    if is_version(job, os.lstat(taken)) and not writers.open_for_writing(os.fsdecode(taken)):
         return taken
     _put_back(taken, source)
     return None
@@ -157,10 +203,14 @@ def _put_back(taken: bytes, source: bytes) -> None:
 def _names(directory: bytes, name: str, before: str) -> Iterator[bytes]:
     """``before + name``, then ``before + name (1)``, ``(2)``..., each fitted to the limit."""
     limit = names.name_max(Path(os.fsdecode(directory)))
-    yield os.path.join(directory, os.fsencode(names.fitting(name, before=before, limit=limit)))
-    for number in range(1, 100_000):
-        yield os.path.join(directory, os.fsencode(
-            names.fitting(name, before=before, after_stem=f" ({number})", limit=limit)))
+    for number in range(0, 100_000):
+        yield _numbered(directory, name, before, number, limit)
+
+
+def _numbered(directory: bytes, name: str, before: str, number: int, limit: int) -> bytes:
+    after_stem = f" ({number})" if number else ""
+    return os.path.join(directory, os.fsencode(
+        names.fitting(name, before=before, after_stem=after_stem, limit=limit)))
 
 
 def _give_name(path: bytes, target: bytes) -> bool:
@@ -187,12 +237,23 @@ def _placed_name_candidates(job: Job, folder: bytes) -> Iterator[bytes]:
 
 
 def _placed(job: Job, folder: bytes) -> bytes | None:
-    """This job's version under one of its names in ``folder``, if it is there."""
-    for candidate in _placed_name_candidates(job, folder):
+    """This job's version under one of its names in ``folder``, if it is there. Any of them:
+    a name freed since (another installation's file retried) leaves a gap in the numbers."""
+    try:
+        present = {entry for entry in os.listdir(folder) if entry.startswith(b"%d-" % job.id)}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    numbers = {0} | {int(number) for entry in present for number in _NUMBERED.findall(entry)}
+    name, limit = os.fsdecode(os.path.basename(fs_path(job))), names.name_max(
+        Path(os.fsdecode(folder)))
+    for number in sorted(numbers):
+        candidate = _numbered(folder, name, f"{job.id}-", number, limit)
+        if os.path.basename(candidate) not in present:
+            continue
         try:
             info = os.lstat(candidate)
         except FileNotFoundError:
-            return None  # names are given in order: none further on
+            continue
         if stat.S_ISREG(info.st_mode) and is_version(job, info, moved=True):
             return candidate
     return None
@@ -220,14 +281,16 @@ def _copy_across(path: bytes, job: Job, folder: bytes) -> None:
     partial = os.path.join(folder, _own_name(job.id, os.path.basename(path), "copying"))
     try:
         with open(path, "rb") as source, open(partial, "xb") as copy:
+            with contextlib.suppress(OSError):  # held while copying: tidy() leaves it alone
+                fcntl.flock(copy.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.copyfileobj(source, copy, COPY_CHUNK)
             copy.flush()
             os.fsync(copy.fileno())
-        shutil.copystat(path, partial)
-        for target in _placed_name_candidates(job, folder):
-            if _give_name(partial, target):
-                break
-        _sync_folder(folder)
+            shutil.copystat(path, partial)
+            for target in _placed_name_candidates(job, folder):
+                if _give_name(partial, target):
+                    break
+            _sync_folder(folder)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
@@ -284,12 +347,15 @@ def recover_taken(path: str, project: ProjectConfig) -> None:
     if found is None:
         return
     raw = os.fsencode(path)
-    try:
-        with _claimed(raw) as state:
-            if state == "locked" or (state == "unlockable" and _old(raw)):
-                _recover(raw, int(found.group(1)), found.group(2), project)
-    except OSError as exc:
-        log.warning("original_not_recovered", path=path, reason=exc.strerror or str(exc))
+    with _activity.running() as allowed:
+        if not allowed:
+            return
+        try:
+            with _claimed(raw) as state:
+                if state == "locked" or (state == "unlockable" and _old(raw)):
+                    _recover(raw, int(found.group(1)), found.group(2), project)
+        except OSError as exc:
+            log.warning("original_not_recovered", path=path, reason=exc.strerror or str(exc))
 
 
 def _old(taken: bytes) -> bool:
@@ -303,11 +369,13 @@ def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> No
     info = os.lstat(taken)
     ours = (job is not None and job.project_id == project.name
             and os.path.dirname(fs_path(job)) == directory and is_version(job, info))
+    if project.move_to is not None:
+        for where in ("processed", "failed"):
+            _remove_partials(_folder(project, where), job_id)
     if (ours and job.status in (JobStatus.COMPLETED, JobStatus.FAILED) and job.deleted_at is None
             and project.after != "keep"):
         where = "processed" if _stored(job) else "failed"
         folder = _folder(project, where)
-        _remove_partials(folder, job_id)
         if project.after == "delete" and where == "processed":
             os.unlink(taken)
         elif _placed(job, folder) is not None:
@@ -321,13 +389,49 @@ def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> No
     log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
 
 
-def _remove_partials(folder: bytes, job_id: int) -> None:
-    prefix = os.fsencode(f"{names.OWN_PREFIX}{job_id}-")
+def _remove_partials(folder: bytes, job_id: int | None = None) -> None:
+    """Remove the partial copies (of ``job_id``, or of any job) that nobody is writing."""
+    prefix = os.fsencode(names.OWN_PREFIX + ("" if job_id is None else f"{job_id}-"))
     try:
         entries = os.listdir(folder)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
         if entry.startswith(prefix) and entry.endswith(b".copying"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, entry))
+            partial = os.path.join(folder, entry)
+            with _claimed(partial) as state:
+                if state == "locked" or (state == "unlockable" and _old(partial)):
+                    os.unlink(partial)
+
+
+def tidy(project: ProjectConfig) -> None:
+    """What a scan finishes in ``move_to``: partial copies a crash left, and files in failed/
+    whose job completed since (a retry read it there) but could not be moved or deleted then."""
+    if project.after == "keep" or project.move_to is None:
+        return
+    with _activity.running() as allowed:
+        if not allowed:
+            return
+        try:
+            for where in ("processed", "failed"):
+                _remove_partials(_folder(project, where))
+            _finish_retried(project)
+        except OSError as exc:
+            log.warning("originals_not_tidied", move_to=str(project.move_to),
+                        reason=exc.strerror or str(exc))
+
+
+def _finish_retried(project: ProjectConfig) -> None:
+    failed = _folder(project, "failed")
+    try:
+        entries = [entry for entry in os.listdir(failed) if _JOB_ID.match(entry)]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    ids = sorted({int(_JOB_ID.match(entry).group(1)) for entry in entries})
+    for start in range(0, len(ids), LOOKUP_BATCH):
+        for job in Job.select().where(
+                Job.id.in_(ids[start:start + LOOKUP_BATCH]), Job.project_id == project.name,
+                Job.deleted_at.is_null(), Job.status == JobStatus.COMPLETED.value):
+            copy = _placed(job, failed)
+            if copy is not None and _stored(job):
+                _put(copy, job, project, "processed")

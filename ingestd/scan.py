@@ -96,6 +96,8 @@ def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],
             missed += _note_unknown(project, batch, note, is_pending)
         for path in taken:
             originals.recover_taken(path, project)
+        if top is None:  # a full scan: move_to too
+            originals.tidy(project)
     return ScanResult(reason, files, missed)
 
 

@@ -238,7 +238,7 @@ class WorkerProcesses:
 def child_main(conn: Connection, config: Config, slots: int, log_level: str, held: bool) -> None:
     """A worker process: a WorkerPool of ``slots`` on its own scheduler, run until told to stop
     or orphaned."""
-    from ingestd import db, log as logging_setup
+    from ingestd import db, log as logging_setup, writers
     from ingestd.procpool import START_TIMEOUT_SECONDS
     from ingestd.scheduling import new_scheduler
     from ingestd.work import WorkerPool
@@ -255,9 +255,10 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _dropped)
-    # The daemon ignores SIGIO for its leases (writers.py); no lease is taken here, and the
-    # sink programs and extractors started from here get the default back.
-    signal.signal(signal.SIGIO, signal.SIG_DFL)
+    # The daemon ignores SIGIO for its leases (writers.py). Here originals.py takes them (is
+    # a writer still at a file about to be moved?), with a handler: the sink programs and
+    # extractors started from here get the default back, as exec resets a handler.
+    writers.catch_lease_breaks()
     db.open_store(config.daemon.database, migrate=False)
     config = replace(config, daemon=replace(config.daemon, workers=slots))
     scheduler = new_scheduler(threads=2)

@@ -215,7 +215,10 @@ def test_config_check_refuses_numbers_out_of_bounds(tmp_path, drop, body, key, e
     ('[daemon]\ndatabase = "sqlite:///{drop}/ingestd.db"', "daemon.database", "inside"),
     ('[projects.other]\nfolders = ["{other}"]\nafter = "move"\nmove_to = "{drop}/moved"',
      "projects.other.move_to", "inside the watched folder {drop} of project 'acme'"),
-], ids=["event_log", "event_socket", "control_socket", "state_dir", "database", "move_to"])
+    ('[projects.acme]\nfolders = ["{other}"]\nafter = "move"\nmove_to = "{other}/.."',
+     "projects.acme.move_to", "holds the watched folder"),
+], ids=["event_log", "event_socket", "control_socket", "state_dir", "database", "move_to",
+        "move_to holding a folder"])
 def test_config_check_refuses_written_paths_inside_a_watched_folder(tmp_path, drop, body, key,
                                                                      expected):
     """What the daemon writes (state, log, sockets, database, moved originals of any project)

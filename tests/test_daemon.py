@@ -646,6 +646,29 @@ class TestJobControl:
         assert moved.name.endswith("-large.txt") and moved.stat().st_size == 256 << 20
         assert not path.exists()
 
+    def test_a_stop_lets_a_scans_move_finish(self, make_daemon, folders, tmp_path,
+                                             another_file_system):
+        """A project switched from keep to move: the start-up scan moves the files ingested
+        before. SIGTERM during such a move (2 GB: a copy of a second or two) waits for it as
+        for a worker's."""
+        move_to = another_file_system
+        path = folders["acme"] / "large.txt"
+        with open(path, "wb") as large:  # too large: failed at once, kept in place
+            large.truncate(2 << 30)
+        daemon = make_daemon(acme_extra="max_bytes = 1000")
+        assert wait_ended(path).status == "failed"
+        assert daemon.stop() == 0
+        write_config(tmp_path, config_text(folders, "shutdown_grace_seconds = 5",
+                                           f'after = "move"\nmove_to = "{move_to}"\n'
+                                           'max_bytes = 1000'))
+        daemon.start()
+        wait_for(lambda: any((move_to / "failed").glob(".ingestd-*.copying")) or not path.exists(),
+                 message="the scan's move to begin")
+        assert daemon.stop() == 0
+        [moved] = (move_to / "failed").iterdir()
+        assert moved.name.endswith("-large.txt") and moved.stat().st_size == 2 << 30
+        assert list(folders["acme"].iterdir()) == []
+
     def test_a_job_failed_by_its_lease_rescue_has_its_original_moved(self, make_daemon, folders,
                                                                     tmp_path):
         """max_attempts = 1 and the process running the job killed: the rescue that fails the

@@ -100,10 +100,12 @@ def test_a_moved_original_never_replaces_another_file(cfg, store, drop, extracto
     assert files_in(drop) == {}
 
 
+@pytest.mark.parametrize("earlier", ["kept", "removed"])
 def test_a_retry_reads_its_quarantined_copy_under_its_free_name(cfg, store, drop, tmp_path,
-                                                                extractors, move_to):
+                                                                extractors, move_to, earlier):
     """A failed job's copy that had to take failed/<id>-<name (1)> is read from there by its
-    retry (and the earlier file at <id>-<name> is left alone)."""
+    retry, whether the earlier file at <id>-<name> is still there (left alone) or was removed
+    since (a gap in the names)."""
     project = project_of(cfg, "move", move_to, allowed_types=("application/pdf",))
     (move_to / "failed").mkdir(parents=True)
     (move_to / "failed" / "1-notes.txt").write_text("an earlier database's failure")
@@ -112,6 +114,8 @@ def test_a_retry_reads_its_quarantined_copy_under_its_free_name(cfg, store, drop
     failed = ingest(project, path, extractors)
     assert (failed.id, failed.status) == (1, "failed")
     assert files_in(move_to / "failed")["1-notes (1).txt"] == "not allowed here yet"
+    if earlier == "removed":
+        (move_to / "failed" / "1-notes.txt").unlink()
     jobs.retry("acme", failed.id)
     [claimed] = jobs.claim("w1")
     text_too = dataclasses.replace(project, allowed_types=cfg.projects["acme"].allowed_types)
@@ -119,7 +123,8 @@ def test_a_retry_reads_its_quarantined_copy_under_its_free_name(cfg, store, drop
                       extractors=extractors, control=Control(), progress_interval=60)
     assert run_job(claimed, context).status == "completed"
     assert files_in(move_to / "processed") == {"1-notes.txt": "not allowed here yet"}
-    assert files_in(move_to / "failed") == {"1-notes.txt": "an earlier database's failure"}
+    assert files_in(move_to / "failed") == (
+        {"1-notes.txt": "an earlier database's failure"} if earlier == "kept" else {})
 
 
 def test_a_file_completed_without_its_sink_is_kept_in_failed(cfg, store, drop, tmp_path,
@@ -135,6 +140,20 @@ def test_a_file_completed_without_its_sink_is_kept_in_failed(cfg, store, drop, t
     assert ended.status == "completed" and "without the sink" in ended.message
     assert files_in(project.move_to / "failed") == {f"{ended.id}-letter.txt": "dear sink"}
     assert files_in(drop) == {}
+
+
+def test_a_file_a_writer_still_holds_is_left_for_its_next_version(cfg, store, drop, extractors,
+                                                                  leases_allowed):
+    """`echo a > f; slow >> f`: the first version's job ends while the second writer has the
+    file open. Moved or deleted, what it writes next would be lost: the file stays, and what
+    it writes makes a new version."""
+    project = project_of(cfg, "delete")
+    path = drop / "growing.txt"
+    path.write_text("first part\n")
+    with open(path, "a") as writer:
+        assert ingest(project, path, extractors).status == "completed"
+        writer.write("second part\n")
+    assert files_in(drop) == {"growing.txt": "first part\nsecond part\n"}
 
 
 class TestWhatAScanFinishes:
@@ -178,6 +197,46 @@ class TestWhatAScanFinishes:
         os.rename(path, drop / f".ingestd-{failed.id}-0123456789ab-again.txt.taking")
         scan_now(project_of(cfg, "move"))
         assert files_in(drop) == {"again.txt": "read me again"}
+
+    def test_a_retried_job_completed_from_failed_is_moved_once_it_can_be(
+            self, cfg, store, drop, extractors, tmp_path):
+        """A retry completed the job from its copy in failed/, but processed/ could not be
+        made then: the copy stays in failed/ until a scan moves it."""
+        moved = tmp_path / "moved"
+        pdf_only = project_of(cfg, "move", moved, allowed_types=("application/pdf",))
+        path = drop / "retried.txt"
+        path.write_text("failed, then retried")
+        failed = ingest(pdf_only, path, extractors)
+        assert failed.status == "failed"
+        (moved / "processed").write_text("in the way")
+        jobs.retry("acme", failed.id)
+        [claimed] = jobs.claim("w1")
+        project = project_of(cfg, "move", moved)
+        context = Context(owner="w1", project=project, sink=open_sink(project),
+                          extractors=extractors, control=Control(), progress_interval=60)
+        assert run_job(claimed, context).status == "completed"
+        assert files_in(moved / "failed") == {f"{failed.id}-retried.txt": "failed, then retried"}
+        (moved / "processed").unlink()
+        scan_now(project)
+        assert files_in(moved / "processed") == {
+            f"{failed.id}-retried.txt": "failed, then retried"}
+        assert files_in(moved / "failed") == {}
+
+    def test_partial_copies_nobody_writes_are_removed(self, cfg, store, drop, tmp_path):
+        """A crash during a copy to another file system, after which the taken file was put
+        back (its job retried): the partial copy goes at the next scan; one being written
+        (locked by its writer) stays."""
+        project = project_of(cfg, "move", tmp_path / "moved")
+        failed = tmp_path / "moved" / "failed"
+        failed.mkdir(parents=True)
+        stale = failed / ".ingestd-7-0123456789ab-big.bin.copying"
+        stale.write_text("a third of it")
+        busy = failed / ".ingestd-8-0123456789ab-other.bin.copying"
+        busy.write_text("being written")
+        with open(busy, "ab") as writing:
+            fcntl.flock(writing, fcntl.LOCK_EX)
+            scan_now(project)
+            assert files_in(failed) == {busy.name: "being written"}
 
     def test_a_file_another_process_is_moving_is_left_to_it(self, cfg, store, drop,
                                                             extractors):
