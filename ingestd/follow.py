@@ -17,6 +17,7 @@ follower polls the database and tries the socket again now and then.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -179,6 +180,7 @@ class Follower:
         self.printer = printer
         self.socket_path = socket_path
         self.last = last
+        self.last_line: str | None = None  # the event ``last`` as handled (None: none yet)
         self.installation = events.installation_id()
         self.sock: socket.socket | None = None
         self._socket_up: bool | None = None  # for logging changes only, not every retry
@@ -203,7 +205,7 @@ class Follower:
                 return
             if seq > self.last + 1:
                 self._gone(seq)
-        self.last = seq  # filtered-out events advance it too
+        self.last, self.last_line = seq, line  # filtered-out events advance it too
         self.printer.show(line, event)
 
     def _gone(self, seq: int) -> None:
@@ -212,11 +214,33 @@ class Follower:
 
     def catch_up(self, upto: int | None = None) -> None:
         """Print every event the database holds after ``last`` (up to ``upto``)."""
+        self._check_same_history()
         for seq, line in events.replay(self.last, self.installation):
             if upto is not None and seq > upto:
                 break
             self.offer(seq, line, live=False)
         self.printer.flush()
+
+    def _check_same_history(self) -> None:
+        """Gone if the event handled last is no longer the database's: one restored from a
+        backup numbers its new events again from the backup's last, and skipping them as seen
+        would lose them without a word (their ids differ: events.event_id)."""
+        if self.last_line is None:
+            return  # nothing handled yet: --since was checked against the database at start
+        row = Event.get_or_none(Event.seq == self.last)
+        if row is None:
+            kept = events.retained()
+            if kept.last >= self.last:
+                return  # pruned since
+            now_holds = f"it holds events up to {kept.last} now"
+        elif events.event_id(self.installation, row.seq, row.time) != json.loads(
+                self.last_line)["id"]:
+            now_holds = f"its event {self.last} is another event now"
+        else:
+            return
+        raise events.Gone(f"the database was restored from a backup or replaced while "
+                          f"following: {now_holds}, and events after the restore point were "
+                          f"not printed; list them with ingestd events")
 
     # following ---------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from peewee import fn
 
 from ingestd import db, jobs
 from ingestd.events import installation_id, overflow_line, to_line
-from ingestd.models import Event, Job, database
+from ingestd.models import Event, EventSequence, Job, database
 
 from conftest import run_cli, wait_for
 from harness import Daemon, open_db, write_config
@@ -484,6 +484,23 @@ class TestReplay:
         command = site.events("--since", "5", "--format", "json")
         assert command.finish() == 0
         assert command.sequences() == [6, 7, 8, 9, 10]
+
+    def test_a_follower_across_a_restore_says_so_instead_of_skipping(self, site):
+        """The database goes back to a backup taken after event 3 (events 4 and 5 gone, the
+        counter back at 3), then gets new events 4..7: other events than the 4 and 5 printed.
+        The follower must not skip 4..5 as seen: it ends (exit 1) saying what happened."""
+        for i in range(5):
+            reject(f"/drop/acme/before{i}.txt")
+        follower = site.events("--since", "0", "-f", "--format", "json")
+        follower.wait_for_sequence(5)
+        with database.atomic():  # what restoring the backup does to the outbox
+            database.execute_sql("DELETE FROM ingest_events WHERE seq > 3")
+            EventSequence.update(last_seq=3).execute()
+        for i in range(4):
+            reject(f"/drop/acme/after{i}.txt")
+        assert follower.finish() == 1
+        assert "restored from a backup or replaced while following" in follower.stderr()
+        assert follower.sequences() == [1, 2, 3, 4, 5]
 
     def test_since_past_the_last_event_is_refused(self, site):
         """A resume point the database never reached (restored from a backup since): its next
