@@ -92,7 +92,12 @@ def _tsquery(groups: list[list[Term]]) -> str:
         lexemes = [words_.quoted(words_.lexeme(w)) for w in t.words]
         if t.prefix:
             lexemes[-1] = words_.quoted(words_.prefix_lexeme(t.words[-1])) + ":*"
-        return "(" + " <-> ".join(lexemes) + ")"
+        if len(lexemes) == 1:
+            return lexemes[0]
+        # A chunk whose positions PostgreSQL cut is taken by the phrase's words alone, and
+        # the phrase checked in its text (see search()).
+        cut = words_.quoted(words_.POSITIONS_CUT)
+        return f"(({' <-> '.join(lexemes)}) | ({' & '.join(lexemes)} & {cut}))"
 
     return " | ".join("(" + " & ".join(term(t) for t in group) + ")" for group in groups)
 
@@ -149,9 +154,18 @@ def search(project_id: str, query: str, limit: int = DEFAULT_LIMIT) -> list[Hit]
         if str(exc) == "interrupted":  # a signal handler raised in _stoppable's callback
             raise KeyboardInterrupt from None
         raise UsageError(f"malformed query: {exc}") from None  # parse() should prevent it
+    if postgres and any(len(term.words) > 1 for group in groups for term in group):
+        rows = [row for row in rows if _holds(row[1], groups)]
     return [Hit(float(score), " ".join((make_snippet(text, groups) if postgres else text).split()),
                 page, path, job_id, document_id)
             for score, text, page, path, job_id, document_id in rows]
+
+
+def _holds(text: str, groups: list[list[Term]]) -> bool:
+    """Whether the passage matches the query, phrases included (PostgreSQL takes a chunk
+    whose word positions it cut by the phrases' words alone)."""
+    folded = [word for _, _, word in words_.spans(text)]
+    return any(all(_occurrences(folded, term) for term in group) for group in groups)
 
 
 def make_snippet(text: str, groups: list[list[Term]], size: int = SNIPPET_WORDS) -> str:

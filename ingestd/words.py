@@ -80,6 +80,8 @@ _FOLD_EXCEPTIONS = {"\u0130": "i",            # İ: Python makes it "i" and a co
                     "\u01e0": "\u01e1"}       # Ǡ: FTS5 keeps the dot and macron of ǡ
 
 MAX_LEXEME_BYTES = 2047  # PostgreSQL's limit for a lexeme
+MAX_POSITION, MAX_POSITIONS = 16383, 256  # what a tsvector keeps: a word's place, a word's places
+POSITIONS_CUT = "#positions-cut"  # no word is this ("#" and "-" separate words)
 # A longer word (FTS5 takes any length) is indexed on PostgreSQL as its first 2000 bytes, a
 # space (no word has one) and a digest of the whole word: the same word in a query gives the
 # same lexeme, so it matches where SQLite matches it, and never more than the one word.
@@ -216,13 +218,18 @@ def quoted(lexeme: str) -> str:
 def tsvector(text: str) -> str:
     """``text``'s words as PostgreSQL's tsvector input (for ``CAST(%s AS tsvector)``), with
     their positions as FTS5 counts them (from 1 here), so phrases match as on SQLite.
-    PostgreSQL takes positions up to 16383 (a later word counts as 16383) and 256 of one word."""
+    PostgreSQL takes positions up to 16383 (a later word counts as 16383) and 256 of one word:
+    a text past either limit also gets the lexeme :data:`POSITIONS_CUT`, so that a phrase
+    search takes it by its words alone and checks the phrase in its text (search.py)."""
     positions: dict[str, list[int]] = {}
-    for position, word in enumerate(words(text), start=1):
+    count = 0
+    for count, word in enumerate(words(text), start=1):
         seen = positions.get(word)
         if seen is None:
-            positions[word] = [position]
+            positions[word] = [count]
         else:
-            seen.append(position)
-    return " ".join(f"'{lexeme(word)}':{','.join(map(str, seen)) if len(seen) > 1 else seen[0]}"
-                    for word, seen in positions.items())
+            seen.append(count)
+    cut = count > MAX_POSITION or any(len(seen) > MAX_POSITIONS for seen in positions.values())
+    entries = [f"'{lexeme(word)}':{','.join(map(str, seen)) if len(seen) > 1 else seen[0]}"
+               for word, seen in positions.items()]
+    return " ".join(entries + [quoted(POSITIONS_CUT)] if cut else entries)

@@ -3,6 +3,7 @@ deletes that clean up, and strict, safe search queries."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ingestd import chunking, db, documents, intake, jobs, migrations, search, words
+from ingestd.config import SinkConfig
 from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
@@ -269,6 +271,21 @@ class TestBothDatabasesSeeTheSameWords:
                  for query in PARITY}
         assert found == PARITY
         assert_full_text_index_consistent()
+
+    def test_phrases_past_the_positions_postgresql_keeps_are_found(self, ingest, drop, cfg):
+        """A tsvector keeps 256 places of a word and places up to 16,383: a phrase after a
+        word's 256th occurrence, or past the 16,383rd word of a chunk, is found all the same
+        (and a phrase that is not there is not)."""
+        ingest(write(drop / "repeats.txt", "k " * 300 + "zq"))
+        long_chunk = dataclasses.replace(cfg.projects["acme"], sink=SinkConfig(
+            kind="index", options={"chunk_size": 400_000, "chunk_overlap": 0}))
+        text = " ".join(f"w{number}" for number in range(20_000)) + " needle haystack end"
+        ingest(write(drop / "far.txt", text), sink=open_sink(long_chunk))
+        for query, name in [('"k zq"', "repeats.txt"), ('"needle haystack"', "far.txt"),
+                            ('"w19998 w19999"', "far.txt"), ('"w100 w101"', "far.txt")]:
+            assert [Path(hit.source_path).name for hit in search.search("acme", query)] == [name]
+        assert search.search("acme", '"zq k"') == []
+        assert search.search("acme", '"haystack needle"') == []
 
     @pytest.mark.parametrize("query, snippet", [
         ("example", "Invoice dated 2024-01-15 for 3.14 units, see [example].com or mail "
