@@ -469,18 +469,23 @@ class TestFilters:
         assert follower.sequences() == expected and len(expected) == 4
 
 
+def assert_since_refused(site: "Site", since: int, *reasons: str) -> None:
+    """`--since N`, with and without -f: exit 1, nothing printed, the reasons on stderr."""
+    for args in (["--since", str(since)], ["--since", str(since), "-f"]):
+        command = site.events(*args, "--format", "json")
+        assert command.finish() == 1
+        stderr = command.stderr()
+        assert all(reason in stderr for reason in reasons), stderr
+        assert command.lines == [] and "Traceback" not in stderr
+
+
 class TestReplay:
     def test_since_before_the_retained_range_is_gone(self, site):
         """Pruned events cannot be replayed: exit 1 with a one-line reason naming the resume point."""
         for i in range(10):
             reject(f"/drop/acme/old{i}.txt")
         database.execute_sql("DELETE FROM ingest_events WHERE seq <= 5")  # as prune() deletes
-        for args in (["--since", "2"], ["--since", "2", "-f"]):
-            command = site.events(*args, "--format", "json")
-            assert command.finish() == 1
-            stderr = command.stderr()
-            assert "events after sequence 2 are gone" in stderr and "--since 5" in stderr, stderr
-            assert command.lines == [] and "Traceback" not in stderr
+        assert_since_refused(site, 2, "events after sequence 2 are gone", "--since 5")
         command = site.events("--since", "5", "--format", "json")
         assert command.finish() == 0
         assert command.sequences() == [6, 7, 8, 9, 10]
@@ -507,12 +512,7 @@ class TestReplay:
         events would be skipped silently, so it is refused, naming where to resume."""
         for i in range(3):
             reject(f"/drop/acme/r{i}.txt")
-        for args in (["--since", "9"], ["--since", "9", "-f"]):
-            command = site.events(*args, "--format", "json")
-            assert command.finish() == 1
-            stderr = command.stderr()
-            assert "there is no event 9: the last is 3" in stderr and "--since 3" in stderr, stderr
-            assert command.lines == [] and "Traceback" not in stderr
+        assert_since_refused(site, 9, "there is no event 9: the last is 3", "--since 3")
         assert site.events("--since", "3", "--format", "json").finish() == 0
 
     def test_without_flags_the_last_20_events(self, site):
