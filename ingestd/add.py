@@ -62,7 +62,7 @@ def check_name(folder: Path, name: str) -> None:
 def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
     """Copy ``source`` into the project's first folder as ``name`` (or ``name (N)``)."""
     folder = project.folders[0]
-    temp = folder / f".ingestd-add-{uuid.uuid4().hex}.part"
+    temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}.part"  # no project takes it
     try:
         with open(temp, "xb") as out:
             written = _copy(source, out, project.max_bytes)

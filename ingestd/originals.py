@@ -83,6 +83,17 @@ def wait_idle(seconds: float) -> bool:
     return _activity.close_and_wait(seconds)
 
 
+@contextlib.contextmanager
+def _one_move(failure: str, **fields: object) -> Iterator[bool]:
+    """Around one piece of moving: counted for a stop (False once the stop began: do nothing),
+    and a file-system error logged as ``failure`` (the next scan tries again)."""
+    with _activity.running() as allowed:
+        try:
+            yield allowed
+        except OSError as exc:
+            log.warning(failure, **fields, reason=exc.strerror or str(exc))
+
+
 # --- the job's version ---------------------------------------------------------------------------
 
 def fs_path(job: Job) -> bytes:
@@ -115,14 +126,10 @@ def dispose(job: Job, project: ProjectConfig) -> None:
     path, or (a retried job) in failed/. A failure is logged: the next scan tries again."""
     if project.after == "keep" or job.status not in (JobStatus.COMPLETED, JobStatus.FAILED):
         return
-    with _activity.running() as allowed:
-        if not allowed:
-            return
-        try:
+    with _one_move("original_not_disposed", job_id=job.id, path=job.source_path,
+                   after=project.after) as allowed:
+        if allowed:
             _dispose(job, project)
-        except OSError as exc:
-            log.warning("original_not_disposed", job_id=job.id, path=job.source_path,
-                        after=project.after, reason=exc.strerror or str(exc))
 
 
 def _dispose(job: Job, project: ProjectConfig) -> None:
@@ -347,15 +354,9 @@ def recover_taken(path: str, project: ProjectConfig) -> None:
     if found is None:
         return
     raw = os.fsencode(path)
-    with _activity.running() as allowed:
-        if not allowed:
-            return
-        try:
-            with _claimed(raw) as state:
-                if state == "locked" or (state == "unlockable" and _old(raw)):
-                    _recover(raw, int(found.group(1)), found.group(2), project)
-        except OSError as exc:
-            log.warning("original_not_recovered", path=path, reason=exc.strerror or str(exc))
+    with _one_move("original_not_recovered", path=path) as allowed, _claimed(raw) as state:
+        if allowed and (state == "locked" or (state == "unlockable" and _old(raw))):
+            _recover(raw, int(found.group(1)), found.group(2), project)
 
 
 def _old(taken: bytes) -> bool:
@@ -369,9 +370,6 @@ def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> No
     info = os.lstat(taken)
     ours = (job is not None and job.project_id == project.name
             and os.path.dirname(fs_path(job)) == directory and is_version(job, info))
-    if project.move_to is not None:
-        for where in ("processed", "failed"):
-            _remove_partials(_folder(project, where), job_id)
     if (ours and job.status in (JobStatus.COMPLETED, JobStatus.FAILED) and job.deleted_at is None
             and project.after != "keep"):
         where = "processed" if _stored(job) else "failed"
@@ -389,9 +387,9 @@ def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> No
     log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
 
 
-def _remove_partials(folder: bytes, job_id: int | None = None) -> None:
-    """Remove the partial copies (of ``job_id``, or of any job) that nobody is writing."""
-    prefix = os.fsencode(names.OWN_PREFIX + ("" if job_id is None else f"{job_id}-"))
+def _remove_partials(folder: bytes) -> None:
+    """Remove the partial copies that nobody is writing (a crash during a copy)."""
+    prefix = os.fsencode(names.OWN_PREFIX)
     try:
         entries = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -409,16 +407,11 @@ def tidy(project: ProjectConfig) -> None:
     whose job completed since (a retry read it there) but could not be moved or deleted then."""
     if project.after == "keep" or project.move_to is None:
         return
-    with _activity.running() as allowed:
-        if not allowed:
-            return
-        try:
+    with _one_move("originals_not_tidied", move_to=str(project.move_to)) as allowed:
+        if allowed:
             for where in ("processed", "failed"):
                 _remove_partials(_folder(project, where))
             _finish_retried(project)
-        except OSError as exc:
-            log.warning("originals_not_tidied", move_to=str(project.move_to),
-                        reason=exc.strerror or str(exc))
 
 
 def _finish_retried(project: ProjectConfig) -> None:

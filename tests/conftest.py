@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from ingestd import config as config_mod, db
+from ingestd.procpool import ExtractorPool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -184,3 +185,11 @@ def move_to(request, tmp_path) -> Path:
     if request.param == "same file system":
         return tmp_path / "moved"
     return request.getfixturevalue("another_file_system")
+
+
+@pytest.fixture
+def extractors() -> Iterator[ExtractorPool]:
+    """One extraction process, for jobs run in the test's own process."""
+    pool = ExtractorPool(1)
+    yield pool
+    pool.close()

@@ -21,20 +21,12 @@ from ingestd.config import SinkConfig
 from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
-from ingestd.procpool import ExtractorPool
 from ingestd.sinks import Document as SinkDocument, open_sink
 from ingestd.sinks.index import SLICED_UP_TO, IndexSink
 
 import corpus
 from conftest import run_cli, wait_for
 from proctree import cpu_seconds
-
-
-@pytest.fixture
-def extractors():
-    pool = ExtractorPool(1)
-    yield pool
-    pool.close()
 
 
 @pytest.fixture

@@ -17,15 +17,7 @@ from ingestd.config import SinkConfig
 from ingestd.models import Job
 from ingestd.paths import is_wanted
 from ingestd.pipeline import Context, Control, run_job
-from ingestd.procpool import ExtractorPool
 from ingestd.sinks import open_sink
-
-
-@pytest.fixture
-def extractors():
-    pool = ExtractorPool(1)
-    yield pool
-    pool.close()
 
 
 def project_of(cfg, after: str, move_to: Path | None = None, **changes):

@@ -26,13 +26,6 @@ from ingestd.sinks import open_sink
 from proctree import descendants, gone
 
 
-@pytest.fixture
-def extractors():
-    pool = ExtractorPool(1)
-    yield pool
-    pool.close()
-
-
 def queue_file(cfg, path: Path, project: str = "acme", max_attempts: int = 3):
     folder, version = intake.inspect(cfg.projects[project], path)
     return jobs.create(project, str(folder), version, max_attempts)[0]
