@@ -386,10 +386,10 @@ class WorkerPool:
         is never more than one job ahead of its ends."""
         started = time.monotonic()
         control.begun = True
-        if project is None:
+        if project is None:  # a reload removed it after the claim: the job waits, not fails
             self._hand_over(slot)
-            self._end_run(job, control, started, lambda: jobs.fail(
-                job.id, self.owner, f"project {job.project_id!r} is no longer configured"))
+            self._release(lambda running: running.job.id == job.id,
+                          f"re-queued: project {job.project_id!r} is no longer configured")
             return
         _, _, ctx, found = self._prepare(job, project, control, grouped=False,
                                          on_extracting=lambda: self._hand_over(slot))

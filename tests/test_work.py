@@ -302,6 +302,28 @@ def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, 
     assert not pool.busy
 
 
+def test_jobs_claimed_before_a_reload_removed_their_project_wait_for_it_again(cfg, store, drop):
+    """A reload that removes a project while a slot holds claimed jobs of it (a small file in
+    a group, a PDF on its own) does not fail them: they go back to the queue, their attempt
+    not counted, where no slot takes them until the project is configured again."""
+    queue_files(cfg, drop, 1)
+    queue_files(cfg, drop, 1, lambda index: Path(make_pdf(drop / "b.pdf", ["page"])))
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    claimed = pool._register(jobs.claim(pool.owner, 10))
+    assert len(claimed) == 2
+    pool.reconfigure(replace(cfg, projects={}))
+    assert pool._run_batch(claimed, slot=0) is None
+    pool._hand_over(0)
+    for job, _ in claimed:
+        again = Job.get_by_id(job.id)
+        assert (again.status, again.attempts) == ("queued", 0)
+        assert "no longer configured" in again.message
+        assert events_of(job.id) == ["created", "started", "requeued"]
+    assert pool._claim() == [] and not pool.busy
+    assert {job.id for job in jobs.claim(pool.owner, 10, projects=["acme"])} == {
+        job.id for job, _ in claimed}
+
+
 def blocked_on_flock(path: Path) -> bool:
     """Someone waits for an flock on ``path`` (/proc/locks lists blocked waiters with ->)."""
     inode = f":{path.stat().st_ino} "
