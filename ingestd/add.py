@@ -44,7 +44,11 @@ def check_source(project: ProjectConfig, path: str) -> None:
         raise InputRefused(f"{shown}: cannot read: {exc.strerror}") from None
     # By what it holds, not its stat: /proc files say 0 bytes and are not empty.
     intake.refuse_empty(project, shown, max(info.st_size, len(head)))
-    mime = sniff_head(head, path)
+    _refuse_type(project, shown, head, path)
+
+
+def _refuse_type(project: ProjectConfig, shown: str, head: bytes, name: str) -> None:
+    mime = sniff_head(head, name)
     if not intake.type_allowed(project, mime):
         raise InputRefused(f"{shown}: type {mime} is not allowed in project {project.name!r} "
                            f"(allowed: {', '.join(project.allowed_types)})")
@@ -70,7 +74,9 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
             os.fsync(out.fileno())
         if written > project.max_bytes:
             raise InputRefused(f"{name}: too large (over max_bytes {project.max_bytes})")
-        intake.refuse_empty(project, name, written)  # stdin is only measured here
+        intake.refuse_empty(project, name, written)  # stdin is only measured (and sniffed) here
+        with open(temp, "rb") as written_out:  # before the link: a watcher would take it
+            _refuse_type(project, name, written_out.read(SNIFF_BYTES), name)
         return _link_free_name(temp, folder, name)
     finally:
         temp.unlink(missing_ok=True)
@@ -125,11 +131,6 @@ def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) ->
             with open(path, "rb") as handle:
                 target = deliver(project, handle, target_as)
         folder, version = intake.inspect(project, target)
-        try:
-            intake.check_type(project, version)
-        except InputRefused:
-            target.unlink(missing_ok=True)
-            raise
         created.append(jobs.create(project.name, str(folder), version, project.max_attempts)[0])
     return created
 

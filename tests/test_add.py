@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_config
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from conftest import run_cli, wait_for, write_config
 
 NAME_MAX = 255
 
@@ -64,6 +67,34 @@ class TestEmptyFiles:
         result = run_cli("add", "-p", "acme", "-", "--name", "empty.txt", config=config, stdin="")
         assert result.returncode == 0, result.stderr
         assert "queued" in result.stdout and (drop / "empty.txt").read_bytes() == b""
+
+
+class TestRefusedType:
+    def test_stdin_of_a_refused_type_never_shows_in_the_drop_folder(self, config_file, drop):
+        """Standard input is sniffed once it is written: refused (exit 5), it must never have
+        had its name in the drop folder, not even for a moment, or a daemon's watcher could
+        have made it a job. A real observer on the folder sees every name that appears."""
+        appeared: list[str] = []
+
+        class Names(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                if not event.is_directory:
+                    appeared.append(os.path.basename(event.dest_path or event.src_path))
+
+        observer = Observer()
+        observer.schedule(Names(), str(drop))
+        observer.start()
+        try:
+            result = run_cli("add", "-p", "acme", "-", "--name", "blob.dat",
+                             config=config_file, stdin="\x00\x01binary\x02")
+            (drop / "marker.txt").write_text("m")  # its events come after any of the add's
+            wait_for(lambda: "marker.txt" in appeared, 10, message="the marker's event")
+        finally:
+            observer.stop()
+            observer.join()
+        refused_in_one_line(result, "blob.dat: type application/octet-stream is not allowed")
+        assert {name for name in appeared if not name.startswith(".ingestd-")} == {"marker.txt"}
+        assert [path.name for path in drop.iterdir()] == ["marker.txt"]
 
 
 class TestLongNames:
