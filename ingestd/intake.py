@@ -167,10 +167,12 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
     by_project: dict[str, list[tuple[str, FileVersion]]] = {}
     for item, folder, version in inspected:
         by_project.setdefault(item.project.name, []).append((str(folder), version))
+    ready = [jobs.new_jobs(name, found, projects[name].max_attempts)
+             for name, found in by_project.items()]
     created = []
     with database.atomic():
-        for name, found in by_project.items():
-            created += jobs.create_many(name, found, projects[name].max_attempts)
+        for new in ready:
+            created += jobs.create_many(new)
         for item, reason in rejected:
             shown = display_path(item.path)[0]
             jobs.emit(jobs.FILE_REJECTED, {"path": shown, "reason": reason},

@@ -355,19 +355,37 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
 INSERT_BATCH = 400  # rows per INSERT: 20 parameters each, well under SQLite's limit
 
 
-def create_many(project_id: str, found: Sequence[tuple[str, FileVersion]],
-                max_attempts: int) -> list[Job]:
-    """Queue a job for each ``(folder, version)`` that has none yet, in one transaction; the
-    jobs created (a version that has a job, whoever made it, is skipped: see :func:`create`)."""
+@dataclass(frozen=True)
+class NewJobs:
+    """Jobs of one project to create, made ready before the transaction (see
+    :func:`new_jobs`): its INSERT statements and their parameters."""
+
+    inserts: list[tuple[str, list[Any]]]
+
+
+def new_jobs(project_id: str, found: Sequence[tuple[str, FileVersion]],
+             max_attempts: int) -> NewJobs:
+    """Make ready a job for each ``(folder, version)``, for :func:`create_many`: everything
+    but the ids, which the database gives (called outside the transaction, this keeps the
+    work off the write lock; a folder seen for the first time gets its source row here)."""
     sources = {folder: ensure_source(project_id, folder) for folder, _ in found}
     keyed = {version.key(project_id): (sources[folder], version) for folder, version in found}
     rows = [(source_id, version, key) for key, (source_id, version) in keyed.items()]
-    if not rows:
+    moment = now()
+    return NewJobs([_insert_statement(project_id, rows[start:start + INSERT_BATCH],
+                                      max_attempts, False, moment)
+                    for start in range(0, len(rows), INSERT_BATCH)])
+
+
+def create_many(new: NewJobs) -> list[Job]:
+    """Queue the jobs :func:`new_jobs` made ready, in one transaction; the jobs created (a
+    version that has a job, whoever made it, is skipped: see :func:`create`)."""
+    if not new.inserts:
         return []
     created: list[Job] = []
     with transaction():
-        for start in range(0, len(rows), INSERT_BATCH):
-            created += _insert_rows(project_id, rows[start:start + INSERT_BATCH], max_attempts)
+        for statement, params in new.inserts:
+            created += [_to_job(row) for row in _execute(statement, params).fetchall()]
         created.sort(key=lambda job: job.id)
         _emit_jobs(JOB_CREATED, created)
         if created and is_postgres():
@@ -384,15 +402,17 @@ _INSERT_COLUMNS = ("project_id", "source_id", "source_path", "source_path_raw",
 def _insert(project_id: str, source_id: int, version: FileVersion, key: str,
             max_attempts: int, is_deep_scan: bool) -> Job | None:
     """Insert the job unless its version exists (ON CONFLICT: no savepoint, no aborted txn)."""
-    created = _insert_rows(project_id, [(source_id, version, key)], max_attempts, is_deep_scan)
-    return created[0] if created else None
+    statement, params = _insert_statement(project_id, [(source_id, version, key)], max_attempts,
+                                          is_deep_scan, now())
+    row = _execute(statement, params).fetchone()
+    return None if row is None else _to_job(row)
 
 
-def _insert_rows(project_id: str, rows: Sequence[tuple[int, FileVersion, str]],
-                 max_attempts: int, is_deep_scan: bool = False) -> list[Job]:
-    """One INSERT of ``(source_id, version, version_key)`` rows; versions that exist already
-    (another process was first) are skipped by ON CONFLICT. The jobs inserted."""
-    moment = now()
+def _insert_statement(project_id: str, rows: Sequence[tuple[int, FileVersion, str]],
+                      max_attempts: int, is_deep_scan: bool, moment: float
+                      ) -> tuple[str, list[Any]]:
+    """The INSERT of ``(source_id, version, version_key)`` rows, and its parameters; versions
+    that exist already (another process was first) are skipped by ON CONFLICT."""
     params: list[Any] = []
     for source_id, version, key in rows:
         params += (project_id, source_id, version.path, version.raw_path,
@@ -402,9 +422,8 @@ def _insert_rows(project_id: str, rows: Sequence[tuple[int, FileVersion, str]],
     marks = ["?"] * (len(_INSERT_COLUMNS) - 1)
     marks.insert(_INSERT_COLUMNS.index("not_before"), clock_sql())
     values = ", ".join([f"({', '.join(marks)})"] * len(rows))
-    cursor = _execute(f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) VALUES {values} "
-                      f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", params)
-    return [_to_job(row) for row in cursor.fetchall()]
+    return (f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) VALUES {values} "
+            f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", params)
 
 
 # --- reading ---------------------------------------------------------------------------------
