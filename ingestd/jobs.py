@@ -199,10 +199,11 @@ def clock_sql() -> str:
 
 
 _NAMES = [f.name for f in _FIELDS]
-# Both drivers return numbers and text as Python wants them; only booleans (SQLite's 0/1) and
-# blobs (PostgreSQL's memoryview) need converting.
+# Both drivers return numbers and text as Python wants them; only booleans (SQLite's 0/1),
+# blobs (PostgreSQL's memoryview) and progress need converting: SQLite's RETURNING gives a REAL
+# column's whole number as stored, an integer (0 and 1, where a SELECT gives 0.0 and 1.0).
 _CONVERTED = [(index, f.python_value) for index, f in enumerate(_FIELDS)
-              if isinstance(f, (pw.BooleanField, pw.BlobField))]
+              if isinstance(f, (pw.BooleanField, pw.BlobField)) or f is Job.progress]
 
 
 def _to_job(row: Sequence[Any]) -> Job:

@@ -25,6 +25,11 @@ def create(cfg, path: Path, project: str = "acme") -> Job:
     return job
 
 
+def record_json(job: Job) -> str:
+    """The job's record as event data stores it."""
+    return json.dumps(jobs.job_record(job), ensure_ascii=False, separators=(",", ":"))
+
+
 def events_of(job_id: int) -> list[Event]:
     return list(Event.select().where(Event.job_id == job_id).order_by(Event.seq))
 
@@ -382,6 +387,23 @@ class TestEvents:
             "queued", "running", "running", "completed"]
         assert json.loads(events[2].data)["stage"] == "extracting"
         assert json.loads(events[-1].data) == jobs.job_record(Job.get_by_id(job.id))
+
+    def test_a_burst_s_events_hold_each_job_as_a_read_of_its_row_gives_it(
+            self, cfg, any_store, drop):
+        """Jobs made and completed in groups (their rows as the statements return them): each
+        created and completed event holds, byte for byte, the record a read of the job's row
+        gives right after the change. Progress too: SQLite's RETURNING gives 0.0 and 1.0 as
+        0 and 1, and the events said so where `jobs show` said 0.0 and 1.0."""
+        found = [intake.inspect(cfg.projects["acme"], make_file(drop, f"f{i}.txt", f"{i}\n"))
+                 for i in range(5)]
+        created = jobs.create_many(jobs.new_jobs("acme", [(str(f), v) for f, v in found], 3))
+        as_created = {job.id: record_json(Job.get_by_id(job.id)) for job in created}
+        jobs.complete_many("w1", [(job.id, "2 characters", job.id, "ab", "text/plain")
+                                  for job in jobs.claim("w1", 10)])
+        for job in created:
+            made, started, completed = events_of(job.id)
+            assert made.data == as_created[job.id]
+            assert completed.data == record_json(Job.get_by_id(job.id))
 
     def test_sequence_is_gap_free(self, cfg, any_store, drop):
         """Event sequences run 1..N without gaps, also across failed transitions."""
