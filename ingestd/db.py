@@ -142,7 +142,11 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
 
     def rollback(self) -> None:
         try:
-            super().rollback()
+            # SQLite rolls back by itself on some errors (the disk full): a ROLLBACK then fails,
+            # "no transaction is active", and that error would replace the one that said why.
+            conn = self._state.conn
+            if conn is None or conn.in_transaction:
+                super().rollback()
         finally:
             self._unlock()
 

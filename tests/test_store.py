@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 
 import pytest
 
 from ingestd import db, jobs, migrations
 from ingestd.errors import StoreError
+from ingestd.models import Event
 
 from conftest import run_cli, write_config
 
@@ -127,6 +129,28 @@ def test_a_locked_database_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
         holder.execute("ROLLBACK")
         db.close_store()
     assert time.monotonic() - started < 5
+
+
+def test_a_full_database_says_so_and_takes_writes_again_once_there_is_room(tmp_path):
+    """SQLite rolls the transaction back by itself when the disk is full (here: the file may
+    not grow past max_page_count). The error says so, not what the ROLLBACK after it said
+    ("no transaction is active"), and the write lock is free again: once there is room, a
+    write from another thread (its own connection and lock file descriptor) commits."""
+    database = db.open_store(url_of(tmp_path))
+    try:
+        pages = database.execute_sql("PRAGMA page_count").fetchone()[0]
+        database.execute_sql(f"PRAGMA max_page_count = {pages + 2}")
+        with pytest.raises(StoreError, match="database or disk is full"):
+            with db.translate_errors():
+                jobs.emit(jobs.DAEMON_STARTED, {"padding": "x" * 100_000})
+        database.execute_sql("PRAGMA max_page_count = 1073741823")
+        other = threading.Thread(target=lambda: jobs.emit(jobs.DAEMON_STARTED, {}))
+        other.start()
+        other.join(10)
+        assert not other.is_alive()
+        assert [event.data for event in Event.select()] == ["{}"]
+    finally:
+        db.close_store()
 
 
 def test_cli_reports_a_corrupt_database_in_one_line(tmp_path, config_file):
