@@ -93,8 +93,8 @@ class Daemon:
             return 0
         self._store_identity = file_identity(db.sqlite_file())
         self._start_events()
-        self._start()
-        try:
+        try:  # a start cut short stops what it started: worker processes outlive an exception
+            self._start()
             return self._main_loop()
         finally:
             self._shutdown()
@@ -179,7 +179,10 @@ class Daemon:
         # any worker competes with job creation for the interpreter.
         self.scheduler.add_job(self._start_scan, id="rescan-start")
         self._wait_for_workers()
-        jobs.emit(jobs.DAEMON_STARTED, self._facts())
+        try:  # the database full or locked for long: it runs all the same, and catches up then
+            jobs.emit(jobs.DAEMON_STARTED, self._facts())
+        except Exception as exc:
+            log.warning("started_event_not_written", reason=str(exc))
         self._refresh_status()
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_SECONDS,
                                id="status-line")
@@ -271,7 +274,8 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace_seconds
         self.pool.stop(grace)
         originals.wait_idle(max(0.0, grace - (time.monotonic() - began)))  # a scan's move
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # not yet, if the start was cut short
+            self.scheduler.shutdown(wait=False)
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:

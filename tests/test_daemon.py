@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import textwrap
 import threading
@@ -502,6 +503,32 @@ class TestLifecycle:
         assert waits and waits[0]["holder"].startswith(f"pid {os.getpid()} (")
         running.start()
         assert document_text(wait_job(path, timeout=60)) == "dropped while the lock is held"
+
+    def test_a_start_whose_own_write_fails_runs_all_the_same(self, tmp_path, folders):
+        """The database takes no write as the daemon starts (another program holds SQLite's
+        write lock past the busy timeout; a full disk does the same): the started event is not
+        written, and the daemon says so and runs. Once writes go through again it ingests, and
+        SIGTERM stops it (exit 0). The failed write used to end the start half-way: its
+        worker processes never told to stop, the process never exited, SIGTERM unheard."""
+        config = write_config(tmp_path, config_text(folders))
+        assert run_cli("db", "migrate", config=config).returncode == 0
+        holder = sqlite3.connect(tmp_path / "state" / "ingestd.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # SQLite's lock alone: ingestd's lock file stays free
+        running = Daemon(tmp_path, config).start(wait_ready=False)
+        try:
+            running.notify.wait_for(lambda m: "READY=1" in m, timeout=60,
+                                    alive=lambda: running.alive)
+            [said] = [json.loads(line) for line in running.log().splitlines()
+                      if "started_event_not_written" in line]
+            assert "database is locked" in said["reason"]
+            holder.execute("ROLLBACK")
+            path = drop(folders["acme"], "after.txt", "written after the lock was let go")
+            open_db(config)
+            assert document_text(wait_job(path)) == "written after the lock was let go"
+        finally:
+            holder.close()
+            db.close_store()
+            assert running.stop(timeout=30) == 0
 
     def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
         """A project added to the file and reloaded with SIGHUP is watched at once."""
