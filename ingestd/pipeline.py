@@ -233,6 +233,9 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except ExtractionTimeout:
         final = _timed_out(job, ctx, sha)
     except SinkError as exc:
+        if ctx.control.abandoned:  # a stop released the job, then killed its sink program
+            bound.info("job_abandoned", reason=f"sink: {exc}")
+            return None
         final = _sink_failed(job, ctx, exc, sha, mime)
     except Transient as exc:
         final = _transient(job, ctx, exc, sha, mime)

@@ -424,12 +424,17 @@ class TestLifecycle:
             writer.join()
 
     def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders, tmp_path):
-        """Jobs still running after the grace period go back to the queue; a restart finishes them."""
+        """Jobs still running after the grace period go back to the queue; a restart finishes
+        them. Their sink program is killed, which their worker hears of as a sink failure
+        after the release: nothing to log at error level, the job is no longer its own."""
         sink, release = blocking_sink(tmp_path)
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 0.2", acme_extra=sink)
         path = drop(folders["acme"], "held.txt", "held by its sink")
         wait_job(path, "running")
         assert running.stop(timeout=30) == 0, running.log()[-3000:]
+        logged = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
+        assert [line for line in logged if line["level"] in ("error", "critical")] == []
+        assert any(line["event"] == "job_abandoned" for line in logged)
         [job] = jobs_for(path)
         assert (job.status, job.attempts) == ("queued", 0), running.log()[-3000:]
         assert events_of_type("io.ingestd.daemon.stopping")
