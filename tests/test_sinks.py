@@ -568,6 +568,22 @@ class TestWithTheDaemon:
         assert retrying_events(job.id) == 2
         assert counter.read_text() == "3"
 
+    def test_a_sink_failing_transiently_to_the_last_attempt_says_it_gave_up(self, tmp_path,
+                                                                           sink_daemon):
+        """Out of attempts, a transient sink failure fails the job saying so, as a transient
+        read failure does: "(gave up after 3 attempts)"."""
+        command = script(tmp_path, """
+            sys.stdin.read()
+            print("index busy, try later", file=sys.stderr)
+            sys.exit(75)
+        """)
+        path = sink_daemon(command) / "doc.txt"
+        path.write_text("never taken")
+        job = wait_ended(path, timeout=60)
+        assert (job.status, job.attempts) == ("failed", 3)
+        assert job.error_message == "sink: index busy, try later (gave up after 3 attempts)"
+        assert retrying_events(job.id) == 2
+
     def test_a_permanent_sink_failure_fails_the_job(self, tmp_path, sink_daemon):
         """A sink that fails permanently fails the job at once with the sink's reason."""
         path = sink_daemon(script(tmp_path, ALWAYS_REJECTS)) / "doc.txt"
