@@ -229,9 +229,10 @@ class TestCommandOptions:
 # --- the http sink ----------------------------------------------------------------------------
 
 class TestIndexOptions:
-    def test_no_overlap_is_a_choice(self, tmp_path):
+    def test_no_overlap_is_a_choice(self, tmp_path, store):
         """chunk_overlap = 0 is accepted: the chunks then follow each other without overlap,
-        nothing but the space between them left out."""
+        nothing but the space between them left out. (The chunk rows depend on the bound
+        database, SQLite here: after a PostgreSQL test the models stayed bound to it.)"""
         sink = open_sink(project(tmp_path, "index", chunk_size=40, chunk_overlap=0))
         text = "One sentence here. Another one there. A third one follows. The end."
         rows = sink.parts_of(Document("acme", 1, text, "/x", "x", "text/plain", "0" * 64,
