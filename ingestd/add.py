@@ -69,27 +69,29 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
     temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}.part"  # no project takes it
     try:
         with open(temp, "xb") as out:
-            written = _copy(source, out, project.max_bytes)
+            written, head = _copy(source, out, project.max_bytes)
             out.flush()
             os.fsync(out.fileno())
         if written > project.max_bytes:
             raise InputRefused(f"{name}: too large (over max_bytes {project.max_bytes})")
         intake.refuse_empty(project, name, written)  # stdin is only measured (and sniffed) here
-        with open(temp, "rb") as written_out:  # before the link: a watcher would take it
-            _refuse_type(project, name, written_out.read(SNIFF_BYTES), name)
+        _refuse_type(project, name, head, name)  # before the link: a watcher would take it
         return _link_free_name(temp, folder, name)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> int:
-    written = 0
+def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> tuple[int, bytes]:
+    """Bytes written (past ``limit``: stopped there), and the first SNIFF_BYTES of them."""
+    written, head = 0, b""
     while chunk := source.read(COPY_CHUNK):
         written += len(chunk)
         if written > limit:
-            return written
+            break
+        if len(head) < SNIFF_BYTES:
+            head += chunk[:SNIFF_BYTES - len(head)]
         out.write(chunk)
-    return written
+    return written, head
 
 
 def _link_free_name(temp: Path, folder: Path, name: str) -> Path:

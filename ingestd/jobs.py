@@ -754,7 +754,12 @@ def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: floa
             raise
         if job.cancel_requested:
             return finish_cancelled(job_id, owner)
-        return fail(job_id, owner, f"{error_message} (gave up after {job.attempts} attempts)")
+        return fail(job_id, owner, gave_up(error_message, job.attempts))
+
+
+def gave_up(reason: str, attempts: int) -> str:
+    """A transient failure's reason once no attempt is left."""
+    return f"{reason} (gave up after {attempts} attempts)"
 
 
 def finish_cancelled(job_id: int, owner: str | None,
@@ -835,7 +840,7 @@ def _rescue_one(job: Job, still_expired: list[str]) -> Job:
     if job.attempts >= job.max_attempts:
         return _transition(job.id, event=JOB_FAILED, status=JobStatus.FAILED.value,
                            completed_at=now(),
-                           error_message=f"{lost} (gave up after {job.attempts} attempts)",
+                           error_message=gave_up(lost, job.attempts),
                            **common)
     return _transition(job.id, event=JOB_REQUEUED, status=JobStatus.QUEUED.value,
                        stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),

@@ -283,7 +283,7 @@ def _transient(job: Job, ctx: Context, exc: Exception, sha: str | None,
             except Conflict:
                 return _after_lost_completion(job, ctx)
         if exc.transient:  # out of attempts: said as retry_later says it
-            reason = f"{reason} (gave up after {job.attempts} attempts)"
+            reason = jobs.gave_up(reason, job.attempts)
         return jobs.fail(job.id, ctx.owner, reason, content_sha256=sha)
     delay = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, job.attempts - 1))
     return jobs.retry_later(job.id, ctx.owner, reason, delay)
