@@ -69,10 +69,16 @@ index-cost  Issue 5: the throughput run with the text sink and with the index si
 daemon's PYTHONPATH: nothing in the package is changed) and adds "write_lock" to each daemon
 figure: busy (seconds held / seconds of the run) and per holder (process role: thread) its
 transactions and seconds waiting, holding, on a CPU while holding, and runnable but waiting for
-a CPU while holding (the kernel's run queue, from /proc/thread-self/schedstat). Taken with 2
-workers and the index sink: busy 0.80-0.89, holders on a CPU for only 60-75% of the time they
-hold it, and in the run queue for nearly all the rest (preempted by the daemon's other threads
-and processes: 2 cores, more runnable threads).
+a CPU while holding (the kernel's run queue, from /proc/thread-self/schedstat), and how often it
+slept while holding (voluntary context switches). Taken with 2 workers and the index sink: busy
+0.80-0.89, holders on a CPU for only 60-75% of the time they hold it, and in the run queue for
+nearly all the rest (preempted by the daemon's other threads and processes: 2 cores, more
+runnable threads). The exception is job creation in the daemon process (holder "daemon:
+settler"): it sleeps for about 40% of its hold, 20-30 times per transaction, on its GIL (strace
+shows 5 ms timed waits on the GIL's condition: after each SQLite call it must win the GIL back
+from the watcher's threads). A 0.5 ms switch interval while holding the lock halved that
+sleep, yet throughput / floor moved from 0.508 to 0.52 (median of 15 rounds each, alternated):
+within the noise, so not kept.
 --profile [threads|gil] attaches `py-spy record --threads` (pip install py-spy) to each daemon once
 it is ready (threads: with --subprocesses; gil: with --gil, so only the thread holding the GIL is
 sampled, which shows where the interpreter's one core goes) and writes
@@ -538,12 +544,14 @@ def lock_report(before: dict[str, collections.Counter], after: dict[str, collect
                 seconds: float) -> dict[str, Any]:
     """--lock-stats over a run: how busy the write lock was (seconds held / seconds of the
     run), and per holder its transactions, seconds waiting, holding, on a CPU while holding,
-    and waiting for a CPU while holding (runnable, in the kernel's run queue). A holder that
-    is neither (on a CPU nor in the run queue) sleeps while it holds: on its GIL or in I/O."""
+    and waiting for a CPU while holding (runnable, in the kernel's run queue), and how often it
+    slept while holding. A holder that is neither (on a CPU nor in the run queue) sleeps while
+    it holds: on its GIL or in I/O."""
     holders = {}
     for name, counts in sorted(after.items()):
         delta = {key: counts[key] - before.get(name, collections.Counter())[key]
-                 for key in ("txns", "wait_s", "hold_s", "cpu_in_hold_s", "runq_in_hold_s")}
+                 for key in ("txns", "wait_s", "hold_s", "cpu_in_hold_s", "runq_in_hold_s",
+                             "sleeps_in_hold")}
         if delta["txns"]:
             holders[name] = {key: round(value, 3) for key, value in delta.items()}
     held = sum(h["hold_s"] for h in holders.values())

@@ -4,7 +4,8 @@ Python imports this at start-up when this folder is on PYTHONPATH (the bench put
 the daemon it starts; worker processes inherit it). With INGESTD_BENCH_LOCKSTATS naming a
 folder, it wraps QueuedWriterSqlite's begin and unlock (nothing in the package is changed) and
 keeps, per thread name: write transactions, seconds waiting for the lock, seconds holding it,
-this thread's CPU seconds while holding it, and its seconds in the run queue while holding it.
+this thread's CPU seconds while holding it, its seconds in the run queue while holding it, and
+how often it went to sleep while holding it (voluntary context switches).
 Each process rewrites FOLDER/<pid>.json after every transaction (about 50 us each: figures
 taken with --lock-stats are not the figures).
 """
@@ -35,15 +36,28 @@ if FOLDER:
         except (OSError, IndexError, ValueError):
             return 0.0
 
+    def _sleeps() -> int:
+        """This thread's voluntary context switches so far: each time it went to sleep (on a
+        futex: its GIL, a mutex; or in I/O); 0 where the kernel does not say."""
+        try:
+            with open("/proc/thread-self/status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        return int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+        return 0
+
     def begin(self, lock_type=None):
         asked = time.perf_counter()
         _begin(self, lock_type)
-        _local.held = (time.perf_counter(), time.thread_time(), asked, _runq_seconds())
+        _local.held = (time.perf_counter(), time.thread_time(), asked, _runq_seconds(), _sleeps())
 
     def unlock(self):
         held = getattr(_local, "held", None)
         _local.held = None
         now, cpu, runq = time.perf_counter(), time.thread_time(), _runq_seconds()
+        sleeps = _sleeps()
         _unlock(self)  # first: writing the counters is no part of the transaction
         if held is None:
             return
@@ -54,6 +68,7 @@ if FOLDER:
             counts["hold_s"] += now - held[0]
             counts["cpu_in_hold_s"] += cpu - held[1]
             counts["runq_in_hold_s"] += runq - held[3]
+            counts["sleeps_in_hold"] += sleeps - held[4]
             path = os.path.join(FOLDER, f"{os.getpid()}.json")
             with open(path + ".tmp", "w") as out:
                 json.dump(_counts, out)
