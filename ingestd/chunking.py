@@ -1,8 +1,10 @@
 """Splitting a document's text into overlapping chunks for the index.
 
 Chunks never cross a page (each keeps its page number) and end, where possible, at a paragraph
-break, else at a sentence end, else at a space; the next chunk starts ``overlap`` characters
-earlier, at a word start, so a phrase cut by one boundary is whole in one of the two chunks.
+break, else at a sentence end, else at a space, else between two words (a comma of a line of
+CSV or minified JSON); the next chunk starts ``overlap`` characters earlier, at a word start,
+so a phrase cut by one boundary is whole in one of the two chunks. Only a run of word
+characters longer than half a chunk is cut inside.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ingestd.words import SEPARATOR
+
 DEFAULT_SIZE = 1000
 DEFAULT_OVERLAP = 150
 # Up to the last sentence end (greedy): one match from the end instead of finding them all.
 _THROUGH_LAST_SENTENCE_END = re.compile(r".*[.!?…][\"')\]]*\s", re.DOTALL)
+_THROUGH_LAST_SEPARATOR = re.compile(f".*{SEPARATOR.pattern}", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -59,17 +64,16 @@ def _break(text: str, start: int, limit: int) -> int:
     if sentence:
         return sentence.end()
     space = max(text.rfind(" ", floor, limit), text.rfind("\n", floor, limit))
-    return space + 1 if space != -1 else limit
+    if space != -1:
+        return space + 1
+    between = _THROUGH_LAST_SEPARATOR.match(text, floor, limit)
+    return between.end() if between else limit
 
 
 def _word_start(text: str, position: int, limit: int) -> int:
     """The first word start at or after ``position`` (before ``limit``)."""
     position = max(position, 0)
-    if position == 0 or text[position - 1].isspace():
+    if position == 0 or SEPARATOR.match(text, position - 1):
         return position
-    space = -1
-    for index in range(position, limit):
-        if text[index].isspace():
-            space = index
-            break
-    return space + 1 if space != -1 else position
+    separator = SEPARATOR.search(text, position, limit)
+    return separator.end() if separator else position

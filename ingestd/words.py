@@ -125,6 +125,8 @@ _ACCENT = _class(_ranges(_DIACRITICS))
 _BMP_WORD = re.compile(f"[{_BMP}][{_BMP}{_ACCENT}]*")
 WORD = re.compile(f"(?:[{_BMP}]|[{_ASTRAL}])(?:[{_BMP}{_ACCENT}]|[{_ASTRAL}])*")
 _IS_WORD = re.compile(f"(?:[{_BMP}]|[{_ASTRAL}])+$")
+# One character between words (an accent continues the word before it).
+SEPARATOR = re.compile(f"[^{_BMP}{_ASTRAL}{_ACCENT}]")
 _IS_ACCENT = re.compile(f"[{_ACCENT}]")
 _IS_UNFOLDED = re.compile(f"[{_class(_ranges(_UNFOLDED))}]")
 

@@ -94,6 +94,24 @@ class TestChunking:
             assert ends and chunk.end == ends[-1]
             assert text[chunk.start:chunk.end].endswith(('."', "?", ".", "!)"))
 
+    def test_a_line_without_spaces_is_cut_between_words(self):
+        """A long line of CSV or minified JSON has no space to end a chunk at: chunks end and
+        start between two words (at a comma), so the index holds no half word (cut at the
+        size, "tok000097,tok00009" was found by `tok00009`, a word the file does not hold)."""
+        text = "header," + ",".join(f"tok{index:06d}" for index in range(3000))
+        chunks = chunking.chunk_text(text, ((0, len(text)),), size=1000, overlap=150)
+        assert len(chunks) > 20
+        whole = set(words.words(text))
+        for chunk in chunks:
+            assert set(words.words(chunk.text)) <= whole, chunk.text[:40] + "..." + chunk.text[-40:]
+        assert all(b.start < a.end for a, b in zip(chunks, chunks[1:]))  # they still overlap
+
+    def test_a_run_of_word_characters_longer_than_half_a_chunk_is_cut(self):
+        """Nothing to end at but inside the word: the chunk is cut at its size."""
+        text = "x" * 2500
+        chunks = chunking.chunk_text(text, ((0, len(text)),), size=1000, overlap=150)
+        assert chunks[0].end == 1000 and chunks[-1].end == 2500
+
 
 class TestSearch:
     def test_a_phrase_from_page_37_is_found_with_its_page(self, ingest, drop):
