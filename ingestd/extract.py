@@ -2,10 +2,11 @@
 
 Text: a UTF-8 BOM -> "utf-8-sig"; a UTF-32 or UTF-16 BOM (LE or BE) -> "utf-32", "utf-16"; else
 strict UTF-8; else, if no control byte but tab, LF, CR, form feed, ESC occurs (sniff's rule for
-text): UTF-8 with its few invalid sequences read as U+FFFD, when it holds at least as many valid
-non-ASCII characters (or has a BOM); else the one fallback, cp1252 (legacy Windows text), taken
-only if every byte is defined in cp1252. Anything else is refused, not turned into mojibake,
-and so is text with a NUL character (binary data after a text-like head). CRLF becomes LF.
+text; else it is refused, naming the first): UTF-8 with its few invalid sequences read as U+FFFD,
+when it holds more valid non-ASCII characters (or has a BOM); else the one fallback, cp1252
+(legacy Windows text), taken only if every byte is defined in cp1252. Anything else is refused,
+not turned into mojibake, and so is text with a NUL character (binary data after a text-like
+head). CRLF becomes LF, and the text is composed (NFC: see ingestd.words.composed).
 Markdown, CSV, JSON, XML and HTML stay as they are (markup included: the words are all there,
 and no offset is shifted by a lossy tag stripper).
 
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 
 from ingestd.sniff import BINARY_CONTROLS, PDF
+from ingestd.words import composed
 
 TEXT_TYPES = ("application/json", "application/xml")  # besides every text/* type
 _MAX_REASON = 200
@@ -70,7 +72,7 @@ def extract_text(data: bytes, mime_type: str) -> Extracted:
     if not (mime.startswith("text/") or mime in TEXT_TYPES):
         raise ExtractError(f"type {mime or '(none)'} cannot be extracted")
     text, encoding, replaced = _decode(bytes(data))
-    text = text.replace("\r\n", "\n")
+    text = composed(text.replace("\r\n", "\n"))
     return Extracted(text, ((0, len(text)),), encoding, replaced)
 
 
@@ -82,7 +84,8 @@ def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extract
         reader = _guarded(lambda: _open_pdf(data))
         total = _guarded(lambda: len(reader.pages))
         for index in range(total):
-            texts.append(_guarded(lambda: reader.pages[index].extract_text() or ""))  # called at once
+            text = _guarded(lambda: reader.pages[index].extract_text() or "")  # called at once
+            texts.append(composed(text))
             if on_page is not None:
                 on_page(index + 1, total)
     if not any(text.strip() for text in texts):
@@ -150,27 +153,41 @@ def _decode_any(data: bytes) -> tuple[str, str, int]:
         return data[bom:].decode("utf-8"), utf8, 0
     except UnicodeDecodeError as exc:
         bad = bom + exc.start
-    if len(data.translate(None, BINARY_CONTROLS)) == len(data):  # text, by sniff's rule
-        damaged = _damaged_utf8(data[bom:], bom > 0)
-        if damaged is not None:
-            return damaged[0], utf8, damaged[1]
-        try:
-            return data.decode("cp1252"), "cp1252", 0
-        except UnicodeDecodeError:
-            pass
+    control = _first_control(data)
+    if control is not None:  # not text by sniff's rule: no other reading is tried
+        raise ExtractError(f"not text: invalid UTF-8 at byte {bad} and a control character "
+                           f"(0x{data[control]:02x}) at byte {control}")
+    damaged = _damaged_utf8(data[bom:], bom > 0)
+    if damaged is not None:
+        return damaged[0], utf8, damaged[1]
+    try:
+        return data.decode("cp1252"), "cp1252", 0
+    except UnicodeDecodeError:
+        pass
     raise ExtractError(f"not text: invalid UTF-8 at byte {bad}" + ("" if bom else " and not cp1252 text"))
+
+
+def _first_control(data: bytes) -> int | None:
+    """Where the first control byte but tab, LF, CR, form feed and ESC is; None if none is."""
+    if len(data.translate(None, BINARY_CONTROLS)) == len(data):
+        return None
+    return min(offset for offset in (data.find(bytes([control])) for control in BINARY_CONTROLS)
+               if offset != -1)
 
 
 def _damaged_utf8(data: bytes, bom: bool) -> tuple[str, int] | None:
     """UTF-8 text with a few invalid bytes (damaged, or two files joined): its text with each
     invalid sequence read as U+FFFD, and how many; None if it does not look like UTF-8. A BOM
-    says it is; else it must hold at least as many valid non-ASCII characters as invalid
-    sequences: legacy 8-bit text has its accents as lone bytes, none of them valid UTF-8, and
-    read as cp1252 it keeps them, where this text would turn every valid one into mojibake."""
+    says it is; else it must hold more valid non-ASCII characters than invalid sequences:
+    legacy 8-bit text has its accents as lone bytes, none of them valid UTF-8, and read as
+    cp1252 it keeps them, where this text would turn every valid one into mojibake. Now and
+    then two cp1252 characters make one valid UTF-8 sequence (a capital "É" before a closing
+    quote: 0xC9 0x94 is "ɔ"), always beside an invalid one (the opening quote): on a tie, the
+    reading that decodes every byte wins."""
     text = data.decode("utf-8", errors="replace")
     replaced = text.count("\ufffd") - data.count("\ufffd".encode())
     valid = len(text) - len(text.encode("ascii", "ignore")) - replaced
-    return (text, replaced) if bom or valid >= max(1, replaced) else None
+    return (text, replaced) if bom or valid > replaced else None
 
 
 def _open_pdf(data: bytes) -> Any:

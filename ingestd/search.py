@@ -53,7 +53,7 @@ def parse(query: str) -> list[list[Term]]:
     if query.count('"') % 2:
         raise UsageError('malformed query: a " is not closed')
     groups: list[list[Term]] = [[]]
-    for phrase, word in _TOKEN.findall(query):
+    for phrase, word in _TOKEN.findall(words_.composed(query)):
         if word == "OR":
             if not groups[-1]:
                 raise UsageError("malformed query: OR needs a term on each side")

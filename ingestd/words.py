@@ -167,6 +167,14 @@ def fold(text: str) -> str:
     return text.lower() if text.isascii() else text.translate(_FOLDS)
 
 
+def composed(text: str) -> str:
+    """``text`` in Unicode's composed form (NFC), as extracted text is stored and queries are
+    read. An accent comes as one character with its letter ("é") or as a combining mark after
+    it ("e\u0301": macOS file names, some PDF producers), and FTS5 tells the two apart outside
+    Latin: a decomposed Russian "й" would be indexed as "и", a Greek "ό" as "ο"."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
 def _pattern(text: str) -> re.Pattern:
     return _BMP_WORD if text.isascii() or max(text) <= "\uffff" else WORD
 

@@ -190,13 +190,56 @@ def test_binary_junk_as_pdf(tmp_path: Path) -> None:
 
 
 def test_invalid_utf8_names_the_byte(tmp_path: Path) -> None:
-    """Invalid UTF-8 that is not cp1252 text either is refused, naming the first bad byte's offset."""
+    """Invalid UTF-8 with control bytes is refused, naming the first bad byte's offset and the
+    first control character's (it said "not cp1252 text", although cp1252 was never tried)."""
     path = corpus.make_invalid_utf8(tmp_path / "bad.txt")
     offset = len(corpus.INVALID_UTF8_PREFIX)
-    expected = f"not text: invalid UTF-8 at byte {offset} and not cp1252 text"
+    control = offset + corpus.INVALID_UTF8_TAIL.index(b"\x01")
+    expected = (f"not text: invalid UTF-8 at byte {offset} and a control character (0x01) "
+                f"at byte {control}")
     with pytest.raises(ExtractError) as info:
         extract(path, "text/plain")
     assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    ("café \x07 bell".encode("cp1252"),
+     "not text: invalid UTF-8 at byte 3 and a control character (0x07) at byte 5"),
+    (b"caf\xe9 \x81\x8d", "not text: invalid UTF-8 at byte 3 and not cp1252 text"),
+], ids=["control", "undefined-in-cp1252"])
+def test_what_refuses_bytes_that_are_not_utf8(data: bytes, reason: str) -> None:
+    """The reason is the one that applies: a control character (then nothing else is tried),
+    or bytes cp1252 does not define."""
+    with pytest.raises(ExtractError) as info:
+        extract_text(data, "text/plain")
+    assert str(info.value) == reason
+
+
+def test_valid_utf8_keeps_its_control_characters() -> None:
+    """The control-character rule is for guessing an encoding: valid UTF-8 is text as it is."""
+    assert extract_text(b"bell \x07 tab\t", "text/plain").text == "bell \x07 tab\t"
+
+
+def test_cp1252_that_happens_to_hold_one_valid_utf8_pair_stays_cp1252() -> None:
+    """“CAFÉ” in cp1252: the opening quote is invalid UTF-8 and "É”" (0xC9 0x94) happens to be
+    valid UTF-8 ("ɔ"). One valid against one invalid is a tie, and cp1252 reads every byte:
+    as damaged UTF-8 it was "\ufffdCAFɔ", and `cafe` did not find it."""
+    data = "the sign says “CAFÉ” in red".encode("cp1252")
+    got = extract_text(data, "text/plain")
+    assert (got.text, got.encoding, got.replaced) == (data.decode("cp1252"), "cp1252", 0)
+
+
+def test_text_is_composed(tmp_path: Path) -> None:
+    """Decomposed accents (a letter, then a combining mark) come out composed (NFC), in a text
+    file and on a PDF's page alike, with the spans of the composed text."""
+    import unicodedata
+
+    text = "мой край, οδός, café"
+    got = extract_text(unicodedata.normalize("NFD", text).encode(), "text/plain")
+    assert got.text == text and got.pages == ((0, len(text)),)
+    # A PDF whose font maps "#" to U+0301, the combining acute accent: pypdf gives "e\u0301".
+    pdf = extract_pdf(corpus.make_remapped_pdf(tmp_path / "nfd.pdf", "cafe# ole#", b"0301"))
+    assert pdf.text == "café olé" and pdf.pages == ((0, len("café olé")),)
 
 
 @pytest.mark.parametrize("mime", ["image/png", "application/octet-stream", "application/zip", ""])
