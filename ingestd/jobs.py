@@ -609,10 +609,32 @@ def retry(project_id: str, job_id: int) -> Job:
 
 # --- what a worker does ------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RunsAlone:
+    """The jobs a worker runs one at a time, not in a group of small ones: files of
+    ``mime_type`` or over ``over_bytes``, and every job of ``projects`` (their sink takes one
+    document at a time)."""
+
+    mime_type: str
+    over_bytes: int
+    projects: tuple[str, ...] = ()
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """The condition and its parameters."""
+        conditions = ["mime_type = ?", "byte_size > ?"]
+        if self.projects:
+            conditions.append(f"project_id IN ({', '.join('?' * len(self.projects))})")
+        return f"({' OR '.join(conditions)})", [self.mime_type, self.over_bytes, *self.projects]
+
+
 def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
-          projects: Sequence[str] | None = None) -> list[Job]:
+          projects: Sequence[str] | None = None, alone: RunsAlone | None = None) -> list[Job]:
     """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease; of
     ``projects`` only, if given (daemons with other projects may share the database).
+
+    With ``alone``, the batch ends with its first job that runs alone: a claimed job counts an
+    attempt, which a worker that dies keeps (its jobs may have killed it), so no job waits
+    behind a slow one, an attempt counted, while another worker may be idle.
 
     One statement (a materialized CTE of due ids, locked with SKIP LOCKED on PostgreSQL, then
     UPDATE ... RETURNING): two workers can never claim one job, and on PostgreSQL they never
@@ -623,18 +645,21 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
     moment, clock = now(), clock_sql()
     lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
     only = "" if projects is None else f"AND project_id IN ({', '.join('?' * len(projects))}) "
+    slow, slow_params = alone.sql() if alone is not None else ("FALSE", [])
     with transaction():
         # MATERIALIZED: the CTE runs once. As a plain IN (subquery) PostgreSQL may run the
         # subquery again during the update, and with SKIP LOCKED get other rows: more than n.
         rows = _execute(
-            "WITH due AS MATERIALIZED (SELECT id FROM ingest_jobs WHERE status = 'queued' "
-            f"AND deleted_at IS NULL AND not_before <= {clock} {only}ORDER BY id "
-            f"LIMIT ?{lock}) "
+            f"WITH due AS MATERIALIZED (SELECT id, {slow} AS alone FROM ingest_jobs "
+            f"WHERE status = 'queued' AND deleted_at IS NULL AND not_before <= {clock} "
+            f"{only}ORDER BY id LIMIT ?{lock}) "
             "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, "
             f"lease_expires_at = {clock} + ?, attempts = attempts + 1, started_at = ?, "
-            "updated_at = ? WHERE id IN (SELECT id FROM due) AND status = 'queued' "
+            "updated_at = ? WHERE id IN (SELECT id FROM due WHERE id <= (SELECT "
+            f"coalesce(min(id), {MAX_INTEGER}) FROM due WHERE alone)) AND status = 'queued' "
             f"RETURNING {_ALL_COLUMNS}",
-            (*(projects or ()), limit, owner, float(lease_seconds), moment, moment)).fetchall()
+            (*slow_params, *(projects or ()), limit, owner, float(lease_seconds), moment,
+             moment)).fetchall()
         claimed = sorted((_to_job(row) for row in rows), key=lambda job: job.id)
         _emit_jobs(JOB_STARTED, claimed)
         return claimed

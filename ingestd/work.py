@@ -4,8 +4,10 @@ APScheduler is a scheduler, not a queue: the queue is the jobs table. Each of th
 slots is a pool job on the ``workers`` executor (``misfire_grace_time=None``, so it is never
 skipped for starting late) that drains the queue: it claims a few due jobs in one statement (see
 jobs.claim), runs them, and claims again until nothing is due. ``wake()`` (new jobs, a NOTIFY,
-the poll) starts the idle slots. A slot claims as many jobs as it finishes in about 50 ms, so
-small files share one claim and a PDF is claimed alone (another slot may take the next one).
+the poll) starts the idle slots. A slot claims as many jobs as it finishes in about 50 ms, and
+a claim ends with its first job that runs alone (see :meth:`WorkerPool._runs_alone`): small
+files share one claim, and no PDF waits claimed behind another (another slot may take it; a
+claimed job has an attempt counted, which its worker's death would keep).
 Periodic tasks (heartbeat, lease rescue, the poll) run on the scheduler's default executor.
 CPU-bound PDF extraction runs in child processes (procpool), so ``workers`` threads keep
 ``workers`` cores busy. A slow job's end (indexing its text, its final transition) runs on a
@@ -103,7 +105,7 @@ class WorkerPool:
         self._ending: dict[int, Future] = {}  # by slot: the end of its last slow job...
         self._unhanded: dict[int, Callable[[], None]] = {}  # ...before it is handed over
         # Moving average of recent job run times, which sizes the batches. It starts at a
-        # batch of one: a slot must not sit on several PDFs while another slot is idle.
+        # batch of one: nothing is known of the jobs yet.
         self._job_seconds = BATCH_SECONDS
         self._stopping = threading.Event()
         self._held = threading.Event()
@@ -256,7 +258,13 @@ class WorkerPool:
         """Claim a batch of this daemon's projects' jobs (other daemons on the database may
         have other projects: a job of theirs run here would fail as unknown)."""
         return jobs.claim(self.owner, self._batch_size(), self.config.daemon.lease_seconds,
-                          projects=list(self.config.projects))
+                          projects=list(self.config.projects), alone=self._runs_alone())
+
+    def _runs_alone(self) -> jobs.RunsAlone:
+        """What :meth:`_is_quick` says no to, for the claim: a batch ends with such a job."""
+        return jobs.RunsAlone(PDF, QUICK_BYTES, tuple(
+            name for name, project in self.config.projects.items()
+            if not self._sink(project).transactional))
 
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))

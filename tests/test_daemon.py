@@ -841,6 +841,32 @@ class TestWorkerProcesses:
         shown = run_cli("status", config=daemon.config).stdout
         assert "worker processes died 1 time(s)" in shown and f"pid {holder}, exit code -9" in shown
 
+    def test_a_killed_worker_costs_an_attempt_only_to_the_pdf_it_ran(self, make_daemon, folders):
+        """PDFs queued together are claimed one by one (a claimed job counts an attempt, which
+        a worker that dies keeps): SIGKILL the process extracting one, and the others, never
+        started there, complete on their first attempt. Claimed in one batch after a run of
+        small files, they were rescued with the dead worker's attempt: three such deaths
+        failed a good PDF, "gave up after 3 attempts"."""
+        make_daemon()
+        warm = [drop(folders["acme"], f"small{index}.txt", f"small file {index}")
+                for index in range(40)]  # the slots' batches grow to many jobs
+        for path in warm:
+            wait_job(path)
+        pages = [f"page {number} of a long report" for number in range(300)]
+        pdfs = [Path(corpus.make_pdf(folders["acme"] / f"report{index}.pdf", pages))
+                for index in range(4)]
+
+        def one_running() -> Job | None:
+            running = [job for path in pdfs for job in jobs_for(path) if job.status == "running"]
+            return running[0] if running else None
+
+        victim = wait_for(one_running, message="a PDF running")
+        os.kill(int(victim.lease_owner.split("/")[1]), signal.SIGKILL)
+        attempts = {Path(job.source_path).name: job.attempts
+                    for job in (wait_job(path) for path in pdfs)}
+        killed = Path(victim.source_path).name
+        assert attempts == {path.name: 2 if path.name == killed else 1 for path in pdfs}
+
     def test_worker_processes_requeue_and_exit_when_the_daemon_is_killed(self, make_daemon,
                                                                          folders, tmp_path):
         """SIGKILL the daemon: its worker processes see it gone, put their jobs back in the

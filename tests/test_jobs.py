@@ -260,6 +260,28 @@ class TestWorkerTransitions:
         assert jobs.claim("w1", projects=[]) == []
         assert [claimed.id for claimed in jobs.claim("w1", projects=["other", "acme"])] == [job.id]
 
+    def test_a_claimed_batch_ends_with_its_first_job_that_runs_alone(self, cfg, any_store, drop):
+        """A PDF, a large file or a job of a project whose sink runs alone ends a claimed
+        batch. A claimed job counts an attempt, which a worker that dies keeps: PDFs claimed
+        in one batch waited behind a slow one, and three worker deaths failed one that had
+        never started, "gave up after 3 attempts"."""
+        bodies = {"a.txt": b"small\n", "b.txt": b"small\n", "c.pdf": b"%PDF-1.4\n",
+                  "d.txt": b"small\n", "big.txt": b"x" * 200, "e.txt": b"small\n",
+                  "f.pdf": b"%PDF-1.4\n"}
+        ids = {}
+        for name, body in bodies.items():
+            (drop / name).write_bytes(body)
+            ids[name] = create(cfg, drop / name).id
+        ids["other.txt"] = create(cfg, make_file(cfg.projects["other"].folders[0], "other.txt"),
+                                  project="other").id
+        alone = jobs.RunsAlone("application/pdf", 100, ("other",))
+        batches = []
+        while claimed := jobs.claim("w1", limit=10, alone=alone):
+            batches.append([next(name for name, id_ in ids.items() if id_ == job.id)
+                            for job in claimed])
+        assert batches == [["a.txt", "b.txt", "c.pdf"], ["d.txt", "big.txt"],
+                           ["e.txt", "f.pdf"], ["other.txt"]]
+
     def test_claim_complete(self, any_store, job):
         """claim takes a queued job under a lease; complete ends it done at 100%."""
         [claimed] = jobs.claim("w1", lease_seconds=30)
