@@ -524,12 +524,23 @@ class WorkerPool:
         still_ours = jobs.heartbeat(self.owner, list(held), self.config.daemon.lease_seconds)
         for job_id, running in held.items():
             if job_id not in still_ours:
-                if job_id in self._running:  # not just finished: someone else has it now
-                    running.control.abandoned = True
+                self._taken_over(job_id, running)
             elif still_ours[job_id]:
                 running.control.cancelled = True
             elif _unshown_progress(running.control):
                 self._show_progress(job_id, running.control)
+
+    def _taken_over(self, job_id: int, running: Running) -> None:
+        """A job no longer ours (this process stalled past its lease; another worker took the
+        job): a run of it stops at its next check and commits nothing; one of a batch that
+        has not begun is forgotten now, else a stop would try to release it, a warning for
+        each such job of the batch."""
+        with self._lock:
+            if job_id not in self._running:  # it just ended
+                return
+            running.control.abandoned = True
+            if not running.control.begun:
+                del self._running[job_id]
 
     def _show_progress(self, job_id: int, control: Control) -> None:
         """Write a job's stage and progress that its own throttled writes left behind."""

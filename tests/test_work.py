@@ -420,6 +420,23 @@ def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
     assert events_of(job.id) == ["created", "started", "progress"]
 
 
+def test_jobs_of_a_batch_taken_over_while_this_worker_stalled_are_forgotten(cfg, store, drop):
+    """A worker stalled past its lease (SIGSTOP) finds at its next heartbeat that its jobs
+    were rescued and taken by another: the one it had begun is abandoned (it commits nothing),
+    the batch's others are no longer its own. They stayed in its books, and its next stop
+    warned "job_not_released" for each (47 after one stall)."""
+    begun_job, waiting_job = queue_files(cfg, drop, 2)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    [(_, begun), (_, waiting)] = pool._register(jobs.claim(pool.owner, 2))
+    begun.begun = True
+    jobs.rescue_owned([pool.owner])  # as the lease rescue of another worker would
+    taken = jobs.claim("another worker", 2)
+    assert {job.id for job in taken} == {begun_job.id, waiting_job.id}
+    pool.heartbeat()
+    assert begun.abandoned and waiting.abandoned
+    assert [running["job_id"] for running in pool.running()] == [begun_job.id]
+
+
 def test_files_replaced_by_a_directory_or_a_socket_fail_at_once_saying_what_they_are(
         cfg, store, drop, tmp_path):
     """Between the job's creation and its run the name became a directory, or a socket (which
