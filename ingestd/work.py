@@ -264,7 +264,16 @@ class WorkerPool:
         """What :meth:`_is_quick` says no to, for the claim: a batch ends with such a job."""
         return jobs.RunsAlone(PDF, QUICK_BYTES, tuple(
             name for name, project in self.config.projects.items()
-            if not self._sink(project).transactional))
+            if not self._groups_jobs(project)))
+
+    def _groups_jobs(self, project: ProjectConfig) -> bool:
+        """Whether the project's sink takes small jobs in groups. A sink that cannot be opened
+        (a plugin's own failure) counts as not: its project's jobs meet the error when they
+        run, and the claims of every other project's jobs go on."""
+        try:
+            return self._sink(project).transactional
+        except Exception:
+            return False
 
     def _batch_size(self) -> int:
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(self._job_seconds, 1e-4))))
