@@ -56,6 +56,7 @@ BATCH_SECONDS = 0.05  # a slot claims about this much work at once
 MAX_BATCH = 48
 GROUP_SECONDS = 0.02  # small jobs prepared within about this long end in one transaction
 QUICK_BYTES = 1 << 20  # files up to this size end in groups
+SLOTS_RETURN_SECONDS = 2.0  # at a stop, after the sink programs were killed
 SHOW_PROGRESS_AFTER_SECONDS = 1.0  # a stage this old that the job row does not show is written
 
 
@@ -163,6 +164,10 @@ class WorkerPool:
         _wait_while(lambda: self.busy or self._disposing, grace_seconds)
         self._release(lambda running: True)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
+        # A slot whose sink program was just killed returns at once and logs what became of
+        # its job (job_abandoned): let it, rather than exit under it. Briefly: a plugin sink
+        # (Python in this process) cannot be stopped, and its job is back in the queue.
+        _wait_while(lambda: self._draining, SLOTS_RETURN_SECONDS)
         # A claim that was waiting for the write lock may commit after that release; its jobs
         # are released as it registers them (see _register). Wait for it, or the process could
         # exit between the two and leave them running. Likewise a release an ending thread began
