@@ -37,6 +37,7 @@ from ingestd.words import composed
 TEXT_TYPES = ("application/json", "application/xml")  # besides every text/* type
 _MAX_REASON = 200
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile(b"[" + re.escape(BINARY_CONTROLS) + b"]")
 T = TypeVar("T")
 
 OnPage = Callable[[int, int], None]
@@ -169,10 +170,8 @@ def _decode_any(data: bytes) -> tuple[str, str, int]:
 
 def _first_control(data: bytes) -> int | None:
     """Where the first control byte but tab, LF, CR, form feed and ESC is; None if none is."""
-    if len(data.translate(None, BINARY_CONTROLS)) == len(data):
-        return None
-    return min(offset for offset in (data.find(bytes([control])) for control in BINARY_CONTROLS)
-               if offset != -1)
+    found = _CONTROL.search(data)
+    return None if found is None else found.start()
 
 
 def _damaged_utf8(data: bytes, bom: bool) -> tuple[str, int] | None:
