@@ -164,10 +164,11 @@ class WorkerPool:
         _wait_while(lambda: self.busy or self._disposing, grace_seconds)
         self._release(lambda running: True)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
-        # A slot whose sink program was just killed returns at once and logs what became of
-        # its job (job_abandoned): let it, rather than exit under it. Briefly: a plugin sink
-        # (Python in this process) cannot be stopped, and its job is back in the queue.
-        _wait_while(lambda: self._draining, SLOTS_RETURN_SECONDS)
+        # A slot or an ending thread whose sink program was just killed returns at once and
+        # logs what became of its job (job_abandoned): let it, rather than exit under it.
+        # Briefly: a plugin sink (Python in this process) cannot be stopped, and its job is
+        # back in the queue.
+        _wait_while(lambda: self._draining or self._ends_pending(), SLOTS_RETURN_SECONDS)
         # A claim that was waiting for the write lock may commit after that release; its jobs
         # are released as it registers them (see _register). Wait for it, or the process could
         # exit between the two and leave them running. Likewise a release an ending thread began
@@ -175,6 +176,9 @@ class WorkerPool:
         _wait_while(lambda: self._claims or self._releasing, db.BUSY_TIMEOUT_SECONDS + 1.0)
         self._enders.shutdown(wait=False)
         self._extractors.close()
+
+    def _ends_pending(self) -> bool:
+        return any(not end.done() for end in list(self._ending.values()))
 
     @contextlib.contextmanager
     def _claiming(self) -> Iterator[None]:

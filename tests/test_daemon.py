@@ -434,7 +434,7 @@ class TestLifecycle:
         assert running.stop(timeout=30) == 0, running.log()[-3000:]
         logged = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
         assert [line for line in logged if line["level"] in ("error", "critical")] == []
-        assert any(line["event"] == "job_abandoned" for line in logged)
+        assert any(line["event"] == "job_abandoned" for line in logged), running.log()[-3000:]
         [job] = jobs_for(path)
         assert (job.status, job.attempts) == ("queued", 0), running.log()[-3000:]
         assert events_of_type("io.ingestd.daemon.stopping")
