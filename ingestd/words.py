@@ -167,12 +167,21 @@ def fold(text: str) -> str:
     return text.lower() if text.isascii() else text.translate(_FOLDS)
 
 
+# The Latin typographic ligatures, spelled out. PDF producers write "ﬁ" (U+FB01) for the glyph
+# of f and i; FTS5 takes it for a letter of its own, and "office" would not find "oﬃce". NFKC
+# spells them out too, but also changes characters that mean something (superscripts,
+# full-width forms).
+_LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi",
+                            "\ufb04": "ffl", "\ufb05": "st", "\ufb06": "st"})
+
+
 def composed(text: str) -> str:
-    """``text`` in Unicode's composed form (NFC), as extracted text is stored and queries are
-    read. An accent comes as one character with its letter ("é") or as a combining mark after
-    it ("e\u0301": macOS file names, some PDF producers), and FTS5 tells the two apart outside
-    Latin: a decomposed Russian "й" would be indexed as "и", a Greek "ό" as "ο"."""
-    return text if text.isascii() else unicodedata.normalize("NFC", text)
+    """``text`` in Unicode's composed form (NFC) with its ligatures spelled out, as extracted
+    text is stored and queries are read. An accent comes as one character with its letter
+    ("é") or as a combining mark after it ("e\u0301": macOS file names, some PDF producers),
+    and FTS5 tells the two apart outside Latin: a decomposed Russian "й" would be indexed as
+    "и", a Greek "ό" as "ο"."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text).translate(_LIGATURES)
 
 
 def _pattern(text: str) -> re.Pattern:

@@ -242,6 +242,16 @@ def test_text_is_composed(tmp_path: Path) -> None:
     assert pdf.text == "café olé" and pdf.pages == ((0, len("café olé")),)
 
 
+def test_ligatures_are_spelled_out(tmp_path: Path) -> None:
+    """The typographic ligatures (U+FB00-FB06) come out as their letters, on a PDF's page (a
+    font mapping a glyph to "ﬃ", as PDF producers do) and in a text file alike; other
+    characters NFKC would change are kept."""
+    pdf = extract_pdf(corpus.make_remapped_pdf(tmp_path / "lig.pdf", "the o#ce", b"FB03"))
+    assert pdf.text == "the office" and pdf.pages == ((0, len("the office")),)
+    text = "ﬀ ﬁ ﬂ ﬃ ﬄ ﬅ ﬆ, x² ＡＢ"
+    assert extract_text(text.encode(), "text/plain").text == "ff fi fl ffi ffl st st, x² ＡＢ"
+
+
 @pytest.mark.parametrize("mime", ["image/png", "application/octet-stream", "application/zip", ""])
 def test_unknown_type(mime: str) -> None:
     """A type that is neither text nor PDF is refused with a message naming the type."""

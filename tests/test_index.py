@@ -133,6 +133,17 @@ class TestSearch:
         assert search.search("acme", "мои") == [] and search.search("acme", "οδος") == []
         assert [h.job_id for h in search.search("acme", "cafe")] == [decomposed.id]
 
+    def test_a_word_written_with_a_ligature_is_found(self, ingest, drop):
+        """A PDF's "oﬃce" (U+FB03, as PDF producers write the glyph) is found by "office", and a
+        query holding a ligature finds the word spelled out. FTS5 took "ﬃ" for a letter of its
+        own: "office" found nothing."""
+        path = drop / "lig.pdf"
+        corpus.make_remapped_pdf(path, "the o#ce manual", b"FB03")
+        job = ingest(path)
+        [hit] = search.search("acme", "office")
+        assert hit.job_id == job.id and "[office]" in hit.snippet
+        assert [h.job_id for h in search.search("acme", "\"the oﬃce\"")] == [job.id]
+
     def test_a_phrase_from_page_37_is_found_with_its_page(self, ingest, drop):
         """Passages of a PDF keep their page numbers."""
         pages = [f"Page {n} talks about ordinary things." for n in range(1, 41)]
