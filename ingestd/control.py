@@ -20,6 +20,7 @@ from ingestd.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 CLIENT_TIMEOUT_SECONDS = 5.0
+ACCEPT_PAUSE_SECONDS = 1.0  # before accepting again after accept failed (no fd left)
 
 
 class NotRunning(IngestdError):
@@ -33,6 +34,7 @@ class ControlServer:
         self.path, self.mode = path, mode
         self._state = state
         self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
     def start(self) -> None:
@@ -41,6 +43,7 @@ class ControlServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -48,13 +51,24 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
     def _serve(self) -> None:
-        while self._listener is not None:
+        failing = False
+        while (listener := self._listener) is not None:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                return  # closed by stop()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return  # closed by stop()
+                if not failing:  # EMFILE, ENFILE, ENOBUFS: no file descriptor for it now
+                    log.warning("control_socket_accept_failed", reason=exc.strerror or str(exc),
+                                retry_seconds=ACCEPT_PAUSE_SECONDS)
+                failing = True
+                self._stopping.wait(ACCEPT_PAUSE_SECONDS)
+                continue
+            if failing:
+                failing = False
+                log.info("control_socket_accepting_again")
             with client:
                 try:
                     client.settimeout(CLIENT_TIMEOUT_SECONDS)

@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 OVERFLOW_GRACE_SECONDS = 60.0  # a stuck client has this long to read its overflow line
 DRAIN_SECONDS = 2.0  # at a stop, how long clients have to take what is queued for them
 FINISH_SECONDS = 1.0  # then, to take the rest of the line being sent and the notice
+ACCEPT_PAUSE_SECONDS = 1.0  # no new client for this long after accept failed (no fd left)
+ERROR_PAUSE_SECONDS = 0.1  # after an unexpected error, so that a repeating one cannot spin
 
 
 class _Client:
@@ -125,6 +127,8 @@ class EventStream:
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
+        self._accept_paused_until: float | None = None  # accept failed: listener unregistered
+        self._accept_failing = False  # logged, until a client is accepted again
         self._owns_path = False
         self._thread = threading.Thread(target=self._serve, name="event-socket", daemon=True)
 
@@ -201,11 +205,22 @@ class EventStream:
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                for key, events in self._selector.select(timeout=1.0):
-                    self._handle(key, events)
+                self._resume_accepting()
+                for key, events in self._selector.select(timeout=self._select_timeout()):
+                    try:
+                        self._handle(key, events)
+                    except Exception:  # a bug: the other clients are still served
+                        log.exception("event_socket_error")
+                        self._stop.wait(ERROR_PAUSE_SECONDS)
                 self._sync_interest()
             except Exception:
                 log.exception("event_socket_error")
+                self._stop.wait(ERROR_PAUSE_SECONDS)
+
+    def _select_timeout(self) -> float:
+        if self._accept_paused_until is None:
+            return 1.0
+        return min(1.0, max(0.0, self._accept_paused_until - time.monotonic()))
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data == "accept":
@@ -221,10 +236,32 @@ class EventStream:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: no file descriptor for it now
+                self._pause_accepting(exc)
+                return
+            if self._accept_failing:
+                self._accept_failing = False
+                log.info("event_socket_accepting_again")
             sock.setblocking(False)
             with self._lock:
                 self._clients[sock.fileno()] = _Client(sock, self.buffer_bytes)
             self._selector.register(sock, selectors.EVENT_READ, "client")
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Stop listening for new clients for a moment. The listener stays readable while the
+        connection waits in its backlog: selecting on it would spin. Connected clients are
+        served meanwhile, and those that leave give their descriptors back."""
+        if not self._accept_failing:
+            self._accept_failing = True
+            log.warning("event_socket_accept_failed", reason=exc.strerror or str(exc),
+                        retry_seconds=ACCEPT_PAUSE_SECONDS)
+        self._selector.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused_until is not None and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._selector.register(self._listener, selectors.EVENT_READ, "accept")
 
     def _read_or_close(self, sock: socket.socket) -> None:
         try:

@@ -687,3 +687,50 @@ def test_the_cursor_is_stored_when_a_rotation_is_noticed(publisher, monkeypatch)
              == [final], message="the new log has the next events")
     assert log_sequences(publisher.log_path)[0] == first + 1
     assert stored_cursor() == first
+
+
+def test_out_of_file_descriptors_the_sockets_wait_then_serve_again(start, tmp_path):
+    """Clients that take the daemon's last file descriptors: accepting fails (EMFILE). Each
+    socket says so once and waits, serving the clients it has; once descriptors are free
+    again, both answer. Accept failing spun the event socket's thread (thousands of
+    tracebacks a second), and ended the control socket's for good (`ingestd status` timed out
+    until a restart)."""
+    import resource
+
+    from ingestd.control import NotRunning, query
+
+    daemon = start()
+    state, pid = daemon.root / "state", daemon.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 3,
+                                                   limits[1]))
+    crowd = [Subscriber(state / "events.sock", read=False) for _ in range(8)]
+    wait_for(lambda: "event_socket_accept_failed" in daemon.log(), timeout=10,
+             message="the event socket's accept failing")
+    with pytest.raises(NotRunning):
+        query(state / "control.sock", timeout=2)
+    wait_for(lambda: "control_socket_accept_failed" in daemon.log(), timeout=10,
+             message="the control socket's accept failing")
+    for client in crowd:
+        client.sock.close()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    wait_for(lambda: _answers(state / "control.sock"), timeout=10, message="status answering")
+
+    subscriber = Subscriber(state / "events.sock")
+    (tmp_path / "drop" / "after.txt").write_text("after the crowd left")
+    wait_for(lambda: any(event["type"] == "io.ingestd.job.completed"
+                         for event in subscriber.lines), timeout=30,
+             message="a new subscriber receiving events")
+    log = daemon.log()
+    assert "event_socket_error" not in log and "event_socket_accepting_again" in log, log[-3000:]
+    assert log.count("event_socket_accept_failed") < 10, log[-3000:]  # one a second at most
+    assert "control_socket_accepting_again" in log, log[-3000:]
+
+
+def _answers(path: Path) -> bool:
+    from ingestd.control import NotRunning, query
+
+    try:
+        return bool(query(path, timeout=1))
+    except NotRunning:
+        return False
