@@ -124,22 +124,25 @@ def previous_version(job: Job) -> int | None:
     if not rows:
         return None
     previous_id, document_id = rows[0]
-    return None if kept_by_others(document_id, (previous_id, job.id)) else document_id
+    kept = kept_by_others(job.project_id, document_id, (previous_id, job.id))
+    return None if kept else document_id
 
 
-def kept_by_others(document_id: int, excluding: tuple[int, ...]) -> bool:
-    """Whether a current job other than ``excluding`` refers to the document."""
+def kept_by_others(project_id: str, document_id: int, excluding: tuple[int, ...]) -> bool:
+    """Whether a current job of the project other than ``excluding`` refers to the document.
+    Of the project: a document id is its sink's, and another project's sink (a command or
+    http sink numbering its own) may give the same number to another document."""
     marks = ", ".join("?" * len(excluding))
     return bool(_query(f"""SELECT 1 FROM ingest_jobs j WHERE j.canonical_document_id = ?
-                           AND j.id NOT IN ({marks}) AND {CURRENT_JOB} LIMIT 1""",
-                       (document_id, *excluding)))
+                           AND j.project_id = ? AND j.id NOT IN ({marks}) AND {CURRENT_JOB}
+                           LIMIT 1""", (document_id, project_id, *excluding)))
 
 
 def released_by_delete(job: Job) -> int | None:
     """The document to remove when ``job`` is deleted: its own, unless another current job
     keeps it (the job itself is already marked deleted when this runs)."""
     document_id = job.canonical_document_id
-    if document_id is None or kept_by_others(document_id, (job.id,)):
+    if document_id is None or kept_by_others(job.project_id, document_id, (job.id,)):
         return None
     return document_id
 

@@ -103,9 +103,10 @@ def _tsquery(groups: list[list[Term]]) -> str:
 
 
 # The job a passage is shown with: the oldest current job of its document (a newer version of
-# a path, or the deletion of a job, passes the document on), and that job's path.
+# a path, or the deletion of a job, passes the document on), and that job's path. Of the
+# document's project: another project's sink may number its own documents alike.
 _SHOWN_JOB = f"""(SELECT j.id FROM ingest_jobs j WHERE j.canonical_document_id = d.id
-                 AND {CURRENT_JOB} ORDER BY j.id LIMIT 1)"""
+                 AND j.project_id = d.project_id AND {CURRENT_JOB} ORDER BY j.id LIMIT 1)"""
 
 # ORDER BY rank (bm25 with default weights) lets FTS5 hand the matches over best first, so
 # SQLite needs no sort of its own and computes snippets only for the rows it returns; with

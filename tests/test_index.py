@@ -789,6 +789,38 @@ class TestDeletes:
         assert (hit.job_id, hit.source_path) == (third.id, third.source_path)
         assert first.canonical_document_id == hit.document_id
 
+    @pytest.mark.parametrize("deleted", ["acme", "other"])
+    def test_another_projects_document_of_the_same_number_keeps_nothing(
+            self, ingest, drop, delete, tmp_path, deleted):
+        """Project "other" has a sink numbering its own documents (a command or http sink),
+        which gave its document the number of acme's in the index. Deleting either project's
+        job releases its own document: acme's leaves search, other's sink is told to delete.
+        Each was taken for kept by the other project's job, and a search of acme named
+        other's job and path for acme's passage."""
+        class Numbering:
+            transactional, deleted = False, []
+
+            def ingest(self, document):
+                return first.canonical_document_id
+
+            def delete(self, document_id):
+                self.deleted.append(document_id)
+
+        first = ingest(write(drop / "a.txt", "the secret word is platypus"))
+        outside = Numbering()
+        second = ingest(write(tmp_path / "drop" / "other" / "b.txt", "external document"),
+                        project="other", sink=outside)
+        assert second.canonical_document_id == first.canonical_document_id
+        [hit] = search.search("acme", "platypus")
+        assert (hit.job_id, hit.source_path) == (first.id, first.source_path)
+        if deleted == "acme":
+            delete("acme", first)
+            assert search.search("acme", "platypus") == [] and outside.deleted == []
+        else:
+            documents.delete_job("other", second.id, outside)
+            assert outside.deleted == [second.canonical_document_id]
+            assert [hit.job_id for hit in search.search("acme", "platypus")] == [first.id]
+
     def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
         """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
         class CancelledMidway(IndexSink):
