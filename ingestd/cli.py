@@ -18,7 +18,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import peewee as pw
 
-from ingestd import __version__, config as config_mod, db, intake, jobs, migrations
+from ingestd import __version__, config as config_mod, db, intake, jobs, log, migrations
 from ingestd.errors import EXIT_FAILURE, EXIT_OK, IngestdError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -222,7 +222,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ingestd import daemon, log
+    from ingestd import daemon
 
     log.configure(args.log_level)
     code = daemon.run(getattr(args, "config", None), args.log_level)
@@ -540,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if args.handler is not cmd_run:  # which configures the daemon's logging itself
+            log.configure_command()
         code = args.handler(args)
         if sys.stdout is not None:
             sys.stdout.flush()  # here, where its failure is one line, not at exit

@@ -1,5 +1,7 @@
 """Logging: every line is one JSON object on stderr (journald keeps it), from structlog and from
-the libraries that log through the standard library (watchdog, APScheduler, pypdf)."""
+the libraries that log through the standard library (watchdog, APScheduler, pypdf). The other
+commands than ``run`` log their warnings as readable lines on stderr (see
+:func:`configure_command`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ _SHARED = [
 ]
 
 
-def configure(level: str = "info", stream: TextIO | None = None) -> None:
+def configure(level: str = "info", stream: TextIO | None = None, readable: bool = False) -> None:
     """Route structlog and stdlib logging to one JSON renderer on ``stream`` (default stderr).
 
     Tracebacks appear only where a log call passes ``exc_info`` (bugs); expected failures are
@@ -35,7 +37,8 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         foreign_pre_chain=_SHARED,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(ensure_ascii=False)],
+                    structlog.dev.ConsoleRenderer(colors=False) if readable
+                    else structlog.processors.JSONRenderer(ensure_ascii=False)],
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
@@ -48,3 +51,10 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     root.setLevel(level.upper())
     # APScheduler reports every job run at INFO; that is one line per file.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def configure_command() -> None:
+    """For a command other than ``run``: warnings (a wait for the write lock) as readable
+    lines on stderr. Unconfigured, structlog prints to stdout, into the command's output (the
+    one JSON document of ``--json``)."""
+    configure("warning", readable=True)

@@ -348,3 +348,31 @@ class TestControlCharactersInNames:
         shown = run_cli("jobs", "show", "-p", "acme", "1", config=config_file).stdout
         assert f"source_path            {drop}/new\\nline\\x1b[31m.txt\n" in shown
         assert "\x1b" not in submitted.stdout + "\n".join(listing) + shown
+
+
+def test_a_wait_for_the_write_lock_is_said_on_stderr_not_in_the_json(config_file, drop,
+                                                                      tmp_path):
+    """A command waiting for the write lock (another process holds it) says so on stderr;
+    stdout stays the one JSON document. The warning went to stdout, before the JSON."""
+    path = drop / "waits.txt"
+    path.write_text("waits for the lock")
+    job_id = submitted_id(config_file, path)  # the database exists, with its lock file
+    lock = config_file.parent / "state" / "ingestd.db.writelock"
+    holder = subprocess.Popen(["flock", "--close", str(lock), "sleep", "60"])  # flock holds it
+    # The CLI itself, reporting its wait after 0.3 s instead of 10 s.
+    code = ("import sys, ingestd.lockwait as w; w.REPORT_SECONDS = 0.3; "
+            "from ingestd.cli import main; sys.exit(main(sys.argv[1:]))")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    try:
+        with out.open("w") as stdout, err.open("w") as stderr:
+            cli = subprocess.Popen([sys.executable, "-c", code, "-c", str(config_file), "jobs",
+                                    "cancel", "-p", "acme", str(job_id), "--json"],
+                                   stdout=stdout, stderr=stderr)
+        wait_for(lambda: "write_lock_waiting" in err.read_text(), timeout=30,
+                 message="the command saying it waits")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.wait(timeout=30) == 0, err.read_text()
+    assert json.loads(out.read_text())["status"] == "cancelled"
+    assert f"pid {holder.pid}" in err.read_text()
