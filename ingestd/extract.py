@@ -14,7 +14,10 @@ PDFs are read page by page with pypdf (strict=False). On a broken or hostile fil
 nearly anything (ValueError, KeyError, a bare RecursionError...), so each pypdf call is guarded and
 any failure becomes one ExtractError; ``on_page`` runs outside the guard, so cancellation propagates.
 An encrypted PDF opens with the empty password or fails as encrypted: needing a password, or
-with an encryption pypdf does not support.
+with an encryption pypdf does not support. A PDF's text may be held to a number of characters
+(the project's max_bytes, the most a text file can give): a few KB of PDF can draw hundreds of
+millions (a font mapping one code to a long string), and running out of memory is a failure of
+the file too.
 """
 
 from __future__ import annotations
@@ -77,16 +80,23 @@ def extract_text(data: bytes, mime_type: str) -> Extracted:
     return Extracted(text, ((0, len(text)),), encoding, replaced)
 
 
-def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None) -> Extracted:
-    """Text of each page, reporting on_page(done, total) after each so the caller can cancel."""
+def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None,
+                max_characters: int | None = None) -> Extracted:
+    """Text of each page, reporting on_page(done, total) after each so the caller can cancel;
+    ExtractError once the text passes ``max_characters``."""
     data = _read(path_or_bytes)  # outside the guard: an unreadable file is an OSError, not a bad PDF
     texts: list[str] = []
+    characters = 0
     with _quiet_pypdf():
         reader = _guarded(lambda: _open_pdf(data))
         total = _guarded(lambda: len(reader.pages))
         for index in range(total):
             text = _guarded(lambda: reader.pages[index].extract_text() or "")  # called at once
             texts.append(composed(text))
+            characters += len(texts[-1])
+            if max_characters is not None and characters > max_characters:
+                raise ExtractError(f"text of over {max_characters:,} characters (max_bytes) by "
+                                   f"page {index + 1} of {total}: possibly a PDF bomb")
             if on_page is not None:
                 on_page(index + 1, total)
     if not any(text.strip() for text in texts):
@@ -202,12 +212,17 @@ def _open_pdf(data: bytes) -> Any:
     return reader
 
 
+OUT_OF_MEMORY = "out of memory extracting the PDF: possibly a PDF bomb"
+
+
 def _guarded(call: Callable[[], T]) -> T:
     """Run one pypdf call; whatever it raises on a bad file becomes a one-line ExtractError."""
     try:
         return call()
     except ExtractError:
         raise
+    except MemoryError:
+        raise ExtractError(OUT_OF_MEMORY) from None
     except Exception as exc:
         from pypdf.errors import DependencyError
 

@@ -403,7 +403,8 @@ def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extra
         progress.update(fraction=0.1 + 0.8 * done / max(total, 1))
 
     return ctx.extractors.extract_pdf(data, ctx.deadline, on_page, ctx.check,
-                                      on_sent=ctx.on_extracting)
+                                      on_sent=ctx.on_extracting,
+                                      max_characters=ctx.project.max_bytes)
 
 
 def conclude_group(group: Sequence[tuple[Job, Context, Prepared]]) -> list[Job | None]:
@@ -496,6 +497,8 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
                     return _complete_duplicate(job, ctx, sha, mime, known)
                 retire = documents.previous_version(job)
                 document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
+                if not ctx.grouped:  # past its deadline (or cancelled) while indexing: undone
+                    ctx.check()
                 _retire(ctx, retire)
                 return _complete(job, ctx, message, document_id, sha, mime)
         except Conflict:

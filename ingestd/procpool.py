@@ -21,7 +21,7 @@ from typing import Callable
 
 import structlog
 
-from ingestd.extract import Extracted, ExtractError, extract_pdf
+from ingestd.extract import OUT_OF_MEMORY, Extracted, ExtractError, extract_pdf
 
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")
@@ -47,22 +47,25 @@ def _child(conn: Connection) -> None:
         _send(conn, ("ready",))
         while True:
             try:
+                max_characters = conn.recv()
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            _send(conn, _answer(conn, data))
+            _send(conn, _answer(conn, data, max_characters))
     except _ParentGone:
         # Its worker died mid-PDF (a daemon stopped at once by a second signal): exit
         # quietly, as at EOF; a traceback would break the log's one JSON object per line.
         return
 
 
-def _answer(conn: Connection, data: bytes) -> tuple:
+def _answer(conn: Connection, data: bytes, max_characters: int | None) -> tuple:
     """The one result message for a PDF; _ParentGone (from a page report) propagates."""
     try:
-        return ("done", extract_pdf(data, on_page=_PageReports(conn)))
+        return ("done", extract_pdf(data, _PageReports(conn), max_characters))
     except ExtractError as exc:
         return ("error", str(exc))
+    except MemoryError:  # joining the pages, or sending them (an address-space limit)
+        return ("error", OUT_OF_MEMORY)
     except _ParentGone:
         raise
     except Exception as exc:  # a bug in extraction must not hang the parent
@@ -171,14 +174,17 @@ class ExtractorPool:
     def extract_pdf(self, data: bytes, deadline: float,
                     on_page: Callable[[int, int], None],
                     check: Callable[[], None],
-                    on_sent: Callable[[], None] = lambda: None) -> Extracted:
-        """Extract ``data`` in a child before ``deadline`` (monotonic). ``on_page``, ``check``
-        and ``on_sent`` (once the child has the PDF) run in the calling thread; if ``on_page``
-        or ``check`` raises, the child is killed and the error raised."""
+                    on_sent: Callable[[], None] = lambda: None,
+                    max_characters: int | None = None) -> Extracted:
+        """Extract ``data`` in a child before ``deadline`` (monotonic), an ExtractError past
+        ``max_characters``. ``on_page``, ``check`` and ``on_sent`` (once the child has the
+        PDF) run in the calling thread; if ``on_page`` or ``check`` raises, the child is
+        killed and the error raised."""
         with self._slots:
             worker = self._acquire()
             try:
-                result = self._converse(worker, data, deadline, on_page, check, on_sent)
+                result = self._converse(worker, data, deadline, on_page, check, on_sent,
+                                        max_characters)
             except BaseException:
                 self._discard(worker)
                 raise
@@ -187,8 +193,9 @@ class ExtractorPool:
 
     def _converse(self, worker: _Worker, data: bytes, deadline: float,
                   on_page: Callable[[int, int], None], check: Callable[[], None],
-                  on_sent: Callable[[], None]) -> Extracted:
+                  on_sent: Callable[[], None], max_characters: int | None) -> Extracted:
         try:
+            worker.conn.send(max_characters)
             worker.conn.send_bytes(data)
         except OSError:  # BrokenPipeError: it died before reading the whole PDF
             raise worker.died(check) from None

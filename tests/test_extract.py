@@ -284,6 +284,50 @@ def test_nuls_become_replacement_characters(tmp_path: Path) -> None:
     assert got.pages == ((0, len(got.text)),)
 
 
+def amplifying_pdf(path: Path, codes: int, expansion: int) -> bytes:
+    """A PDF of a few KB whose font maps each of ``codes`` codes to ``expansion`` letters."""
+    return Path(corpus.make_remapped_pdf(path, "#" * codes, b"0061" * expansion)).read_bytes()
+
+
+def test_a_pdfs_text_is_held_to_max_characters(tmp_path: Path) -> None:
+    """A font mapping one code to 250 letters: 2,000 codes are 500,000 characters from a PDF
+    of 3 KB (pages of them were hundreds of millions, and gigabytes of memory). Past
+    ``max_characters`` the PDF fails, naming the limit and the page; within it, it is read."""
+    data = amplifying_pdf(tmp_path / "amplifies.pdf", 2000, 250)
+    assert len(data) < 5000
+    with pytest.raises(ExtractError) as info:
+        extract_pdf(data, max_characters=100_000)
+    assert str(info.value) == ("text of over 100,000 characters (max_bytes) by page 1 of 1: "
+                               "possibly a PDF bomb")
+    assert len(extract_pdf(data, max_characters=500_000).text) == 500_000
+
+
+def test_an_extraction_process_out_of_memory_fails_the_pdf_as_such(tmp_path: Path) -> None:
+    """An extraction process under an address-space limit (LimitAS=, as a service may run)
+    that a PDF's text exhausts: the PDF fails as out of memory, one line, not as "internal
+    error" with a traceback in the log; the next PDF is read."""
+    import resource
+
+    pool = ExtractorPool(1)
+    try:
+        first = Path(corpus.make_pdf(tmp_path / "first.pdf", ["warms the process"])).read_bytes()
+        pool.extract_pdf(first, time.monotonic() + 60, lambda *_: None, lambda: None)
+        [worker] = pool._all
+        with open(f"/proc/{worker.process.pid}/status") as status:
+            size = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+        limit = (size + 64 * 1024) * 1024  # 64 MB more than it has
+        resource.prlimit(worker.process.pid, resource.RLIMIT_AS, (limit, limit))
+        bomb = amplifying_pdf(tmp_path / "bomb.pdf", 400_000, 250)  # 100 M characters
+        with pytest.raises(ExtractError) as info:
+            pool.extract_pdf(bomb, time.monotonic() + 120, lambda *_: None, lambda: None)
+        assert str(info.value) == "out of memory extracting the PDF: possibly a PDF bomb"
+        after = Path(corpus.make_pdf(tmp_path / "after.pdf", ["read after it"])).read_bytes()
+        got = pool.extract_pdf(after, time.monotonic() + 60, lambda *_: None, lambda: None)
+        assert got.text == "read after it"
+    finally:
+        pool.close()
+
+
 def test_a_killed_extraction_process_fails_the_pdf_and_is_replaced(tmp_path: Path) -> None:
     """An extraction process killed mid-PDF (as the OOM killer kills a PDF bomb) fails that PDF
     with the pool's one-line reason, and the pool's next PDF gets a new process."""

@@ -821,6 +821,34 @@ class TestDeletes:
             assert outside.deleted == [second.canonical_document_id]
             assert [hit.job_id for hit in search.search("acme", "platypus")] == [first.id]
 
+    def test_a_job_past_its_time_while_indexing_fails_and_leaves_nothing(self, ingest, drop,
+                                                                         cfg):
+        """The index's work outlasting job_timeout_seconds: the job fails as timed out and its
+        document is undone. It completed, however late (17 s against 10 s)."""
+        class Slow(IndexSink):
+            def ingest(self, document):
+                document_id = super().ingest(document)
+                time.sleep(1.2)  # the index's own work, taking longer than the job may
+                return document_id
+
+        cfg.projects["acme"] = dataclasses.replace(cfg.projects["acme"], job_timeout_seconds=1)
+        job = ingest(write(drop / "slow.txt", "slowly indexed quokka"),
+                     sink=Slow(cfg.projects["acme"]))
+        assert (job.status, job.error_message) == (
+            "failed", "timed out after 1 s (job_timeout_seconds)")
+        assert search.search("acme", "quokka") == [] and Document.select().count() == 0
+
+    def test_a_pdf_whose_text_passes_max_bytes_fails(self, ingest, drop, tmp_path):
+        """A PDF's text is held to the project's max_bytes characters (1,000,000 here), as a
+        text file's is: 3 KB of PDF drawing 2,000,000 letters fails, and nothing is indexed."""
+        path = drop / "amplifies.pdf"
+        corpus.make_remapped_pdf(path, "#" * 8000, b"0061" * 250)
+        job = ingest(path)
+        assert (job.status, job.error_message) == (
+            "failed", "text of over 1,000,000 characters (max_bytes) by page 1 of 1: "
+                      "possibly a PDF bomb")
+        assert Document.select().count() == 0
+
     def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
         """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
         class CancelledMidway(IndexSink):
