@@ -33,6 +33,10 @@ class ExtractionTimeout(Exception):
     """The extraction ran past the job's deadline and was stopped."""
 
 
+class _Refused(Exception):
+    """The child's answer that the PDF cannot be read: the PDF failed, the process is fine."""
+
+
 class _ParentGone(Exception):
     """The child's pipe to its parent broke: nobody is left to answer."""
 
@@ -185,6 +189,9 @@ class ExtractorPool:
             try:
                 result = self._converse(worker, data, deadline, on_page, check, on_sent,
                                         max_characters)
+            except _Refused as refused:  # kept: starting another costs more than most PDFs
+                self._idle.put(worker)
+                raise ExtractError(str(refused)) from None
             except BaseException:
                 self._discard(worker)
                 raise
@@ -220,7 +227,7 @@ class ExtractorPool:
             elif kind == "done":
                 return payload[0]
             elif kind == "error":
-                raise ExtractError(payload[0])
+                raise _Refused(payload[0])
             else:
                 raise RuntimeError(f"extraction failed: {payload[0]}")
 

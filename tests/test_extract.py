@@ -328,6 +328,24 @@ def test_an_extraction_process_out_of_memory_fails_the_pdf_as_such(tmp_path: Pat
         pool.close()
 
 
+def test_a_bad_pdf_keeps_its_extraction_process(tmp_path: Path) -> None:
+    """A PDF the extraction process answers is bad fails, and the process reads the next one:
+    it was killed and a new one started (an interpreter and pypdf's import) for every bad PDF."""
+    pool = ExtractorPool(1)
+    try:
+        good = Path(corpus.make_pdf(tmp_path / "good.pdf", ["a good page"])).read_bytes()
+        pool.extract_pdf(good, time.monotonic() + 60, lambda *_: None, lambda: None)
+        [worker] = pool._all
+        with pytest.raises(ExtractError, match="^truncated or malformed PDF"):
+            pool.extract_pdf(good[:len(good) // 3], time.monotonic() + 60, lambda *_: None,
+                             lambda: None)
+        assert pool.extract_pdf(good, time.monotonic() + 60, lambda *_: None,
+                                lambda: None).text == "a good page"
+        assert pool._all == {worker} and worker.process.is_alive()
+    finally:
+        pool.close()
+
+
 def test_a_killed_extraction_process_fails_the_pdf_and_is_replaced(tmp_path: Path) -> None:
     """An extraction process killed mid-PDF (as the OOM killer kills a PDF bomb) fails that PDF
     with the pool's one-line reason, and the pool's next PDF gets a new process."""
