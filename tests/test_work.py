@@ -257,9 +257,9 @@ class Spied:
         self.log: list[object] = []
         extract_pdf, submit = pool._extractors.extract_pdf, pool._enders.submit
 
-        def spied_extract(data, deadline, on_page, check, on_sent=lambda: None):
+        def spied_extract(data, deadline, on_page, check, on_sent=lambda: None, **options):
             return extract_pdf(data, deadline, on_page, check,
-                               on_sent=lambda: (self.log.append("sent"), on_sent()))
+                               on_sent=lambda: (self.log.append("sent"), on_sent()), **options)
 
         def spied_submit(end):  # a partial of WorkerPool._end_run(job, ...)
             self.log.append(("end", end.args[0].id))
