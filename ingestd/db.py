@@ -20,6 +20,7 @@ from ingestd.models import database
 T = TypeVar("T")
 BUSY_TIMEOUT_SECONDS = 10.0
 CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL: give up a connection attempt after this long
+FULL_BELOW_BYTES = 1024 * 1024  # a file system with less room than this is full, for SQLite
 SQLITE_PRAGMAS = {
     # Only a new file takes it (before WAL is on); an existing one keeps its page size. A 2 KB
     # text is one row of ``documents``: 4 KB pages hold one such row, 8 KB pages three, so a
@@ -168,13 +169,33 @@ def open_store(url: str, migrate: bool = True,
 
     db = connect(url)
     database.initialize(db)
-    with translate_errors(url):
-        _connect(db, url)
-        if migrate:
-            migrations.migrate(db, on_migration, on_migration_wait)
-        else:
-            migrations.check_current(db)
+    try:
+        with translate_errors(url):
+            _connect(db, url)
+            if migrate:
+                migrations.migrate(db, on_migration, on_migration_wait)
+            else:
+                migrations.check_current(db)
+    except StoreUnreachable:
+        raise
+    except StoreError as exc:
+        # A full disk: SQLite cannot make the file beside the database that WAL needs ("disk
+        # I/O error"), or write. Room may be made: a daemon waits, as for a server.
+        if isinstance(db, pw.SqliteDatabase) and file_system_full(db.database):
+            with contextlib.suppress(pw.PeeweeException, sqlite3.Error):
+                db.close()
+            raise StoreUnreachable(f"{exc} (its file system is full)") from None
+        raise
     return db
+
+
+def file_system_full(path: str) -> bool:
+    """Whether the file system of the file at ``path`` has less than FULL_BELOW_BYTES free."""
+    try:
+        room = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return room.f_bavail * room.f_frsize < FULL_BELOW_BYTES
 
 
 # What a PostgreSQL server says while it will soon take connections. Any other refusal it sends

@@ -54,4 +54,5 @@ class StoreError(IngestdError):
 
 class StoreUnreachable(StoreError):
     """A PostgreSQL server that cannot be reached, or does not take connections yet: it may
-    be starting or restarting, so a daemon waits for it (a command fails as for StoreError)."""
+    be starting or restarting; or a SQLite file whose file system is full, which may be given
+    room. A daemon waits for it (a command fails as for StoreError)."""

@@ -1,5 +1,6 @@
 """A daemon whose PostgreSQL server cannot be reached at start (a boot where ingestd starts
-first, a server restarting) waits for it instead of exiting; a refused login still fails at once.
+first, a server restarting), or whose SQLite file system is full, waits for it instead of
+exiting; a refused login still fails at once.
 The server is the real one, reached through a TCP relay the test opens only when it wants the
 server to "come up"."""
 
@@ -231,3 +232,68 @@ def test_a_server_that_never_answers_is_given_up_on_after_the_connect_timeout():
     assert time.monotonic() - began >= db.CONNECT_TIMEOUT_SECONDS - 1
     assert len(outcome) == 1 and isinstance(outcome[0], StoreUnreachable), outcome
     assert "timeout" in str(outcome[0])
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs (needs root, and a kernel that lets the test mount one)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_daemon_whose_sqlite_file_system_is_full_at_start_waits_for_room(tmp_path,
+                                                                         small_file_system):
+    """A SQLite database on a full file system at start, without the -shm file WAL needs
+    beside it (an operator's `sqlite3` removed it on closing): the daemon waits, saying why,
+    and starts once there is room. It exited 1 with "disk I/O error" (under systemd, a
+    restart loop up to the start limit, and a dead unit when room came back)."""
+    from harness import write_config
+
+    state = small_file_system / "state"
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    config = write_config(tmp_path, f"""
+        [daemon]
+        state_dir = "{state}"
+        workers = 1
+        [defaults]
+        settle_seconds = 0.1
+        [projects.acme]
+        folders = ["{drop}"]
+    """)
+    url = f"sqlite:///{state / 'ingestd.db'}"
+    state.mkdir()
+    db.open_store(url)  # created and migrated
+    db.close_store()
+    assert not (state / "ingestd.db-shm").exists()
+    filler = small_file_system / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as out:  # until ENOSPC
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    daemon = Daemon(tmp_path, config)
+    daemon.start(wait_ready=False)
+    try:
+        wait_for(lambda: daemon.log().count('"database_unreachable"') >= 2, timeout=30,
+                 message="two tries logged")
+        assert daemon.alive and "its file system is full" in daemon.log(), daemon.log()[-2000:]
+        filler.unlink()
+        daemon.notify.wait_for(lambda m: "READY=1" in m, timeout=60, alive=lambda: daemon.alive)
+        (drop / "a.txt").write_text("ingested once there was room")
+        db.open_store(url)
+        assert wait_job(drop / "a.txt", timeout=60).status == "completed"
+        db.close_store()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.alive:
+            daemon.kill(with_children=True)
+        db.close_store()
