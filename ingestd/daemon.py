@@ -71,7 +71,7 @@ class Daemon:
         self.pool = WorkerProcesses(config, log_level, self._job_finished)
         self.settler = Settler(ProjectMap(config.projects.values()), self._create_jobs,
                                self._scan_directory)
-        self.watcher = Watcher(self.settler.note, self._overflowed)
+        self.watcher = Watcher(self.settler.note, self._overflowed, self._subfolder_unwatched)
         self.stream: EventStream | None = None
         self.publisher: Publisher | None = None
         self.listener: JobListener | None = None
@@ -327,7 +327,7 @@ class Daemon:
     def _watch(self, config: Config) -> Watcher:
         """A started watcher on every folder of ``config``; ConfigError, with nothing of it left
         running, if a folder cannot be watched (gone since validated, no inotify watches left)."""
-        watcher = Watcher(self.settler.note, self._overflowed)
+        watcher = Watcher(self.settler.note, self._overflowed, self._subfolder_unwatched)
         failed = watcher.start(config.projects.values())
         if failed:
             watcher.stop()
@@ -427,6 +427,10 @@ class Daemon:
         # Once more a little later: a file created while watchdog re-adds its watches can be
         # missed by the kernel and by a scan already under way (seen in a 20,000-file burst).
         self.request_rescan("overflow", after=OVERFLOW_RESCAN_AGAIN_SECONDS)
+
+    def _subfolder_unwatched(self) -> None:
+        """Its files raise no events: look now, and again once the folder is watched again."""
+        self.request_rescan("unwatched")
 
     def _job_finished(self, job: Finished) -> None:
         metrics.child(metrics.jobs_finished, job.project_id, job.status).inc()

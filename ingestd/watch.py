@@ -7,7 +7,9 @@ the second. An inotify queue overflow (which watchdog only logs) triggers a full
 
 A folder that cannot be watched (gone since the config was read, out of inotify watches) or
 whose watch ended (the folder was deleted) is *lost*: reported, left out of :attr:`watched`,
-and watched again by :meth:`Watcher.rewatch` once that works.
+and watched again by :meth:`Watcher.rewatch` once that works. So is a folder a subfolder of
+which, made while watched, could not be watched (out of inotify watches: watchdog only logs
+it), as if it had been there at the start; a full rescan looks at once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ log = structlog.get_logger(__name__)
 POLL_INTERVAL_SECONDS = 1.0
 # Where watchdog logs an inotify overflow (the queue itself, and its recursive watches).
 _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+# Its warning for a subfolder made while watched that it could not watch (watchdog 7).
+_UNABLE_TO_WATCH = "Unable to watch %r: %s"
 
 # Watchdog event type -> what it says of a file. Opened/closed-without-write (readers, such as
 # our own workers) and attribute changes say nothing about content and are not listed.
@@ -88,15 +92,21 @@ class _Handler(FileSystemEventHandler):
 
 
 class _OverflowSpotter(logging.Handler):
-    """Watchdog reports a kernel event queue overflow only as a log warning; catch it there."""
+    """Watchdog reports a kernel event queue overflow, and a new subfolder it could not watch,
+    only as log warnings; catch them there."""
 
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
+    def __init__(self, on_overflow: Callable[[], None],
+                 on_unwatched: Callable[[str, str], None]) -> None:
         super().__init__(logging.WARNING)
         self._on_overflow = on_overflow
+        self._on_unwatched = on_unwatched
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if "overflow" in record.getMessage().lower():
+            if record.msg == _UNABLE_TO_WATCH and len(record.args) == 2:
+                path, exc = record.args
+                self._on_unwatched(os.fsdecode(path), getattr(exc, "strerror", None) or str(exc))
+            elif "overflow" in record.getMessage().lower():
                 self._on_overflow()
         except Exception:
             self.handleError(record)
@@ -123,10 +133,15 @@ class Watcher:
     while it calls the handler, so the handler reports a root's deletion on a queue instead.
     """
 
-    def __init__(self, note: Callable[[str, str], None], on_overflow: Callable[[], None]) -> None:
+    def __init__(self, note: Callable[[str, str], None], on_overflow: Callable[[], None],
+                 on_unwatched: Callable[[], None] = lambda: None) -> None:
+        """``on_overflow`` and ``on_unwatched`` (a subfolder could not be watched) are called
+        on watchdog's threads: each asks for a full rescan."""
         self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._unwatched: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._on_unwatched = on_unwatched
         self._handler = _Handler(note, self._gone.put)
-        self._spotter = _OverflowSpotter(on_overflow)
+        self._spotter = _OverflowSpotter(on_overflow, self._subfolder_unwatched)
         self._lock = threading.Lock()
         self._observers: dict[bool, BaseObserver] = {}  # polling? -> a started observer
         self._watches: dict[str, tuple[_Folder, ObservedWatch]] = {}
@@ -190,6 +205,11 @@ class Watcher:
             observer.join(timeout=10)
         self._spotter.detach()
 
+    def _subfolder_unwatched(self, path: str, reason: str) -> None:
+        """On watchdog's thread, which holds its own locks: noted here, taken by _take_gone."""
+        self._unwatched.put((path, reason))
+        self._on_unwatched()
+
     # --- with the lock held ----------------------------------------------------------------------
 
     def _watch(self, folder: _Folder) -> bool:
@@ -223,14 +243,25 @@ class Watcher:
         return observer
 
     def _take_gone(self) -> None:
-        """Roots whose deletion the handler reported are lost (their emitter has stopped)."""
+        """Roots whose deletion the handler reported are lost (their emitter has stopped), and
+        so are roots a subfolder of which could not be watched."""
         while True:
             try:
                 path = self._gone.get_nowait()
             except queue.Empty:
-                return
+                break
             if path in self._watches:
                 self._lose(path, "deleted")
+        while True:
+            try:
+                path, reason = self._unwatched.get_nowait()
+            except queue.Empty:
+                return
+            root = next((root for root in self._watches
+                         if path.startswith(root.rstrip(os.sep) + os.sep)), None)
+            if root is not None:
+                why = f"a subfolder could not be watched ({reason}): {path}"
+                self._lose(root, why, said=why)
 
     def _take_moved(self) -> None:
         """Roots moved away, or replaced by another folder of that name, are lost too. Watchdog
@@ -240,13 +271,13 @@ class Watcher:
             if file_identity(path) != self._identities.get(path):
                 self._lose(path, "moved away or replaced")
 
-    def _lose(self, path: str, why: str) -> None:
+    def _lose(self, path: str, why: str, said: str | None = None) -> None:
         """``path``'s watch has ended: reported, and watched again by :meth:`rewatch`."""
         folder, watch = self._watches.pop(path)
         self._ended.append((folder, watch))
         self._lost[path] = (folder, why)
-        log.warning("watch_lost", folder=path, reason=f"the folder was {why}",
-                    then="watched again once it exists")
+        log.warning("watch_lost", folder=path, reason=said or f"the folder was {why}",
+                    then="watched again once it can be")
 
     def _end_deleted(self) -> None:
         """Unschedule the ended watches: scheduling the same folder again would reuse them."""

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import threading
@@ -1088,6 +1089,40 @@ class TestWatchingSurvives:
                  message="acme watched again")
         assert document_text(wait_job(early, timeout=10)) == "before the watch is back"
         late = drop(acme, "late.txt", "seen by the new watch")
+        assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
+
+    def test_a_subfolder_past_the_inotify_watch_limit_loses_its_folder_until_watched_again(
+            self, make_daemon, folders):
+        """Subfolders made while watched, past the inotify watch limit (30 here, in the
+        daemon's own user namespace): the folder is reported lost (NOT WATCHED) and a rescan
+        looks at once; once the limit allows, it is watched again and scanned, and a file
+        written in a subfolder meanwhile is found. Watchdog only logged each such subfolder:
+        the folder stayed shown as watched, and the file waited for the periodic rescan."""
+        if subprocess.run(["unshare", "--user", "--map-root-user", "true"]).returncode != 0:
+            pytest.skip("cannot make a user namespace here")
+        acme = folders["acme"]
+        for index in range(20):
+            (acme / f"d{index}").mkdir()
+        limited = ["unshare", "--user", "--map-root-user", "sh", "-c",
+                   'echo 30 > /proc/sys/user/max_inotify_watches && exec "$@"', "sh"]
+        daemon = make_daemon(wrapper=limited)
+        socket = control_socket(daemon)
+        assert watched_folders(socket, "acme") == [str(acme)]
+        for index in range(20, 40):
+            (acme / f"d{index}").mkdir()
+        wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10, message="acme lost")
+        [lost] = [json.loads(line) for line in daemon.log().splitlines() if "watch_lost" in line]
+        assert lost["reason"].startswith("a subfolder could not be watched (inotify watch "
+                                         f"limit reached): {acme}{os.sep}d"), lost
+        wait_for(lambda: '"reason": "unwatched"' in daemon.log(), timeout=10,
+                 message="a rescan")
+        deep = drop(acme / "d39", "deep.txt", "written while not watched")
+        subprocess.run(["nsenter", "-t", str(daemon.process.pid), "-U", "sh", "-c",
+                        "echo 1000 > /proc/sys/user/max_inotify_watches"], check=True)
+        wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,
+                 message="acme watched again")
+        assert document_text(wait_job(deep, timeout=10)) == "written while not watched"
+        late = drop(acme / "d39", "late.txt", "seen by the new watch")
         assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
 
     def test_a_folder_gone_at_start_is_reported_and_watched_once_back(self, tmp_path, folders):
