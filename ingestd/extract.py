@@ -90,6 +90,8 @@ def extract_pdf(path_or_bytes: Source, on_page: OnPage | None = None,
     with _quiet_pypdf():
         reader = _guarded(lambda: _open_pdf(data))
         total = _guarded(lambda: len(reader.pages))
+        if total == 0:
+            raise ExtractError("PDF has no pages")
         for index in range(total):
             text = _guarded(lambda: reader.pages[index].extract_text() or "")  # called at once
             texts.append(composed(text))

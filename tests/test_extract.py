@@ -289,6 +289,17 @@ def amplifying_pdf(path: Path, codes: int, expansion: int) -> bytes:
     return Path(corpus.make_remapped_pdf(path, "#" * codes, b"0061" * expansion)).read_bytes()
 
 
+def test_a_pdf_with_no_pages_says_so(tmp_path: Path) -> None:
+    """Not "no extractable text (scanned?)": there is nothing to scan."""
+    from pypdf import PdfWriter
+
+    path = tmp_path / "empty.pdf"
+    with path.open("wb") as out:
+        PdfWriter().write(out)
+    with pytest.raises(ExtractError, match="^PDF has no pages$"):
+        extract_pdf(path)
+
+
 def test_a_pdfs_text_is_held_to_max_characters(tmp_path: Path) -> None:
     """A font mapping one code to 250 letters: 2,000 codes are 500,000 characters from a PDF
     of 3 KB (pages of them were hundreds of millions, and gigabytes of memory). Past
