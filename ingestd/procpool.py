@@ -68,7 +68,7 @@ def _answer(conn: Connection, data: bytes, max_characters: int | None) -> tuple:
         return ("done", extract_pdf(data, _PageReports(conn), max_characters))
     except ExtractError as exc:
         return ("error", str(exc))
-    except MemoryError:  # joining the pages, or sending them (an address-space limit)
+    except MemoryError:  # composing or joining the pages (under an address-space limit)
         return ("error", OUT_OF_MEMORY)
     except _ParentGone:
         raise

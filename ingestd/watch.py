@@ -257,8 +257,8 @@ class Watcher:
                 path, reason = self._unwatched.get_nowait()
             except queue.Empty:
                 return
-            root = next((root for root in self._watches
-                         if path.startswith(root.rstrip(os.sep) + os.sep)), None)
+            root = max((root for root in self._watches  # the innermost, if one is in another
+                        if path.startswith(root.rstrip(os.sep) + os.sep)), key=len, default=None)
             if root is not None:
                 why = f"a subfolder could not be watched ({reason}): {path}"
                 self._lose(root, why, said=why)
