@@ -88,14 +88,15 @@ def _say_job(verb: str, job: Any, as_json: bool) -> None:
 
 def _say_jobs(verb: str | None, ended: Sequence[Any], as_json: bool) -> None:
     """What ``add`` did: one JSON document, {"jobs": [...]}, or a line per job (``verb``, else
-    its status, and the reason of a failure)."""
+    its status, and why a job failed or was cancelled: by whom, deleted...)."""
     if as_json:
         _print_json({"jobs": [jobs.job_record(job) for job in ended]})
         return
     for job in ended:
         _say_job(verb or job.status, job, False)
-        if job.error_message:
-            print(f"  {printable(job.error_message)}")
+        why = job.error_message or (job.message if job.status == "cancelled" else None)
+        if why:
+            print(f"  {printable(why)}")
 
 
 # --- context -----------------------------------------------------------------------------------

@@ -201,3 +201,29 @@ def test_wait_without_a_daemon_says_so_and_ctrl_c_leaves_the_job_queued(config_f
         waiting.communicate()
     listed = run_cli("jobs", "list", "-p", "acme", "--json", config=config_file)
     assert [job["status"] for job in json.loads(listed.stdout)["jobs"]] == ["queued"]
+
+
+def test_wait_for_a_job_deleted_meanwhile_says_why_it_ended(config_file, drop, tmp_path):
+    """A job deleted (or cancelled) by someone else while `add --wait` waits: it exits 1 and
+    says the job's message under its status, as it says a failed job's reason. It said only
+    "job N cancelled", not that the job was deleted."""
+    source = tmp_path / "gone.txt"
+    source.write_text("deleted before any daemon ran it")
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme",
+         str(source), "--wait"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        said: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [said.put(line) for line in waiting.stderr],
+                         daemon=True).start()
+        assert "waiting for a daemon" in said.get(timeout=30)
+        listed = run_cli("jobs", "list", "-p", "acme", "--json", config=config_file)
+        [job] = json.loads(listed.stdout)["jobs"]
+        assert run_cli("jobs", "delete", "-p", "acme", str(job["id"]),
+                       config=config_file).returncode == 0
+        out, _ = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 1
+    assert out.splitlines()[-2:] == [f"job {job['id']} cancelled  {drop / 'gone.txt'}",
+                                     "  cancelled before it ran (deleted)"], out
