@@ -179,19 +179,25 @@ def test_name_with_several_files_is_a_usage_error(config_file, drop, tmp_path):
     assert list(drop.iterdir()) == []
 
 
+def add_and_wait(config_file: Path, source: Path) -> tuple[subprocess.Popen, queue.Queue]:
+    """`ingestd add -p acme SOURCE --wait` running, and its stderr's lines as they come."""
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme",
+         str(source), "--wait"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    said: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [said.put(line) for line in waiting.stderr],
+                     daemon=True).start()
+    return waiting, said
+
+
 def test_wait_without_a_daemon_says_so_and_ctrl_c_leaves_the_job_queued(config_file, drop,
                                                                          tmp_path):
     """`add --wait` with no daemon running would look hung: it says on stderr what it waits
     for; Ctrl-C stops the waiting (exit 130) and the job stays queued for a later daemon."""
     source = tmp_path / "wait.txt"
     source.write_text("nobody runs me yet")
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme",
-         str(source), "--wait"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    waiting, said = add_and_wait(config_file, source)
     try:
-        said: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [said.put(line) for line in waiting.stderr],
-                         daemon=True).start()
         line = said.get(timeout=30)
         assert "is not running" in line and "waiting for a daemon to run the jobs" in line, line
         waiting.send_signal(signal.SIGINT)
@@ -209,13 +215,8 @@ def test_wait_for_a_job_deleted_meanwhile_says_why_it_ended(config_file, drop, t
     "job N cancelled", not that the job was deleted."""
     source = tmp_path / "gone.txt"
     source.write_text("deleted before any daemon ran it")
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme",
-         str(source), "--wait"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    waiting, said = add_and_wait(config_file, source)
     try:
-        said: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [said.put(line) for line in waiting.stderr],
-                         daemon=True).start()
         assert "waiting for a daemon" in said.get(timeout=30)
         listed = run_cli("jobs", "list", "-p", "acme", "--json", config=config_file)
         [job] = json.loads(listed.stdout)["jobs"]
