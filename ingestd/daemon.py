@@ -148,7 +148,8 @@ class Daemon:
         self.stream = EventStream(settings.event_socket, settings.socket_mode, installation,
                                   settings.subscriber_buffer_bytes)
         self.stream.start()
-        self.publisher = Publisher(settings.event_log, self.stream, installation)
+        self.publisher = Publisher(settings.event_log, self.stream, installation,
+                                   on_published=self._published)
         self.publisher.start()
         self.control = ControlServer(settings.control_socket, settings.socket_mode, self.status)
         self.control.start()
@@ -427,6 +428,12 @@ class Daemon:
         # Once more a little later: a file created while watchdog re-adds its watches can be
         # missed by the kernel and by a scan already under way (seen in a 20,000-file burst).
         self.request_rescan("overflow", after=OVERFLOW_RESCAN_AGAIN_SECONDS)
+
+    def _published(self, rows: list[events.EventRow]) -> None:
+        """A cancel asked for (by the CLI, or on another node) reaches the workers now: they
+        would see it at their next heartbeat, up to lease_seconds / 3 later."""
+        if any(row.type == jobs.JOB_CANCEL_REQUESTED for row in rows):
+            self.pool.heartbeat_now()
 
     def _subfolder_unwatched(self) -> None:
         """Its files raise no events: look now, and again once the folder is watched again."""

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
@@ -41,8 +42,12 @@ REPORT_SECONDS = 60.0  # how often it is said again that it still fails
 
 
 class Publisher:
-    def __init__(self, log_path: Path, stream: EventStream | None, installation: str) -> None:
+    def __init__(self, log_path: Path, stream: EventStream | None, installation: str,
+                 on_published: Callable[[list[events.EventRow]], None] = lambda rows: None
+                 ) -> None:
+        """``on_published`` hears of each batch published (on the publisher's thread)."""
         self.log_path = log_path
+        self._on_published = on_published
         self.stream = stream
         self.installation = installation
         self.consumer = f"log:{socket.gethostname()}:{log_path}"
@@ -118,6 +123,7 @@ class Publisher:
                 self.stream.publish(lines[:logged])
             self.cursor = lines[logged - 1][0]
             self.published += logged
+            self._on_published(rows[:logged])
         return logged
 
     def _store_cursor_if_due(self, busy: bool) -> None:

@@ -7,7 +7,7 @@ node (leases, heartbeats, rescue and cancellation all go through the database): 
 :class:`~ingestd.work.WorkerPool` with its share of the ``workers`` slots on its own APScheduler.
 
 The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
-(start-up scan done), ``config`` (a reload), ``stop``. Child -> parent: ``hello`` (its lease
+(start-up scan done), ``config`` (a reload), ``heartbeat`` (a cancel was asked for), ``stop``. Child -> parent: ``hello`` (its lease
 owner id, once it and its extraction processes are up: the daemon is ready when every child
 has said it) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
 replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
@@ -137,6 +137,10 @@ class WorkerProcesses:
     def wake(self) -> None:
         """New jobs may be due: tell every child (coalesced; never blocks the caller)."""
         self._wake.set()
+
+    def heartbeat_now(self) -> None:
+        """A job was asked to cancel: each child checks its jobs now (see WorkerPool)."""
+        self._broadcast(("heartbeat",))
 
     def resume(self) -> None:
         self._held = False
@@ -326,6 +330,8 @@ def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float]) -
         kind = message[0]
         if kind == "wake":
             pool.wake()
+        elif kind == "heartbeat":
+            pool.heartbeat_now()
         elif kind == "resume":
             pool.resume()
         elif kind == "config":

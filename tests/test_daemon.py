@@ -644,6 +644,25 @@ class TestJobControl:
         ended = wait_ended(path)
         assert ended.status == "cancelled" and ended.canonical_document_id is None
 
+    def test_a_cancel_reaches_the_running_job_before_its_workers_next_heartbeat(
+            self, make_daemon, folders):
+        """A worker learned of a cancel at its heartbeat (every lease_seconds / 3, 30 s here),
+        so a PDF extracting for 15 s more ran to its end first. The daemon now tells its
+        workers as it publishes the cancel request: the PDF stops between two pages."""
+        daemon = make_daemon(daemon_extra="lease_seconds = 90", acme_extra=BIG)
+        path = folders["acme"] / "long.pdf"
+        corpus.make_pdf(path, [f"page {i} lorem ipsum dolor sit amet" for i in range(48_000)])
+        wait_for(lambda: any(job.stage == "extracting" for job in jobs_for(path)), timeout=30,
+                 interval=0.02, message="the PDF extracting")
+        [job] = jobs_for(path)
+        result = run_cli("jobs", "cancel", "-p", "acme", str(job.id), config=daemon.config)
+        assert result.returncode == 0, result.stderr
+        ended = wait_ended(path, timeout=60)
+        assert (ended.status, ended.message) == ("cancelled", "cancelled while running")
+        [asked] = events_of_type("io.ingestd.job.cancel_requested")
+        [cancelled] = events_of_type("io.ingestd.job.cancelled")
+        assert cancelled.time - asked.time < 5, cancelled.time - asked.time
+
     def test_a_job_over_its_timeout_fails(self, make_daemon, folders):
         """A PDF that takes longer than job_timeout_seconds is stopped and failed."""
         make_daemon(acme_extra=f"job_timeout_seconds = 1\n{BIG}")
