@@ -161,6 +161,20 @@ _DURATION = _all(_finite, _positive, _at_most(MAX_SECONDS, " (one year)"))
 _DURATION_OR_ZERO = _all(_finite, _not_negative, _at_most(MAX_SECONDS, " (one year)"))
 
 
+def _name_patterns(value: list[str]) -> str | None:
+    """Patterns are matched against names (a file's, and each folder's on its way): one with a
+    "/" never matches anything, and would take or leave files silently."""
+    for pattern in value:
+        if "/" in pattern:
+            return (f"{pattern!r} holds a '/': patterns match names (\"*.tmp\", \"archive\"), "
+                    "not paths")
+    return None
+
+
+def _not_empty(value: list[str]) -> str | None:
+    return None if value else "must not be empty: the project would take no file"
+
+
 def _one_of(choices: tuple[str, ...]) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -190,8 +204,8 @@ _STR_LIST = ((list,), "a list of strings")
 
 PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "folders": (*_STR_LIST, None),
-    "include": (*_STR_LIST, None),
-    "exclude": (*_STR_LIST, None),
+    "include": (*_STR_LIST, _all(_not_empty, _name_patterns)),
+    "exclude": (*_STR_LIST, _name_patterns),
     "settle_seconds": (*_NUMBER, _DURATION_OR_ZERO),
     "max_bytes": (*_INT, _positive),
     "allowed_types": (*_STR_LIST, None),

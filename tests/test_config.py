@@ -180,6 +180,19 @@ def test_config_check_reports_a_path_that_cannot_be_resolved(tmp_path, drop, bod
 
 
 @pytest.mark.parametrize("body, key, expected", [
+    ('[projects.acme]\nexclude = [".*", "archive/*"]', "projects.acme.exclude",
+     "'archive/*' holds a '/': patterns match names"),
+    ('[defaults]\ninclude = ["**/*.txt"]', "defaults.include", "'**/*.txt' holds a '/'"),
+    ("[projects.acme]\ninclude = []", "projects.acme.include",
+     "must not be empty: the project would take no file"),
+], ids=["exclude-path", "include-path", "include-empty"])
+def test_config_check_refuses_patterns_that_never_match(tmp_path, drop, body, key, expected):
+    """Patterns match names, so one with a "/" never matches: "archive/*" excluded nothing,
+    "**/*.txt" took nothing, and an empty include took no file, all silently."""
+    assert_one_problem(tmp_path, drop, body, key, expected)
+
+
+@pytest.mark.parametrize("body, key, expected", [
     ("[daemon]\nrescan_seconds = inf", "daemon.rescan_seconds", "must be a finite number"),
     ("[daemon]\nrescan_seconds = 1e308", "daemon.rescan_seconds", "must be at most 31536000"),
     ("[daemon]\nlease_seconds = inf", "daemon.lease_seconds", "must be a finite number"),
