@@ -546,6 +546,20 @@ class TestLifecycle:
         job = wait_job(drop(extra, "fresh.txt", "new project"))
         assert job.project_id == "new"
 
+    def test_a_reload_that_takes_empty_files_takes_those_skipped_before(self, folders, daemon):
+        """empty_files switched from skip to ingest by SIGHUP: the reload's rescan queues the
+        empty file skipped before. The daemon's memory of files it skipped hid it from every
+        scan until a restart."""
+        empty = folders["acme"] / "empty.txt"
+        empty.touch()
+        barrier(folders["acme"])
+        assert jobs_for(empty) == []
+        daemon.config.write_text(daemon.config.read_text().replace(
+            "[projects.acme]\n", '[projects.acme]\nempty_files = "ingest"\n'))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: events_of_type("io.ingestd.daemon.reloaded"), message="reloaded")
+        assert wait_ended(empty).status == "completed"
+
     def test_two_quick_reloads_each_scan_with_their_own_config(self, tmp_path, folders,
                                                                make_daemon):
         """A second SIGHUP while the first reload's rescan still runs (many files to look
