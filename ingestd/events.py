@@ -14,6 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
+from urllib.parse import quote
 
 from peewee import fn
 
@@ -43,8 +44,10 @@ def event_id(installation: str, seq: int, time: float) -> str:
 
 
 def source_uri(installation: str, project_id: str | None) -> str:
+    """The CloudEvents ``source``, a URI-reference: a project name may hold a space or "#",
+    percent-encoded here (a plain name reads as it is)."""
     base = f"urn:ingestd:{installation}"
-    return f"{base}:project:{project_id}" if project_id else base
+    return f"{base}:project:{quote(project_id, safe='')}" if project_id else base
 
 
 def _subject(row: Event | EventRow) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import unquote
 
 import peewee as pw
 import structlog
@@ -55,7 +56,7 @@ def project_of(source: str | None) -> str | None:
     """The project named by an event's ``source`` (see :func:`events.source_uri`), if any."""
     if not source or PROJECT_MARK not in source:
         return None
-    return source.split(PROJECT_MARK, 1)[1]
+    return unquote(source.split(PROJECT_MARK, 1)[1])
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,18 @@ def test_event_log_lines_are_valid_cloudevents(start, tmp_path):
             assert event["source"].endswith(":project:acme")
 
 
+@pytest.mark.parametrize("project, shown", [("acme", "acme"), ("Team A #1", "Team%20A%20%231"),
+                                             ("a:b/ü", "a%3Ab%2F%C3%BC")])
+def test_a_project_name_is_percent_encoded_in_source(project, shown):
+    """The source is a URI-reference (CloudEvents): a space or "#" in a project's name made
+    it none. `events -p NAME` reads the name back from it."""
+    from ingestd.follow import project_of
+
+    source = source_uri("inst", project)
+    assert source == f"urn:ingestd:inst:project:{shown}"
+    assert project_of(source) == project
+
+
 @pytest.mark.parametrize("project, path", [
     ("acme", "/drop/acme/plain.txt"),
     ('qu"ote\\back', '/drop/"tab\there"\n\u00e9\u6f22\U0001f600\x01.txt'),
