@@ -55,8 +55,8 @@ class Pending:
     complete: bool
     projects: ProjectMap  # the map ``project`` was found in (a reload replaces it)
     written: bool = False  # not complete, and seen modified (a writer holds it, not a scan)
-    waited_for_close: bool = False
-    scanned: bool = False  # complete because a scan found it: no close was seen
+    close_wait_until: float | None = None  # waiting for a writer's close until then
+    scanned: bool = False  # complete with no close seen: a scan's find, or a polled folder's
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ class Settler:
             drained = drained or self.inbox.empty()
             pending = self._pending
             if drained and not self._flushing and not any(
-                    entry.complete and not entry.waited_for_close
+                    entry.complete and entry.close_wait_until is None
                     for entry in (pending.get(path) for path in list(paths))
                     if entry is not None):
                 return True
@@ -205,7 +205,7 @@ class Settler:
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
         self._pending[path] = Pending(project, folder, signature, due, complete, self.projects,
-                                      written, scanned=what == FOUND)
+                                      written, scanned=what == FOUND or project.polling)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:
@@ -227,17 +227,24 @@ class Settler:
             del self._pending[path]
             return None
         current = signature_of(info)
+        settle = entry.project.settle_seconds
         if current != entry.signature:  # still changing: wait another window
-            entry.signature, entry.due = current, now + entry.project.settle_seconds
+            entry.signature, entry.due = current, now + settle
+            entry.close_wait_until = None
             heapq.heappush(self._heap, (entry.due, path))
             return None
-        if not entry.waited_for_close and _writer_may_hold(path, entry):
-            # Wait for the writer's close event; if none comes (lost in an overflow, an mmap
-            # writer) a long quiet spell will do.
-            entry.waited_for_close = True
-            entry.due = now + max(CLOSE_FALLBACK_SECONDS, 10 * entry.project.settle_seconds)
-            heapq.heappush(self._heap, (entry.due, path))
-            return None
+        if _writer_may_hold(path, entry):
+            # Wait for the writer's close: its event, or where none can come (a scan's find, a
+            # polled folder) the kernel saying no process holds it any more, asked again every
+            # window; if neither comes (lost in an overflow, an mmap writer, the kernel will
+            # not say) a long quiet spell will do.
+            if entry.close_wait_until is None:
+                entry.close_wait_until = now + max(CLOSE_FALLBACK_SECONDS, 10 * settle)
+            if now < entry.close_wait_until:
+                entry.due = (min(entry.close_wait_until, now + max(settle, 0.1))
+                             if entry.scanned else entry.close_wait_until)
+                heapq.heappush(self._heap, (entry.due, path))
+                return None
         del self._pending[path]
         if entry.projects is not self.projects:  # reloaded meanwhile: the project as it is now
             found = self.projects.wanted_in(path)
@@ -309,9 +316,10 @@ def _writer_may_hold(path: str, entry: Pending) -> bool:
     """Whether a writer may still hold the file, so that its close is worth waiting for.
 
     No close seen: unless the kernel says no process holds it open for writing (then the close
-    event that followed its last write was lost in an overflow). Found by a scan: only if the
-    kernel says one does (a slow writer, paused for longer than the window); where the kernel
-    will not say, a scan knows no more, and most files it finds were closed long ago."""
+    event that followed its last write was lost in an overflow). Found by a scan, or in a polled
+    folder (where no close is ever seen): only if the kernel says one does (a slow writer,
+    paused for longer than the window); where the kernel will not say, a scan knows no more,
+    and most files it finds were closed long ago."""
     if not entry.complete:
         return writers.open_for_writing(path) is not False
     return entry.scanned and writers.open_for_writing(path) is True

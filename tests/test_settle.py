@@ -113,13 +113,43 @@ def test_a_file_its_writer_still_holds_waits_for_the_close(cfg, drop, leases_all
         assert state(s, str(path))[1:3] == (False, True)  # not complete, written
         got: list = []
         wait_for(lambda: got.extend(s._due_files()) or got
-                 or s._pending[str(path)].waited_for_close,
+                 or s._pending[str(path)].close_wait_until is not None,
                  timeout=10, message="the quiet window to pass")
         assert got == []
         with open(path, "a") as writer:
             writer.write("second part")
     s._note(str(path), COMPLETE)
     [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
+    assert ready.signature[0] == len("first part, second part")
+
+
+def test_a_polled_file_its_writer_still_holds_waits_for_the_writer(cfg, drop, leases_allowed):
+    """A polled folder shows no close: a file quiet for the window while another process
+    still holds it open for writing (a paused `slow >> f`) waits, the kernel asked again each
+    window, and settles once the writer has let go, with all its content. It settled at each
+    pause longer than the window: one job per pause, each with part of the file."""
+    polled = dataclasses.replace(cfg, projects={
+        name: dataclasses.replace(project, polling=True, settle_seconds=0.2)
+        for name, project in cfg.projects.items()})
+    s, path = settler(polled), drop / "slow.txt"
+    path.write_text("first part, ")
+
+    def noted_and_waiting() -> None:
+        s.note(str(path), WRITING)  # what the polling observer says of a changed file
+        s._drain_inbox(0)
+        got: list = []
+        wait_for(lambda: got.extend(s._due_files()) or got
+                 or s._pending[str(path)].close_wait_until is not None,
+                 timeout=10, message="the quiet window to pass")
+        assert got == []
+
+    with held(path, "a"):
+        noted_and_waiting()
+        with open(path, "a") as more:
+            more.write("second part")
+        noted_and_waiting()
+    [ready] = wait_for(s._due_files, timeout=CLOSE_FALLBACK_SECONDS / 3,
+                       message="the file to settle once its writer let go")
     assert ready.signature[0] == len("first part, second part")
 
 
