@@ -39,6 +39,10 @@ POLL_INTERVAL_SECONDS = 1.0
 _OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 # Its warning for a subfolder made while watched that it could not watch (watchdog 7).
 _UNABLE_TO_WATCH = "Unable to watch %r: %s"
+# A polled folder it cannot read: it keeps its last snapshot and polls again (watchdog 7).
+_POLLING_LOGGER = "watchdog.observers.polling"
+_SNAPSHOT_FAILING = "Cannot take a snapshot of %r, will retry: %s"
+_SNAPSHOT_BACK = "Snapshot of %r succeeded again, resuming"
 
 # Watchdog event type -> what it says of a file. Opened/closed-without-write (readers, such as
 # our own workers) and attribute changes say nothing about content and are not listed.
@@ -125,6 +129,35 @@ class _OverflowSpotter(logging.Handler):
             logging.getLogger(name).removeHandler(self)
 
 
+class _SnapshotSpotter(logging.Handler):
+    """Watchdog reports a polled folder it cannot read, and reading it again, only in its log."""
+
+    def __init__(self, on_failing: Callable[[str, str], None],
+                 on_back: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self._on_failing, self._on_back = on_failing, on_back
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.msg == _SNAPSHOT_FAILING and len(record.args) == 2:
+                path, exc = record.args
+                self._on_failing(os.fsdecode(path), getattr(exc, "strerror", None) or str(exc))
+            elif record.msg == _SNAPSHOT_BACK and len(record.args) == 1:
+                self._on_back(os.fsdecode(record.args[0]))
+        except Exception:
+            self.handleError(record)
+
+    def attach(self) -> None:
+        """Its INFO records must be made whatever the operator's level (see _OverflowSpotter)."""
+        logger = logging.getLogger(_POLLING_LOGGER)
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def detach(self) -> None:
+        logging.getLogger(_POLLING_LOGGER).removeHandler(self)
+
+
 class Watcher:
     """Observers for a set of projects: inotify for local folders, polling where configured.
 
@@ -142,6 +175,11 @@ class Watcher:
         self._on_unwatched = on_unwatched
         self._handler = _Handler(note, self._gone.put)
         self._spotter = _OverflowSpotter(on_overflow, self._subfolder_unwatched)
+        self._snapshots = _SnapshotSpotter(self._unreadable_now, self._readable_again)
+        # Polled folders that cannot be read now, and why: watchdog polls them again, and
+        # reports what changed meanwhile once it can. Set on watchdog's threads.
+        self._unreadable: dict[str, str] = {}
+        self._unreadable_lock = threading.Lock()
         self._lock = threading.Lock()
         self._observers: dict[bool, BaseObserver] = {}  # polling? -> a started observer
         self._watches: dict[str, tuple[_Folder, ObservedWatch]] = {}
@@ -155,19 +193,27 @@ class Watcher:
         """The folders watched now (``project``, ``folder``, ``observer``)."""
         with self._lock:
             self._take_gone()
-            return [folder.entry() for folder, _ in self._watches.values()]
+            watches = list(self._watches.items())
+        with self._unreadable_lock:
+            return [folder.entry() for path, (folder, _) in watches
+                    if path not in self._unreadable]
 
     @property
     def unwatched(self) -> list[dict[str, str]]:
         """The folders lost, each with the ``reason``."""
         with self._lock:
             self._take_gone()
-            return [{**folder.entry(), "reason": why} for folder, why in self._lost.values()]
+            lost = [{**folder.entry(), "reason": why} for folder, why in self._lost.values()]
+            watches = list(self._watches.items())
+        with self._unreadable_lock:
+            return lost + [{**folder.entry(), "reason": f"cannot be read: {self._unreadable[path]}"}
+                           for path, (folder, _) in watches if path in self._unreadable]
 
     def start(self, projects: Iterable[ProjectConfig]) -> dict[str, str]:
         """Watch every folder of ``projects``; those that cannot be watched are returned
         (folder -> reason), for the caller to report, and tried again by :meth:`rewatch`."""
         self._spotter.attach()
+        self._snapshots.attach()
         with self._lock:
             self._stopped = False
             for project in projects:
@@ -204,6 +250,20 @@ class Watcher:
         for observer in observers:
             observer.join(timeout=10)
         self._spotter.detach()
+        self._snapshots.detach()
+        with self._unreadable_lock:
+            self._unreadable.clear()
+
+    def _unreadable_now(self, path: str, reason: str) -> None:
+        with self._unreadable_lock:
+            self._unreadable[path] = reason
+        log.warning("watch_lost", folder=path, reason=f"the folder cannot be read: {reason}",
+                    then="polled again every second")
+
+    def _readable_again(self, path: str) -> None:
+        with self._unreadable_lock:
+            self._unreadable.pop(path, None)
+        log.info("watching_again", folder=path)
 
     def _subfolder_unwatched(self, path: str, reason: str) -> None:
         """On watchdog's thread, which holds its own locks: noted here, taken by _take_gone."""
@@ -276,6 +336,8 @@ class Watcher:
         folder, watch = self._watches.pop(path)
         self._ended.append((folder, watch))
         self._lost[path] = (folder, why)
+        with self._unreadable_lock:
+            self._unreadable.pop(path, None)
         log.warning("watch_lost", folder=path, reason=said or f"the folder was {why}",
                     then="watched again once it can be")
 

@@ -1162,6 +1162,33 @@ class TestWatchingSurvives:
         late = drop(acme / "d39", "late.txt", "seen by the new watch")
         assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
 
+    def test_a_polled_folder_that_cannot_be_read_is_shown_not_watched_until_it_can(
+            self, make_daemon, folders):
+        """A polled folder made unreadable while the daemon runs (as root without the
+        capabilities that read anything): `ingestd status` shows it NOT WATCHED with the reason
+        (watchdog polls on, and only logged it), then watched again once readable, and a file
+        dropped meanwhile is ingested."""
+        if subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                           "true"]).returncode != 0:
+            pytest.skip("setpriv cannot drop capabilities here")
+        acme = folders["acme"]
+        daemon = make_daemon(acme_extra="polling = true",
+                             wrapper=["setpriv", "--bounding-set=-dac_override,-dac_read_search"])
+        socket = control_socket(daemon)
+        assert watched_folders(socket, "acme") == [str(acme)]
+        acme.chmod(0)
+        try:
+            wait_for(lambda: watched_folders(socket, "acme") == [], timeout=10,
+                     message="acme shown as not watched")
+            [lost] = control.query(socket)["projects"]["acme"]["unwatched"]
+            assert lost["reason"] == "cannot be read: Permission denied", lost
+            meanwhile = drop(acme, "meanwhile.txt", "dropped while unreadable")
+        finally:
+            acme.chmod(0o755)
+        wait_for(lambda: watched_folders(socket, "acme") == [str(acme)], timeout=10,
+                 message="acme watched again")
+        assert document_text(wait_job(meanwhile, timeout=10)) == "dropped while unreadable"
+
     def test_a_folder_gone_at_start_is_reported_and_watched_once_back(self, tmp_path, folders):
         """A folder gone between validation and watching at start: the daemon starts on the
         others, says which folder it does not watch, and watches it once it is back."""
