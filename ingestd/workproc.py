@@ -7,12 +7,13 @@ node (leases, heartbeats, rescue and cancellation all go through the database): 
 :class:`~ingestd.work.WorkerPool` with its share of the ``workers`` slots on its own APScheduler.
 
 The parent talks to each child over one pipe. Parent -> child: ``wake`` (new jobs), ``resume``
-(start-up scan done), ``config`` (a reload), ``heartbeat`` (a cancel was asked for), ``stop``. Child -> parent: ``hello`` (its lease
-owner id, once it and its extraction processes are up: the daemon is ready when every child
-has said it) and ``finished`` (the jobs it ended lately, for the metrics). A child that dies is
-replaced; the new one rescues its leases at once (its pid is gone). A child whose parent died
-sees the pipe close and stops as if told, re-queueing what it runs. Signals are for the parent
-alone: a child and its extraction processes ignore them.
+(start-up scan done), ``config`` (a reload), ``heartbeat`` (a cancel was asked for: check now),
+``stop``. Child -> parent: ``hello`` (its lease owner id, once it and its extraction processes
+are up: the daemon is ready when every child has said it) and ``finished`` (the jobs it ended
+lately, for the metrics). A child that dies is replaced; the new one rescues its leases at once
+(its pid is gone). A child whose parent died sees the pipe close and stops as if told,
+re-queueing what it runs. Signals are for the parent alone: a child and its extraction
+processes ignore them.
 """
 
 from __future__ import annotations
