@@ -134,9 +134,10 @@ SKIPPED_MEMORY = 100_000
 _skipped: dict[str, None] = {}
 
 
-def skipped_before(version_key: str) -> bool:
-    """Whether this daemon already rejected this version of a file as empty."""
-    return version_key in _skipped
+def skipped_before(project: ProjectConfig, version_key: str) -> bool:
+    """Whether this daemon already rejected this version of a file as empty, and the project
+    still skips empty files (a reload may have made it take them)."""
+    return project.empty_files == "skip" and version_key in _skipped
 
 
 def _remember_skipped(item: Ready) -> None:

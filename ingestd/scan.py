@@ -112,9 +112,8 @@ def _note_unknown(project: ProjectConfig, batch: list[tuple[str, str]],
         for job in jobs.ended_with_version_keys(list(known)):
             originals.dispose(job, project)
     missed = 0
-    skips = project.empty_files == "skip"  # a reload may have made it take them now
     for path, key in batch:
-        if key not in known and not (skips and intake.skipped_before(key)):
+        if key not in known and not intake.skipped_before(project, key):
             if not is_pending(path):
                 missed += 1
             note(path, FOUND)

@@ -241,7 +241,7 @@ class Settler:
             if entry.close_wait_until is None:
                 entry.close_wait_until = now + max(CLOSE_FALLBACK_SECONDS, 10 * settle)
             if now < entry.close_wait_until:
-                entry.due = (min(entry.close_wait_until, now + max(settle, 0.1))
+                entry.due = (min(entry.close_wait_until, now + max(settle, 0.1))  # 0: no spin
                              if entry.scanned else entry.close_wait_until)
                 heapq.heappush(self._heap, (entry.due, path))
                 return None

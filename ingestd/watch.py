@@ -35,12 +35,14 @@ from ingestd.settle import COMPLETE, CREATED, DIRECTORY, GONE, WRITING
 
 log = structlog.get_logger(__name__)
 POLL_INTERVAL_SECONDS = 1.0
-# Where watchdog logs an inotify overflow (the queue itself, and its recursive watches).
-_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+# Where watchdog logs what _WatchdogSpotter looks for, and the least level it is logged at: an
+# inotify overflow (the queue itself, and its recursive watches), a polled folder's snapshot.
+_SPOTTED_LOGGERS = {"watchdog.observers.inotify_c": logging.WARNING,
+                    "watchdog.observers.inotify": logging.WARNING,
+                    "watchdog.observers.polling": logging.INFO}
 # Its warning for a subfolder made while watched that it could not watch (watchdog 7).
 _UNABLE_TO_WATCH = "Unable to watch %r: %s"
 # A polled folder it cannot read: it keeps its last snapshot and polls again (watchdog 7).
-_POLLING_LOGGER = "watchdog.observers.polling"
 _SNAPSHOT_FAILING = "Cannot take a snapshot of %r, will retry: %s"
 _SNAPSHOT_BACK = "Snapshot of %r succeeded again, resuming"
 
@@ -95,67 +97,50 @@ class _Handler(FileSystemEventHandler):
             self._note(src, _FILE_EVENTS[event.event_type])
 
 
-class _OverflowSpotter(logging.Handler):
-    """Watchdog reports a kernel event queue overflow, and a new subfolder it could not watch,
-    only as log warnings; catch them there."""
+class _WatchdogSpotter(logging.Handler):
+    """Watchdog says some things only in its log: a kernel event queue overflow, a subfolder
+    made while watched that it could not watch, a polled folder it cannot read (it polls on)
+    and reads again. Catch them there."""
 
     def __init__(self, on_overflow: Callable[[], None],
-                 on_unwatched: Callable[[str, str], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._on_overflow = on_overflow
-        self._on_unwatched = on_unwatched
+                 on_unwatched: Callable[[str, str], None],
+                 on_unreadable: Callable[[str, str], None],
+                 on_readable: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self._on_overflow, self._on_unwatched = on_overflow, on_unwatched
+        self._on_unreadable, self._on_readable = on_unreadable, on_readable
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if record.msg == _UNABLE_TO_WATCH and len(record.args) == 2:
-                path, exc = record.args
-                self._on_unwatched(os.fsdecode(path), getattr(exc, "strerror", None) or str(exc))
-            elif "overflow" in record.getMessage().lower():
+                self._on_unwatched(*_path_and_reason(record.args))
+            elif record.msg == _SNAPSHOT_FAILING and len(record.args) == 2:
+                self._on_unreadable(*_path_and_reason(record.args))
+            elif record.msg == _SNAPSHOT_BACK and len(record.args) == 1:
+                self._on_readable(os.fsdecode(record.args[0]))
+            elif (record.levelno >= logging.WARNING
+                  and "overflow" in record.getMessage().lower()):
                 self._on_overflow()
         except Exception:
             self.handleError(record)
 
     def attach(self) -> None:
-        """Listen on watchdog's loggers, which must make WARNING records whatever the operator's
-        level (the output handler filters what is printed, see log.py)."""
-        for name in _OVERFLOW_LOGGERS:
+        """Listen on watchdog's loggers, which must make the records looked for whatever the
+        operator's level (the output handler filters what is printed, see log.py)."""
+        for name, level in _SPOTTED_LOGGERS.items():
             logger = logging.getLogger(name)
-            if not logger.isEnabledFor(logging.WARNING):
-                logger.setLevel(logging.WARNING)
+            if not logger.isEnabledFor(level):
+                logger.setLevel(level)
             logger.addHandler(self)
 
     def detach(self) -> None:
-        for name in _OVERFLOW_LOGGERS:
+        for name in _SPOTTED_LOGGERS:
             logging.getLogger(name).removeHandler(self)
 
 
-class _SnapshotSpotter(logging.Handler):
-    """Watchdog reports a polled folder it cannot read, and reading it again, only in its log."""
-
-    def __init__(self, on_failing: Callable[[str, str], None],
-                 on_back: Callable[[str], None]) -> None:
-        super().__init__(logging.INFO)
-        self._on_failing, self._on_back = on_failing, on_back
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            if record.msg == _SNAPSHOT_FAILING and len(record.args) == 2:
-                path, exc = record.args
-                self._on_failing(os.fsdecode(path), getattr(exc, "strerror", None) or str(exc))
-            elif record.msg == _SNAPSHOT_BACK and len(record.args) == 1:
-                self._on_back(os.fsdecode(record.args[0]))
-        except Exception:
-            self.handleError(record)
-
-    def attach(self) -> None:
-        """Its INFO records must be made whatever the operator's level (see _OverflowSpotter)."""
-        logger = logging.getLogger(_POLLING_LOGGER)
-        if not logger.isEnabledFor(logging.INFO):
-            logger.setLevel(logging.INFO)
-        logger.addHandler(self)
-
-    def detach(self) -> None:
-        logging.getLogger(_POLLING_LOGGER).removeHandler(self)
+def _path_and_reason(args: tuple) -> tuple[str, str]:
+    path, exc = args
+    return os.fsdecode(path), getattr(exc, "strerror", None) or str(exc)
 
 
 class Watcher:
@@ -174,8 +159,8 @@ class Watcher:
         self._unwatched: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._on_unwatched = on_unwatched
         self._handler = _Handler(note, self._gone.put)
-        self._spotter = _OverflowSpotter(on_overflow, self._subfolder_unwatched)
-        self._snapshots = _SnapshotSpotter(self._unreadable_now, self._readable_again)
+        self._spotter = _WatchdogSpotter(on_overflow, self._subfolder_unwatched,
+                                         self._unreadable_now, self._readable_again)
         # Polled folders that cannot be read now, and why: watchdog polls them again, and
         # reports what changed meanwhile once it can. Set on watchdog's threads.
         self._unreadable: dict[str, str] = {}
@@ -213,7 +198,6 @@ class Watcher:
         """Watch every folder of ``projects``; those that cannot be watched are returned
         (folder -> reason), for the caller to report, and tried again by :meth:`rewatch`."""
         self._spotter.attach()
-        self._snapshots.attach()
         with self._lock:
             self._stopped = False
             for project in projects:
@@ -250,7 +234,6 @@ class Watcher:
         for observer in observers:
             observer.join(timeout=10)
         self._spotter.detach()
-        self._snapshots.detach()
         with self._unreadable_lock:
             self._unreadable.clear()
 
