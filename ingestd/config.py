@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -311,6 +312,17 @@ def _resolve(base: Path, value: str) -> Path:
     return path
 
 
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a drop folder (missing, a file, not reachable), or None."""
+    try:
+        info = folder.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such folder"
+    except OSError as exc:  # a parent this user may not search, a symlink loop, a dead mount
+        return f"cannot be reached ({exc.strerror or exc})"
+    return None if stat.S_ISDIR(info.st_mode) else "not a folder"
+
+
 def _path(base: Path, value: str, key: str, problems: _Problems) -> Path | None:
     """``value`` resolved against ``base``, or None with a one-line problem for ``key``."""
     try:
@@ -474,8 +486,9 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
         folder = _path(base, value, f"{prefix}folders", problems)
         if folder is None:
             continue
-        if not folder.is_dir() and folders_must_exist:
-            problems.add(f"{prefix}folders", f"{folder}: no such folder")
+        problem = _folder_problem(folder) if folders_must_exist else None
+        if problem is not None:
+            problems.add(f"{prefix}folders", f"{folder}: {problem}")
             continue
         resolved.append(folder.resolve())
     sink = _sink(values.pop("sink", {}), prefix, problems)

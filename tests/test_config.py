@@ -81,6 +81,9 @@ def test_shipped_example_is_valid(tmp_path, monkeypatch):
     ('[projects.acme]\nfolders = ["{drop}"]\nafter = "shred"',
      "projects.acme.after: must be one of keep, move, delete"),
     ('[projects.acme]\nfolders = ["{drop}/nope"]', "projects.acme.folders: {drop}/nope: no such folder"),
+    ('[projects.acme]\nfolders = ["{drop}/file"]', "projects.acme.folders: {drop}/file: not a folder"),
+    ('[projects.acme]\nfolders = ["{drop}/' + "n" * 300 + '"]',
+     "projects.acme.folders: {drop}/" + "n" * 300 + ": cannot be reached (File name too long)"),
     ('[projects.acme]\nsettle_seconds = 1', "projects.acme.folders: missing"),
     ('[projects.acme]\nfolders = ["{drop}"]\n[projects.b]\nfolders = ["{drop}"]',
      "projects.b.folders: {drop}: already a folder of project 'acme'"),
@@ -96,6 +99,7 @@ def test_shipped_example_is_valid(tmp_path, monkeypatch):
 def test_a_bad_file_names_the_file_and_the_key(tmp_path, drop, body, expected):
     """Each mistake is one line: the file, the key and what is wrong."""
     (drop / "sub").mkdir()
+    (drop / "file").touch()
     path = write_config(tmp_path, body.replace("{drop}", str(drop)))
     message = load_error(path)
     expected = expected.replace("{drop}", str(drop))
