@@ -630,7 +630,8 @@ class RunsAlone:
 def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
           projects: Sequence[str] | None = None, alone: RunsAlone | None = None) -> list[Job]:
     """Atomically move up to ``limit`` due queued jobs to running under ``owner``'s lease; of
-    ``projects`` only, if given (daemons with other projects may share the database).
+    ``projects`` only, if given (daemons with other projects may share the database). A claim
+    starts a new attempt: the message of the last one ("retry requested", a page reached) goes.
 
     With ``alone``, the batch ends with its first job that runs alone: a claimed job counts an
     attempt, which a worker that dies keeps (its jobs may have killed it), so no job waits
@@ -655,7 +656,7 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
             f"{only}ORDER BY id LIMIT ?{lock}) "
             "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, "
             f"lease_expires_at = {clock} + ?, attempts = attempts + 1, started_at = ?, "
-            "updated_at = ? WHERE id IN (SELECT id FROM due WHERE id <= (SELECT "
+            "message = NULL, updated_at = ? WHERE id IN (SELECT id FROM due WHERE id <= (SELECT "
             f"coalesce(min(id), {MAX_INTEGER}) FROM due WHERE alone)) AND status = 'queued' "
             f"RETURNING {_ALL_COLUMNS}",
             (*slow_params, *(projects or ()), limit, owner, float(lease_seconds), moment,

@@ -250,7 +250,11 @@ class TestOperatorTransitions:
         jobs.fail(job.id, "w1", "disk on fire")
         again = jobs.retry("acme", job.id)
         assert (again.status, again.attempts, again.error_message) == ("queued", 0, None)
-        assert jobs.claim("w2")[0].id == job.id
+        assert again.message == "retry requested"
+        [claimed] = jobs.claim("w2")
+        assert (claimed.id, claimed.message) == (job.id, None)  # a new attempt: no old news
+        failed = jobs.fail(job.id, "w2", "disk on fire again")
+        assert (failed.message, failed.error_message) == (None, "disk on fire again")
 
 
 class TestWorkerTransitions:
