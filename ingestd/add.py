@@ -19,6 +19,7 @@ from ingestd import intake, jobs, names
 from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.models import Job, TERMINAL
+from ingestd.paths import is_wanted
 from ingestd.sniff import SNIFF_BYTES, sniff_head
 
 COPY_CHUNK = 1 << 20
@@ -54,9 +55,15 @@ def _refuse_type(project: ProjectConfig, shown: str, head: bytes, name: str) -> 
                            f"(allowed: {', '.join(project.allowed_types)})")
 
 
-def check_name(folder: Path, name: str) -> None:
-    """Refuse a name the drop folder's file system cannot hold (its numbered siblings are
-    shortened to fit, but shortening the name asked for would silently rename the file)."""
+def check_name(project: ProjectConfig, name: str) -> None:
+    """Refuse a name the project would not take from its drop folder (its patterns would leave
+    the file there, unwatched, as a job no rescan knows) or the folder's file system cannot
+    hold (its numbered siblings are shortened to fit, but shortening the name asked for would
+    silently rename the file)."""
+    folder = project.folders[0]
+    if not is_wanted(project, folder, str(folder / name)):
+        raise InputRefused(f"{name}: project {project.name!r} does not take this name (its "
+                           "include/exclude patterns); give another with --name")
     size, limit = len(os.fsencode(name)), names.name_max(folder)
     if size > limit:
         raise InputRefused(f"{name}: file name too long ({size} bytes; the file system of "
@@ -122,7 +129,7 @@ def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) ->
     paths = list(paths)
     targets = [target_name(path, name) for path in paths]
     for path, target_as in zip(paths, targets):
-        check_name(project.folders[0], target_as)
+        check_name(project, target_as)
         if path != "-":
             check_source(project, path)
     created = []

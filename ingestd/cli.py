@@ -243,6 +243,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise UsageError("'-' (standard input) can be given once")
     if args.name is not None and len(args.files) > 1:
         raise UsageError(f"--name names one file; {len(args.files)} were given")
+    if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
+        raise UsageError(f"--name takes a file name, not a path: {args.name!r}")
     created = add.add_files(project, args.files, args.name)
     if not args.wait:
         _say_jobs("queued", created, args.json)

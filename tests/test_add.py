@@ -123,6 +123,31 @@ class TestLongNames:
         assert list(drop.iterdir()) == []
 
 
+class TestNamesTheProjectRefuses:
+    """A name the daemon would not take from the drop folder is refused before anything is
+    copied: added anyway, its file would lie there unwatched, a job no rescan knows."""
+
+    @pytest.mark.parametrize("name", [".hidden.txt", "notes.tmp", "report.part"])
+    def test_an_excluded_name_is_refused_in_one_line(self, config_file, drop, tmp_path, name):
+        source = tmp_path / name
+        source.write_text("text under a name the project excludes")
+        for args in ([str(source)], ["-", "--name", name]):
+            result = run_cli("add", "-p", "acme", *args, config=config_file,
+                             stdin="text under a name the project excludes")
+            refused_in_one_line(result, f"{name}: project 'acme' does not take this name")
+        assert list(drop.iterdir()) == []
+
+    @pytest.mark.parametrize("name", ["sub/x.txt", "../x.txt", ".."])
+    def test_a_path_as_name_is_a_usage_error(self, config_file, drop, name):
+        """--name sub/x.txt used to become x.txt silently."""
+        result = run_cli("add", "-p", "acme", "-", "--name", name, config=config_file,
+                         stdin="text")
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"ingestd: --name takes a file name, not a path: {name!r}"]
+        assert list(drop.iterdir()) == []
+
+
 class TestUnreadable:
     def test_a_file_add_cannot_read_is_refused_in_one_line(self, config_file, drop, tmp_path):
         """A file the caller may not read: exit 5 naming it, no traceback, nothing copied. (Run
