@@ -361,7 +361,9 @@ class Daemon:
                 db.reset_connection()
                 if self._stopping:
                     return  # the start-up scan of the next run finds them again
-                log.warning("job_creation_failed", files=len(ready), reason=str(exc))
+                reason = (db.as_store_error(exc)
+                          if isinstance(exc, (pw.PeeweeException, sqlite3.Error)) else exc)
+                log.warning("job_creation_failed", files=len(ready), reason=str(reason))
                 time.sleep(CREATE_RETRY_SECONDS)
         for project, count in collections.Counter(item.project.name for item in ready).items():
             metrics.child(metrics.files_seen, project).inc(count)

@@ -128,7 +128,7 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
     def begin(self, lock_type: str | None = None) -> None:
         fd = self._lock_fd()
         if fd is not None:
-            lockwait.lock(fd, self._lock_path)
+            lockwait.lock(fd, self.database)
         try:
             super().begin(lock_type)
         except BaseException:

@@ -21,29 +21,29 @@ import structlog
 log = structlog.get_logger(__name__)
 REPORT_SECONDS = 10.0
 
-_waits: dict[int, tuple[float, int, str]] = {}  # thread id -> (since, lock fd, lock path)
+_waits: dict[int, tuple[float, int, str]] = {}  # thread id -> (since, lock fd, database path)
 _guard = threading.Lock()
 _watcher: threading.Thread | None = None
 
 
-def lock(fd: int, path: str) -> None:
-    """Take the exclusive ``flock`` on ``fd`` (the lock file at ``path``), waiting as long as
-    it takes; a long wait is reported while it lasts."""
+def lock(fd: int, database: str) -> None:
+    """Take the exclusive ``flock`` on ``fd`` (the lock file of the SQLite file ``database``),
+    waiting as long as it takes; a long wait is reported while it lasts."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
     except BlockingIOError:
         pass
-    with _waiting(fd, path):
+    with _waiting(fd, database):
         fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 @contextlib.contextmanager
-def _waiting(fd: int, path: str) -> Iterator[None]:
+def _waiting(fd: int, database: str) -> Iterator[None]:
     global _watcher
     me = threading.get_ident()
     with _guard:
-        _waits[me] = (time.monotonic(), fd, path)
+        _waits[me] = (time.monotonic(), fd, database)
         if _watcher is None:
             _watcher = threading.Thread(target=_watch, name="lock-wait-watcher", daemon=True)
             _watcher.start()
@@ -64,28 +64,54 @@ def _watch() -> None:
             if not _waits:
                 _watcher = None
                 return
-            since, fd, path = min(_waits.values())
+            since, fd, database = min(_waits.values())
         waited = time.monotonic() - since
         if waited >= REPORT_SECONDS:
-            log.warning("write_lock_waiting", path=path, waited=round(waited),
-                        holder=holder(fd), then="waiting on: nothing is written meanwhile")
+            log.warning("write_lock_waiting", path=f"{database}.writelock", waited=round(waited),
+                        holder=holder(fd, database),
+                        then="waiting on: nothing is written meanwhile")
 
 
-def holder(fd: int) -> str:
-    """Who holds the ``flock`` of the file open at ``fd``: "pid N (command)", or "unknown"."""
+def holder(fd: int, database: str | None = None) -> str:
+    """Who holds the lock: "pid N (command)", or "unknown". The ``flock`` of the lock file
+    open at ``fd`` is held by the head of ingestd's queue; if another process holds SQLite's
+    own write lock on ``database`` (a ``sqlite3`` shell: it never queues), the head waits on
+    that one, which is named instead."""
     try:
-        info = os.fstat(fd)
         with open("/proc/locks") as locks:
-            lines = locks.read().splitlines()
+            lines = [line.split() for line in locks.read().splitlines()]
+        queue_head = _pid_locking(lines, _file_id(os.fstat(fd)), "FLOCK")
     except OSError:
         return "unknown"
-    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted:
-            pid = fields[4]
-            return f"pid {pid} ({_command(pid)})"
-    return "unknown"
+    writer = _sqlite_writer(lines, database) if database else None
+    if writer is not None and writer != queue_head:
+        return f"pid {writer} ({_command(writer)}), outside ingestd's queue, holds SQLite's lock"
+    return "unknown" if queue_head is None else f"pid {queue_head} ({_command(queue_head)})"
+
+
+def _file_id(info: os.stat_result) -> str:
+    """A file as /proc/locks names it: MAJOR:MINOR:INODE."""
+    return f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+
+
+def _pid_locking(lines: list[list[str]], file_id: str, kind: str,
+                 byte: str | None = None) -> str | None:
+    """The pid holding a lock of ``kind`` on the file (at ``byte``, for a POSIX one)."""
+    for fields in lines:
+        if (len(fields) > 7 and fields[1] == kind and fields[5] == file_id
+                and (byte is None or fields[6:8] == [byte, byte])):
+            return fields[4]
+    return None
+
+
+def _sqlite_writer(lines: list[list[str]], database: str) -> str | None:
+    """The pid holding SQLite's write lock on ``database`` (in WAL mode: byte 120 of its
+    ``-shm`` file, locked for writing), if any."""
+    try:
+        shm = _file_id(os.stat(f"{database}-shm"))
+    except OSError:
+        return None
+    return _pid_locking(lines, shm, "POSIX", byte="120")
 
 
 def _command(pid: str) -> str:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from ingestd import db, jobs, migrations
+from ingestd import db, jobs, lockwait, migrations
 from ingestd.errors import StoreError
 from ingestd.models import Event
 
@@ -169,6 +173,36 @@ def test_db_migrate_command(config_file):
     assert first.returncode == 0 and "applied migrations 1" in first.stdout
     second = run_cli("db", "migrate", config=config_file)
     assert second.returncode == 0 and "up to date" in second.stdout
+
+
+def test_a_wait_names_the_process_holding_sqlites_lock_outside_the_queue(tmp_path):
+    """A sqlite3 shell never queues on the lock file: it holds SQLite's write lock while the
+    head of ingestd's queue (holding the lock file) waits in SQLite's busy handler. A wait
+    behind that head names the shell, not the head, which only waits too."""
+    path = tmp_path / "a.db"
+    queued = db.connect(f"sqlite:///{path}")
+    with queued.atomic():  # WAL mode, and the lock file, exist
+        queued.execute_sql("CREATE TABLE t (a INTEGER)")
+    shell = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+    head = os.open(f"{path}.writelock", os.O_RDONLY)
+    behind = os.open(f"{path}.writelock", os.O_RDONLY)
+    try:
+        assert shell.stdout.readline() == "held\n"
+        fcntl.flock(head, fcntl.LOCK_EX)  # the queue's head, now waiting on the shell
+        said = lockwait.holder(behind, str(path))
+        assert said.startswith(f"pid {shell.pid} (") and "outside ingestd's queue" in said, said
+        shell.kill()
+        shell.wait()
+        assert lockwait.holder(behind, str(path)).startswith(f"pid {os.getpid()} (")
+    finally:
+        shell.kill()
+        shell.wait()
+        os.close(head)
+        os.close(behind)
+        queued.close()
 
 
 def test_writes_queue_on_a_lock_file_and_go_on_without_one(tmp_path):
