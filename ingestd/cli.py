@@ -179,12 +179,15 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_delete(args: argparse.Namespace) -> int:
-    from ingestd import documents
+    from ingestd import retire
     from ingestd.sinks import open_sink
 
     cfg = _open(args)
-    sink = open_sink(cfg.project(args.project))
-    _say_job("deleted", documents.delete_job(args.project, args.job, sink), args.json)
+    project = cfg.project(args.project)
+    deleted, note = retire.delete_job(project, args.job, open_sink(project))
+    _say_job("deleted", deleted, args.json)
+    if note is not None:
+        print(f"ingestd: job {deleted.id} deleted; {note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -297,6 +300,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for folder in project.get("unwatched", []):
             print(f"project {name}: {printable(folder['folder'])} NOT WATCHED: {folder['reason']} "
                   "(watched again once it can be)")
+    owed = state.get("sink_deletes") or {}
+    if owed.get("owed"):
+        print(f"sink deletes owed: {owed['owed']} (tried again by the daemon; the last "
+              f"failure: {owed['last_error'] or 'none yet'})")
     print(f"workers: {workers['busy']}/{workers['total']} busy in processes "
           f"{', '.join(str(pid) for pid in workers['processes'])}; "
           f"{state['settling_files']} file(s) settling")

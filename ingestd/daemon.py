@@ -24,9 +24,9 @@ import peewee as pw
 import structlog
 
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics,
-                     originals, scan, writers)
+                     originals, retire, scan, writers)
 from ingestd.checkpoint import WalCheckpointer
-from ingestd.config import Config
+from ingestd.config import Config, ProjectConfig
 from ingestd.control import ControlServer
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
@@ -35,7 +35,8 @@ from ingestd.paths import ProjectMap, file_identity
 from ingestd.publish import Publisher
 from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
-from ingestd.sinks import check_all as check_sinks
+from ingestd.sinks import Sink, check_all as check_sinks, open_sink
+from ingestd.sinks import command as command_sink
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier, StartExtender
 from ingestd.wakeup import JobListener
@@ -77,6 +78,7 @@ class Daemon:
         self.listener: JobListener | None = None
         self.control: ControlServer | None = None
         self.checkpointer: WalCheckpointer | None = None
+        self._sinks: dict[str, tuple[ProjectConfig, Sink]] = {}  # for deletes owed (retire)
         self._stop_metrics: Callable[[], None] | None = None
         self._store_identity: tuple[int, int] | None = None  # the SQLite file opened at start
         self._status_line = "starting"  # systemd's STATUS=, refreshed off the main thread
@@ -175,6 +177,8 @@ class Daemon:
         self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
                                id="prune-events")
         self.scheduler.add_job(self._rewatch, "interval", id="rewatch", seconds=REWATCH_SECONDS)
+        self.scheduler.add_job(db.guarded("sink_deletes", self.retry_sink_deletes), "interval",
+                               id="sink-deletes", seconds=retire.RETRY_SECONDS)
         self.scheduler.start()
         # Record first, then process: every file waiting in the folders gets its job before
         # any worker competes with job creation for the interpreter.
@@ -277,6 +281,7 @@ class Daemon:
         originals.wait_idle(max(0.0, grace - (time.monotonic() - began)))  # a scan's move
         if self.scheduler.running:  # not yet, if the start was cut short
             self.scheduler.shutdown(wait=False)
+        command_sink.stop_all()  # a delete owed to a command sink, cut short: tried next time
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:
@@ -424,6 +429,24 @@ class Daemon:
             log.info("events_pruned", count=removed)
         return removed
 
+    def retry_sink_deletes(self) -> int:
+        """Make the deletes owed to this daemon's external sinks that are due (see retire)."""
+        external = []
+        for project in self.config.projects.values():
+            try:
+                if not self._sink(project).transactional:
+                    external.append(project)
+            except Exception as exc:  # a plugin's own failure: its jobs meet it too
+                log.warning("sink_not_opened", project=project.name, reason=str(exc))
+        return retire.retry_due(external, self._sink)
+
+    def _sink(self, project: ProjectConfig) -> Sink:
+        """The project's sink, opened once per configuration of it (a reload opens it again)."""
+        opened = self._sinks.get(project.name)
+        if opened is None or opened[0] is not project:
+            opened = self._sinks[project.name] = (project, open_sink(project))
+        return opened[1]
+
     def _overflowed(self) -> None:
         metrics.inotify_overflows.inc()
         self.request_rescan("overflow")
@@ -484,6 +507,7 @@ class Daemon:
                         "processes": self.pool.pids, "process_deaths": self.pool.deaths,
                         "last_process_death": self._last_death()},
             "settling_files": self.settler.pending_count,
+            "sink_deletes": self._sink_deletes(),
             "last_rescan": self.last_scan,
             "events": {"published": self.publisher.published if self.publisher else 0,
                        "last_sequence": self.publisher.cursor if self.publisher else 0,
@@ -493,6 +517,16 @@ class Daemon:
                        "log_failure": self.publisher.log_failure if self.publisher else None},
             "metrics": settings.metrics_address or None,
         }
+
+    @staticmethod
+    def _sink_deletes() -> dict[str, Any] | None:
+        """The deletes owed to external sinks, and the latest reason one failed."""
+        try:
+            owed, last_error = retire.count_owed()
+        except (pw.PeeweeException, sqlite3.Error):  # said by database_error
+            db.reset_connection()
+            return None
+        return {"owed": owed, "last_error": last_error}
 
     def _folders(self) -> dict[str, dict[str, list[dict[str, str]]]]:
         """Per project, the folders watched and those lost (with the reason)."""

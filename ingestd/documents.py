@@ -13,10 +13,7 @@ from typing import Iterable, Sequence
 
 import peewee as pw
 
-from ingestd import jobs
-from ingestd.db import transaction
 from ingestd.models import Job, database
-from ingestd.sinks import Sink
 
 # Two jobs are of the same path when their shown paths and their exact bytes agree: the
 # bytes are NULL for a UTF-8 name, and a name that is not UTF-8 shows as text (bad\xff.txt)
@@ -128,13 +125,13 @@ def previous_version(job: Job) -> int | None:
     return None if kept else document_id
 
 
-def kept_by_others(project_id: str, document_id: int, excluding: tuple[int, ...]) -> bool:
+def kept_by_others(project_id: str, document_id: int, excluding: tuple[int, ...] = ()) -> bool:
     """Whether a current job of the project other than ``excluding`` refers to the document.
     Of the project: a document id is its sink's, and another project's sink (a command or
     http sink numbering its own) may give the same number to another document."""
-    marks = ", ".join("?" * len(excluding))
+    others = f"AND j.id NOT IN ({', '.join('?' * len(excluding))})" if excluding else ""
     return bool(_query(f"""SELECT 1 FROM ingest_jobs j WHERE j.canonical_document_id = ?
-                           AND j.project_id = ? AND j.id NOT IN ({marks}) AND {CURRENT_JOB}
+                           AND j.project_id = ? {others} AND {CURRENT_JOB}
                            LIMIT 1""", (document_id, project_id, *excluding)))
 
 
@@ -145,20 +142,3 @@ def released_by_delete(job: Job) -> int | None:
     if document_id is None or kept_by_others(job.project_id, document_id, (job.id,)):
         return None
     return document_id
-
-
-def delete_job(project_id: str, job_id: int, sink: Sink) -> Job:
-    """``jobs delete``: the job's soft delete and, in its transaction, the removal of its
-    document from ``sink`` unless another current job keeps it. It first waits for the
-    transactions ending jobs of its content or path (:func:`lock_ends`): on PostgreSQL one of
-    them may be making a duplicate that keeps the document, unseen until it commits."""
-    with transaction():
-        job = jobs.get(project_id, job_id)
-        lock_ends([(project_id, job.content_sha256, job.source_path)])
-
-        def release_document(deleted: Job) -> None:
-            document_id = released_by_delete(deleted)
-            if document_id is not None:
-                sink.delete(document_id)
-
-        return jobs.delete(project_id, job_id, release_document)

@@ -385,6 +385,29 @@ def _v11(db: pw.Database, dialect: dict[str, str]) -> None:
     _run(db, dialect, V11_POSTGRES_WORDS_AFTER)
 
 
+# Deletes owed to external sinks (command, http, plugins): recorded in the transaction that
+# lets go of a document, made after its commit, kept until the sink took them (retire). Written
+# to run again over its own result.
+V12_SINK_DELETES = [
+    """CREATE TABLE IF NOT EXISTS sink_deletes (
+        id {pk},
+        project_id TEXT NOT NULL,
+        document_id {bigint} NOT NULL,
+        sink_kind TEXT NOT NULL,
+        job_id {bigint},
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before {real} NOT NULL,
+        last_error TEXT,
+        created_at {real} NOT NULL,
+        UNIQUE (project_id, document_id))""",
+    """CREATE INDEX IF NOT EXISTS ix_sink_deletes_due ON sink_deletes (not_before)""",
+]
+
+
+def _v12(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V12_SINK_DELETES)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -398,6 +421,7 @@ MIGRATIONS: list[Migration] = [
     (9, "version keys in file order; no index on documents' content", _v9),
     (10, "chunks' text read from their documents, not stored twice (SQLite)", _v10),
     (11, "the full-text index sees the words SQLite's sees (PostgreSQL)", _v11),
+    (12, "deletes owed to external sinks", _v12),
 ]
 LATEST = MIGRATIONS[-1][0]
 NEW_DATABASE = "a new database"

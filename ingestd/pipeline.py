@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import structlog
 
-from ingestd import db, documents, intake, jobs, originals, sinks
+from ingestd import db, documents, intake, jobs, originals, retire, sinks
 from ingestd.config import ProjectConfig
 from ingestd.errors import Conflict
 from ingestd.extract import PDF, Extracted, ExtractError, extract_text
@@ -486,7 +486,9 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
 
     For a sink in our own database all of it is one transaction, which also re-checks for a
     duplicate (two workers may have read the same content at once): a search sees the old
-    document or the new one, never neither or both, and a cancel leaves nothing behind."""
+    document or the new one, never neither or both, and a cancel leaves nothing behind. An
+    external sink is called before the completing transaction, and told to delete the
+    previous document after it (see retire)."""
     message = _indexed_message(extracted)
     if ctx.sink.transactional:
         try:
@@ -495,42 +497,55 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
                 known = documents.current_for_content(job.project_id, sha)
                 if known is not None:
                     return _complete_duplicate(job, ctx, sha, mime, known)
-                retire = documents.previous_version(job)
-                document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
+                previous = documents.previous_version(job)
+                document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, previous))
                 if not ctx.grouped:  # past its deadline (or cancelled) while indexing: undone
                     ctx.check()
-                _retire(ctx, retire)
+                _let_go_previous(ctx, job, previous)
                 return _complete(job, ctx, message, document_id, sha, mime)
         except Conflict:
             if ctx.grouped:
                 raise
             return _after_lost_completion(job, ctx)
-    retire = documents.previous_version(job)
     with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
-        document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, retire))
+        document_id = ctx.sink.ingest(_document(job, extracted, mime, sha,
+                                                documents.previous_version(job)))
     try:
         with ctx.atomic():
             _lock_ends(job, sha)
             final = _complete(job, ctx, message, document_id, sha, mime)
+            previous = documents.previous_version(job)  # as it is now, under the lock
+            # A sink may answer with the id it gave before (it updates by path): that
+            # document is the new one now.
+            owed = _let_go_previous(ctx, job, None if previous == document_id else previous)
     except Conflict:
-        ctx.sink.delete(document_id)  # cancelled meanwhile: leave nothing behind
+        _undo_ingest(ctx, job, document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
     except Superseded:
-        ctx.sink.delete(document_id)  # a newer version completed first: nor here
+        _undo_ingest(ctx, job, document_id)  # a newer version completed first: nor here
         raise
-    _retire(ctx, retire)
+    retire.settle(owed, ctx.sink)
     return final
 
 
-def _retire(ctx: Context, document_id: int | None) -> None:
-    """Delete the path's previous document. The new one is in already, so a failure here is
-    logged, not the job's failure (the sink keeps one stale document)."""
-    if document_id is None:
-        return
+def _let_go_previous(ctx: Context, job: Job, document_id: int | None) -> retire.Owed | None:
+    """In the completing transaction: the path's previous document leaves the sink (an
+    external sink's delete is owed, made after the commit: see retire). The new one is in
+    already, so a failure of the index's delete is logged, not the job's failure."""
     try:
-        ctx.sink.delete(document_id)
+        return retire.let_go(ctx.project, ctx.sink, document_id, job.id)
     except SinkError as exc:
-        log.warning("previous_document_not_deleted", document_id=document_id, reason=str(exc))
+        log.warning("previous_document_not_deleted", job_id=job.id, project=job.project_id,
+                    path=job.source_path, document_id=document_id, reason=str(exc))
+        return None
+
+
+def _undo_ingest(ctx: Context, job: Job, document_id: int) -> None:
+    """An external sink's document whose job did not complete leaves it again: owed, like a
+    previous version's, so that a sink failing now is tried again later."""
+    with db.transaction():
+        owed = retire.let_go(ctx.project, ctx.sink, document_id, job.id)
+    retire.settle(owed, ctx.sink)
 
 
 def _complete_duplicate(job: Job, ctx: Context, sha: str, mime: str,
@@ -546,11 +561,13 @@ def _complete_duplicate(job: Job, ctx: Context, sha: str, mime: str,
             if known is None:
                 raise Transient("the document with the same content was deleted meanwhile")
         previous = documents.previous_version(job)
-        if previous != known.document_id:  # else the path's content is unchanged (a touch)
-            _retire(ctx, previous)
-        return _complete(job, ctx, f"duplicate of document {known.document_id} "
-                                   f"(first seen as {known.first_path})", known.document_id,
-                         sha, mime)
+        # The same document as the path's previous one: its content is unchanged (a touch).
+        owed = _let_go_previous(ctx, job, None if previous == known.document_id else previous)
+        final = _complete(job, ctx, f"duplicate of document {known.document_id} "
+                                    f"(first seen as {known.first_path})", known.document_id,
+                          sha, mime)
+    retire.settle(owed, ctx.sink)  # inside an outer transaction it waits for the daemon
+    return final
 
 
 def _lock_ends(job: Job, sha: str) -> None:

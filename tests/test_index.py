@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import chunking, db, documents, intake, jobs, migrations, search, words
+from ingestd import chunking, db, documents, intake, jobs, migrations, retire, search, words
 from ingestd.config import SinkConfig
 from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
@@ -56,7 +56,7 @@ def delete(cfg):
     """What `ingestd jobs delete` does: the soft delete with the index clean-up."""
 
     def run(project: str, job: Job) -> None:
-        documents.delete_job(project, job.id, IndexSink(cfg.projects[project]))
+        retire.delete_job(cfg.projects[project], job.id, IndexSink(cfg.projects[project]))
 
     return run
 
@@ -657,7 +657,7 @@ class TestRaces:
                               content_sha256=first.content_sha256, message="duplicate")
 
         def delete_first() -> None:
-            documents.delete_job("acme", first.id, IndexSink(cfg.projects["acme"]))
+            retire.delete_job(cfg.projects["acme"], first.id, IndexSink(cfg.projects["acme"]))
             deleted.set()
 
         def waiting() -> int:
@@ -791,7 +791,7 @@ class TestDeletes:
 
     @pytest.mark.parametrize("deleted", ["acme", "other"])
     def test_another_projects_document_of_the_same_number_keeps_nothing(
-            self, ingest, drop, delete, tmp_path, deleted):
+            self, ingest, drop, delete, tmp_path, deleted, cfg):
         """Project "other" has a sink numbering its own documents (a command or http sink),
         which gave its document the number of acme's in the index. Deleting either project's
         job releases its own document: acme's leaves search, other's sink is told to delete.
@@ -817,7 +817,7 @@ class TestDeletes:
             delete("acme", first)
             assert search.search("acme", "platypus") == [] and outside.deleted == []
         else:
-            documents.delete_job("other", second.id, outside)
+            retire.delete_job(cfg.projects["other"], second.id, outside)
             assert outside.deleted == [second.canonical_document_id]
             assert [hit.job_id for hit in search.search("acme", "platypus")] == [first.id]
 

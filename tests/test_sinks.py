@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -22,13 +23,13 @@ from ingestd import db, intake, jobs, work
 from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
-from ingestd.models import Event
+from ingestd.models import Event, Job
 from ingestd.scheduling import new_scheduler
 from ingestd.sinks import Document, SinkError, job_deadline, open_sink, plugins
 from ingestd.sinks.command import CommandSink
 from ingestd.sinks.http import HttpSink
 
-from conftest import wait_for
+from conftest import run_cli, wait_for
 from proctree import gone
 from harness import Daemon, jobs_for, open_db, wait_ended, write_config
 
@@ -531,6 +532,7 @@ def sink_daemon(tmp_path):
         open_db(config)
         return drop
 
+    start.started = started
     yield start
     for daemon in started:
         daemon.stop()
@@ -649,6 +651,140 @@ class TestWithTheDaemon:
         assert job.attempts == 1 and retrying_events(job.id) == 0
         [pid] = map(int, calls.read_text().split())
         wait_for(lambda: gone(pid), timeout=10, message="the sink program to be killed")
+
+
+# A command sink that logs each call (one JSON line: action, job, document) to CALLS, numbers
+# documents from 101 (or, with SAME_ID, gives one id to every version), and fails a delete with
+# exit 75 while FAIL_DELETE exists (removed as it fails, with ONCE) or waits while HOLD exists.
+RECORDING_SINK = """
+    from pathlib import Path
+    calls, fail, hold, once = map(Path, sys.argv[1:5])
+    message = json.load(sys.stdin)
+    with calls.open("a") as log:
+        log.write(json.dumps([message["action"], message.get("job_id"),
+                              message.get("document_id")]) + "\\n")
+    if message["action"] == "delete":
+        while hold.exists():
+            time.sleep(0.05)
+        if fail.exists():
+            if once.exists():
+                fail.unlink()
+            print("index busy, try later", file=sys.stderr)
+            sys.exit(75)
+        sys.exit(0)
+    print(4242 if os.environ.get("SAME_ID") else 100 + message["job_id"])
+"""
+
+
+class TestRetiredDocuments:
+    """A document no current job refers to leaves an external sink after the change that let
+    go of it committed, never while it holds the write lock, and again until the sink takes
+    it (see ingestd.retire)."""
+
+    @pytest.fixture
+    def recording(self, tmp_path, sink_daemon):
+        """Start the daemon with RECORDING_SINK; its calls so far, as (action, job, id)."""
+        files = [tmp_path / name for name in ("calls", "fail-delete", "hold", "once")]
+        command = script(tmp_path, RECORDING_SINK)
+
+        def start(env_same_id: bool = False) -> Path:
+            if env_same_id:
+                command[:0] = ["env", "SAME_ID=1"]
+            return sink_daemon(command + [str(path) for path in files])
+
+        def calls() -> list[tuple]:
+            text = files[0].read_text() if files[0].exists() else ""
+            return [tuple(json.loads(line)) for line in text.splitlines()]
+
+        start.calls, start.fail, start.hold, start.once = calls, *files[1:]
+        return start
+
+    @staticmethod
+    def two_versions(drop: Path) -> tuple[Job, Job]:
+        path = drop / "doc.txt"
+        path.write_text("the first version")
+        first = wait_ended(path)
+        path.write_text("the second version, longer")
+        wait_for(lambda: len(jobs_for(path)) == 2 and jobs_for(path)[1].status == "completed",
+                 timeout=30, message="the second version completed")
+        return first, jobs_for(path)[1]
+
+    def test_a_new_version_retires_the_previous_document_after_its_commit(self, recording):
+        first, second = self.two_versions(recording())
+        assert (first.canonical_document_id, second.canonical_document_id) == (
+            100 + first.id, 100 + second.id)
+        wait_for(lambda: ("delete", None, 100 + first.id) in recording.calls(), timeout=30,
+                 message="the previous document deleted")
+        wait_for(lambda: owed() == [], timeout=10, message="the delete no longer owed")
+
+    def test_an_id_the_sink_gives_again_is_not_deleted(self, recording, sink_daemon):
+        """A sink that updates by path answers every version with the same id: that document
+        is the new version's, and must not be deleted as the previous one's."""
+        first, second = self.two_versions(recording(env_same_id=True))
+        assert first.canonical_document_id == second.canonical_document_id == 4242
+        assert sink_daemon.started[-1].stop() == 0  # its jobs' ends all made
+        assert [call for call in recording.calls() if call[0] == "delete"] == []
+        assert owed() == []
+
+    def test_a_delete_the_sink_fails_is_made_again_later(self, recording):
+        """The previous document's delete fails (exit 75): the daemon makes it again, after
+        a backoff, until the sink takes it. It used to be logged and forgotten."""
+        recording.fail.touch()
+        recording.once.touch()
+        first, _ = self.two_versions(recording())
+        wait_for(lambda: recording.calls().count(("delete", None, 100 + first.id)) == 2,
+                 timeout=30, message="the delete made again")
+        wait_for(lambda: owed() == [], timeout=10, message="the delete no longer owed")
+
+    def test_jobs_delete_does_not_hold_the_write_lock_while_the_sink_deletes(self, recording,
+                                                                            tmp_path):
+        """`jobs delete` waits for the sink's delete after its transaction: meanwhile the
+        daemon goes on ingesting. It used to call the sink holding the write lock, and
+        nothing was written for as long as the sink took (up to its timeout)."""
+        drop = recording()
+        (drop / "a.txt").write_text("to be deleted")
+        job = wait_ended(drop / "a.txt")
+        recording.hold.touch()
+        deleting = subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "-c", str(tmp_path / "ingestd.toml"), "jobs",
+             "delete", "-p", "acme", str(job.id)], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: ("delete", None, 100 + job.id) in recording.calls(), timeout=30,
+                     message="the sink's delete under way")
+            (drop / "b.txt").write_text("ingested while the delete waits")
+            assert wait_ended(drop / "b.txt", timeout=15).status == "completed"
+            assert deleting.poll() is None  # the delete still waits for the sink
+        finally:
+            recording.hold.unlink()
+        out, err = deleting.communicate(timeout=30)
+        assert deleting.returncode == 0 and err == "", err
+        assert owed() == []
+
+    def test_jobs_delete_says_when_the_sink_has_not_taken_the_delete_yet(self, recording,
+                                                                        tmp_path):
+        """The sink fails the delete: the job is deleted all the same (exit 0), one line on
+        stderr says the document is still in the sink, and the daemon makes the delete."""
+        drop = recording()
+        (drop / "a.txt").write_text("to be deleted")
+        job = wait_ended(drop / "a.txt")
+        recording.fail.touch()
+        recording.once.touch()
+        deleted = run_cli("jobs", "delete", "-p", "acme", str(job.id),
+                          config=tmp_path / "ingestd.toml")
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stderr.splitlines() == [
+            f"ingestd: job {job.id} deleted; its document {100 + job.id} is still in the sink "
+            "(index busy, try later); the daemon tries again"]
+        wait_for(lambda: recording.calls().count(("delete", None, 100 + job.id)) == 2,
+                 timeout=30, message="the daemon making the delete")
+        wait_for(lambda: owed() == [], timeout=10, message="the delete no longer owed")
+
+
+def owed() -> list[tuple]:
+    """The deletes owed to sinks: (project, document, attempts)."""
+    return db.database.execute_sql(
+        "SELECT project_id, document_id, attempts FROM sink_deletes").fetchall()
 
 
 # --- plugins that misbehave -------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Retiring documents: a document no current job refers to leaves its sink.
+
+A path's new version replaces its previous document, and ``jobs delete`` lets go of the job's
+own (unless another current job keeps it: see documents). The built-in index deletes inside
+that same transaction. A command, http or plugin sink cannot: it is another program, it may
+fail, and its call (up to the sink's timeout) must not run while the write lock is held. So
+the transaction records the delete it owes (:func:`let_go`); once it has committed, the caller
+makes the delete at once (:func:`settle`). A failure, or a crash before it, leaves the row:
+the daemon tries it again with backoff (:func:`retry_due`). Before each try the document is
+looked up again: one that a current job refers to (a sink that handed out the same id again)
+is kept, and the row dropped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import peewee as pw
+import structlog
+
+from ingestd import db, documents, jobs
+from ingestd.config import ProjectConfig
+from ingestd.db import transaction
+from ingestd.models import Job, database
+from ingestd.sinks import Sink, SinkError
+
+log = structlog.get_logger(__name__)
+RETRY_SECONDS = 5.0  # how often the daemon looks for deletes due again
+FIRST_TRY_SECONDS = 120.0  # the daemon leaves a new row this long to its own first try
+CLAIM_SECONDS = 300.0  # a row being tried is not due again before this (its try may hang)
+BACKOFF_SECONDS = (5.0, 600.0)  # after a failure: 5 s, doubling, at most 10 minutes
+BATCH = 20
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A delete owed to ``project_id``'s sink (of kind ``sink_kind``)."""
+
+    id: int
+    project_id: str
+    document_id: int
+    sink_kind: str
+    job_id: int | None
+    attempts: int
+
+
+_COLUMNS = "id, project_id, document_id, sink_kind, job_id, attempts"
+
+
+def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
+    param = database.obj.param
+    return database.execute_sql(statement.replace("?", param), tuple(params))
+
+
+def let_go(project: ProjectConfig, sink: Sink, document_id: int | None, job_id: int | None
+           ) -> Owed | None:
+    """In the caller's transaction: ``document_id`` (if any) leaves the project's ``sink``.
+    A transactional sink deletes it here; another is owed the delete, returned for
+    :func:`settle` once the transaction committed."""
+    if document_id is None:
+        return None
+    if sink.transactional:
+        sink.delete(document_id)
+        return None
+    return _record(project, document_id, job_id)
+
+
+def _record(project: ProjectConfig, document_id: int, job_id: int | None) -> Owed | None:
+    """Owe the delete of ``document_id`` to the project's sink; None if it is owed already
+    (another job let go of it first)."""
+    row = _execute(
+        "INSERT INTO sink_deletes (project_id, document_id, sink_kind, job_id, attempts, "
+        f"not_before, created_at) VALUES (?, ?, ?, ?, 0, {jobs.clock_sql()} + ?, ?) "
+        f"ON CONFLICT (project_id, document_id) DO NOTHING RETURNING {_COLUMNS}",
+        (project.name, document_id, project.sink.kind, job_id, FIRST_TRY_SECONDS,
+         jobs.now())).fetchone()
+    return None if row is None else Owed(*row)
+
+
+def settle(owed: Owed | None, sink: Sink, say_failure: bool = True) -> str | None:
+    """Make the owed delete now, after the transaction that recorded it committed: None once
+    it is done (or the document turned out to be kept), else why not (the row stays, due again
+    after a backoff; logged unless the caller says it itself). Never inside a transaction:
+    its rollback would undo the record, not the delete."""
+    if owed is None or database.in_transaction():
+        return None  # inside one: the daemon makes it once it is committed
+    try:
+        if documents.kept_by_others(owed.project_id, owed.document_id):
+            _forget(owed)
+            return None
+        try:
+            sink.delete(owed.document_id)
+        except SinkError as exc:
+            _failed(owed, exc, say_failure)
+            return str(exc)
+        _forget(owed)
+    except (pw.PeeweeException, sqlite3.Error) as exc:  # the row stays: the daemon tries again
+        db.reset_connection()
+        log.warning("sink_delete_not_recorded", project=owed.project_id,
+                    document_id=owed.document_id, reason=str(db.as_store_error(exc)))
+        return str(db.as_store_error(exc))
+    if owed.attempts:  # said once it failed before
+        log.info("sink_document_deleted", project=owed.project_id,
+                 document_id=owed.document_id, job_id=owed.job_id, attempts=owed.attempts + 1)
+    return None
+
+
+def delete_job(project: ProjectConfig, job_id: int, sink: Sink) -> tuple[Job, str | None]:
+    """``jobs delete``: the job's soft delete and its document's retirement (unless another
+    current job keeps it); the job, and a note if its document is not out of the sink yet. It first waits for the transactions ending jobs of its content or path
+    (documents.lock_ends): on PostgreSQL one of them may be making a duplicate that keeps the
+    document, unseen until it commits."""
+    owed: list[Owed | None] = []
+    with transaction():
+        job = jobs.get(project.name, job_id)
+        documents.lock_ends([(project.name, job.content_sha256, job.source_path)])
+
+        def release_document(deleted: Job) -> None:
+            owed.append(let_go(project, sink, documents.released_by_delete(deleted), job_id))
+
+        deleted = jobs.delete(project.name, job_id, release_document)
+    pending = owed[0] if owed else None
+    reason = settle(pending, sink, say_failure=False)
+    if reason is None or pending is None:
+        return deleted, None
+    return deleted, (f"its document {pending.document_id} is still in the sink ({reason}); "
+                     "the daemon tries again")
+
+
+def _forget(owed: Owed) -> None:
+    with transaction():
+        _execute("DELETE FROM sink_deletes WHERE id = ?", (owed.id,))
+
+
+def _failed(owed: Owed, exc: SinkError, say: bool) -> None:
+    """Due again after a backoff; a permanent failure only after the longest one (the sink's
+    program may be fixed: a delete owed is never dropped)."""
+    first, longest = BACKOFF_SECONDS
+    delay = min(longest, first * 2 ** owed.attempts) if exc.transient else longest
+    with transaction():
+        _execute(f"UPDATE sink_deletes SET attempts = attempts + 1, last_error = ?, "
+                 f"not_before = {jobs.clock_sql()} + ? WHERE id = ?",
+                 (str(exc), delay, owed.id))
+    if not say:
+        return
+    (log.warning if exc.transient else log.error)(
+        "sink_delete_failed", project=owed.project_id, document_id=owed.document_id,
+        job_id=owed.job_id, attempts=owed.attempts + 1, reason=str(exc),
+        then=f"tried again in {delay:g} s")
+
+
+def retry_due(projects: Iterable[ProjectConfig], sink_of: Callable[[ProjectConfig], Sink]
+              ) -> int:
+    """The daemon's periodic try of the deletes due for ``projects``; how many were done.
+
+    Each row is claimed first (its due time moved past a try's longest wait), so two daemons
+    sharing the database do not make the same delete at once."""
+    by_name = {project.name: project for project in projects}
+    if not by_name:
+        return 0
+    clock, marks = jobs.clock_sql(), ", ".join("?" * len(by_name))
+    with transaction():
+        rows = _execute(
+            f"UPDATE sink_deletes SET not_before = {clock} + ? WHERE id IN (SELECT id FROM "
+            f"sink_deletes WHERE project_id IN ({marks}) AND not_before <= {clock} "
+            f"ORDER BY id LIMIT ?) AND not_before <= {clock} RETURNING {_COLUMNS}",
+            (CLAIM_SECONDS, *by_name, BATCH)).fetchall()
+    done = 0
+    for owed in sorted((Owed(*row) for row in rows), key=lambda owed: owed.id):
+        project = by_name[owed.project_id]
+        if project.sink.kind != owed.sink_kind:
+            log.warning("sink_delete_dropped", project=owed.project_id,
+                        document_id=owed.document_id, reason=f"the project's sink is now "
+                        f"{project.sink.kind!r}, not the {owed.sink_kind!r} sink that held it")
+            _forget(owed)
+            continue
+        done += settle(owed, sink_of(project)) is None
+    return done
+
+
+def count_owed() -> tuple[int, str | None]:
+    """How many deletes are owed, and the reason the most tried one last failed."""
+    total = _execute("SELECT count(*) FROM sink_deletes").fetchone()[0]
+    row = _execute("SELECT last_error FROM sink_deletes WHERE last_error IS NOT NULL "
+                   "ORDER BY attempts DESC, id LIMIT 1").fetchone()
+    return total, (row[0] if row else None)
