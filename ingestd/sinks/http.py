@@ -10,9 +10,10 @@ kept), no body. 2xx, 404 and 410 all mean done: a delete may be repeated.
 Failures: 5xx, 408, 429, a refused or reset connection, a DNS failure and a timeout are
 transient (retried with backoff); any other status (4xx, and 3xx: redirects are not followed)
 is permanent, with the status and a short reason from the body; a 2xx reply without an id is
-permanent. ``timeout_seconds``, or what the job has left of ``job_timeout_seconds`` if that is
-less, bounds connecting and each wait for data (so a server that trickles its reply can still
-hold a request longer).
+permanent; so is a reply cut short (fewer bytes than its Content-Length), transiently.
+``timeout_seconds``, or what the job has left of ``job_timeout_seconds`` if that is less, bounds
+the whole request: each wait for data, and a watcher that shuts the connection down once the
+time is up (a server that trickles its reply) or the job was cancelled.
 
 Why the standard library: this is one small JSON request per document, seconds of extraction
 apart, on a few worker threads. ``urllib.request`` already does TLS with the system's CA store,
@@ -22,9 +23,14 @@ vetting and shipping in the systemd venv) would buy nothing here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import http.client
 import re
+import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,13 +39,15 @@ from email.message import Message
 from ingestd import __version__
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError, time_limit
-from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
-                                   ingest_message, parse_document_id, shorten, timed_out)
+from ingestd.sinks import Document, SinkError, must_stop, time_limit
+from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, STOPPED, Options, decode_reply,
+                                   encode, ingest_message, parse_document_id, shorten,
+                                   timed_out)
 
 MAX_REPLY_BYTES = 1 << 20  # an id, or an error page: never more than this is read
 TRANSIENT_STATUSES = frozenset({408, 429})  # besides every 5xx
 GONE_STATUSES = frozenset({404, 410})  # a delete of these is done already
+CUTOFF_POLL_SECONDS = 0.1  # how soon a cancelled job's request is cut
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 
 
@@ -56,7 +64,6 @@ class HttpSink:
         self.timeout = options.positive_number("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
         self.headers = {"User-Agent": f"ingestd/{__version__}", "Accept": "application/json",
                         **_headers(options)}
-        self.opener = urllib.request.build_opener(_NoRedirects)
 
     def ingest(self, document: Document) -> int:
         body = encode(ingest_message(document))
@@ -76,26 +83,100 @@ class HttpSink:
             headers.setdefault("Content-Type", "application/json")
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         limit = time_limit(self.timeout)
+        cutoff = _Cutoff(limit[0])
+        opener = urllib.request.build_opener(_NoRedirects, _HttpHandler(cutoff),
+                                             _HttpsHandler(cutoff))
         try:
-            with self.opener.open(request, timeout=limit[0]) as response:
-                return response.status, response.read(MAX_REPLY_BYTES)
+            with cutoff, opener.open(request, timeout=limit[0]) as response:
+                reply = response.read(MAX_REPLY_BYTES)
+                if len(reply) < MAX_REPLY_BYTES and response.length:  # promised more
+                    raise http.client.IncompleteRead(reply, response.length)
+            if cutoff.why is None:  # else a reply without a length may look whole
+                return response.status, reply
         except urllib.error.HTTPError as exc:  # a reply, just not a 2xx one
             with exc:
                 reply = exc.read(MAX_REPLY_BYTES)
             return exc.code, _redirect_note(exc.headers) if 300 <= exc.code < 400 else reply
         except (OSError, http.client.HTTPException) as exc:
-            raise self._no_reply(exc, limit) from None
+            if cutoff.why is None:
+                raise self._no_reply(exc, limit) from None
+        raise SinkError(STOPPED if cutoff.why == "stop" else f"{self.where} {timed_out(*limit)}")
 
     def _no_reply(self, exc: Exception, limit: tuple[float, str]) -> SinkError:
         """No reply at all: the endpoint is down, unreachable or slow; all worth a retry, except
         a certificate that does not verify (that needs an operator)."""
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, http.client.IncompleteRead):
+            return SinkError(f"{self.where}: the reply was cut short ({len(reason.partial)} "
+                             f"bytes, {reason.expected} more promised)")
         if isinstance(reason, TimeoutError):
             return SinkError(f"{self.where} {timed_out(*limit)}")
         if isinstance(reason, ssl.SSLCertVerificationError):
             return SinkError(f"{self.where}: {reason.verify_message or reason}", transient=False)
         detail = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
         return SinkError(f"cannot reach {self.where}: {detail}")
+
+
+class _Cutoff:
+    """While its block runs, shuts the request's connections down once ``seconds`` are up or
+    the job must stop (sinks.must_stop): a socket timeout bounds each wait for data, not the
+    whole request, and nothing else would end a wait for a cancelled job's answer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.why: str | None = None  # "time" or "stop", once it cut
+        self._sockets: list[socket.socket] = []
+        self._done = threading.Event()
+        self._context = contextvars.copy_context()  # the watcher asks must_stop in the caller's
+
+    def connection(self, http_class: type[http.client.HTTPConnection]
+                   ) -> type[http.client.HTTPConnection]:
+        """``http_class`` for urllib, keeping each socket it connects so it can be cut (urllib
+        lets go of the connection's own reference once the reply's headers are in)."""
+        sockets = self._sockets
+
+        class Kept(http_class):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                sockets.append(self.sock)
+
+        return Kept
+
+    def __enter__(self) -> _Cutoff:
+        threading.Thread(target=self._context.run, args=(self._watch,), daemon=True,
+                         name="http-sink-cutoff").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._done.wait(min(CUTOFF_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or must_stop():
+                self.why = "time" if time.monotonic() >= deadline else "stop"
+                for sock in list(self._sockets):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def do_open(self, http_class, req, **kwargs):  # noqa: ANN001 -- urllib's signature
+        return super().do_open(self.cutoff.connection(http_class), req, **kwargs)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def do_open(self, http_class, req, **kwargs):  # noqa: ANN001 -- urllib's signature
+        return super().do_open(self.cutoff.connection(http_class), req, **kwargs)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
