@@ -13,19 +13,14 @@ from typing import Iterable, Sequence
 
 import peewee as pw
 
+from ingestd import jobs
 from ingestd.models import Job, database
-
-# Two jobs are of the same path when their shown paths and their exact bytes agree: the
-# bytes are NULL for a UTF-8 name, and a name that is not UTF-8 shows as text (bad\xff.txt)
-# that another file may literally be called.
-_SAME_RAW = "(n.source_path_raw = j.source_path_raw OR " \
-            "(n.source_path_raw IS NULL AND j.source_path_raw IS NULL))"
 
 # A current job ``j`` (the rule above), as an SQL condition.
 CURRENT_JOB = f"""
     j.status = 'completed' AND j.deleted_at IS NULL AND j.canonical_document_id IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.project_id
-                    AND n.source_path = j.source_path AND {_SAME_RAW}
+                    AND n.source_path = j.source_path AND {jobs.SAME_RAW}
                     AND n.id > j.id AND n.status = 'completed')
 """
 

@@ -106,13 +106,46 @@ def version_key(project_id: str, raw_path: bytes, size: int, mtime_ns: int | Non
     return f"{max(mtime_ns or 0, 0):020d}.{digest}"
 
 
+# Two jobs are of the same path when their shown paths and their exact bytes agree: the
+# bytes are NULL for a UTF-8 name, and a name that is not UTF-8 shows as text (bad\xff.txt)
+# that another file may literally be called. (As SQL on jobs ``n`` and ``j``.)
+SAME_RAW = ("(n.source_path_raw = j.source_path_raw OR "
+            "(n.source_path_raw IS NULL AND j.source_path_raw IS NULL))")
+# Job ``j`` is no longer its path's newest: a job was made for the path after it (any status,
+# deleted too). Its version then counts as new again should it come back (a file moved back,
+# a backup restored): the path's content is no longer what ``j`` read.
+SUPERSEDED = f"""EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.project_id
+    AND n.source_path = j.source_path AND {SAME_RAW} AND n.id > j.id)"""
+
+
 def existing_version_keys(keys: Sequence[str]) -> set[str]:
-    """Which of ``keys`` already have a job (deleted ones included: their files stay ingested)."""
+    """Which of ``keys`` have a job, its path's newest (deleted ones included: their files
+    stay ingested; an older version's key is free again, see SUPERSEDED)."""
     if not keys:
         return set()
     marks = ", ".join("?" * len(keys))
-    rows = _execute(f"SELECT version_key FROM ingest_jobs WHERE version_key IN ({marks})", keys)
+    rows = _execute(f"SELECT version_key FROM ingest_jobs j WHERE version_key IN ({marks}) "
+                    f"AND NOT {SUPERSEDED}", keys)
     return {row[0] for row in rows.fetchall()}
+
+
+def _release_superseded(keys: Sequence[str]) -> set[str]:
+    """In the caller's transaction: the jobs of ``keys`` that are no longer their path's
+    newest give their keys up, for a new job of the version that came back; the keys given
+    up. (Each key is re-checked as it is given up: of two nodes giving up one key at once, on
+    PostgreSQL, the second finds it gone and gives up nothing.)"""
+    if not keys:
+        return set()
+    marks = ", ".join("?" * len(keys))
+    key_of = dict(_execute(f"SELECT j.id, j.version_key FROM ingest_jobs j WHERE "
+                           f"j.version_key IN ({marks}) AND {SUPERSEDED}", keys).fetchall())
+    if not key_of:
+        return set()
+    marks = ", ".join("?" * len(key_of))
+    given_up = _execute(f"UPDATE ingest_jobs SET version_key = NULL WHERE id IN ({marks}) "
+                        f"AND version_key IN ({marks}) RETURNING id",
+                        [*key_of, *key_of.values()]).fetchall()
+    return {key_of[row[0]] for row in given_up}
 
 
 def ended_with_version_keys(keys: Sequence[str]) -> list[Job]:
@@ -335,6 +368,8 @@ def create(project_id: str, folder: str, version: FileVersion, max_attempts: int
     source_id = ensure_source(project_id, folder)
     with transaction():
         existing = _fetch("version_key = ?", (key,))
+        if existing is not None and _release_superseded([key]):
+            existing = None  # an older version came back: new again
         if existing is not None:
             if not resubmit:
                 return existing, False
@@ -359,9 +394,14 @@ INSERT_BATCH = 400  # rows per INSERT: 20 parameters each, well under SQLite's l
 @dataclass(frozen=True)
 class NewJobs:
     """Jobs of one project to create, made ready before the transaction (see
-    :func:`new_jobs`): its INSERT statements and their parameters."""
+    :func:`new_jobs`): its INSERT statements and their parameters, and what they are made of
+    (an insert of some of them again, should a version come back: see create_many)."""
 
     inserts: list[tuple[str, list[Any]]]
+    project_id: str = ""
+    rows: tuple[tuple[int, FileVersion, str], ...] = ()
+    max_attempts: int = 0
+    moment: float = 0.0
 
 
 def new_jobs(project_id: str, found: Sequence[tuple[str, FileVersion]],
@@ -375,7 +415,8 @@ def new_jobs(project_id: str, found: Sequence[tuple[str, FileVersion]],
     moment = now()
     return NewJobs([_insert_statement(project_id, rows[start:start + INSERT_BATCH],
                                       max_attempts, False, moment)
-                    for start in range(0, len(rows), INSERT_BATCH)])
+                    for start in range(0, len(rows), INSERT_BATCH)],
+                   project_id, tuple(rows), max_attempts, moment)
 
 
 def create_many(new: NewJobs) -> list[Job]:
@@ -387,11 +428,29 @@ def create_many(new: NewJobs) -> list[Job]:
     with transaction():
         for statement, params in new.inserts:
             created += [_to_job(row) for row in _execute(statement, params).fetchall()]
+        if len(created) < len(new.rows):  # versions with a job: some may have come back
+            created += _create_returned(new, {job.version_key for job in created})
         created.sort(key=lambda job: job.id)
         _emit_jobs(JOB_CREATED, created)
         if created and is_postgres():
             _execute(notify_sql())  # idle workers of every node wake at commit
     return created
+
+
+def _create_returned(new: NewJobs, created: set[str]) -> list[Job]:
+    """The jobs of ``new``'s versions that came back to their path (their job no longer its
+    newest: see SUPERSEDED), made now that those jobs gave up their keys."""
+    held = [key for _, _, key in new.rows if key not in created]
+    released = set()
+    for start in range(0, len(held), INSERT_BATCH):
+        released |= _release_superseded(held[start:start + INSERT_BATCH])
+    rows = [row for row in new.rows if row[2] in released]
+    made = []
+    for start in range(0, len(rows), INSERT_BATCH):
+        statement, params = _insert_statement(new.project_id, rows[start:start + INSERT_BATCH],
+                                              new.max_attempts, False, new.moment)
+        made += [_to_job(row) for row in _execute(statement, params).fetchall()]
+    return made
 
 
 _INSERT_COLUMNS = ("project_id", "source_id", "source_path", "source_path_raw",

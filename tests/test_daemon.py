@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import config as config_mod, control, db
+from ingestd import config as config_mod, control, db, search
 from ingestd.models import Document, Event, Job
 from ingestd.daemon import STOP_OVERDUE_SECONDS
 from ingestd.settle import CLOSE_FALLBACK_SECONDS
@@ -236,6 +236,32 @@ class TestDropping:
                  message="second version completed")
         second = jobs_for(path)[-1]
         assert second.id != first.id and document_text(second) == "version two, longer"
+
+    @pytest.mark.parametrize("found_by", ["watcher", "rescan"])
+    def test_a_version_that_comes_back_is_ingested_again(self, make_daemon, folders, tmp_path,
+                                                         found_by):
+        """A file moved out, another put in its place, then the first moved back (a backup
+        restored): the path holds the first version again, which the index must show. Its
+        version (path, size, mtime, inode) had a job long ago, so it got none; found by the
+        watcher, or by a scan after a restart."""
+        running = make_daemon()
+        path = drop(folders["acme"], "notes.txt", "the aardvark version")
+        wait_job(path)
+        path.rename(tmp_path / "notes.txt")
+        path.write_text("the bandicoot version, longer")
+        wait_for(lambda: len([j for j in jobs_for(path) if j.status == "completed"]) == 2,
+                 message="second version completed")
+        if found_by == "rescan":
+            assert running.stop() == 0
+        (tmp_path / "notes.txt").rename(path)
+        if found_by == "rescan":
+            running.start()
+        wait_for(lambda: len([j for j in jobs_for(path) if j.status == "completed"]) == 3,
+                 message="the first version, back, completed again")
+        back = jobs_for(path)[-1]
+        assert document_text(back) == "the aardvark version"
+        assert [hit.job_id for hit in search.search("acme", "aardvark")] == [back.id]
+        assert search.search("acme", "bandicoot") == []
 
     def test_files_dropped_while_the_daemon_was_down_are_found_at_start(self, make_daemon, folders):
         """The start-up scan makes jobs for files that arrived while no daemon ran."""

@@ -110,6 +110,47 @@ class TestCreate:
         assert created and job.id != first.id
 
 
+class TestVersionsThatComeBack:
+    """A version whose job is no longer its path's newest (a file moved out, a new one put in
+    its place, the old one moved back) is new again: the path's content is not what that job
+    read. It used to get no job at all, and search showed the replaced text for the path."""
+
+    @staticmethod
+    def versions(cfg, drop: Path, tmp_path: Path) -> tuple[jobs.FileVersion, jobs.FileVersion]:
+        """Two versions of one path: the first moved out, the second put in its place."""
+        path = make_file(drop, "doc.txt", "the first version")
+        first = intake.inspect(cfg.projects["acme"], path)[1]
+        path.rename(tmp_path / "doc.txt")
+        make_file(drop, "doc.txt", "the second version, longer")
+        second = intake.inspect(cfg.projects["acme"], path)[1]
+        (tmp_path / "doc.txt").rename(path)  # the first comes back: same inode, size, mtime
+        assert intake.inspect(cfg.projects["acme"], path)[1] == first
+        return first, second
+
+    def test_one_by_one(self, cfg, any_store, drop, tmp_path):
+        first, second = self.versions(cfg, drop, tmp_path)
+        folder = str(drop)
+        one, _ = jobs.create("acme", folder, first, 3)
+        two, _ = jobs.create("acme", folder, second, 3)
+        key = first.key("acme")
+        assert jobs.existing_version_keys([key]) == set()  # a scan notes it again
+        back, created = jobs.create("acme", folder, first, 3)
+        assert created and back.id > two.id
+        assert jobs.existing_version_keys([key]) == {key}
+        assert jobs.create("acme", folder, first, 3) == (back, False)  # once, not again
+        assert Job.get_by_id(one.id).version_key is None  # given up to the new job
+
+    def test_in_a_batch_as_the_settler_makes_them(self, cfg, any_store, drop, tmp_path):
+        first, second = self.versions(cfg, drop, tmp_path)
+        new = lambda version: jobs.new_jobs("acme", [(str(drop), version)], 3)  # noqa: E731
+        [one] = jobs.create_many(new(first))
+        [two] = jobs.create_many(new(second))
+        [back] = jobs.create_many(new(first))
+        assert back.id > two.id > one.id and back.version_key == first.key("acme")
+        assert jobs.create_many(new(first)) == []
+        assert [e.type for e in events_of(back.id)] == [jobs.JOB_CREATED]
+
+
 class TestList:
     def test_newest_first_without_deleted(self, cfg, any_store, drop):
         """list shows the project's live jobs, newest first."""

@@ -160,6 +160,24 @@ class TestWhatAScanFinishes:
         assert files_in(project.move_to / "processed") == {f"{done.id}-left.txt": "left behind"}
         assert files_in(drop) == {}
 
+    def test_a_processed_file_dropped_again_after_a_newer_version_is_left_for_its_job(
+            self, cfg, store, drop, extractors):
+        """Its version's job ended long ago, but a newer version of the path completed since:
+        moved back into the drop folder, it is a version to ingest again, not a leftover to
+        move away. The scan used to move it back to processed/ without a job."""
+        project = project_of(cfg, "move")
+        path = drop / "doc.txt"
+        path.write_text("the first version")
+        first = ingest(project, path, extractors)
+        path.write_text("the second version, longer")
+        ingest(project, path, extractors)
+        processed = project.move_to / "processed"
+        (processed / f"{first.id}-doc.txt").rename(path)
+        noted = []
+        scan.scan([project], note=lambda found, how: noted.append(found),
+                  is_pending=lambda found: False, reason="test")
+        assert noted == [str(path)] and files_in(drop) == {"doc.txt": "the first version"}
+
     def test_a_half_done_move_is_finished_and_its_partial_copy_removed(
             self, cfg, store, drop, extractors, move_to):
         """A stop or crash after the file was taken (and, across file systems, part-copied):
