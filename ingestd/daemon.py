@@ -36,7 +36,6 @@ from ingestd.publish import Publisher
 from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
 from ingestd.sinks import Sink, check_all as check_sinks, open_sink
-from ingestd.sinks import command as command_sink
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier, StartExtender
 from ingestd.wakeup import JobListener
@@ -281,7 +280,6 @@ class Daemon:
         originals.wait_idle(max(0.0, grace - (time.monotonic() - began)))  # a scan's move
         if self.scheduler.running:  # not yet, if the start was cut short
             self.scheduler.shutdown(wait=False)
-        command_sink.stop_all()  # a delete owed to a command sink, cut short: tried next time
         if self.publisher is not None:
             self.publisher.stop()  # publishes the re-queued jobs and the stopping event first
         if self.stream is not None:
@@ -518,11 +516,10 @@ class Daemon:
             "metrics": settings.metrics_address or None,
         }
 
-    @staticmethod
-    def _sink_deletes() -> dict[str, Any] | None:
-        """The deletes owed to external sinks, and the latest reason one failed."""
+    def _sink_deletes(self) -> dict[str, Any] | None:
+        """The deletes owed to this daemon's external sinks, and the latest reason one failed."""
         try:
-            owed, last_error = retire.count_owed()
+            owed, last_error = retire.count_owed(list(self.config.projects))
         except (pw.PeeweeException, sqlite3.Error):  # said by database_error
             db.reset_connection()
             return None

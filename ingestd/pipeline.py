@@ -111,11 +111,6 @@ class Context:
             return True
         return False
 
-    def must_stop_waiting(self) -> bool:
-        """Whether a sink's answer is no longer wanted: the job was cancelled or abandoned
-        (its deadline the sink keeps itself, saying it timed out)."""
-        return self.control.cancelled or self.control.abandoned
-
     def check(self) -> None:
         """Raise if the job must stop: abandoned, cancelled, or past its deadline."""
         if self.control.abandoned:
@@ -241,10 +236,7 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
         if ctx.control.abandoned:  # a stop released the job, then killed its sink program
             bound.info("job_abandoned", reason=f"sink: {exc}")
             return None
-        if ctx.control.cancelled:  # its sink call stopped for the cancel (or failed meanwhile)
-            final = jobs.finish_cancelled(job.id, ctx.owner)
-        else:
-            final = _sink_failed(job, ctx, exc, sha, mime)
+        final = _sink_failed(job, ctx, exc, sha, mime)
     except Transient as exc:
         final = _transient(job, ctx, exc, sha, mime)
     except Conflict:
@@ -515,8 +507,7 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
             if ctx.grouped:
                 raise
             return _after_lost_completion(job, ctx)
-    # An external sink may block: it gets the time left, and hears of a cancel meanwhile.
-    with sinks.job_deadline(ctx.deadline, stop=ctx.must_stop_waiting):
+    with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
         document_id = ctx.sink.ingest(_document(job, extracted, mime, sha,
                                                 documents.previous_version(job)))
     try:

@@ -31,7 +31,7 @@ RETRY_SECONDS = 5.0  # how often the daemon looks for deletes due again
 FIRST_TRY_SECONDS = 120.0  # the daemon leaves a new row this long to its own first try
 CLAIM_SECONDS = 300.0  # a row being tried is not due again before this (its try may hang)
 BACKOFF_SECONDS = (5.0, 600.0)  # after a failure: 5 s, doubling, at most 10 minutes
-BATCH = 20
+BATCH = 20  # deletes tried per look, one claimed at a time
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,11 @@ def settle(owed: Owed | None, sink: Sink, say_failure: bool = True) -> str | Non
             return None
         try:
             sink.delete(owed.document_id)
-        except SinkError as exc:
-            _failed(owed, exc, say_failure)
-            return str(exc)
+        except Exception as exc:  # a sink's own failure (any exception): tried again later
+            failure = exc if isinstance(exc, SinkError) else SinkError(
+                f"{type(exc).__name__}: {exc}")
+            _failed(owed, failure, say_failure)
+            return str(failure)
         _forget(owed)
     except (pw.PeeweeException, sqlite3.Error) as exc:  # the row stays: the daemon tries again
         db.reset_connection()
@@ -109,7 +111,8 @@ def settle(owed: Owed | None, sink: Sink, say_failure: bool = True) -> str | Non
 
 def delete_job(project: ProjectConfig, job_id: int, sink: Sink) -> tuple[Job, str | None]:
     """``jobs delete``: the job's soft delete and its document's retirement (unless another
-    current job keeps it); the job, and a note if its document is not out of the sink yet. It first waits for the transactions ending jobs of its content or path
+    current job keeps it); the job, and a note if its document is not out of the sink yet.
+    It first waits for the transactions ending jobs of its content or path
     (documents.lock_ends): on PostgreSQL one of them may be making a duplicate that keeps the
     document, unseen until it commits."""
     owed: list[Owed | None] = []
@@ -153,22 +156,17 @@ def _failed(owed: Owed, exc: SinkError, say: bool) -> None:
 
 def retry_due(projects: Iterable[ProjectConfig], sink_of: Callable[[ProjectConfig], Sink]
               ) -> int:
-    """The daemon's periodic try of the deletes due for ``projects``; how many were done.
+    """The daemon's periodic try of the deletes due for ``projects``, up to BATCH of them;
+    how many were done.
 
-    Each row is claimed first (its due time moved past a try's longest wait), so two daemons
-    sharing the database do not make the same delete at once."""
+    Each row is claimed just before its try (its due time moved past a try's longest wait),
+    so two daemons sharing the database do not make the same delete at once."""
     by_name = {project.name: project for project in projects}
-    if not by_name:
-        return 0
-    clock, marks = jobs.clock_sql(), ", ".join("?" * len(by_name))
-    with transaction():
-        rows = _execute(
-            f"UPDATE sink_deletes SET not_before = {clock} + ? WHERE id IN (SELECT id FROM "
-            f"sink_deletes WHERE project_id IN ({marks}) AND not_before <= {clock} "
-            f"ORDER BY id LIMIT ?) AND not_before <= {clock} RETURNING {_COLUMNS}",
-            (CLAIM_SECONDS, *by_name, BATCH)).fetchall()
     done = 0
-    for owed in sorted((Owed(*row) for row in rows), key=lambda owed: owed.id):
+    for _ in range(BATCH if by_name else 0):
+        owed = _claim_due(list(by_name))
+        if owed is None:
+            break
         project = by_name[owed.project_id]
         if project.sink.kind != owed.sink_kind:
             log.warning("sink_delete_dropped", project=owed.project_id,
@@ -180,9 +178,26 @@ def retry_due(projects: Iterable[ProjectConfig], sink_of: Callable[[ProjectConfi
     return done
 
 
-def count_owed() -> tuple[int, str | None]:
-    """How many deletes are owed, and the reason the most tried one last failed."""
-    total = _execute("SELECT count(*) FROM sink_deletes").fetchone()[0]
-    row = _execute("SELECT last_error FROM sink_deletes WHERE last_error IS NOT NULL "
-                   "ORDER BY attempts DESC, id LIMIT 1").fetchone()
+def _claim_due(project_ids: list[str]) -> Owed | None:
+    clock, marks = jobs.clock_sql(), ", ".join("?" * len(project_ids))
+    with transaction():
+        row = _execute(
+            f"UPDATE sink_deletes SET not_before = {clock} + ? WHERE id = (SELECT id FROM "
+            f"sink_deletes WHERE project_id IN ({marks}) AND not_before <= {clock} "
+            f"ORDER BY id LIMIT 1) AND not_before <= {clock} RETURNING {_COLUMNS}",
+            (CLAIM_SECONDS, *project_ids)).fetchone()
+    return None if row is None else Owed(*row)
+
+
+def count_owed(project_ids: Sequence[str]) -> tuple[int, str | None]:
+    """How many deletes are owed to the sinks of ``project_ids``, and the reason the most
+    tried one last failed."""
+    if not project_ids:
+        return 0, None
+    marks = ", ".join("?" * len(project_ids))
+    total = _execute(f"SELECT count(*) FROM sink_deletes WHERE project_id IN ({marks})",
+                     project_ids).fetchone()[0]
+    row = _execute(f"SELECT last_error FROM sink_deletes WHERE project_id IN ({marks}) AND "
+                   "last_error IS NOT NULL ORDER BY attempts DESC, id LIMIT 1",
+                   project_ids).fetchone()
     return total, (row[0] if row else None)

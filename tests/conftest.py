@@ -22,6 +22,14 @@ from ingestd.procpool import ExtractorPool
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal gives it, whoever started the tests: a shell running them in the
+    background ignores SIGINT, and its children (every ingestd the tests start) inherit that,
+    so the tests of what Ctrl-C does would see nothing happen. A handler of our own is not
+    inherited: the children start with the default, as from a terminal."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def write_config(directory: Path, body: str) -> Path:
     path = directory / "ingestd.toml"
     path.write_text(textwrap.dedent(body), encoding="utf-8")

@@ -10,8 +10,7 @@ A job has a deadline (``job_timeout_seconds``). The worker calls ``ingest`` insi
 :func:`time_limit` how long it may wait, at most its own timeout, and stops there with a
 transient SinkError. The worker fails a job whose sink failed past its deadline with the job
 timeout's reason, not a retry. A sink that ignores the deadline still works: it just may run
-past it. Likewise a sink that waits may ask :func:`must_stop` whether the job was cancelled
-(or given up by a stop) meanwhile, and then stop waiting with any SinkError.
+past it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import contextlib
 import contextvars
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 from ingestd.config import Config, ProjectConfig
 from ingestd.errors import ConfigError, IngestdError
@@ -66,26 +65,14 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "ingestd_sink_deadline", default=None)
 
 
-_stop: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
-    "ingestd_sink_stop", default=None)
-
-
 @contextlib.contextmanager
-def job_deadline(at: float, stop: Callable[[], bool] | None = None) -> Iterator[None]:
-    """Sink calls in this block are for a job that must end by ``at`` (``time.monotonic()``),
-    and, with ``stop``, no longer once it returns True (the job was cancelled)."""
-    tokens = _deadline.set(at), _stop.set(stop)
+def job_deadline(at: float) -> Iterator[None]:
+    """Sink calls in this block are for a job that must end by ``at`` (``time.monotonic()``)."""
+    token = _deadline.set(at)
     try:
         yield
     finally:
-        _deadline.reset(tokens[0])
-        _stop.reset(tokens[1])
-
-
-def must_stop() -> bool:
-    """Whether the job this sink call is for no longer wants it (cancelled, or given up)."""
-    stop = _stop.get()
-    return stop is not None and stop()
+        _deadline.reset(token)
 
 
 def time_limit(own_seconds: float) -> tuple[float, str]:

@@ -26,8 +26,9 @@ is retried with backoff. Any other status, or death by a signal, is permanent: t
 completes with a warning under ``sink_errors = "warn"``). Either way the last non-empty line of
 stderr is the reason shown in the job's ``error_message``. A run longer than
 ``timeout_seconds``, or than the job has left of ``job_timeout_seconds``, is killed with its
-whole process group; the first counts as transient, the second fails the job (timed out). So
-is a run whose job was cancelled meanwhile: the job ends cancelled within a moment.
+whole process group; the first counts as transient, the second fails the job (timed out). A
+job cancelled meanwhile waits for the run: a program killed half-way may have stored the
+document, whose id only its answer tells (the cancelled job's end then deletes it).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, Iterator
 
 from ingestd.config import MAX_SECONDS, ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError, must_stop, time_limit
+from ingestd.sinks import Document, SinkError, time_limit
 
 EX_TEMPFAIL = 75
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -52,7 +53,6 @@ OUTPUT_GRACE_SECONDS = 0.5  # reading on after the program exited (see _communic
 POLL_SECONDS = 0.1
 MAX_DOCUMENT_ID = 2**63 - 1  # the jobs table keeps it in a 64-bit column
 SHOWN_CHARS = 200  # how much of a program's output a reason quotes
-STOPPED = "stopped: the job no longer wants the answer (cancelled)"
 
 
 # --- the JSON contract (shared with the http sink) --------------------------------------------
@@ -170,9 +170,6 @@ class CommandSink:
             except subprocess.TimeoutExpired:
                 _kill_group(process)
                 raise SinkError(timed_out(seconds, setting)) from None
-            except _Stopped:
-                _kill_group(process)
-                raise SinkError(STOPPED) from None
             except BaseException:  # interrupted: leave nothing running behind us
                 _kill_group(process)
                 raise
@@ -208,10 +205,6 @@ def _argv(options: Options) -> list[str]:
     return value
 
 
-class _Stopped(Exception):
-    """The job no longer wants the program's answer (see sinks.must_stop)."""
-
-
 def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tuple[bytes, bytes]:
     """Send ``data``, then read stdout and stderr until they close or, once the program has
     exited, for OUTPUT_GRACE_SECONDS more: a child it left running in the background (``cmd &``
@@ -219,8 +212,6 @@ def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tupl
     deadline = time.monotonic() + seconds
     exited_at = None
     while True:
-        if exited_at is None and must_stop():
-            raise _Stopped()
         now = time.monotonic()
         wait = deadline - now if exited_at is None else exited_at + OUTPUT_GRACE_SECONDS - now
         try:

@@ -10,10 +10,10 @@ kept), no body. 2xx, 404 and 410 all mean done: a delete may be repeated.
 Failures: 5xx, 408, 429, a refused or reset connection, a DNS failure and a timeout are
 transient (retried with backoff); any other status (4xx, and 3xx: redirects are not followed)
 is permanent, with the status and a short reason from the body; a 2xx reply without an id is
-permanent; so is a reply cut short (fewer bytes than its Content-Length), transiently.
+permanent. A reply cut short (fewer bytes than its Content-Length) is transient.
 ``timeout_seconds``, or what the job has left of ``job_timeout_seconds`` if that is less, bounds
 the whole request: each wait for data, and a watcher that shuts the connection down once the
-time is up (a server that trickles its reply) or the job was cancelled.
+time is up (a server that trickles its reply). A reply read whole by then counts.
 
 Why the standard library: this is one small JSON request per document, seconds of extraction
 apart, on a few worker threads. ``urllib.request`` already does TLS with the system's CA store,
@@ -24,13 +24,11 @@ vetting and shipping in the systemd venv) would buy nothing here.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import http.client
 import re
 import socket
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,15 +37,13 @@ from email.message import Message
 from ingestd import __version__
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError, must_stop, time_limit
-from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, STOPPED, Options, decode_reply,
-                                   encode, ingest_message, parse_document_id, shorten,
-                                   timed_out)
+from ingestd.sinks import Document, SinkError, time_limit
+from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
+                                   ingest_message, parse_document_id, shorten, timed_out)
 
 MAX_REPLY_BYTES = 1 << 20  # an id, or an error page: never more than this is read
 TRANSIENT_STATUSES = frozenset({408, 429})  # besides every 5xx
 GONE_STATUSES = frozenset({404, 410})  # a delete of these is done already
-CUTOFF_POLL_SECONDS = 0.1  # how soon a cancelled job's request is cut
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 
 
@@ -87,28 +83,31 @@ class HttpSink:
         opener = urllib.request.build_opener(_NoRedirects, _HttpHandler(cutoff),
                                              _HttpsHandler(cutoff))
         try:
-            with cutoff, opener.open(request, timeout=limit[0]) as response:
-                reply = response.read(MAX_REPLY_BYTES)
-                if len(reply) < MAX_REPLY_BYTES and response.length:  # promised more
-                    raise http.client.IncompleteRead(reply, response.length)
-            if cutoff.why is None:  # else a reply without a length may look whole
-                return response.status, reply
-        except urllib.error.HTTPError as exc:  # a reply, just not a 2xx one
-            with exc:
-                reply = exc.read(MAX_REPLY_BYTES)
-            return exc.code, _redirect_note(exc.headers) if 300 <= exc.code < 400 else reply
+            with cutoff:
+                try:
+                    response = opener.open(request, timeout=limit[0])
+                except urllib.error.HTTPError as exc:  # a reply, just not a 2xx one
+                    response = exc
+                with response:
+                    status, reply = response.status, response.read(MAX_REPLY_BYTES)
+                    left = _unread(response)
         except (OSError, http.client.HTTPException) as exc:
-            if cutoff.why is None:
+            if not cutoff.cut:
                 raise self._no_reply(exc, limit) from None
-        raise SinkError(STOPPED if cutoff.why == "stop" else f"{self.where} {timed_out(*limit)}")
+            left = None
+        if cutoff.cut and left != 0:  # the time was up before the reply was whole
+            raise SinkError(f"{self.where} {timed_out(*limit)}")
+        if left and len(reply) < MAX_REPLY_BYTES:  # its Content-Length promised more
+            raise SinkError(f"{self.where}: the reply was cut short ({len(reply)} bytes, "
+                            f"{left} more promised)")
+        return status, _redirect_note(response.headers) if 300 <= status < 400 else reply
 
     def _no_reply(self, exc: Exception, limit: tuple[float, str]) -> SinkError:
         """No reply at all: the endpoint is down, unreachable or slow; all worth a retry, except
         a certificate that does not verify (that needs an operator)."""
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, http.client.IncompleteRead):
-            return SinkError(f"{self.where}: the reply was cut short ({len(reason.partial)} "
-                             f"bytes, {reason.expected} more promised)")
+        if isinstance(reason, http.client.IncompleteRead):  # a chunked reply
+            return SinkError(f"{self.where}: the reply was cut short")
         if isinstance(reason, TimeoutError):
             return SinkError(f"{self.where} {timed_out(*limit)}")
         if isinstance(reason, ssl.SSLCertVerificationError):
@@ -118,47 +117,69 @@ class HttpSink:
 
 
 class _Cutoff:
-    """While its block runs, shuts the request's connections down once ``seconds`` are up or
-    the job must stop (sinks.must_stop): a socket timeout bounds each wait for data, not the
-    whole request, and nothing else would end a wait for a cancelled job's answer."""
+    """While its block runs, shuts the request's connection down once ``seconds`` are up: a
+    socket timeout bounds each wait for data, not the whole request (a server may trickle its
+    reply, a byte at a time). Build it on the thread of the request."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.why: str | None = None  # "time" or "stop", once it cut
+        self.cut = False
         self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
         self._done = threading.Event()
-        self._context = contextvars.copy_context()  # the watcher asks must_stop in the caller's
 
     def connection(self, http_class: type[http.client.HTTPConnection]
                    ) -> type[http.client.HTTPConnection]:
-        """``http_class`` for urllib, keeping each socket it connects so it can be cut (urllib
-        lets go of the connection's own reference once the reply's headers are in)."""
-        sockets = self._sockets
+        """``http_class`` for urllib, keeping each socket as it is made (before a TLS
+        handshake, which may hang too) so it can be cut; urllib lets go of the connection's
+        own reference once the reply's headers are in."""
+        keep = self._keep
 
         class Kept(http_class):  # type: ignore[valid-type,misc]
-            def connect(self) -> None:
-                super().connect()
-                sockets.append(self.sock)
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, **kwargs)
+                create = self._create_connection
+
+                def created(*args: object, **kwargs: object) -> socket.socket:
+                    return keep(create(*args, **kwargs))
+
+                self._create_connection = created
 
         return Kept
 
+    def _keep(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.cut:  # made after the time was up
+                _shut(sock)
+        return sock
+
     def __enter__(self) -> _Cutoff:
-        threading.Thread(target=self._context.run, args=(self._watch,), daemon=True,
-                         name="http-sink-cutoff").start()
+        threading.Thread(target=self._watch, daemon=True, name="http-sink-cutoff").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
 
     def _watch(self) -> None:
-        deadline = time.monotonic() + self.seconds
-        while not self._done.wait(min(CUTOFF_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline or must_stop():
-                self.why = "time" if time.monotonic() >= deadline else "stop"
-                for sock in list(self._sockets):
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                return
+        if self._done.wait(self.seconds):
+            return
+        with self._lock:
+            self.cut = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _unread(response: object) -> int | None:
+    """How many bytes of its Content-Length the reply still holds back (None: no length)."""
+    inner = getattr(response, "fp", None) if isinstance(response, urllib.error.HTTPError) \
+        else response
+    return inner.length if isinstance(inner, http.client.HTTPResponse) else None
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _HttpHandler(urllib.request.HTTPHandler):
