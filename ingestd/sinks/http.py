@@ -182,7 +182,9 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class _HttpHandler(urllib.request.HTTPHandler):
+class _KeepsSockets:
+    """A urllib handler whose connections keep their sockets in ``cutoff``."""
+
     def __init__(self, cutoff: _Cutoff) -> None:
         super().__init__()
         self.cutoff = cutoff
@@ -191,13 +193,12 @@ class _HttpHandler(urllib.request.HTTPHandler):
         return super().do_open(self.cutoff.connection(http_class), req, **kwargs)
 
 
-class _HttpsHandler(urllib.request.HTTPSHandler):
-    def __init__(self, cutoff: _Cutoff) -> None:
-        super().__init__()
-        self.cutoff = cutoff
+class _HttpHandler(_KeepsSockets, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):  # noqa: ANN001 -- urllib's signature
-        return super().do_open(self.cutoff.connection(http_class), req, **kwargs)
+
+class _HttpsHandler(_KeepsSockets, urllib.request.HTTPSHandler):
+    pass
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
