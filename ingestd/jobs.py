@@ -118,6 +118,13 @@ SUPERSEDED = f"""EXISTS (SELECT 1 FROM ingest_jobs n WHERE n.project_id = j.proj
     AND n.source_path = j.source_path AND {SAME_RAW} AND n.id > j.id)"""
 
 
+def superseded(job: Job) -> bool:
+    """Whether a job was made for ``job``'s path after it (see SUPERSEDED): what the path holds
+    now is the newer job's to read and dispose of, even a version the same as ``job``'s."""
+    return _execute(f"SELECT 1 FROM ingest_jobs j WHERE j.id = ? AND {SUPERSEDED}",
+                    (job.id,)).fetchone() is not None
+
+
 def existing_version_keys(keys: Sequence[str]) -> set[str]:
     """Which of ``keys`` have a job, its path's newest (deleted ones included: their files
     stay ingested; an older version's key is free again, see SUPERSEDED)."""

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import structlog
 
-from ingestd import names, writers
+from ingestd import jobs, names, writers
 from ingestd.config import ProjectConfig
 from ingestd.models import Job, JobStatus
 
@@ -134,7 +134,8 @@ def dispose(job: Job, project: ProjectConfig) -> None:
 
 def _dispose(job: Job, project: ProjectConfig) -> None:
     where = "processed" if _stored(job) else "failed"
-    taken = _take(job)
+    # A newer job of the path owns what is there, even this job's version come back to it.
+    taken = None if jobs.superseded(job) else _take(job)
     if taken is not None:
         with _claimed(taken) as state:
             if state is None:

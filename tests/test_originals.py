@@ -78,6 +78,37 @@ def test_a_version_dropped_under_the_name_as_the_job_ends_is_left_there(
     assert "version two" not in str(files_in(project.move_to / "processed"))
 
 
+def test_a_superseded_job_leaves_its_version_come_back_to_the_newer_job(cfg, store, drop,
+                                                                        tmp_path, extractors):
+    """A job still running while its file is replaced (a newer job made) and then put back:
+    what the path holds is the newer job's, though it is the older job's version. The older
+    job's end used to move it away, and the job made for its return failed, "file vanished"
+    (with after = "delete" the content was gone from the folder and the index alike)."""
+    project = project_of(cfg, "move")
+    path = drop / "doc.txt"
+    path.write_text("the first version")
+    folder, first = intake.inspect(project, path)
+    jobs.create(project.name, str(folder), first, 3)
+    [running] = jobs.claim("w1")
+    path.rename(tmp_path / "doc.txt")
+    path.write_text("the second version, longer")
+    jobs.create(project.name, str(folder), intake.inspect(project, path)[1], 3)
+    (tmp_path / "doc.txt").rename(path)  # the first version is back
+    back, created = jobs.create(project.name, str(folder), first, 3)
+    assert created
+    context = Context(owner="w1", project=project, sink=open_sink(project),
+                      extractors=extractors, control=Control(), progress_interval=60)
+    assert run_job(running, context).status == "completed"
+    assert files_in(drop) == {"doc.txt": "the first version"}  # left to the newer jobs
+    Job.update(not_before=0).where(Job.id != running.id).execute()
+    while claimed := jobs.claim("w2"):
+        for job in claimed:
+            run_job(job, dataclasses.replace(context, owner="w2", control=Control()))
+    assert Job.get_by_id(back.id).status == "completed"
+    assert files_in(drop) == {}
+    assert files_in(project.move_to / "processed") == {f"{back.id}-doc.txt": "the first version"}
+
+
 def test_a_moved_original_never_replaces_another_file(cfg, store, drop, extractors, move_to):
     """Job ids start again with a new database: processed/<id>-<name> may hold an earlier
     file. It stays; the new one gets the next free name."""
