@@ -428,15 +428,8 @@ class Daemon:
         return removed
 
     def retry_sink_deletes(self) -> int:
-        """Make the deletes owed to this daemon's external sinks that are due (see retire)."""
-        external = []
-        for project in self.config.projects.values():
-            try:
-                if not self._sink(project).transactional:
-                    external.append(project)
-            except Exception as exc:  # a plugin's own failure: its jobs meet it too
-                log.warning("sink_not_opened", project=project.name, reason=str(exc))
-        return retire.retry_due(external, self._sink)
+        """Make the deletes owed to this daemon's projects' sinks that are due (see retire)."""
+        return retire.retry_due(self.config.projects.values(), self._sink)
 
     def _sink(self, project: ProjectConfig) -> Sink:
         """The project's sink, opened once per configuration of it (a reload opens it again)."""

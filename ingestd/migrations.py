@@ -393,7 +393,7 @@ V12_SINK_DELETES = [
         id {pk},
         project_id TEXT NOT NULL,
         document_id {bigint} NOT NULL,
-        sink_kind TEXT NOT NULL,
+        sink TEXT NOT NULL,
         job_id {bigint},
         attempts INTEGER NOT NULL DEFAULT 0,
         not_before {real} NOT NULL,

@@ -13,6 +13,7 @@ is kept, and the row dropped.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -36,22 +37,33 @@ BATCH = 20  # deletes tried per look, one claimed at a time
 
 @dataclass(frozen=True)
 class Owed:
-    """A delete owed to ``project_id``'s sink (of kind ``sink_kind``)."""
+    """A delete owed to ``project_id``'s sink, the one ``sink`` names (see sink_name)."""
 
     id: int
     project_id: str
     document_id: int
-    sink_kind: str
+    sink: str
     job_id: int | None
     attempts: int
 
 
-_COLUMNS = "id, project_id, document_id, sink_kind, job_id, attempts"
+_COLUMNS = "id, project_id, document_id, sink, job_id, attempts"
 
 
 def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
     param = database.obj.param
     return database.execute_sql(statement.replace("?", param), tuple(params))
+
+
+def sink_name(project: ProjectConfig) -> str:
+    """The sink a delete is owed to: its kind, and for a command or http sink what it runs or
+    calls. Its document ids are its own: after a reload to another sink, what is owed to the
+    old one is dropped (said in the log), never sent to the new one."""
+    where = {"command": "command", "http": "url"}.get(project.sink.kind)
+    if where is None:
+        return f"{project.sink.kind} sink"
+    target = project.sink.options.get(where)
+    return f"{project.sink.kind} sink {json.dumps(target, ensure_ascii=False)}"
 
 
 def let_go(project: ProjectConfig, sink: Sink, document_id: int | None, job_id: int | None
@@ -71,10 +83,10 @@ def _record(project: ProjectConfig, document_id: int, job_id: int | None) -> Owe
     """Owe the delete of ``document_id`` to the project's sink; None if it is owed already
     (another job let go of it first)."""
     row = _execute(
-        "INSERT INTO sink_deletes (project_id, document_id, sink_kind, job_id, attempts, "
+        "INSERT INTO sink_deletes (project_id, document_id, sink, job_id, attempts, "
         f"not_before, created_at) VALUES (?, ?, ?, ?, 0, {jobs.clock_sql()} + ?, ?) "
         f"ON CONFLICT (project_id, document_id) DO NOTHING RETURNING {_COLUMNS}",
-        (project.name, document_id, project.sink.kind, job_id, FIRST_TRY_SECONDS,
+        (project.name, document_id, sink_name(project), job_id, FIRST_TRY_SECONDS,
          jobs.now())).fetchone()
     return None if row is None else Owed(*row)
 
@@ -168,13 +180,18 @@ def retry_due(projects: Iterable[ProjectConfig], sink_of: Callable[[ProjectConfi
         if owed is None:
             break
         project = by_name[owed.project_id]
-        if project.sink.kind != owed.sink_kind:
+        if sink_name(project) != owed.sink:
             log.warning("sink_delete_dropped", project=owed.project_id,
                         document_id=owed.document_id, reason=f"the project's sink is now "
-                        f"{project.sink.kind!r}, not the {owed.sink_kind!r} sink that held it")
+                        f"{sink_name(project)}, not the {owed.sink} that held it")
             _forget(owed)
             continue
-        done += settle(owed, sink_of(project)) is None
+        try:
+            sink = sink_of(project)
+        except Exception as exc:  # a plugin's own failure: tried again once the claim lapses
+            log.warning("sink_not_opened", project=project.name, reason=str(exc))
+            continue
+        done += settle(owed, sink) is None
     return done
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -845,6 +846,38 @@ class TestRetiredDocuments:
         wait_for(lambda: recording.calls().count(("delete", None, 100 + job.id)) == 2,
                  timeout=30, message="the daemon making the delete")
         wait_for(lambda: owed() == [], timeout=10, message="the delete no longer owed")
+
+
+class TestRetiredDocumentsAfterTheSinkChanged:
+    """Document ids are their sink's own: a reload to another sink drops what is owed to the
+    old one, saying so, and sends nothing to the new one (a delete of the same number there
+    would remove another document). A project now on the index had its owed deletes counted
+    by status for ever, never tried nor dropped."""
+
+    @pytest.mark.parametrize("new_sink", ["another command", "index"])
+    def test_a_reload_to_another_sink_drops_what_was_owed(self, tmp_path, sink_daemon,
+                                                           new_sink):
+        calls, other_calls = tmp_path / "calls", tmp_path / "other-calls"
+        refuses = tmp_path / "refuse"
+        refuses.touch()
+        old = script(tmp_path, RECORDING_SINK) + [str(calls), str(refuses), str(tmp_path / "no"),
+                                                   str(tmp_path / "no")]
+        drop = sink_daemon(old)
+        TestRetiredDocuments.two_versions(drop)
+        wait_for(lambda: owed() and owed()[0][2] >= 1, timeout=30,
+                 message="a delete owed after the sink refused it")
+        other = script(tmp_path, RECORDING_SINK, name="other.py") + [
+            str(other_calls), str(tmp_path / "no"), str(tmp_path / "no"), str(tmp_path / "no")]
+        sink = ('kind = "index"' if new_sink == "index" else
+                f'kind = "command"\ncommand = {json.dumps(other)}')
+        config = tmp_path / "ingestd.toml"
+        text = config.read_text()  # the sink's table ends the file: replaced whole
+        config.write_text(text[:text.index('kind = "command"')] + sink + "\n")
+        daemon = sink_daemon.started[-1]
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: owed() == [], timeout=30, message="the owed delete dropped")
+        assert "sink_delete_dropped" in daemon.log()
+        assert not other_calls.exists()  # the new sink was never asked to delete it
 
 
 def owed() -> list[tuple]:
