@@ -13,6 +13,7 @@ is kept, and the row dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -56,14 +57,15 @@ def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
 
 
 def sink_name(project: ProjectConfig) -> str:
-    """The sink a delete is owed to: its kind, and for a command or http sink what it runs or
-    calls. Its document ids are its own: after a reload to another sink, what is owed to the
-    old one is dropped (said in the log), never sent to the new one."""
+    """The sink a delete is owed to: its kind, and for a command or http sink a digest of what
+    it runs or calls (a url's query may hold a token: it is neither kept nor logged). Its
+    document ids are its own: after a reload to another sink, what is owed to the old one is
+    dropped (said in the log), never sent to the new one."""
     where = {"command": "command", "http": "url"}.get(project.sink.kind)
     if where is None:
         return f"{project.sink.kind} sink"
-    target = project.sink.options.get(where)
-    return f"{project.sink.kind} sink {json.dumps(target, ensure_ascii=False)}"
+    target = json.dumps(project.sink.options.get(where), ensure_ascii=False).encode()
+    return f"{project.sink.kind} sink {hashlib.sha256(target).hexdigest()[:12]}"
 
 
 def let_go(project: ProjectConfig, sink: Sink, document_id: int | None, job_id: int | None
@@ -183,7 +185,7 @@ def retry_due(projects: Iterable[ProjectConfig], sink_of: Callable[[ProjectConfi
         if sink_name(project) != owed.sink:
             log.warning("sink_delete_dropped", project=owed.project_id,
                         document_id=owed.document_id, reason=f"the project's sink is now "
-                        f"{sink_name(project)}, not the {owed.sink} that held it")
+                        f"{sink_name(project)}, not the {owed.sink} that held the document")
             _forget(owed)
             continue
         try:
