@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from ingestd import db, intake, jobs, work
+from ingestd import db, intake, jobs, retire, work
 from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
@@ -846,6 +847,23 @@ class TestRetiredDocuments:
         wait_for(lambda: recording.calls().count(("delete", None, 100 + job.id)) == 2,
                  timeout=30, message="the daemon making the delete")
         wait_for(lambda: owed() == [], timeout=10, message="the delete no longer owed")
+
+
+def test_a_look_for_due_deletes_with_none_due_takes_no_write_lock(cfg, store, tmp_path):
+    """The daemon looks every 5 s, nearly always finding nothing: that look is a read, so it
+    neither waits for nor takes the write lock (another program holds it here)."""
+    project = replace(cfg.projects["acme"], sink=SinkConfig(
+        kind="command", options={"command": ["true"]}))
+    holder = sqlite3.connect(cfg.daemon.database.removeprefix("sqlite:///"),
+                             isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        assert retire.retry_due([project], open_sink) == 0
+        assert time.monotonic() - started < 1  # SQLite's busy wait is 10 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 class TestRetiredDocumentsAfterTheSinkChanged:
