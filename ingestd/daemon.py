@@ -26,7 +26,7 @@ import structlog
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics,
                      originals, retire, scan, writers)
 from ingestd.checkpoint import WalCheckpointer
-from ingestd.config import Config, ProjectConfig
+from ingestd.config import Config
 from ingestd.control import ControlServer
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
@@ -35,7 +35,7 @@ from ingestd.paths import ProjectMap, file_identity
 from ingestd.publish import Publisher
 from ingestd.scheduling import new_scheduler
 from ingestd.settle import Ready, Settler
-from ingestd.sinks import Sink, check_all as check_sinks, open_sink
+from ingestd.sinks import OpenSinks, check_all as check_sinks
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier, StartExtender
 from ingestd.wakeup import JobListener
@@ -77,7 +77,7 @@ class Daemon:
         self.listener: JobListener | None = None
         self.control: ControlServer | None = None
         self.checkpointer: WalCheckpointer | None = None
-        self._sinks: dict[str, tuple[ProjectConfig, Sink]] = {}  # for deletes owed (retire)
+        self._sinks = OpenSinks()  # for the deletes owed to them (retire)
         self._stop_metrics: Callable[[], None] | None = None
         self._store_identity: tuple[int, int] | None = None  # the SQLite file opened at start
         self._status_line = "starting"  # systemd's STATUS=, refreshed off the main thread
@@ -429,14 +429,7 @@ class Daemon:
 
     def retry_sink_deletes(self) -> int:
         """Make the deletes owed to this daemon's projects' sinks that are due (see retire)."""
-        return retire.retry_due(self.config.projects.values(), self._sink)
-
-    def _sink(self, project: ProjectConfig) -> Sink:
-        """The project's sink, opened once per configuration of it (a reload opens it again)."""
-        opened = self._sinks.get(project.name)
-        if opened is None or opened[0] is not project:
-            opened = self._sinks[project.name] = (project, open_sink(project))
-        return opened[1]
+        return retire.retry_due(self.config.projects.values(), self._sinks)
 
     def _overflowed(self) -> None:
         metrics.inotify_overflows.inc()

@@ -251,6 +251,13 @@ def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
     return run
 
 
+def execute(statement: str, params: Sequence[Any] = ()) -> Any:
+    """Run ``statement``, its ``?`` placeholders put in the bound database's style; the cursor."""
+    param = database.obj.param
+    return database.execute_sql(statement if param == "?" else statement.replace("?", param),
+                                tuple(params))
+
+
 def executemany(statement: str, rows: Sequence[Sequence[Any]],
                 on: pw.Database | None = None) -> None:
     """One prepared statement for every row (``on`` the bound database by default), its

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import peewee as pw
 
-from ingestd import jobs
+from ingestd import db, jobs
 from ingestd.models import Job, database
 
 # A current job ``j`` (the rule above), as an SQL condition.
@@ -40,8 +40,7 @@ class Known:
 
 
 def _query(sql: str, params: tuple) -> list[tuple]:
-    param = database.obj.param
-    return database.execute_sql(sql.replace("?", param), params).fetchall()
+    return db.execute(sql, params).fetchall()
 
 
 def current_for_content(project_id: str, sha256: str) -> Known | None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
-from ingestd.db import executemany, is_postgres, transaction
+from ingestd.db import execute, executemany, is_postgres, transaction
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Job, JobStatus, Source, Stage, database
 from ingestd.wakeup import notify_sql
@@ -226,8 +226,7 @@ def _sql(statement: str) -> str:
     return statement if param == "?" else statement.replace("?", param)
 
 
-def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
-    return database.execute_sql(_sql(statement), tuple(params))
+_execute = execute
 
 
 def clock_sql() -> str:

@@ -17,14 +17,14 @@ import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import peewee as pw
 import structlog
 
 from ingestd import db, documents, jobs
 from ingestd.config import ProjectConfig
-from ingestd.db import transaction
+from ingestd.db import execute as _execute, transaction
 from ingestd.models import Job, database
 from ingestd.sinks import Sink, SinkError
 
@@ -49,11 +49,6 @@ class Owed:
 
 
 _COLUMNS = "id, project_id, document_id, sink, job_id, attempts"
-
-
-def _execute(statement: str, params: Sequence[Any] = ()) -> Any:
-    param = database.obj.param
-    return database.execute_sql(statement.replace("?", param), tuple(params))
 
 
 def sink_name(project: ProjectConfig) -> str:

@@ -22,10 +22,10 @@ import time
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
-from ingestd.db import is_postgres
+from ingestd.db import execute, is_postgres
 from ingestd.errors import UsageError
 from ingestd.jobs import JOB_PROGRESS, rfc3339
-from ingestd.models import JobStatus, Stage, database
+from ingestd.models import JobStatus, Stage
 
 DEFAULT_SINCE_SECONDS = 24 * 3600.0
 TOP_FAILURES = 5
@@ -70,9 +70,7 @@ def format_duration(seconds: float) -> str:
 # --- collecting ----------------------------------------------------------------------------------
 
 def _rows(sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-    param = database.obj.param
-    return database.execute_sql(sql if param == "?" else sql.replace("?", param),
-                                tuple(params)).fetchall()
+    return execute(sql, params).fetchall()
 
 
 def _byte_length(column: str) -> str:

@@ -50,7 +50,7 @@ from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
                               prepare)
 from ingestd.procpool import ExtractorPool
-from ingestd.sinks import Sink, command, open_sink
+from ingestd.sinks import OpenSinks, Sink, command
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0  # a missed wake-up costs at most this much
@@ -100,7 +100,7 @@ class WorkerPool:
         self._scheduler = scheduler
         self._on_finished = on_finished
         self._extractors = ExtractorPool(self.size)
-        self._sinks: dict[str, Sink] = {}
+        self._sinks = OpenSinks()
         self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
         self._draining: set[int] = set()
@@ -135,8 +135,7 @@ class WorkerPool:
 
     def reconfigure(self, config: Config) -> None:
         """Settings of a reloaded config apply to jobs started from now on."""
-        self.config = config
-        self._sinks.clear()
+        self.config = config  # its projects are new objects: their sinks are opened again
 
     def hold(self) -> None:
         """Start no job until :meth:`resume` (start-up records every waiting file first)."""
@@ -503,11 +502,8 @@ class WorkerPool:
                        extractors=self._extractors, control=control,
                        progress_interval=1.0 / rate)
 
-    def _sink(self, project) -> Sink:
-        sink = self._sinks.get(project.name)
-        if sink is None:
-            sink = self._sinks[project.name] = open_sink(project)
-        return sink
+    def _sink(self, project: ProjectConfig) -> Sink:
+        return self._sinks(project)
 
     def _fail_refused(self, job: Job, exc: Exception) -> Job | None:
         """The database refused what the job's end wrote (rolled back): it would refuse it on

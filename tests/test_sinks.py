@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from ingestd import db, intake, jobs, retire, work
+from ingestd import db, intake, jobs, retire, sinks, work
 from ingestd.config import ProjectConfig, SinkConfig
 from ingestd.errors import ConfigError
 from ingestd.jobs import JOB_RETRYING
@@ -1084,7 +1084,7 @@ class TestPluginsThatMisbehave:
         """The worker's last line of defence: a KeyboardInterrupt that reaches it from a job's
         run (here from a sink given to it unwrapped) fails that job as an internal error, and
         the slot completes the next file."""
-        monkeypatch.setattr(work, "open_sink", lambda project: plugins.installed()[
+        monkeypatch.setattr(sinks, "open_sink", lambda project: plugins.installed()[
             project.sink.kind].load()(project))
         ingest = rogue_pool(transactional=transactional)
         failed = ingest("bad.txt", "raise:KeyboardInterrupt")

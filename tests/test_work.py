@@ -140,7 +140,7 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
     why, at its first try (released, it would come back at once, and its group with it, for
     ever); the jobs ending in its group complete. A PDF, which ends alone, likewise."""
     pool = WorkerPool(backend, BackgroundScheduler())
-    pool._sinks["acme"] = RefusingIndex(backend.projects["acme"])
+    pool._sinks.keep(backend.projects["acme"], RefusingIndex(backend.projects["acme"]))
     names = ["fine-1.txt", "poison.txt", "fine-2.txt", "fine-3.txt"]
     for name in names:
         (drop / name).write_text(f"{name}: {'poison' if 'poison' in name else 'good'} text")
@@ -173,8 +173,8 @@ def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, dr
     try:
         project = backend.projects["acme"]
         pool = WorkerPool(backend, BackgroundScheduler())
-        pool._sinks["acme"] = IndexSink(replace(project, sink=replace(
-            project.sink, kind="index", options={"chunk_size": 1_000_000})))
+        pool._sinks.keep(project, IndexSink(replace(project, sink=replace(
+            project.sink, kind="index", options={"chunk_size": 1_000_000}))))
         words = random.Random(5).sample(range(10**11, 10**12), 70_000)  # 13 bytes, all distinct
         (drop / "huge.txt").write_text(" ".join(f"w{word}" for word in words))
         (drop / "small.txt").write_text("a small neighbour")

@@ -107,6 +107,25 @@ def open_sink(project: ProjectConfig) -> Sink:
     return open_plugin(project, builtin)
 
 
+class OpenSinks:
+    """Each project's sink, opened once and kept while the project's configuration is the
+    same object (a reload makes new ones: their sinks are opened again). Call it with the
+    project."""
+
+    def __init__(self) -> None:
+        self._opened: dict[str, tuple[ProjectConfig, Sink]] = {}
+
+    def __call__(self, project: ProjectConfig) -> Sink:
+        opened = self._opened.get(project.name)
+        if opened is None or opened[0] is not project:
+            opened = self._opened[project.name] = (project, open_sink(project))
+        return opened[1]
+
+    def keep(self, project: ProjectConfig, sink: Sink) -> None:
+        """Use ``sink`` for ``project`` (a test's own)."""
+        self._opened[project.name] = (project, sink)
+
+
 def check_all(config: Config) -> None:
     """Open every project's sink once, so a bad sink setting stops start-up (or a reload, or
     `config check`) with its ConfigError instead of failing every job later: every sink's
