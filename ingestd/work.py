@@ -541,9 +541,10 @@ class WorkerPool:
         for job_id, running in held.items():
             if job_id not in still_ours:
                 self._taken_over(job_id, running)
-            elif still_ours[job_id]:
-                running.control.cancelled = True
-            elif _unshown_progress(running.control):
+                continue
+            if still_ours[job_id]:
+                running.control.cancelled = True  # it still shows what it does until it stops
+            if _unshown_progress(running.control):
                 self._show_progress(job_id, running.control)
 
     def heartbeat_now(self) -> None:

@@ -420,6 +420,21 @@ def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
     assert events_of(job.id) == ["created", "started", "progress"]
 
 
+def test_a_job_asked_to_cancel_during_a_long_step_still_shows_that_step(cfg, store, drop):
+    """A cancel asked for while a job waits on a slow sink (which a cancel waits for) flags the
+    run and still writes the stage it is in: the row said `initial` until the sink answered."""
+    [job] = queue_files(cfg, drop, 1)
+    pool = WorkerPool(cfg, BackgroundScheduler())
+    [(claimed, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    control.enter("indexing")
+    control.stage_started -= 5  # five seconds into the sink's call
+    jobs.cancel(job.project_id, job.id)
+    pool.heartbeat()
+    assert control.cancelled
+    assert (Job.get_by_id(job.id).stage, Job.get_by_id(job.id).status) == ("indexing", "running")
+
+
 def test_jobs_of_a_batch_taken_over_while_this_worker_stalled_are_forgotten(cfg, store, drop):
     """A worker stalled past its lease (SIGSTOP) finds at its next heartbeat that its jobs
     were rescued and taken by another: the one it had begun is abandoned (it commits nothing),
