@@ -1015,10 +1015,10 @@ class TestPluginsThatMisbehave:
 
     @pytest.mark.parametrize("literal, shown", [
         ("None", "None"), ("'abc'", "'abc'"), ("1.5", "1.5"), ("-7", "-7"), ("True", "True"),
-        ("0", "0"), ("9223372036854775808", "9223372036854775808")])
+        ("-1", "-1"), ("9223372036854775808", "9223372036854775808")])
     def test_a_returned_value_that_is_not_a_document_id_fails_the_job(self, rogue_pool,
                                                                       literal, shown):
-        """An ingest that returns anything but an int from 1 to 2**63-1 (not a bool) fails the
+        """An ingest that returns anything but an int from 0 to 2**63-1 (not a bool) fails the
         job permanently, saying what it returned; the next file completes."""
         ingest = rogue_pool()
         failed = ingest("bad.txt", f"return:{literal}")
@@ -1026,8 +1026,13 @@ class TestPluginsThatMisbehave:
         assert failed.canonical_document_id is None
         assert failed.error_message == (
             f"sink: plugin 'rogue' returned {shown} from ingest, not a document id "
-            "(an integer from 1 to 2**63-1)")
+            "(an integer from 0 to 2**63-1)")
         assert ingest("good.txt", "an ordinary document").status == "completed"
+
+    def test_a_returned_zero_is_a_document_id(self, rogue_pool):
+        """0 is an id, as from the command and http sinks: an external store may count from 0."""
+        done = rogue_pool()("zero.txt", "return:0")
+        assert (done.status, done.canonical_document_id) == ("completed", 0)
 
     def test_a_long_returned_value_is_shortened(self, tmp_path, rogue_plugin):
         """What a reason quotes of a returned value is bounded and one line."""

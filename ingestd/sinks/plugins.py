@@ -18,9 +18,10 @@ The worker never calls the plugin directly: :class:`PluginSink` stands between t
 the protocol whatever the plugin does. Any other exception out of ``ingest`` or ``delete``
 (KeyboardInterrupt and SystemExit included: on a worker's thread only the plugin can raise
 them) fails the job permanently with a one-line reason naming the plugin, its traceback in the
-daemon's log; an ingest that returns anything but a document id (an int from 1 to 2**63-1)
-fails it permanently saying what came back; a SinkError's reason is made one line. Likewise a
-plugin that raises anything at import or when made is a ConfigError naming the key.
+daemon's log; an ingest that returns anything but a document id (an int from 0 to 2**63-1,
+as the command and http sinks take) fails it permanently saying what came back; a SinkError's
+reason is made one line. Likewise a plugin that raises anything at import or when made is a
+ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -124,10 +125,10 @@ class PluginSink:
         (the same plugin would answer the same way again)."""
         returned = self._call("ingest", document, job_id=document.job_id)
         if (isinstance(returned, int) and not isinstance(returned, bool)
-                and 1 <= returned <= MAX_DOCUMENT_ID):
+                and 0 <= returned <= MAX_DOCUMENT_ID):
             return int(returned)
         raise SinkError(f"plugin {self.kind!r} returned {_shown(returned)} from ingest, not a "
-                        "document id (an integer from 1 to 2**63-1)", transient=False)
+                        "document id (an integer from 0 to 2**63-1)", transient=False)
 
     def delete(self, document_id: int) -> None:
         self._call("delete", document_id, document_id=document_id)
