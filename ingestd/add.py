@@ -60,19 +60,19 @@ def check_name(project: ProjectConfig, name: str) -> None:
     the file there, unwatched, as a job no rescan knows) or the folder's file system cannot
     hold (its numbered siblings are shortened to fit, but shortening the name asked for would
     silently rename the file)."""
-    folder = project.folders[0]
+    folder, shown = project.folders[0], intake.display_path(name)[0]
     if not is_wanted(project, folder, str(folder / name)):
-        raise InputRefused(f"{name}: project {project.name!r} does not take this name (its "
+        raise InputRefused(f"{shown}: project {project.name!r} does not take this name (its "
                            "include/exclude patterns); give another with --name")
     size, limit = len(os.fsencode(name)), names.name_max(folder)
     if size > limit:
-        raise InputRefused(f"{name}: file name too long ({size} bytes; the file system of "
+        raise InputRefused(f"{shown}: file name too long ({size} bytes; the file system of "
                            f"{folder} allows {limit})")
 
 
 def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
     """Copy ``source`` into the project's first folder as ``name`` (or ``name (N)``)."""
-    folder = project.folders[0]
+    folder, shown = project.folders[0], intake.display_path(name)[0]
     temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}.part"  # no project takes it
     try:
         with open(temp, "xb") as out:
@@ -80,9 +80,9 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
             out.flush()
             os.fsync(out.fileno())
         if written > project.max_bytes:
-            raise InputRefused(f"{name}: too large (over max_bytes {project.max_bytes})")
-        intake.refuse_empty(project, name, written)  # stdin is only measured (and sniffed) here
-        _refuse_type(project, name, head, name)  # before the link: a watcher would take it
+            raise InputRefused(f"{shown}: too large (over max_bytes {project.max_bytes})")
+        intake.refuse_empty(project, shown, written)  # stdin is only measured (and sniffed) here
+        _refuse_type(project, shown, head, name)  # before the link: a watcher would take it
         return _link_free_name(temp, folder, name)
     finally:
         temp.unlink(missing_ok=True)
@@ -111,7 +111,7 @@ def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
             return target
         except FileExistsError:
             continue
-    raise InputRefused(f"{name}: no free name left in {folder}")
+    raise InputRefused(f"{intake.display_path(name)[0]}: no free name left in {folder}")
 
 
 def target_name(path: str, given: str | None) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import peewee as pw
 
 from ingestd import __version__, config as config_mod, db, intake, jobs, log, migrations
+from ingestd.display import one_line
 from ingestd.errors import EXIT_FAILURE, EXIT_OK, IngestdError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -26,13 +27,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 # --- output helpers ------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(text: Any) -> str:
-    """``text`` on one terminal line: control characters (a newline or an escape sequence in a
-    file name) shown escaped, as in the JSON output and the event log."""
-    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), str(text))
+    """``text`` on one terminal line (see display.py)."""
+    return one_line(str(text))
 
 
 def _print_json(value: Any) -> None:
@@ -53,10 +52,10 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
     rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
-    line = "  ".join("{:<%d}" % w for w in widths)
-    print(line.format(*headers).rstrip())
+    line = "  ".join(["{:<%d}" % w for w in widths[:-1]] + ["{}"])  # the last cell unpadded:
+    print(line.format(*headers))  # a path's own trailing spaces are kept
     for row in rows:
-        print(line.format(*row).rstrip())
+        print(line.format(*row))
 
 
 def _job_row(record: dict[str, Any]) -> list[str]:
@@ -383,24 +382,30 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _print_toml(effective: dict[str, Any]) -> None:
     def value(v: Any) -> str:
         if v is None:
             return '""  # unset'
         return json.dumps(v, ensure_ascii=False)
 
-    def table(name: str, values: dict[str, Any]) -> None:
-        print(f"\n[{name}]")
-        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        for key, v in values.items():
-            if key not in nested:
-                print(f"{key} = {value(v)}")
-        for key, v in nested.items():
-            table(f"{name}.{key}", v)
+    def key(name: str) -> str:  # a bare key, else a quoted one ("Team A #1")
+        return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
-    table("daemon", effective["daemon"])
+    def table(path: list[str], values: dict[str, Any]) -> None:
+        print(f"\n[{'.'.join(map(key, path))}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for name, v in values.items():
+            if name not in nested:
+                print(f"{key(name)} = {value(v)}")
+        for name, v in nested.items():
+            table([*path, name], v)
+
+    table(["daemon"], effective["daemon"])
     for project, values in effective["projects"].items():
-        table(f"projects.{project}", values)
+        table(["projects", project], values)
 
 
 # --- parser ------------------------------------------------------------------------------------

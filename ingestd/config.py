@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ingestd.display import one_line
 from ingestd.errors import ConfigError
 
 CONFIG_ENV = "INGESTD_CONFIG"
@@ -470,9 +471,9 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
              problems: _Problems, folders_must_exist: bool = True) -> ProjectConfig | None:
     prefix = f"projects.{name}."
     values = _check_table(table, PROJECT_KEYS, prefix, problems)
-    if not name or "/" in name or name.strip() != name:
-        problems.add(f"projects.{name}", "a project name must be non-empty, without '/' "
-                                         "or surrounding spaces")
+    if not name or "/" in name or name.strip() != name or one_line(name) != name:
+        problems.add(f"projects.{name}", "a project name must be non-empty and printable (no control or format "
+                     "characters), without '/' or surrounding spaces")
         return None
     folders = values.pop("folders", None)
     if not folders:

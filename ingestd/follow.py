@@ -34,6 +34,7 @@ import structlog
 
 from ingestd import db, events, jobs
 from ingestd.config import Config
+from ingestd.display import one_line
 from ingestd.errors import EXIT_OK, IngestdError, UsageError
 from ingestd.models import Event
 
@@ -90,15 +91,6 @@ class EventFilter:
 
 def short_type(event_type: str) -> str:
     return event_type[len(TYPE_PREFIX):] if event_type.startswith(TYPE_PREFIX) else event_type
-
-
-def one_line(text: str) -> str:
-    """Escape control and separator characters, so that a file name holding a newline cannot
-    split an event over two lines (``\\n``, ``\\x1b``, ``\\u2028`` are shown escaped)."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
 
 
 def _job_detail(event_type: str, data: dict[str, Any]) -> str:

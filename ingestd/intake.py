@@ -45,7 +45,7 @@ def display_path(path: str | bytes | os.PathLike) -> tuple[str, bytes | None]:
 
 def resolve_in_project(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Path, Path]:
     """``(resolved path, project folder holding it)``, or InputRefused saying why not."""
-    if not os.fsdecode(path).strip():
+    if not os.fsencode(path):
         raise InputRefused("empty path: name a file")
     given = Path(os.fsdecode(path))
     shown = display_path(given)[0]

@@ -137,6 +137,17 @@ class TestNamesTheProjectRefuses:
             refused_in_one_line(result, f"{name}: project 'acme' does not take this name")
         assert list(drop.iterdir()) == []
 
+    def test_a_name_that_is_not_utf8_is_shown_with_its_bytes(self, config_file, drop):
+        """Refusals show a name's undecodable bytes as \\xNN, as every other message does:
+        they said `x\\udcff.part`."""
+        excluded = run_cli("add", "-p", "acme", "-", "--name", "x\udcff.part", config=config_file,
+                           stdin="text")
+        refused_in_one_line(excluded, "x\\xff.part: project 'acme' does not take this name")
+        empty = run_cli("add", "-p", "acme", "-", "--name", "e\udcff.txt", config=config_file,
+                        stdin="")
+        refused_in_one_line(empty, "e\\xff.txt: empty file (the project skips empty files)")
+        assert list(drop.iterdir()) == []
+
     @pytest.mark.parametrize("name", ["sub/x.txt", "../x.txt", ".."])
     def test_a_path_as_name_is_a_usage_error(self, config_file, drop, name):
         """--name sub/x.txt used to become x.txt silently."""

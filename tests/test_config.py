@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -131,8 +133,28 @@ def test_config_check_prints_the_effective_config(config_file):
     assert result.returncode == 0, result.stderr
     assert "[projects.acme]" in result.stdout and "max_bytes = 1000000" in result.stdout
     as_json = run_cli("config", "check", "--json", config=config_file)
-    import json
     assert json.loads(as_json.stdout)["projects"]["other"]["max_bytes"] == 1000000
+
+
+def test_config_check_prints_toml_that_reads_back(tmp_path, drop):
+    """A project name that is no bare TOML key ("Team A #1", as the README shows) is printed
+    quoted: the output reads back as the same config. It was `[projects.Team A #1]`."""
+    path = write_config(tmp_path, f'[projects."Team A #1"]\nfolders = ["{drop}"]\n'
+                                  f'[projects."Team A #1".sink]\nkind = "text"\n')
+    result = run_cli("config", "check", config=path)
+    assert result.returncode == 0, result.stderr
+    assert '[projects."Team A #1"]' in result.stdout
+    printed = tomllib.loads(result.stdout)
+    assert printed["projects"]["Team A #1"]["folders"] == [str(drop)]
+    assert printed["projects"]["Team A #1"]["sink"]["kind"] == "text"
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "bell\x07", "rtl\u202eoverride", "zero\u200bwidth"])
+def test_a_project_name_with_control_or_format_characters_is_refused(tmp_path, drop, name):
+    """Such a name split `status` lines and the printed config, or reordered them on a
+    terminal: refused with the other naming rules."""
+    path = write_config(tmp_path, f'[projects.{json.dumps(name)}]\nfolders = ["{drop}"]\n')
+    assert "a project name must be non-empty and printable" in load_error(path)
 
 
 def test_config_check_reports_errors_and_exits_1(tmp_path):
