@@ -28,6 +28,7 @@ from ingestd import (__version__, config as config_mod, db, events, intake, jobs
 from ingestd.checkpoint import WalCheckpointer
 from ingestd.config import Config
 from ingestd.control import ControlServer
+from ingestd.display import one_line
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
 from ingestd.models import Job, JobStatus
@@ -45,6 +46,10 @@ from ingestd.workproc import Finished, WorkerProcesses
 
 log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
+# The database failing (locked, gone, its server restarting): a job creation waits and tries
+# again. Anything else raised while making jobs is about the files' values.
+_STORE_TROUBLE = (pw.OperationalError, pw.InterfaceError, sqlite3.OperationalError,
+                  sqlite3.InterfaceError)
 START_SETTLE_WAIT_SECONDS = 120.0
 STATUS_SECONDS = 5.0
 OVERFLOW_RESCAN_AGAIN_SECONDS = 5.0
@@ -354,8 +359,10 @@ class Daemon:
     # --- jobs from files -----------------------------------------------------------------------
 
     def _create_jobs(self, ready: list[Ready]) -> None:
-        """Called by the settler; a database error is retried, never dropped (files are lost
-        only if we give up on them)."""
+        """Called by the settler; the database failing is retried, never dropped (files are
+        lost only if we give up on them). Anything else refused is one file's values (no
+        retry would change them): the batch is made file by file, so that one file cannot
+        hold up every other, and the file refused is logged and left to the next rescan."""
         while True:
             try:
                 created, rejected = intake.create_jobs(ready)
@@ -364,9 +371,11 @@ class Daemon:
                 db.reset_connection()
                 if self._stopping:
                     return  # the start-up scan of the next run finds them again
-                reason = (db.as_store_error(exc)
-                          if isinstance(exc, (pw.PeeweeException, sqlite3.Error)) else exc)
-                log.warning("job_creation_failed", files=len(ready), reason=str(reason))
+                if not isinstance(exc, _STORE_TROUBLE):
+                    self._create_one_by_one(ready, exc)
+                    return
+                log.warning("job_creation_failed", files=len(ready),
+                            reason=str(db.as_store_error(exc)))
                 time.sleep(CREATE_RETRY_SECONDS)
         for project, count in collections.Counter(item.project.name for item in ready).items():
             metrics.child(metrics.files_seen, project).inc(count)
@@ -376,6 +385,16 @@ class Daemon:
             log.info("file_rejected", project=item.project.name, path=item.path, reason=reason)
         if created:
             self.pool.wake()
+
+    def _create_one_by_one(self, ready: list[Ready], exc: Exception) -> None:
+        if len(ready) > 1:
+            for item in ready:
+                self._create_jobs([item])
+            return
+        [item] = ready
+        log.error("job_creation_failed", project=item.project.name,
+                  path=intake.display_path(item.path)[0], reason=f"{type(exc).__name__}: {one_line(str(exc))}",
+                  then="tried again at the next rescan (rescan_seconds)")
 
     def _start_scan(self) -> None:
         """The start-up scan; workers start once the files it found are jobs (not every file

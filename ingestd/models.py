@@ -14,6 +14,21 @@ import peewee as pw
 database = pw.DatabaseProxy()
 
 
+# A version's stat in 64-bit signed columns. An mtime past 2262-04-11 (touch -d 2300-01-01) does
+# not fit: every later one is kept as the largest (a file changing from one such time to another
+# at the same size and inode is not told apart). An inode is an unsigned 64-bit number (NFS,
+# overlay file systems use the high bit): kept as its two's complement, which loses nothing.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def stored_mtime_ns(mtime_ns: int) -> int:
+    return min(max(mtime_ns, INT64_MIN), INT64_MAX)
+
+
+def stored_inode(inode: int) -> int:
+    return inode - 2**64 if inode > INT64_MAX else inode
+
+
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -98,8 +113,8 @@ class Job(BaseModel):
     max_attempts = pw.IntegerField()
     is_deep_scan = pw.BooleanField(default=False)
     version_key = pw.TextField(null=True)
-    file_mtime_ns = pw.BigIntegerField(null=True)
-    file_inode = pw.BigIntegerField(null=True)
+    file_mtime_ns = pw.BigIntegerField(null=True)  # as stored_mtime_ns() keeps it
+    file_inode = pw.BigIntegerField(null=True)  # as stored_inode() keeps it
     not_before = pw.FloatField()
     lease_owner = pw.TextField(null=True)
     lease_expires_at = pw.FloatField(null=True)

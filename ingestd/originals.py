@@ -35,7 +35,7 @@ import structlog
 
 from ingestd import jobs, names, writers
 from ingestd.config import ProjectConfig
-from ingestd.models import Job, JobStatus
+from ingestd.models import Job, JobStatus, stored_inode, stored_mtime_ns
 
 log = structlog.get_logger(__name__)
 
@@ -105,9 +105,10 @@ def is_version(job: Job, info: os.stat_result, moved: bool = False) -> bool:
     and mtime only: a move across file systems is a copy, with another inode."""
     if job.file_mtime_ns is None:  # a job made without a signature: the size is all we know
         return not moved or info.st_size == job.byte_size
+    mtime_ns = stored_mtime_ns(info.st_mtime_ns)
     if moved:
-        return (info.st_size, info.st_mtime_ns) == (job.byte_size, job.file_mtime_ns)
-    return (info.st_size, info.st_mtime_ns, info.st_ino) == (
+        return (info.st_size, mtime_ns) == (job.byte_size, job.file_mtime_ns)
+    return (info.st_size, mtime_ns, stored_inode(info.st_ino)) == (
         job.byte_size, job.file_mtime_ns, job.file_inode)
 
 

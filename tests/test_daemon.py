@@ -382,6 +382,38 @@ class TestBadInput:
         assert document_text(wait_job(good)) == "still working"
         assert daemon.alive and "Traceback" not in daemon.log()
 
+    def test_a_file_dated_past_2262_is_ingested_and_moved(self, make_daemon, folders, tmp_path):
+        """Its mtime in ns is past 2**63: the job creation failed on it every second, and no
+        file of any project got a job until a restart (and again after it)."""
+        make_daemon(acme_extra=f'after = "move"\nmove_to = "{tmp_path / "moved"}"')
+        future = folders["acme"] / "future.txt"
+        future.write_text("written in 2300")
+        os.utime(future, ns=(0, 10_413_792_000 * 10**9))  # 2300-01-01, as touch -d would
+        elsewhere = drop(folders["other"], "now.txt", "written now")
+        job = wait_job(future)
+        assert document_text(job) == "written in 2300" and wait_job(elsewhere)
+        wait_for(lambda: not future.exists(), message="the original to be moved")
+        assert (tmp_path / "moved" / "processed" / f"{job.id}-future.txt").exists()
+
+    def test_a_file_the_database_refuses_holds_up_no_other(self, daemon, folders):
+        """Anything but the database failing is about one file's values, which no retry
+        changes: the batch is made file by file, the refused file logged with its reason (and
+        tried again at the next rescan), every other file gets its job."""
+        with sqlite3.connect(daemon.root / "state" / "ingestd.db") as admin:
+            admin.execute("CREATE TRIGGER poison BEFORE INSERT ON ingest_jobs "
+                          "WHEN NEW.source_path LIKE '%poison%' "
+                          "BEGIN SELECT RAISE(ABORT, 'a check of ours refuses it'); END")
+        names = ["a.txt", "poison.txt", "b.txt"]
+        paths = [drop(folders["acme"], name, f"text of {name}") for name in names]
+        for path in (paths[0], paths[2], drop(folders["other"], "c.txt", "text of c")):
+            wait_job(path)
+        wait_for(lambda: "poison.txt" in daemon.log(), message="the refusal in the log")
+        [refused] = [json.loads(line) for line in daemon.log().splitlines()
+                     if "job_creation_failed" in line]
+        assert refused["path"] == str(paths[1]) and refused["level"] == "error"
+        assert refused["reason"] == "IntegrityError: a check of ours refuses it"
+        assert jobs_for(paths[1]) == [] and daemon.alive
+
     def test_an_empty_file_is_skipped_with_a_rejected_event(self, daemon, folders):
         """By default a 0-byte file makes no job, and says so once."""
         empty = folders["acme"] / "empty.txt"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from ingestd import intake, jobs
+from ingestd import intake, jobs, originals
 from ingestd.errors import Conflict, NotFound, UsageError
 from ingestd.models import Event, Job, Source
 
@@ -108,6 +109,34 @@ class TestCreate:
         assert jobs.create("acme", str(folder), version, 3)[1] is False  # the watcher: still seen
         job, created = jobs.create("acme", str(folder), version, 3, resubmit=True)
         assert created and job.id != first.id
+
+
+class TestStatsPastSixtyFourBits:
+    """A version's mtime and inode go into 64-bit signed columns on both databases."""
+
+    def test_an_mtime_past_2262_makes_a_job_that_knows_its_file(self, cfg, any_store, drop):
+        """touch -d 2300-01-01: st_mtime_ns is past 2**63. Its creation raised OverflowError
+        (SQLite) and held up every other file's; the job now keeps the largest time, and its
+        file is still recognised as its version (for the worker's read and for `after`)."""
+        path = make_file(drop, "future.txt")
+        os.utime(path, ns=(0, 10_413_792_000 * 10**9))  # 2300-01-01
+        job = Job.get_by_id(create(cfg, path).id)
+        assert job.file_mtime_ns == 2**63 - 1
+        assert originals.is_version(job, os.stat(path))
+        os.utime(path, ns=(0, 2**63 - 10))  # an earlier time: another version
+        assert not originals.is_version(job, os.stat(path))
+
+    def test_an_inode_with_its_high_bit_set_is_kept_whole(self, cfg, any_store, drop):
+        """An inode is unsigned 64-bit (NFS file ids, overlay file systems use the high bit):
+        kept as its two's complement, it still tells the version apart from its neighbour."""
+        version = jobs.FileVersion(path=str(drop / "n.txt"), original_filename="n.txt",
+                                   byte_size=10, mtime_ns=5, inode=2**64 - 5, mime_type="text/plain")
+        job, created = jobs.create("acme", str(drop), version, 3)
+        assert created and Job.get_by_id(job.id).file_inode == -5
+        stat_of = lambda inode: os.stat_result((0o100644, inode, 1, 1, 0, 0, 10, 0, 0, 0),
+                                               {"st_mtime_ns": 5})
+        assert originals.is_version(Job.get_by_id(job.id), stat_of(2**64 - 5))
+        assert not originals.is_version(Job.get_by_id(job.id), stat_of(2**64 - 6))
 
 
 class TestVersionsThatComeBack:
