@@ -341,8 +341,8 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # the name is now a symlink
             raise Permanent("the file was replaced by a symlink") from None
-        if exc.errno == errno.ENXIO:  # the name is now a socket
-            raise Permanent("not a regular file (a socket)") from None
+        if exc.errno == errno.ENXIO:  # a socket, or a device node with no driver behind it
+            raise Permanent(f"not a regular file ({_kind_at(path)})") from None
         raise Transient(f"cannot open: {exc.strerror}") from None
     before = os.fstat(fd)
     kind = intake.irregular_kind(before.st_mode)
@@ -358,6 +358,13 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
         if _signature(os.fstat(fd)) != _signature(before):
             raise Superseded("the file changed while it was being read")
     return data, digest
+
+
+def _kind_at(path: bytes) -> str:
+    try:
+        return intake.irregular_kind(os.lstat(path).st_mode) or "an unusual kind of file"
+    except OSError:
+        return "an unusual kind of file"
 
 
 def _check_newest(job: Job) -> None:
