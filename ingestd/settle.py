@@ -191,13 +191,15 @@ class Settler:
             # Watchdog reports the files of a directory moved in as created, after our scan
             # may have found them: that says nothing new. A modification does, even with the
             # stat unchanged (taken after both events): written after the close or the scan,
-            # the file has a writer again.
-            complete = entry.complete
+            # the file has a writer again. Nor does it close: a scan's find still needs the
+            # kernel's word that no writer holds the file.
+            complete, scanned = entry.complete, entry.scanned
         else:
             # A scan finds files whose writers we never saw (or whose close event was lost in an
             # overflow), and polling observers never see a close: for those the quiet window
             # alone decides.
             complete = what in (COMPLETE, FOUND) or project.polling
+            scanned = what == FOUND or project.polling
         # Only a modification shows a writer: watchdog also reports the files of a directory
         # moved in as created, and nothing will close those.
         written = not complete and (what == WRITING or (entry is not None and entry.written))
@@ -205,7 +207,7 @@ class Settler:
         if what == FOUND and time.time() - info.st_mtime >= project.settle_seconds:
             due = now  # unchanged for longer than the settle window already: no wait
         self._pending[path] = Pending(project, folder, signature, due, complete, self.projects,
-                                      written, scanned=what == FOUND or project.polling)
+                                      written, scanned=scanned)
         heapq.heappush(self._heap, (due, path))
 
     def _due_files(self) -> list[Ready]:

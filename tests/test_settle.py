@@ -193,6 +193,24 @@ def test_a_scan_completes_a_file_seen_created_but_never_written(cfg, drop):
     assert ready.path == str(path)
 
 
+def test_a_scan_find_then_its_create_event_still_asks_for_writers(cfg, drop, leases_allowed):
+    """A scan finds a file its writer holds open and has not written yet; its create event
+    comes after. It stays a scan's find, which the kernel must clear of writers: the create
+    note made it a file closed in our sight, and its empty first version was taken."""
+    s, path = settler(cfg), drop / "held.txt"
+    with open(path, "w") as writer:
+        an_hour_ago = time.time() - 3600
+        os.utime(path, (an_hour_ago, an_hour_ago))
+        s._note(str(path), FOUND)
+        s._note(str(path), CREATED)
+        assert s._pending[str(path)].scanned
+        assert s._due_files() == []  # held open for writing: not taken
+        writer.write("all of it")
+    s._note(str(path), COMPLETE)
+    [ready] = wait_for(s._due_files, timeout=10, message="the closed file to settle")
+    assert ready.signature[0] == len("all of it")
+
+
 def test_the_settling_thread_takes_no_signal(cfg):
     """Signals are blocked in the settling thread, so none interrupts its timed wait on the
     inbox: CPython's SimpleQueue.get(timeout) could then wait for ever (files due to settle
