@@ -46,6 +46,8 @@ LOOKUP_BATCH = 500
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 _NUMBERED = re.compile(rb" \((\d+)\)")
 _JOB_ID = re.compile(rb"(\d+)-")
+PATH_MAX = 4096  # bytes in a path the kernel takes, its final NUL included
+_PROC_FDS = b"/proc/self/fd"
 
 
 class _Activity:
@@ -135,18 +137,19 @@ def dispose(job: Job, project: ProjectConfig) -> None:
 
 def _dispose(job: Job, project: ProjectConfig) -> None:
     where = "processed" if _stored(job) else "failed"
-    # A newer job of the path owns what is there, even this job's version come back to it.
-    taken = None if jobs.superseded(job) else _take(job)
-    if taken is not None:
-        with _claimed(taken) as state:
-            if state is None:
-                return  # the scan's recovery has it
-            try:
-                _put(taken, job, project, where)
-            except OSError:  # back under its name until the next scan tries again
-                _put_back(taken, fs_path(job))
-                raise
-        return
+    with _within_reach(fs_path(job)) as source:
+        # A newer job of the path owns what is there, even this job's version come back to it.
+        taken = None if jobs.superseded(job) else _take(job, source)
+        if taken is not None:
+            with _claimed(taken) as state:
+                if state is None:
+                    return  # the scan's recovery has it
+                try:
+                    _put(taken, job, project, where)
+                except OSError:  # back under its name until the next scan tries again
+                    _put_back(taken, source)
+                    raise
+            return
     copy = quarantined(job, project)
     if copy is not None and where == "processed":  # a retry completed it from failed/
         _put(copy, job, project, where)
@@ -169,10 +172,25 @@ def _folder(project: ProjectConfig, where: str) -> bytes:
     return os.fsencode(project.move_to / where)
 
 
-def _take(job: Job) -> bytes | None:
-    """Take the file at the job's path to a name of our own, if it is the job's version; its
-    new path, or None (gone, or another version: that one is put back)."""
-    source = fs_path(job)
+@contextlib.contextmanager
+def _within_reach(path: bytes) -> Iterator[bytes]:
+    """``path``, or while its folder's path leaves no room for a sibling's name under PATH_MAX
+    (a file 4,090 bytes deep: its taken name beside it is longer than its own), the same file
+    through the folder held open: ``/proc/self/fd/N/name``, which the kernel resolves alike."""
+    directory, name = os.path.split(path)
+    if len(directory) + 1 + names.NAME_MAX < PATH_MAX or not os.path.isdir(_PROC_FDS):
+        yield path
+        return
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield os.path.join(b"%s/%d" % (_PROC_FDS, fd), name)
+    finally:
+        os.close(fd)
+
+
+def _take(job: Job, source: bytes) -> bytes | None:
+    """Take the file at ``source``, the job's path, to a name of our own, if it is the job's
+    version; its new path, or None (gone, or another version: that one is put back)."""
     try:
         if not is_version(job, os.lstat(source)):
             return None  # gone, or another version there: nothing to take
@@ -356,9 +374,10 @@ def recover_taken(path: str, project: ProjectConfig) -> None:
     if found is None:
         return
     raw = os.fsencode(path)
-    with _one_move("original_not_recovered", path=path) as allowed, _claimed(raw) as state:
-        if allowed and (state == "locked" or (state == "unlockable" and _old(raw))):
-            _recover(raw, int(found.group(1)), found.group(2), project)
+    with (_one_move("original_not_recovered", path=path) as allowed,
+          _within_reach(raw) as taken, _claimed(taken) as state):
+        if allowed and (state == "locked" or (state == "unlockable" and _old(taken))):
+            _recover(taken, os.path.dirname(raw), int(found.group(1)), found.group(2), project)
 
 
 def _old(taken: bytes) -> bool:
@@ -366,10 +385,13 @@ def _old(taken: bytes) -> bool:
     return time.time() - os.lstat(taken).st_ctime > UNLOCKABLE_AGE_SECONDS
 
 
-def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> None:
-    job = Job.get_or_none(Job.id == job_id)
-    directory = os.path.dirname(taken)
+def _recover(taken: bytes, directory: bytes, job_id: int, name: str,
+             project: ProjectConfig) -> None:
+    """``taken`` is in ``directory`` (through it, or through /proc: see _within_reach)."""
     info = os.lstat(taken)
+    if not stat.S_ISREG(info.st_mode):
+        return  # named like ours, but no file of ours
+    job = Job.get_or_none(Job.id == job_id)
     ours = (job is not None and job.project_id == project.name
             and os.path.dirname(fs_path(job)) == directory and is_version(job, info))
     if (ours and job.status in (JobStatus.COMPLETED, JobStatus.FAILED) and job.deleted_at is None
@@ -385,7 +407,7 @@ def _recover(taken: bytes, job_id: int, name: str, project: ProjectConfig) -> No
         log.info("original_recovered", job_id=job_id, path=job.source_path, to=where)
         return
     source = fs_path(job) if ours else os.path.join(directory, os.fsencode(name))
-    _put_back(taken, source)
+    _put_back(taken, os.path.join(os.path.dirname(taken), os.path.basename(source)))
     log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
 
 

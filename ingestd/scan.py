@@ -3,6 +3,7 @@ down, events lost in an inotify overflow) is found here and handed to the settle
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ def walk_files(project: ProjectConfig, top: str, on_taken: Callable[[str], None]
                 except FileNotFoundError:
                     continue  # vanished meanwhile
                 except OSError as exc:  # its path is longer than PATH_MAX...: say so
-                    log.warning("scan_unreadable", path=entry.path, reason=exc.strerror)
+                    if exc.errno == errno.ENAMETOOLONG and originals.is_taken(entry.name):
+                        on_taken(entry.path)  # a deep file's taken name: recovered within reach
+                    else:
+                        log.warning("scan_unreadable", path=entry.path, reason=exc.strerror)
                     continue
                 if stat.S_ISDIR(info.st_mode):
                     if project.recursive and not is_excluded_name(project, entry.name):

@@ -109,6 +109,51 @@ def test_a_superseded_job_leaves_its_version_come_back_to_the_newer_job(cfg, sto
     assert files_in(project.move_to / "processed") == {f"{back.id}-doc.txt": "the first version"}
 
 
+def deep_file(top: Path, length: int, text: str) -> Path:
+    """A file whose absolute path is ``length`` bytes (just under PATH_MAX, 4096 with the NUL),
+    in folders of up to 200 bytes."""
+    folder, name = top, "f.txt"
+    while length - len(os.fsencode(folder)) - len(name) - 1 > 201:
+        folder = folder / ("d" * 200)
+    folder = folder / ("e" * (length - len(os.fsencode(folder)) - len(name) - 2))
+    folder.mkdir(parents=True)
+    path = folder / name
+    path.write_text(text)
+    assert len(os.fsencode(path)) == length
+    return path
+
+
+@pytest.mark.parametrize("after", ["move", "delete"])
+def test_a_file_deep_under_path_max_is_moved_or_deleted(cfg, store, drop, extractors, move_to,
+                                                        after):
+    """A file 4,090 bytes deep: its taken name beside it is longer than PATH_MAX, and its
+    original stayed in the drop folder for good ("File name too long" at every rescan)."""
+    project = project_of(cfg, after, move_to)
+    path = deep_file(drop, 4090, "deep down")
+    job = ingest(project, path, extractors)
+    assert job.status == "completed" and not path.exists()
+    assert os.listdir(path.parent) == []
+    expected = {f"{job.id}-f.txt": "deep down"} if after == "move" else {}
+    assert files_in(move_to / "processed") == expected
+
+
+def test_a_taken_file_deep_under_path_max_is_recovered_by_the_scan(cfg, store, drop,
+                                                                   extractors, move_to):
+    """A crash left a deep file under its taken name (longer than PATH_MAX as a path): the
+    scan finishes its move."""
+    path = deep_file(drop, 4090, "deep down")
+    job = ingest(project_of(cfg, "keep"), path, extractors)
+    taken = f".ingestd-{job.id}-0123456789ab-f.txt.taking"
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:  # as the crashed dispose left it
+        os.rename("f.txt", taken, src_dir_fd=folder, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+    scan_now(project_of(cfg, "move", move_to))
+    assert os.listdir(path.parent) == []
+    assert files_in(move_to / "processed") == {f"{job.id}-f.txt": "deep down"}
+
+
 def test_a_moved_original_never_replaces_another_file(cfg, store, drop, extractors, move_to):
     """Job ids start again with a new database: processed/<id>-<name> may hold an earlier
     file. It stays; the new one gets the next free name."""
