@@ -14,10 +14,12 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import peewee as pw
 import structlog
 
 from ingestd import db, documents, intake, jobs, originals, retire, sinks
@@ -518,13 +520,8 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
         document_id = ctx.sink.ingest(_document(job, extracted, mime, sha,
                                                 documents.previous_version(job)))
     try:
-        with ctx.atomic():
-            _lock_ends(job, sha)
-            final = _complete(job, ctx, message, document_id, sha, mime)
-            previous = documents.previous_version(job)  # as it is now, under the lock
-            # A sink may answer with the id it gave before (it updates by path): that
-            # document is the new one now.
-            owed = _let_go_previous(ctx, job, None if previous == document_id else previous)
+        final, owed = _again_if_cut_off(job, document_id, lambda: _complete_stored(
+            job, ctx, message, document_id, sha, mime))
     except Conflict:
         _undo_ingest(ctx, job, document_id)  # cancelled meanwhile: leave nothing behind
         return _after_lost_completion(job, ctx)
@@ -533,6 +530,41 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
         raise
     retire.settle(owed, ctx.sink)
     return final
+
+
+def _complete_stored(job: Job, ctx: Context, message: str, document_id: int, sha: str,
+                     mime: str) -> tuple[Job, retire.Owed | None]:
+    """The completing transaction of a document an external sink stored."""
+    with ctx.atomic():
+        _lock_ends(job, sha)
+        final = _complete(job, ctx, message, document_id, sha, mime)
+        previous = documents.previous_version(job)  # as it is now, under the lock
+        # A sink may answer with the id it gave before (it updates by path): that
+        # document is the new one now.
+        return final, _let_go_previous(ctx, job, None if previous == document_id else previous)
+
+
+def _again_if_cut_off(job: Job, document_id: int,
+                      complete: Callable[[], tuple[Job, retire.Owed | None]]
+                      ) -> tuple[Job, retire.Owed | None]:
+    """The sink holds the document already: a completing transaction cut off by a lost
+    connection (a server restarted while the sink worked: the old connection is found dead
+    only now) is tried once more on a new one, rather than the job run again and the document
+    stored twice, the first never deleted. Should the first have committed after all (the
+    connection lost as the server answered), the job is completed with this document."""
+    try:
+        return complete()
+    except (pw.PeeweeException, sqlite3.Error) as exc:
+        if db.refused(exc):
+            raise
+        log.info("completion_tried_again", job_id=job.id, project=job.project_id,
+                 reason=str(db.as_store_error(exc)))
+        db.reset_connection()
+        current = Job.get_or_none(Job.id == job.id)
+        if (current is not None and current.status == JobStatus.COMPLETED
+                and current.canonical_document_id == document_id):
+            return current, None
+        return complete()
 
 
 def _let_go_previous(ctx: Context, job: Job, document_id: int | None) -> retire.Owed | None:

@@ -44,7 +44,7 @@ import peewee as pw
 
 from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
-from ingestd.errors import Conflict
+from ingestd.errors import Conflict, NotFound
 from ingestd.models import Job, Stage, database
 from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
@@ -114,6 +114,9 @@ class WorkerPool:
         self._held = threading.Event()
         self._claims = 0  # claims in flight: their jobs run in the database, not yet here
         self._releasing = 0  # releases in flight: their jobs are no longer here, not yet queued
+        # Releases the database could not take (it was gone): job id -> (project, reason),
+        # tried again at each heartbeat, before the lease expires and a rescue counts an attempt.
+        self._unreleased: dict[int, tuple[str, str]] = {}
         self._disposing = 0  # ended jobs whose originals are being moved or deleted
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -164,6 +167,8 @@ class WorkerPool:
         self._release(lambda running: not running.control.begun)
         _wait_while(lambda: self.busy or self._disposing, grace_seconds)
         self._release(lambda running: True)
+        with contextlib.suppress(pw.PeeweeException, sqlite3.Error):  # else its lease expires
+            db.again_if_lost(self._release_again)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A slot or an ending thread whose sink program was just killed returns at once and
         # logs what became of its job (job_abandoned): let it, rather than exit under it.
@@ -205,11 +210,30 @@ class WorkerPool:
                 db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
                 log.info("job_requeued", job_id=job_id, project=running.job.project_id,
                          reason=reason)
-            except Exception as exc:  # ended meanwhile, or the database is gone: lease expiry covers it
+            except (pw.PeeweeException, sqlite3.Error) as exc:
+                with self._lock:
+                    self._unreleased[job_id] = (running.job.project_id, reason)
+                log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)),
+                            then="tried again at each heartbeat")
+            except Exception as exc:  # it ended, or was taken, meanwhile
                 log.warning("job_not_released", job_id=job_id, reason=str(exc))
             finally:
                 with self._lock:
                     self._releasing -= 1
+
+    def _release_again(self) -> None:
+        """Give back the jobs a release could not (the database was gone): a database error
+        here goes to the heartbeat's caller, and the next heartbeat tries again."""
+        with self._lock:
+            pending = dict(self._unreleased)
+        for job_id, (project_id, reason) in pending.items():
+            try:
+                jobs.release(job_id, self.owner, reason)
+                log.info("job_requeued", job_id=job_id, project=project_id, reason=reason)
+            except (Conflict, NotFound) as exc:  # rescued meanwhile (its lease expired)
+                log.warning("job_not_released", job_id=job_id, reason=str(exc))
+            with self._lock:
+                self._unreleased.pop(job_id, None)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -532,7 +556,9 @@ class WorkerPool:
     # --- leases --------------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """Renew our leases; flag jobs an operator cancelled; abandon jobs no longer ours."""
+        """Give back what could not be released; renew our leases; flag jobs an operator
+        cancelled; abandon jobs no longer ours."""
+        self._release_again()
         with self._lock:
             held = dict(self._running)
         if not held:

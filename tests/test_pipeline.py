@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import PG_URL, wait_for
 import corpus
 from corpus import make_pdf
 from harness import Daemon, events_of_type, jobs_for, open_db, wait_job, write_config
-from ingestd import db, intake, jobs
+from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
-from ingestd.models import Document
+from ingestd.models import Document, database
 from ingestd.pipeline import READ_CHUNK, Context, Control, read_version, run_job
 from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
 from ingestd.sinks import open_sink
@@ -185,6 +185,40 @@ def outage_project(cfg, tmp_path: Path, after: str, move_to: Path | None = None)
     project = cfg.projects["acme"]
     return dataclasses.replace(project, after=after, sink=sink,
                                move_to=move_to or project.move_to)
+
+
+def test_a_completion_cut_off_by_a_lost_connection_is_tried_again_not_the_sink(
+        cfg, pg_url, drop, tmp_path, extractors):
+    """A PostgreSQL restart while an external sink works: the worker's connection is found
+    dead only by the completing transaction, which is tried once more on a new connection;
+    the job completes with the document the sink stored. It was re-queued and run again: the
+    sink got the same version twice, and the first document was never deleted."""
+    backend = config_mod.with_database(cfg, pg_url)
+    db.open_store(backend.daemon.database)
+    try:
+        worker_backend = database.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        program = tmp_path / "sink.py"
+        program.write_text(
+            "import sys, psycopg\n"
+            "sys.stdin.read()\n"
+            f"open({str(tmp_path / 'calls')!r}, 'a').write('ingest\\n')\n"
+            f"with psycopg.connect({PG_URL!r}, autocommit=True) as admin:  # as a restart would\n"
+            f"    admin.execute('SELECT pg_terminate_backend({worker_backend})')\n"
+            "print(41)\n")
+        sink = SinkConfig(kind="command", options={"command": [sys.executable, str(program)]})
+        project = dataclasses.replace(backend.projects["acme"], sink=sink)
+        queue_file(backend, drop_file(drop, "a.txt", "stored once"))
+        ended = run_next(backend, extractors, project)
+        assert (ended.status, ended.canonical_document_id, ended.attempts) == ("completed", 41, 1)
+        assert (tmp_path / "calls").read_text() == "ingest\n"
+    finally:
+        db.close_store()
+
+
+def drop_file(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
 
 
 def run_until_ended(cfg, extractors, project, job_id: int):

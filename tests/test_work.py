@@ -11,14 +11,16 @@ import sys
 import stat
 import textwrap
 import threading
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import peewee as pw
+import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from conftest import wait_for
+from conftest import PG_URL, wait_for
 from corpus import make_pdf
 from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
@@ -163,6 +165,62 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
         transitions = [event for event in events_of(job.id) if event != "progress"]
         assert (job.attempts, transitions) == (1, ["created", "started", "failed"])
         assert Document.select().where(Document.job_id == job.id).count() == 0
+
+
+@pytest.fixture
+def shut_out(pg_url):
+    """A PostgreSQL URL on the test's schema as a login role of its own, and a switch that
+    shuts that role out (its connections cut, new ones refused) or lets it in again: a server
+    gone away and back, as the role's connections see it."""
+    import psycopg
+
+    role = f"ingestd_t_{uuid.uuid4().hex[:10]}"
+    schema = pg_url.rsplit("%3D", 1)[1]
+    db.open_store(pg_url)  # the schema made by its owner
+    db.close_store()
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        for grant in (f"ALL ON SCHEMA {schema}", f"ALL ON ALL TABLES IN SCHEMA {schema}",
+                      f"ALL ON ALL SEQUENCES IN SCHEMA {schema}"):
+            admin.execute(f"GRANT {grant} TO {role}")
+
+    def switch(out: bool) -> None:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f"ALTER ROLE {role} {'NOLOGIN' if out else 'LOGIN'}")
+            if out:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              f"WHERE usename = '{role}'")
+
+    yield pg_url.replace("postgres@", f"{role}@", 1), switch
+    db.close_store()
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      f"WHERE usename = '{role}'")
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
+
+
+def test_a_release_the_database_could_not_take_is_made_once_it_answers(cfg, drop, shut_out):
+    """A job given back while the server is gone (its end cut off, then its release refused)
+    is given back at the next heartbeat once the server answers: queued, its attempt not
+    counted. It stayed running until its lease expired, and the rescue counted the attempt
+    (with max_attempts = 1 the file failed for good, its worker alive all along)."""
+    url, switch = shut_out
+    backend = config_mod.with_database(cfg, url)
+    db.open_store(backend.daemon.database)
+    [queued] = queue_files(backend, drop, 1)
+    pool = WorkerPool(backend, BackgroundScheduler())
+    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    switch(out=True)
+    pool._release(lambda running: True, "re-queued after a database error")
+    switch(out=False)
+    db.reset_connection()  # as the heartbeat's guard does after a failed beat
+    pool.heartbeat()
+    job = Job.get_by_id(queued.id)
+    assert (job.status, job.attempts, job.message) == (
+        "queued", 0, "re-queued after a database error")
+    assert events_of(queued.id) == ["created", "started", "requeued"]
 
 
 def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, drop):
