@@ -12,6 +12,7 @@ be watched at start, or whose watch ends (it was deleted), is reported and watch
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sqlite3
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import peewee as pw
 import structlog
+from apscheduler.jobstores.base import JobLookupError
 
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics,
                      originals, retire, scan, writers)
@@ -46,6 +48,7 @@ from ingestd.workproc import Finished, WorkerProcesses
 
 log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
+EVENT_RETRY_SECONDS = 5.0  # the daemon's own event the database did not take
 # The database failing (locked, gone, its server restarting): a job creation waits and tries
 # again. Anything else raised while making jobs is about the files' values.
 _STORE_TROUBLE = (pw.OperationalError, pw.InterfaceError, sqlite3.OperationalError,
@@ -188,10 +191,7 @@ class Daemon:
         # any worker competes with job creation for the interpreter.
         self.scheduler.add_job(self._start_scan, id="rescan-start")
         self._wait_for_workers()
-        try:  # the database full or locked for long: it runs all the same, and catches up then
-            jobs.emit(jobs.DAEMON_STARTED, self._facts())
-        except Exception as exc:
-            log.warning("started_event_not_written", reason=str(exc))
+        self._record(jobs.DAEMON_STARTED, self._facts())
         self._refresh_status()
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_SECONDS,
                                id="status-line")
@@ -269,12 +269,42 @@ class Daemon:
         self.pool.kill()
         os._exit(1)
 
+    def _record(self, event_type: str, facts: dict[str, Any]) -> None:
+        """The daemon's own event. A database that does not take it now (full, locked for
+        long, its server away) is asked again every EVENT_RETRY_SECONDS until it does: the
+        daemon runs all the same, and its event log catches up."""
+        if self._write_own_event(event_type, facts):
+            return
+        self.scheduler.add_job(self._record_again, "interval", seconds=EVENT_RETRY_SECONDS,
+                               args=[event_type, facts], id=f"record-{event_type}",
+                               replace_existing=True)
+
+    def _record_again(self, event_type: str, facts: dict[str, Any]) -> None:
+        if self._write_own_event(event_type, facts, again=True):
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(f"record-{event_type}")
+
+    def _write_own_event(self, event_type: str, facts: dict[str, Any], again: bool = False
+                         ) -> bool:
+        try:
+            db.again_if_lost(lambda: jobs.emit(event_type, facts))
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            db.reset_connection()
+            if not again:
+                log.warning(f"{event_type.rsplit('.', 1)[1]}_event_not_written",
+                            reason=str(db.as_store_error(exc)),
+                            then=f"tried again every {EVENT_RETRY_SECONDS:g} s")
+            return False
+        if again:
+            log.info(f"{event_type.rsplit('.', 1)[1]}_event_written")
+        return True
+
     def _stop_everything(self) -> None:
         self.notifier.stopping()
-        try:
-            jobs.emit(jobs.DAEMON_STOPPING, self._facts())
+        try:  # no later try: the process is about to end
+            db.again_if_lost(lambda: jobs.emit(jobs.DAEMON_STOPPING, self._facts()))
         except Exception as exc:
-            log.warning("stopping_event_not_written", reason=str(exc))
+            log.warning("stopping_event_not_written", reason=str(db.as_store_error(exc)))
         self.watcher.stop()
         self.settler.stop()
         if self.listener is not None:
@@ -328,8 +358,7 @@ class Daemon:
         # Each reload scans with its own projects: a scan still running may have begun on the
         # projects of the config before (two SIGHUPs in quick succession).
         self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["reload"])
-        self.scheduler.add_job(db.guarded("reloaded_event", jobs.emit),
-                               args=[jobs.DAEMON_RELOADED, self._facts()])
+        self.scheduler.add_job(self._record, args=[jobs.DAEMON_RELOADED, self._facts()])
         log.info("daemon_reloaded", projects=sorted(new.projects))
         self.notifier.ready(self._status_line)
 

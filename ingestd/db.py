@@ -225,13 +225,26 @@ def reset_connection() -> None:
         pass  # it was broken already
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a database error is the connection to the server lost (the server restarted,
+    its backend terminated, the network cut), which a new connection may not meet."""
+    if isinstance(exc, pw.InterfaceError):
+        return True
+    orig = getattr(exc, "orig", None)
+    if orig is None or not type(orig).__module__.startswith("psycopg"):
+        return False  # SQLite has no connection to lose: "locked" is not that
+    state = getattr(orig, "sqlstate", None) or ""  # none: the client's own (refused, closed)
+    return state == "" or state.startswith(("08", "57P"))  # connection / operator intervention
+
+
 def again_if_lost(task: Callable[[], T]) -> T:
-    """``task``, and after a database error once more on a new connection: for writes at a
-    stop, which has no later run to recover on (a connection the server cut long before is
-    only found dead when used)."""
+    """``task``, and once more on a new connection if the old one was lost: a connection the
+    server cut long before (it restarted) is only found dead when used."""
     try:
         return task()
-    except (pw.PeeweeException, sqlite3.Error):
+    except (pw.PeeweeException, sqlite3.Error) as exc:
+        if not connection_lost(exc):
+            raise
         reset_connection()
         return task()
 

@@ -571,9 +571,10 @@ class TestLifecycle:
     def test_a_start_whose_own_write_fails_runs_all_the_same(self, tmp_path, folders):
         """The database takes no write as the daemon starts (another program holds SQLite's
         write lock past the busy timeout; a full disk does the same): the started event is not
-        written, and the daemon says so and runs. Once writes go through again it ingests, and
-        SIGTERM stops it (exit 0). The failed write used to end the start half-way: its
-        worker processes never told to stop, the process never exited, SIGTERM unheard."""
+        written, and the daemon says so and runs. Once writes go through again it ingests,
+        writes the started event after all (it never did), and SIGTERM stops it (exit 0). The
+        failed write used to end the start half-way: its worker processes never told to stop,
+        the process never exited, SIGTERM unheard."""
         config = write_config(tmp_path, config_text(folders))
         assert run_cli("db", "migrate", config=config).returncode == 0
         holder = sqlite3.connect(tmp_path / "state" / "ingestd.db", isolation_level=None)
@@ -589,6 +590,8 @@ class TestLifecycle:
             path = drop(folders["acme"], "after.txt", "written after the lock was let go")
             open_db(config)
             assert document_text(wait_job(path)) == "written after the lock was let go"
+            wait_for(lambda: events_of_type("io.ingestd.daemon.started"), timeout=30,
+                     message="the started event to be written after all")
         finally:
             holder.close()
             db.close_store()

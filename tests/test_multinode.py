@@ -17,7 +17,7 @@ from ingestd.jobs import FileVersion
 from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
-from harness import Daemon, claim_race, jobs_for, node_config, wait_job
+from harness import Daemon, claim_race, events_of_type, jobs_for, node_config, wait_job
 
 @pytest.fixture
 def cluster(tmp_path, pg_url):
@@ -215,7 +215,8 @@ def test_a_follower_goes_on_after_its_database_connection_is_cut(tmp_path, pg_ur
 def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_before(
         tmp_path, pg_url):
     """Connections the server cut while idle are found dead only at the stop: the release of
-    the running job is retried on a new one, not left to the lease's expiry."""
+    the running job is retried on a new one, not left to the lease's expiry. So is the
+    daemon's stopping event, which was left out ("stopping_event_not_written")."""
     import signal as signals
 
     import psycopg
@@ -243,6 +244,7 @@ def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_bef
         assert node.process.wait(timeout=60) == 0, node.log()[-3000:]
         [job] = jobs_for(folder / "held.txt")
         assert (job.status, job.lease_owner) == ("queued", None), node.log()[-3000:]
+        assert len(events_of_type("io.ingestd.daemon.stopping")) == 1, node.log()[-3000:]
     finally:
         release.touch()
         node.stop()
