@@ -9,13 +9,16 @@ not a daemon is running; a daemon's watcher then finds the job already there.
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
-from ingestd import intake, jobs, names
+import peewee as pw
+
+from ingestd import db, intake, jobs, names
 from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.models import Job, TERMINAL
@@ -23,6 +26,7 @@ from ingestd.paths import is_wanted
 from ingestd.sniff import SNIFF_BYTES, sniff_head
 
 COPY_CHUNK = 1 << 20
+LOST_POLL_SECONDS = 1.0  # --wait's polls while the database server is away
 
 
 def check_source(project: ProjectConfig, path: str) -> None:
@@ -144,14 +148,27 @@ def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) ->
     return created
 
 
-def wait_for(job_ids: list[int], on_progress=None, poll: float = 0.2) -> list[Job]:
-    """Poll until every job has ended; ``on_progress(done, total)`` as they do."""
-    remaining, ended = set(job_ids), {}
+def wait_for(job_ids: list[int], on_progress=None, poll: float = 0.2,
+             on_lost: Callable[[str], None] = lambda reason: None) -> list[Job]:
+    """Poll until every job has ended; ``on_progress(done, total)`` as they do. A lost
+    connection to the database server (it restarts) is waited out, said once through
+    ``on_lost(reason)``: the jobs are queued there, and the daemons run them once it is back."""
+    remaining, ended, lost = set(job_ids), {}, False
     while remaining:
-        for job in Job.select().where(Job.id.in_(list(remaining))):
-            if job.status in [s.value for s in TERMINAL]:
-                ended[job.id] = job
-                remaining.discard(job.id)
+        try:
+            for job in Job.select().where(Job.id.in_(list(remaining))):
+                if job.status in [s.value for s in TERMINAL]:
+                    ended[job.id] = job
+                    remaining.discard(job.id)
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            if not db.connection_lost(exc):
+                raise
+            db.reset_connection()
+            if not lost:
+                on_lost(str(db.as_store_error(exc)))
+            lost = True
+            time.sleep(LOST_POLL_SECONDS)
+            continue
         if on_progress:
             on_progress(len(ended), len(job_ids))
         if remaining:

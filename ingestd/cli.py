@@ -20,7 +20,7 @@ import peewee as pw
 
 from ingestd import __version__, config as config_mod, db, intake, jobs, log, migrations
 from ingestd.display import one_line
-from ingestd.errors import EXIT_FAILURE, EXIT_OK, IngestdError, UsageError
+from ingestd.errors import EXIT_FAILURE, EXIT_OK, IngestdError, StoreError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -258,7 +258,16 @@ def cmd_add(args: argparse.Namespace) -> int:
         if show_progress:
             print(f"\r{done}/{total} done", end="", file=sys.stderr, flush=True)
 
-    ended = add.wait_for([job.id for job in created], progress)
+    def lost(reason: str) -> None:
+        print(f"ingestd add: {reason}; the jobs are queued: waiting for the database to be back "
+              "(Ctrl-C stops waiting, the jobs stay queued)", file=sys.stderr, flush=True)
+
+    try:
+        ended = add.wait_for([job.id for job in created], progress, on_lost=lost)
+    except (pw.PeeweeException, sqlite3.Error) as exc:
+        queued = ", ".join(str(job.id) for job in created)
+        raise StoreError(f"{db.as_store_error(exc)} (while waiting; queued: job "
+                         f"{queued})") from None
     if show_progress:
         print(file=sys.stderr)
     _say_jobs(None, ended, args.json)

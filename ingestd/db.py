@@ -313,12 +313,23 @@ def refused(exc: BaseException) -> bool:
         exc, (pw.IntegrityError, pw.DataError, sqlite3.IntegrityError, sqlite3.DataError))
 
 
+def _bound_database() -> str:
+    """The bound database as a URL without its password (PostgreSQL's as it was opened)."""
+    obj = database.obj
+    if isinstance(obj, pw.SqliteDatabase):
+        return f"sqlite:///{obj.database}"
+    if obj is None:
+        return "database"
+    params = obj.connect_params
+    where = f"{params.get('host', '')}:{params['port']}" if "port" in params else params.get(
+        "host", "")
+    user = f"{params['user']}@" if params.get("user") else ""
+    return f"postgresql://{user}{where}/{obj.database}"
+
+
 def as_store_error(exc: BaseException, url: str | None = None) -> StoreError:
     """A one-line StoreError for a database error (``url`` defaults to the bound database)."""
-    if url is None:
-        obj = database.obj
-        url = f"sqlite:///{obj.database}" if isinstance(obj, pw.SqliteDatabase) else "database"
-    where = describe(url)
+    where = describe(url) if url is not None else _bound_database()
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "locked" in text or "busy" in text:
         return StoreError(f"{where}: database is locked by another process "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -272,3 +273,33 @@ def test_sigterm_is_heard_while_a_lock_keeps_the_database_waiting(cluster, pg_ur
         locker.rollback()
     assert node.process.wait(timeout=30) == 0
     assert Event.select().where(Event.type == "io.ingestd.daemon.reloaded").count() == 1
+
+
+def test_add_wait_rides_out_a_lost_connection(cluster, tmp_path, pg_url):
+    """`ingestd add --wait` whose connection the server cuts (a restart) says so once and
+    waits on; a daemon started meanwhile completes the job. It exited 1 with only
+    "database: terminating connection", though its job was queued and went on to complete."""
+    import psycopg
+
+    from conftest import PG_URL
+
+    start, shared = cluster
+    source = tmp_path / "report.txt"
+    source.write_text("added, then waited for")
+    config = node_config(tmp_path, "cli", pg_url, shared)
+    adder = subprocess.Popen([sys.executable, "-m", "ingestd", "-c", str(config), "add", "-p",
+                              "acme", str(source), "--wait"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: Job.select().count() == 1, message="the job to be queued")
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                          "pg_backend_pid() AND datname = current_database()")
+        db.reset_connection()
+        start("node")
+        out, err = adder.communicate(timeout=60)
+    finally:
+        adder.kill()
+    assert adder.returncode == 0, err
+    assert "completed" in out and "report.txt" in out
+    assert "the jobs are queued: waiting for the database to be back" in err
