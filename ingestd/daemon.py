@@ -463,8 +463,13 @@ class Daemon:
                           "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         metrics.rescans.labels(reason).inc()
         metrics.rescan_found.labels(reason).inc(result.missed)
+        # A subfolder made (a tree copied in: one scan each) is only logged; a project folder
+        # watched again after it was lost is news.
         if top is None:
             jobs.emit(jobs.WATCH_RESCANNED, self.last_scan)
+        elif any(top == str(folder) for project in self.config.projects.values()
+                 for folder in project.folders):
+            jobs.emit(jobs.WATCH_RESCANNED, {**self.last_scan, "folder": top})
         log.info("rescanned", **self.last_scan, **({"top": top} if top else {}))
         return result
 

@@ -1165,7 +1165,9 @@ class TestWatchingSurvives:
                                                               gone):
         """A root folder deleted, or renamed away (watchdog ignores a watched folder's own
         move: its watch follows it), is reported lost (not watched) and watched again once it
-        exists again; what was dropped meanwhile is found, without a periodic rescan."""
+        exists again; what was dropped meanwhile is found, without a periodic rescan. Its
+        scan is an io.ingestd.watch.rescanned event naming it (it was only logged); a
+        subfolder's scan is not an event."""
         acme = folders["acme"]
         socket = control_socket(daemon)
         if gone == "deleted":
@@ -1184,6 +1186,12 @@ class TestWatchingSurvives:
         assert document_text(wait_job(early, timeout=10)) == "before the watch is back"
         late = drop(acme, "late.txt", "seen by the new watch")
         assert document_text(wait_job(late, timeout=10)) == "seen by the new watch"
+        (acme / "sub").mkdir()
+        assert document_text(wait_job(drop(acme / "sub", "in-sub.txt", "sub"))) == "sub"
+        scans = [json.loads(event.data) for event in
+                 events_of_type("io.ingestd.watch.rescanned")]
+        assert [scan.get("folder") for scan in scans if scan["reason"] == "directory"] == [
+            str(acme)]
 
     def test_a_subfolder_past_the_inotify_watch_limit_loses_its_folder_until_watched_again(
             self, make_daemon, folders):
