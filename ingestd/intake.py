@@ -1,8 +1,9 @@
 """Whether a project takes a path, and the :class:`FileVersion` a job is made from.
 
 The rules are the same for ``jobs submit``, ``ingestd add`` and the watcher: the path must exist,
-be a regular file, resolve (symlinks included) inside one of the project's folders, and not be
-over ``max_bytes``; its type must be allowed.
+be a regular file, resolve (symlinks included) inside one of the project's folders, not bear a
+name of ingestd's own, and not be over ``max_bytes``; its type must be allowed. (A project's
+include and exclude patterns say what the watcher takes; an operator's submit may override them.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from ingestd import jobs
+from ingestd import jobs, names
 from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.jobs import FileVersion
@@ -55,6 +56,9 @@ def resolve_in_project(project: ProjectConfig, path: str | bytes | os.PathLike) 
         raise InputRefused(f"{shown}: no such file") from None
     except (OSError, RuntimeError) as exc:  # symlink loops, permissions
         raise InputRefused(f"{shown}: cannot be resolved: {exc}") from None
+    if resolved.name.startswith(names.OWN_PREFIX):  # add's copy in flight, a taken original
+        raise InputRefused(f"{shown}: a name of ingestd's own ({names.OWN_PREFIX}*), "
+                           "never a project's file")
     folder = project.folder_of(resolved)
     if folder is None:
         raise InputRefused(f"{shown}: outside the folders of project {project.name!r} "

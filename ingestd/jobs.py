@@ -635,7 +635,7 @@ def cancel(project_id: str, job_id: int) -> Job:
             return _transition(job_id, project_id=project_id, expect=[JobStatus.QUEUED],
                                event=JOB_CANCELLED, action="cancel",
                                status=JobStatus.CANCELLED.value, completed_at=now(),
-                               message="cancelled before it ran")
+                               message=_cancelled_queued(job))
         except Conflict:
             job = get(project_id, job_id)  # a worker claimed it meanwhile: flag it instead
     if job.status == JobStatus.RUNNING and job.cancel_requested:
@@ -644,6 +644,11 @@ def cancel(project_id: str, job_id: int) -> Job:
         return _transition(job_id, project_id=project_id, expect=[JobStatus.RUNNING],
                            event=JOB_CANCEL_REQUESTED, action="cancel", cancel_requested=True)
     raise Conflict(f"cannot cancel job {job_id}: it is {job.status}, not queued or running")
+
+
+def _cancelled_queued(job: Job) -> str:
+    return ("cancelled before it ran" if not job.attempts
+            else "cancelled while it waited to be retried")
 
 
 def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None = None) -> Job:
@@ -657,7 +662,7 @@ def delete(project_id: str, job_id: int, cleanup: Callable[[Job], None] | None =
             job = _transition(job_id, project_id=project_id, expect=[JobStatus.QUEUED],
                               event=JOB_CANCELLED, action="delete",
                               status=JobStatus.CANCELLED.value, completed_at=now(),
-                              message="cancelled before it ran (deleted)")
+                              message=f"{_cancelled_queued(job)} (deleted)")
         moment = now()
         deleted = _transition(job_id, project_id=project_id, expect=[JobStatus(job.status)],
                               event=None, action="delete", deleted_at=moment,

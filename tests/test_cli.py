@@ -327,6 +327,17 @@ def test_a_usage_error_is_one_line_naming_the_help_to_read(config_file, args):
     assert line.startswith("ingestd: ") and "--help)" in line
 
 
+def test_submit_refuses_a_name_of_ingestd_own(config_file, drop):
+    """`ingestd add`'s copy in flight (.ingestd-add-*.part) or an original being moved is not a
+    project's file: submitted, its job raced add's own, or moved the file away under it."""
+    in_flight = drop / ".ingestd-add-0123abcd.part"
+    in_flight.write_text("being added")
+    result = run_cli("jobs", "submit", "-p", "acme", str(in_flight), config=config_file)
+    assert result.returncode == 5 and result.stdout == "", result
+    assert result.stderr == (f"ingestd: {in_flight}: a name of ingestd's own (.ingestd-*), "
+                             "never a project's file\n")
+
+
 class TestControlCharactersInNames:
     """A name may hold a newline or a terminal escape: errors stay one line and table rows
     stay one row, with the characters shown escaped (as JSON and the event log show them)."""

@@ -258,6 +258,14 @@ class TestOperatorTransitions:
         assert cancelled.status == "cancelled" and cancelled.completed_at is not None
         assert event_types(job.id) == ["created", "cancelled"]
 
+    def test_a_job_cancelled_while_it_waits_to_be_retried_says_so(self, any_store, job):
+        """It ran already: "cancelled before it ran" was wrong."""
+        jobs.claim("w1")
+        jobs.retry_later(job.id, "w1", "sink: temporarily out", 60)
+        cancelled = jobs.cancel("acme", job.id)
+        assert (cancelled.status, cancelled.message) == (
+            "cancelled", "cancelled while it waited to be retried")
+
     def test_cancel_a_running_job_flags_it(self, any_store, job):
         """A running job stays running, flagged; the worker ends it cancelled at its next check."""
         jobs.claim("w1")
