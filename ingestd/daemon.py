@@ -50,7 +50,8 @@ log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
 EVENT_RETRY_SECONDS = 5.0  # the daemon's own event the database did not take
 # The database failing (locked, gone, its server restarting): a job creation waits and tries
-# again. Anything else raised while making jobs is about the files' values.
+# again. Anything else raised while making jobs (and what db.refused says the database refuses,
+# a PostgreSQL program limit among them) is about the files' values.
 _STORE_TROUBLE = (pw.OperationalError, pw.InterfaceError, sqlite3.OperationalError,
                   sqlite3.InterfaceError)
 START_SETTLE_WAIT_SECONDS = 120.0
@@ -400,7 +401,7 @@ class Daemon:
                 db.reset_connection()
                 if self._stopping:
                     return  # the start-up scan of the next run finds them again
-                if not isinstance(exc, _STORE_TROUBLE):
+                if db.refused(exc) or not isinstance(exc, _STORE_TROUBLE):
                     self._create_one_by_one(ready, exc)
                     return
                 log.warning("job_creation_failed", files=len(ready),

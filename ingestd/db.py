@@ -226,15 +226,21 @@ def reset_connection() -> None:
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """Whether a database error is the connection to the server lost (the server restarted,
-    its backend terminated, the network cut), which a new connection may not meet."""
+    """Whether a database error is the connection to the server lost or not to be had yet
+    (the server restarted or restarts, its backend terminated, the network cut): a new
+    connection may do, now or soon. A login the server refuses is not that."""
     if isinstance(exc, pw.InterfaceError):
         return True
     orig = getattr(exc, "orig", None)
+    while isinstance(orig, pw.PeeweeException):  # a failed reconnect is wrapped twice
+        orig = getattr(orig, "orig", None)
     if orig is None or not type(orig).__module__.startswith("psycopg"):
         return False  # SQLite has no connection to lose: "locked" is not that
-    state = getattr(orig, "sqlstate", None) or ""  # none: the client's own (refused, closed)
-    return state == "" or state.startswith(("08", "57P"))  # connection / operator intervention
+    state = getattr(orig, "sqlstate", None) or ""
+    if state:
+        return state.startswith(("08", "57P"))  # connection exception, operator intervention
+    said = str(orig)  # the client's own: refused, closed, or what the server said at login
+    return "FATAL" not in said or any(reason in said for reason in _SERVER_NOT_YET)
 
 
 def again_if_lost(task: Callable[[], T]) -> T:

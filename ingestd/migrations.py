@@ -408,6 +408,21 @@ def _v12(db: pw.Database, dialect: dict[str, str]) -> None:
     _run(db, dialect, V12_SINK_DELETES)
 
 
+# PostgreSQL: a B-tree index row holds at most about 2.7 KB, and Linux paths go to 4 KB: a file
+# 3 KB deep got no job, ever ("index row size 3528 exceeds btree version 4 maximum 2704").
+# A hash index keeps 4 bytes per path; the lookups by path are all equality. SQLite's B-tree
+# takes any length (a long key spills to overflow pages). Written to run again.
+V13_POSTGRES_PATHS = [
+    """DROP INDEX IF EXISTS ix_jobs_path""",
+    """CREATE INDEX ix_jobs_path ON ingest_jobs USING hash (source_path)""",
+]
+
+
+def _v13(db: pw.Database, dialect: dict[str, str]) -> None:
+    if is_postgres(db):
+        _run(db, dialect, V13_POSTGRES_PATHS)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -422,6 +437,7 @@ MIGRATIONS: list[Migration] = [
     (10, "chunks' text read from their documents, not stored twice (SQLite)", _v10),
     (11, "the full-text index sees the words SQLite's sees (PostgreSQL)", _v11),
     (12, "deletes owed to external sinks", _v12),
+    (13, "jobs looked up by a path of any length (PostgreSQL)", _v13),
 ]
 LATEST = MIGRATIONS[-1][0]
 NEW_DATABASE = "a new database"

@@ -555,7 +555,9 @@ def _again_if_cut_off(job: Job, document_id: int,
     try:
         return complete()
     except (pw.PeeweeException, sqlite3.Error) as exc:
-        if db.refused(exc):
+        # Within an outer transaction (none today: an external sink's job runs alone) a new
+        # connection could not take over what it wrote.
+        if not db.connection_lost(exc) or database.in_transaction():
             raise
         log.info("completion_tried_again", job_id=job.id, project=job.project_id,
                  reason=str(db.as_store_error(exc)))

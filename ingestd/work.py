@@ -44,7 +44,7 @@ import peewee as pw
 
 from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
-from ingestd.errors import Conflict, NotFound
+from ingestd.errors import Conflict
 from ingestd.models import Job, Stage, database
 from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
@@ -114,8 +114,8 @@ class WorkerPool:
         self._held = threading.Event()
         self._claims = 0  # claims in flight: their jobs run in the database, not yet here
         self._releasing = 0  # releases in flight: their jobs are no longer here, not yet queued
-        # Releases the database could not take (it was gone): job id -> (project, reason),
-        # tried again at each heartbeat, before the lease expires and a rescue counts an attempt.
+        # Releases the database failed (gone, locked): job id -> (project, reason), tried
+        # again at each heartbeat, before the lease expires and a rescue counts an attempt.
         self._unreleased: dict[int, tuple[str, str]] = {}
         self._disposing = 0  # ended jobs whose originals are being moved or deleted
 
@@ -167,8 +167,6 @@ class WorkerPool:
         self._release(lambda running: not running.control.begun)
         _wait_while(lambda: self.busy or self._disposing, grace_seconds)
         self._release(lambda running: True)
-        with contextlib.suppress(pw.PeeweeException, sqlite3.Error):  # else its lease expires
-            db.again_if_lost(self._release_again)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A slot or an ending thread whose sink program was just killed returns at once and
         # logs what became of its job (job_abandoned): let it, rather than exit under it.
@@ -180,6 +178,7 @@ class WorkerPool:
         # exit between the two and leave them running. Likewise a release an ending thread began
         # (after a database error): its jobs left the books before they were back in the queue.
         _wait_while(lambda: self._claims or self._releasing, db.BUSY_TIMEOUT_SECONDS + 1.0)
+        self._release_again()  # a last try for those the database failed: else leases expire
         self._enders.shutdown(wait=False)
         self._extractors.close()
 
@@ -207,33 +206,37 @@ class WorkerPool:
         for job_id, running in leftovers:
             running.control.abandoned = True
             try:
-                db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
-                log.info("job_requeued", job_id=job_id, project=running.job.project_id,
-                         reason=reason)
-            except (pw.PeeweeException, sqlite3.Error) as exc:
-                with self._lock:
-                    self._unreleased[job_id] = (running.job.project_id, reason)
-                log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)),
-                            then="tried again at each heartbeat")
-            except Exception as exc:  # it ended, or was taken, meanwhile
-                log.warning("job_not_released", job_id=job_id, reason=str(exc))
+                self._give_back(job_id, running.job.project_id, reason, first=True)
             finally:
                 with self._lock:
                     self._releasing -= 1
 
     def _release_again(self) -> None:
-        """Give back the jobs a release could not (the database was gone): a database error
-        here goes to the heartbeat's caller, and the next heartbeat tries again."""
+        """Give back the jobs a release could not (the database failed), each taken out of
+        the books while it is tried; one this pool claimed again since is its run's now."""
         with self._lock:
-            pending = dict(self._unreleased)
-        for job_id, (project_id, reason) in pending.items():
-            try:
-                jobs.release(job_id, self.owner, reason)
-                log.info("job_requeued", job_id=job_id, project=project_id, reason=reason)
-            except (Conflict, NotFound) as exc:  # rescued meanwhile (its lease expired)
-                log.warning("job_not_released", job_id=job_id, reason=str(exc))
+            pending = [(job_id, self._unreleased.pop(job_id)) for job_id in list(self._unreleased)
+                       if job_id not in self._running]
+        for job_id, (project_id, reason) in pending:
+            self._give_back(job_id, project_id, reason, first=False)
+
+    def _give_back(self, job_id: int, project_id: str, reason: str, first: bool) -> None:
+        """Release one job, not counting its attempt. If the database fails, it is noted for
+        the next heartbeat (before its lease expires and a rescue counts the attempt)."""
+        try:
+            db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
+            log.info("job_requeued", job_id=job_id, project=project_id, reason=reason)
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            if db.refused(exc):  # no new try would change that: its lease expiry covers it
+                log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)))
+                return
             with self._lock:
-                self._unreleased.pop(job_id, None)
+                self._unreleased[job_id] = (project_id, reason)
+            if first:
+                log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)),
+                            then="tried again at each heartbeat")
+        except Exception as exc:  # it ended, or was taken (its lease expired), meanwhile
+            log.warning("job_not_released", job_id=job_id, reason=str(exc))
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -282,6 +285,8 @@ class WorkerPool:
         controls = [(job, Control()) for job in claimed]
         with self._lock:
             self._running.update((job.id, Running(job, c)) for job, c in controls)
+            for job in claimed:  # rescued and claimed again: no pending release of it is due
+                self._unreleased.pop(job.id, None)
         if controls and self._stopping.is_set():
             ids = {job.id for job in claimed}
             self._release(lambda running: running.job.id in ids)
@@ -556,9 +561,14 @@ class WorkerPool:
     # --- leases --------------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """Give back what could not be released; renew our leases; flag jobs an operator
-        cancelled; abandon jobs no longer ours."""
-        self._release_again()
+        """Renew our leases; flag jobs an operator cancelled; abandon jobs no longer ours;
+        then give back what could not be released."""
+        try:
+            self._renew()
+        finally:
+            self._release_again()
+
+    def _renew(self) -> None:
         with self._lock:
             held = dict(self._running)
         if not held:

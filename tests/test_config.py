@@ -149,6 +149,12 @@ def test_config_check_prints_toml_that_reads_back(tmp_path, drop):
     assert printed["projects"]["Team A #1"]["sink"]["kind"] == "text"
 
 
+def test_a_project_name_with_a_joiner_is_taken(tmp_path, drop):
+    """Persian and Indic words need U+200C (and emoji sequences U+200D): not hidden text."""
+    path = write_config(tmp_path, f'[projects."می\u200cروم"]\nfolders = ["{drop}"]\n')
+    assert list(config_mod.load(path).projects) == ["می\u200cروم"]
+
+
 @pytest.mark.parametrize("name", ["two\nlines", "bell\x07", "rtl\u202eoverride", "zero\u200bwidth"])
 def test_a_project_name_with_control_or_format_characters_is_refused(tmp_path, drop, name):
     """Such a name split `status` lines and the printed config, or reordered them on a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,21 @@ class TestStatsPastSixtyFourBits:
                                                {"st_mtime_ns": 5})
         assert originals.is_version(Job.get_by_id(job.id), stat_of(2**64 - 5))
         assert not originals.is_version(Job.get_by_id(job.id), stat_of(2**64 - 6))
+
+
+def test_a_path_over_3_kb_gets_its_jobs_and_its_versions(cfg, any_store, drop):
+    """Paths go to 4 KB on Linux; PostgreSQL's B-tree index on the path held at most 2.7 KB of
+    it, and a file 3.3 KB deep (folders of random names) got no job, ever. Its second version
+    supersedes its first, looked up by that path."""
+    folder = drop
+    while len(os.fsencode(folder)) < 3300:
+        folder = folder / secrets.token_hex(100)
+    folder.mkdir(parents=True)
+    path = make_file(folder, "deep.txt", "first")
+    first = create(cfg, path)
+    path.write_text("second version")
+    second = create(cfg, path)
+    assert jobs.superseded(Job.get_by_id(first.id)) and not jobs.superseded(second)
 
 
 class TestVersionsThatComeBack:

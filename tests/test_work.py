@@ -223,6 +223,30 @@ def test_a_release_the_database_could_not_take_is_made_once_it_answers(cfg, drop
     assert events_of(queued.id) == ["created", "started", "requeued"]
 
 
+def test_a_pending_release_never_gives_back_the_job_claimed_again(cfg, drop, shut_out):
+    """A release the database did not take, then the outage outlasts the lease: a rescue
+    re-queues the job and this same pool claims it again. The pending release must not give
+    back the job its new run holds (it did: the run was abandoned, its work thrown away)."""
+    url, switch = shut_out
+    backend = config_mod.with_database(cfg, url)
+    db.open_store(backend.daemon.database)
+    [queued] = queue_files(backend, drop, 1)
+    pool = WorkerPool(backend, BackgroundScheduler())
+    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    switch(out=True)
+    pool._release(lambda running: True, "re-queued after a database error")
+    switch(out=False)
+    db.reset_connection()
+    Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()  # the lease ran out
+    pool.rescue()
+    [(again, rerun)] = pool._register(jobs.claim(pool.owner, 1))
+    assert again.id == queued.id
+    pool.heartbeat()
+    assert Job.get_by_id(queued.id).status == "running" and not rerun.abandoned
+    assert events_of(queued.id) == ["created", "started", "requeued", "started"]
+
+
 def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, drop):
     """PostgreSQL's tsvector holds at most 1 MB: a chunk past that (a project with a huge
     chunk_size) is refused on every try, as a program limit (an OperationalError, like a lost
