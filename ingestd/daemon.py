@@ -90,6 +90,10 @@ class Daemon:
         self._stop_metrics: Callable[[], None] | None = None
         self._store_identity: tuple[int, int] | None = None  # the SQLite file opened at start
         self._status_line = "starting"  # systemd's STATUS=, refreshed off the main thread
+        # The daemon's own events not yet written (the database did not take them), in order.
+        self._own_events: list[tuple[str, dict[str, Any]]] = []
+        self._own_events_lock = threading.Lock()
+        self._own_events_failing = False
 
     # --- the main thread -----------------------------------------------------------------------
 
@@ -271,41 +275,45 @@ class Daemon:
         os._exit(1)
 
     def _record(self, event_type: str, facts: dict[str, Any]) -> None:
-        """The daemon's own event. A database that does not take it now (full, locked for
-        long, its server away) is asked again every EVENT_RETRY_SECONDS until it does: the
-        daemon runs all the same, and its event log catches up."""
-        if self._write_own_event(event_type, facts):
-            return
-        self.scheduler.add_job(self._record_again, "interval", seconds=EVENT_RETRY_SECONDS,
-                               args=[event_type, facts], id=f"record-{event_type}",
-                               replace_existing=True)
+        """The daemon's own event. Those the database does not take now (full, locked for
+        long, its server away) are written, in order, every EVENT_RETRY_SECONDS until it
+        does: the daemon runs all the same, and its event log catches up."""
+        with self._own_events_lock:
+            self._own_events.append((event_type, facts))
+        if not self._write_own_events():
+            self.scheduler.add_job(self._write_own_events, "interval", id="own-events",
+                                   seconds=EVENT_RETRY_SECONDS, replace_existing=True)
 
-    def _record_again(self, event_type: str, facts: dict[str, Any]) -> None:
-        if self._write_own_event(event_type, facts, again=True):
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(f"record-{event_type}")
-
-    def _write_own_event(self, event_type: str, facts: dict[str, Any], again: bool = False
-                         ) -> bool:
-        try:
-            db.again_if_lost(lambda: jobs.emit(event_type, facts))
-        except (pw.PeeweeException, sqlite3.Error) as exc:
-            db.reset_connection()
-            if not again:
-                log.warning(f"{event_type.rsplit('.', 1)[1]}_event_not_written",
-                            reason=str(db.as_store_error(exc)),
-                            then=f"tried again every {EVENT_RETRY_SECONDS:g} s")
-            return False
-        if again:
-            log.info(f"{event_type.rsplit('.', 1)[1]}_event_written")
+    def _write_own_events(self) -> bool:
+        """Write the own events not yet written, oldest first; True once none is left."""
+        with self._own_events_lock:
+            while self._own_events:
+                event_type, facts = self._own_events[0]
+                name = event_type.rsplit(".", 1)[1]
+                try:
+                    db.again_if_lost(lambda: jobs.emit(event_type, facts))
+                except Exception as exc:  # never fatal: at start it would end the start half-way
+                    db.reset_connection()
+                    if not self._own_events_failing:
+                        log.warning(f"{name}_event_not_written", reason=str(
+                            db.as_store_error(exc) if isinstance(exc, (pw.PeeweeException,
+                                                                       sqlite3.Error)) else exc),
+                                    then=f"tried again every {EVENT_RETRY_SECONDS:g} s")
+                    self._own_events_failing = True
+                    return False
+                self._own_events.pop(0)
+                if self._own_events_failing:
+                    log.info(f"{name}_event_written")
+            self._own_events_failing = False
+        with contextlib.suppress(JobLookupError):
+            self.scheduler.remove_job("own-events")
         return True
 
     def _stop_everything(self) -> None:
         self.notifier.stopping()
-        try:  # no later try: the process is about to end
-            db.again_if_lost(lambda: jobs.emit(jobs.DAEMON_STOPPING, self._facts()))
-        except Exception as exc:
-            log.warning("stopping_event_not_written", reason=str(db.as_store_error(exc)))
+        with self._own_events_lock:  # after any still owed; no later try: the process ends
+            self._own_events.append((jobs.DAEMON_STOPPING, self._facts()))
+        self._write_own_events()
         self.watcher.stop()
         self.settler.stop()
         if self.listener is not None:

@@ -147,7 +147,7 @@ def _dispose(job: Job, project: ProjectConfig) -> None:
                 try:
                     _put(taken, job, project, where)
                 except OSError:  # back under its name until the next scan tries again
-                    _put_back(taken, source)
+                    _put_back(taken, source, fs_path(job))
                     raise
             return
     copy = quarantined(job, project)
@@ -178,10 +178,13 @@ def _within_reach(path: bytes) -> Iterator[bytes]:
     (a file 4,090 bytes deep: its taken name beside it is longer than its own), the same file
     through the folder held open: ``/proc/self/fd/N/name``, which the kernel resolves alike."""
     directory, name = os.path.split(path)
-    if len(directory) + 1 + names.NAME_MAX < PATH_MAX or not os.path.isdir(_PROC_FDS):
+    fd = None
+    if len(directory) + 1 + names.NAME_MAX >= PATH_MAX and os.path.isdir(_PROC_FDS):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # then nothing to take
+            fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd is None:
         yield path
         return
-    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         yield os.path.join(b"%s/%d" % (_PROC_FDS, fd), name)
     finally:
@@ -206,7 +209,7 @@ def _take(job: Job, source: bytes) -> bytes | None:
     # into what is moved or deleted: leave it, and what it writes is a new version, a new job.
     if is_version(job, os.lstat(taken)) and not writers.open_for_writing(os.fsdecode(taken)):
         return taken
-    _put_back(taken, source)
+    _put_back(taken, source, fs_path(job))
     return None
 
 
@@ -215,15 +218,16 @@ def _own_name(job_id: int, name: bytes, kind: str) -> bytes:
     return os.fsencode(names.fitting(os.fsdecode(name) + f".{kind}", before=fixed))
 
 
-def _put_back(taken: bytes, source: bytes) -> None:
+def _put_back(taken: bytes, source: bytes, shown: bytes) -> None:
     """A file taken by mistake goes back to its name, or beside it if the name was taken
-    again meanwhile (never over the newer file)."""
+    again meanwhile (never over the newer file). ``source`` may be reached through /proc
+    (see _within_reach); ``shown`` is its real path, for the log."""
     directory, name = os.path.split(source)
     for target in _names(directory, os.fsdecode(name), ""):
         if _give_name(taken, target):
             if target != source:
-                log.warning("original_put_back_beside", path=os.fsdecode(source),
-                            as_path=os.fsdecode(target))
+                log.warning("original_put_back_beside", path=os.fsdecode(shown), as_path=(
+                    os.fsdecode(os.path.join(os.path.dirname(shown), os.path.basename(target)))))
             return
 
 
@@ -407,7 +411,7 @@ def _recover(taken: bytes, directory: bytes, job_id: int, name: str,
         log.info("original_recovered", job_id=job_id, path=job.source_path, to=where)
         return
     source = fs_path(job) if ours else os.path.join(directory, os.fsencode(name))
-    _put_back(taken, os.path.join(os.path.dirname(taken), os.path.basename(source)))
+    _put_back(taken, os.path.join(os.path.dirname(taken), os.path.basename(source)), source)
     log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
 
 

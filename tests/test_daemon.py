@@ -597,6 +597,31 @@ class TestLifecycle:
             db.close_store()
             assert running.stop(timeout=30) == 0
 
+    def test_a_started_event_still_owed_at_a_stop_is_written_before_the_stopping_one(
+            self, tmp_path, folders):
+        """The database took no write at the start and takes them again just before a stop:
+        the events come in the order things happened (the owed started event could come after
+        the stopping one, written by a retry still scheduled during the stop)."""
+        config = write_config(tmp_path, config_text(folders))
+        assert run_cli("db", "migrate", config=config).returncode == 0
+        holder = sqlite3.connect(tmp_path / "state" / "ingestd.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        running = Daemon(tmp_path, config).start(wait_ready=False)
+        try:
+            running.notify.wait_for(lambda m: "READY=1" in m, timeout=60,
+                                    alive=lambda: running.alive)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert running.stop(timeout=30) == 0
+        open_db(config)
+        try:
+            own = [event.type for event in Event.select().order_by(Event.seq)
+                   if event.type.startswith("io.ingestd.daemon.")]
+        finally:
+            db.close_store()
+        assert own == ["io.ingestd.daemon.started", "io.ingestd.daemon.stopping"]
+
     def test_sighup_adds_a_project(self, tmp_path, folders, daemon):
         """A project added to the file and reloaded with SIGHUP is watched at once."""
         extra = tmp_path / "drop" / "new"
