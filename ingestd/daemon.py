@@ -467,19 +467,22 @@ class Daemon:
         started = time.monotonic()
         result = scan.scan(list(self.config.projects.values()), note or self.settler.note,
                            self.settler.is_pending, reason, top)
-        self.last_scan = {"reason": reason, "files": result.files, "missed": result.missed,
-                          "seconds": round(time.monotonic() - started, 3),
-                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # This scan's own facts: scans run at once on the scheduler's threads, and one read
+        # back from self.last_scan could be another's (an "unwatched" scan logged as "directory").
+        facts = {"reason": reason, "files": result.files, "missed": result.missed,
+                 "seconds": round(time.monotonic() - started, 3),
+                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.last_scan = facts
         metrics.rescans.labels(reason).inc()
         metrics.rescan_found.labels(reason).inc(result.missed)
         # A subfolder made (a tree copied in: one scan each) is only logged; a project folder
         # watched again after it was lost is news.
         if top is None:
-            jobs.emit(jobs.WATCH_RESCANNED, self.last_scan)
+            jobs.emit(jobs.WATCH_RESCANNED, facts)
         elif any(top == str(folder) for project in self.config.projects.values()
                  for folder in project.folders):
-            jobs.emit(jobs.WATCH_RESCANNED, {**self.last_scan, "folder": top})
-        log.info("rescanned", **self.last_scan, **({"top": top} if top else {}))
+            jobs.emit(jobs.WATCH_RESCANNED, {**facts, "folder": top})
+        log.info("rescanned", **facts, **({"top": top} if top else {}))
         return result
 
     def prune_events(self) -> int:
