@@ -472,8 +472,8 @@ def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConf
     prefix = f"projects.{name}."
     values = _check_table(table, PROJECT_KEYS, prefix, problems)
     if not name or "/" in name or name.strip() != name or one_line(name) != name:
-        problems.add(f"projects.{name}", "a project name must be non-empty and printable (no control or format "
-                     "characters), without '/' or surrounding spaces")
+        problems.add(f"projects.{name}", "a project name must be non-empty and printable (no "
+                     "control or hiding characters), without '/' or surrounding spaces")
         return None
     folders = values.pop("folders", None)
     if not folders:

@@ -430,8 +430,9 @@ class Daemon:
                 self._create_jobs([item])
             return
         [item] = ready
+        reason = f"{type(exc).__name__}: {one_line(str(exc))}"
         log.error("job_creation_failed", project=item.project.name,
-                  path=intake.display_path(item.path)[0], reason=f"{type(exc).__name__}: {one_line(str(exc))}",
+                  path=intake.display_path(item.path)[0], reason=reason,
                   then="tried again at the next rescan (rescan_seconds)")
 
     def _start_scan(self) -> None:

@@ -131,7 +131,8 @@ class TestStatsPastSixtyFourBits:
         """An inode is unsigned 64-bit (NFS file ids, overlay file systems use the high bit):
         kept as its two's complement, it still tells the version apart from its neighbour."""
         version = jobs.FileVersion(path=str(drop / "n.txt"), original_filename="n.txt",
-                                   byte_size=10, mtime_ns=5, inode=2**64 - 5, mime_type="text/plain")
+                                   byte_size=10, mtime_ns=5, inode=2**64 - 5,
+                                   mime_type="text/plain")
         job, created = jobs.create("acme", str(drop), version, 3)
         assert created and Job.get_by_id(job.id).file_inode == -5
         stat_of = lambda inode: os.stat_result((0o100644, inode, 1, 1, 0, 0, 10, 0, 0, 0),
