@@ -872,19 +872,23 @@ def finish_cancelled(job_id: int, owner: str | None,
                        message=message, **_END)
 
 
-def release(job_id: int, owner: str, reason: str = "re-queued at shutdown") -> Job:
+def release(job_id: int, owner: str, reason: str = "re-queued at shutdown",
+            attempt: int | None = None) -> Job:
     """Give a running job back to the queue without counting the attempt: the worker stopped
     for its own reasons (shutdown, a lost database connection), not the job's. A job whose
-    cancellation was requested ends cancelled instead."""
+    cancellation was requested ends cancelled instead. With ``attempt``, only that run of it
+    (a release tried again later must not give back a newer run by the same owner)."""
+    extra = ["NOT cancel_requested"] + ([f"attempts = {int(attempt)}"] if attempt else [])
     try:
         return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
-                           action="release", extra=["NOT cancel_requested"],
+                           action="release", extra=extra,
                            status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
                            progress=0.0, not_before=Raw(clock_sql()),
                            attempts=Raw("attempts - 1"), message=reason, **_END)
     except Conflict:
         job = Job.get_by_id(job_id)
-        if job.status != JobStatus.RUNNING or not job.cancel_requested:
+        if (job.status != JobStatus.RUNNING or not job.cancel_requested
+                or (attempt and job.attempts != attempt)):
             raise
         return finish_cancelled(job_id, owner)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import socket
 import sqlite3
@@ -83,6 +84,15 @@ def owner_is_dead_local(owner: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Unreleased:
+    """A release the database failed: of the run that was the job's attempt ``attempts``."""
+
+    project_id: str
+    reason: str
+    attempts: int
+
+
 @dataclass
 class Running:
     job: Job
@@ -114,10 +124,12 @@ class WorkerPool:
         self._held = threading.Event()
         self._claims = 0  # claims in flight: their jobs run in the database, not yet here
         self._releasing = 0  # releases in flight: their jobs are no longer here, not yet queued
-        # Releases the database failed (gone, locked): job id -> (project, reason), tried
-        # again at each heartbeat, before the lease expires and a rescue counts an attempt.
-        self._unreleased: dict[int, tuple[str, str]] = {}
+        # Releases the database failed (gone, locked), tried again at each heartbeat, before
+        # the lease expires and a rescue counts an attempt.
+        self._unreleased: dict[int, _Unreleased] = {}
         self._disposing = 0  # ended jobs whose originals are being moved or deleted
+        # When this pool last failed to reach the database (monotonic): see rescue().
+        self._store_failed_at = -math.inf
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -179,6 +191,13 @@ class WorkerPool:
         # (after a database error): its jobs left the books before they were back in the queue.
         _wait_while(lambda: self._claims or self._releasing, db.BUSY_TIMEOUT_SECONDS + 1.0)
         self._release_again()  # a last try for those the database failed: else leases expire
+        _wait_while(lambda: self._releasing, db.BUSY_TIMEOUT_SECONDS + 1.0)  # the heartbeat's
+        with self._lock:
+            left = sorted(self._unreleased)
+        if left:
+            log.error("jobs_left_running", job_ids=left, reason="the database did not take "
+                      "their release", then="a rescue re-queues them once their lease "
+                      "expires, counting the attempt")
         self._enders.shutdown(wait=False)
         self._extractors.close()
 
@@ -206,37 +225,59 @@ class WorkerPool:
         for job_id, running in leftovers:
             running.control.abandoned = True
             try:
-                self._give_back(job_id, running.job.project_id, reason, first=True)
+                self._give_back(job_id, _Unreleased(running.job.project_id, reason,
+                                                    running.job.attempts), first=True)
             finally:
                 with self._lock:
                     self._releasing -= 1
 
     def _release_again(self) -> None:
         """Give back the jobs a release could not (the database failed), each taken out of
-        the books while it is tried; one this pool claimed again since is its run's now."""
+        the books (and counted as a release in flight) while it is tried; after the first that
+        fails again, the rest wait for the next heartbeat. One this pool claimed again since
+        is its new run's: dropped (the release names the attempt, so it could not match)."""
         with self._lock:
-            pending = [(job_id, self._unreleased.pop(job_id)) for job_id in list(self._unreleased)
-                       if job_id not in self._running]
-        for job_id, (project_id, reason) in pending:
-            self._give_back(job_id, project_id, reason, first=False)
-
-    def _give_back(self, job_id: int, project_id: str, reason: str, first: bool) -> None:
-        """Release one job, not counting its attempt. If the database fails, it is noted for
-        the next heartbeat (before its lease expires and a rescue counts the attempt)."""
+            pending = list(self._unreleased.items())
+            self._unreleased.clear()
+            pending = [(job_id, what) for job_id, what in pending if job_id not in self._running]
+            self._releasing += len(pending)
         try:
-            db.again_if_lost(lambda: jobs.release(job_id, self.owner, reason))
-            log.info("job_requeued", job_id=job_id, project=project_id, reason=reason)
+            while pending:
+                job_id, what = pending.pop(0)
+                try:
+                    if not self._give_back(job_id, what, first=False):
+                        break
+                finally:
+                    with self._lock:
+                        self._releasing -= 1
+        finally:
+            with self._lock:
+                self._releasing -= len(pending)
+                for job_id, what in pending:
+                    self._unreleased.setdefault(job_id, what)
+
+    def _give_back(self, job_id: int, what: _Unreleased, first: bool) -> bool:
+        """Release one job's attempt ``what.attempts``, not counting it; False if the database
+        failed: noted for the next heartbeat (before the lease expires and a rescue counts the
+        attempt)."""
+        try:
+            db.again_if_lost(lambda: jobs.release(job_id, self.owner, what.reason,
+                                                  attempt=what.attempts))
+            log.info("job_requeued", job_id=job_id, project=what.project_id, reason=what.reason)
         except (pw.PeeweeException, sqlite3.Error) as exc:
             if db.refused(exc):  # no new try would change that: its lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)))
-                return
+                return True
+            self._store_failed_at = time.monotonic()
             with self._lock:
-                self._unreleased[job_id] = (project_id, reason)
+                self._unreleased[job_id] = what
             if first:
                 log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)),
                             then="tried again at each heartbeat")
+            return False
         except Exception as exc:  # it ended, or was taken (its lease expired), meanwhile
             log.warning("job_not_released", job_id=job_id, reason=str(exc))
+        return True
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -564,9 +605,18 @@ class WorkerPool:
         """Renew our leases; flag jobs an operator cancelled; abandon jobs no longer ours;
         then give back what could not be released."""
         try:
-            self._renew()
+            with self._noting_store_failure():
+                self._renew()
         finally:
             self._release_again()
+
+    @contextlib.contextmanager
+    def _noting_store_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except (pw.PeeweeException, sqlite3.Error):
+            self._store_failed_at = time.monotonic()
+            raise
 
     def _renew(self) -> None:
         with self._lock:
@@ -611,8 +661,18 @@ class WorkerPool:
         control.shown = now_at
 
     def rescue(self) -> None:
-        """Re-queue (or fail) jobs whose worker stopped renewing its lease, on any node."""
-        for job in jobs.rescue_expired():
+        """Re-queue (or fail) jobs whose worker stopped renewing its lease, on any node.
+
+        Not for a lease_seconds after this pool itself could not reach the database: leases
+        ran out meanwhile for the live workers as well (they could not renew them either), and
+        each gives its jobs back, uncounted, at its next heartbeat. Rescued first, those jobs
+        had the attempt counted (with max_attempts = 1: failed for good)."""
+        if time.monotonic() - self._store_failed_at < self.config.daemon.lease_seconds:
+            self.wake()
+            return
+        with self._noting_store_failure():
+            rescued = jobs.rescue_expired()
+        for job in rescued:
             log.info("job_rescued", job_id=job.id, project=job.project_id, status=job.status)
             self._dispose(job)  # one that ran out of attempts failed: its original goes too
         self.wake()

@@ -170,8 +170,8 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
 @pytest.fixture
 def shut_out(pg_url):
     """A PostgreSQL URL on the test's schema as a login role of its own, and a switch that
-    shuts that role out (its connections cut, new ones refused) or lets it in again: a server
-    gone away and back, as the role's connections see it."""
+    shuts that role out (its connections cut, new logins refused) or lets it in again: the
+    database failing for the pool and coming back, without touching the shared server."""
     import psycopg
 
     role = f"ingestd_t_{uuid.uuid4().hex[:10]}"
@@ -239,12 +239,61 @@ def test_a_pending_release_never_gives_back_the_job_claimed_again(cfg, drop, shu
     switch(out=False)
     db.reset_connection()
     Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()  # the lease ran out
-    pool.rescue()
+    jobs.rescue_expired()  # as another worker process would, one that saw no outage
     [(again, rerun)] = pool._register(jobs.claim(pool.owner, 1))
     assert again.id == queued.id
     pool.heartbeat()
     assert Job.get_by_id(queued.id).status == "running" and not rerun.abandoned
     assert events_of(queued.id) == ["created", "started", "requeued", "started"]
+
+
+def test_a_pending_release_never_gives_back_a_newer_run_not_yet_registered(cfg, drop,
+                                                                        shut_out):
+    """Between the claim's commit and its registration the job is not in the pool's books:
+    a pending release of its earlier run, tried then, must not match the new run (the
+    release names the attempt it was for)."""
+    url, switch = shut_out
+    backend = config_mod.with_database(cfg, url)
+    db.open_store(backend.daemon.database)
+    [queued] = queue_files(backend, drop, 1)
+    pool = WorkerPool(backend, BackgroundScheduler())
+    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    switch(out=True)
+    pool._release(lambda running: True, "re-queued after a database error")
+    switch(out=False)
+    db.reset_connection()
+    Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()
+    jobs.rescue_expired()
+    [claimed] = jobs.claim(pool.owner, 1)  # committed, not registered yet
+    pool.heartbeat()
+    job = Job.get_by_id(queued.id)
+    assert (job.status, job.attempts) == ("running", claimed.attempts)
+    assert not pool._unreleased
+
+
+def test_no_rescue_right_after_an_outage_longer_than_the_lease(cfg, drop, shut_out):
+    """The database was away longer than lease_seconds: every lease ran out, the live workers'
+    too. A rescue right after it counted the attempt of jobs their workers were about to give
+    back (max_attempts = 1: failed for good). This pool's rescue waits a lease_seconds after
+    its own failure; its heartbeat gives the job back uncounted."""
+    url, switch = shut_out
+    backend = config_mod.with_database(cfg, url)
+    db.open_store(backend.daemon.database)
+    [queued] = queue_files(backend, drop, 1)
+    pool = WorkerPool(backend, BackgroundScheduler())
+    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
+    control.begun = True
+    switch(out=True)
+    pool._release(lambda running: True, "re-queued after a database error")
+    switch(out=False)
+    db.reset_connection()
+    Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()  # it ran out meanwhile
+    pool.rescue()
+    assert Job.get_by_id(queued.id).status == "running"
+    pool.heartbeat()
+    job = Job.get_by_id(queued.id)
+    assert (job.status, job.attempts) == ("queued", 0)
 
 
 def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, drop):
