@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import signal
 import sqlite3
@@ -49,6 +50,7 @@ from ingestd.workproc import Finished, WorkerProcesses
 log = structlog.get_logger(__name__)
 CREATE_RETRY_SECONDS = 1.0
 EVENT_RETRY_SECONDS = 5.0  # the daemon's own event the database did not take
+RESCAN_RETRY_SECONDS = 5.0  # a scan the database failed
 # The database failing (locked, gone, its server restarting): a job creation waits and tries
 # again. Anything else raised while making jobs (and what db.refused says the database refuses,
 # a PostgreSQL program limit among them) is about the files' values.
@@ -93,6 +95,7 @@ class Daemon:
         # The daemon's own events not yet written (the database did not take them), in order.
         self._own_events: list[tuple[str, dict[str, Any]]] = []
         self._own_events_lock = threading.Lock()
+        self._own_events_writer = threading.Lock()
         self._own_events_failing = False
 
     # --- the main thread -----------------------------------------------------------------------
@@ -184,7 +187,7 @@ class Daemon:
         if db.is_postgres():
             self.listener = JobListener(self.config.daemon.database, self.pool.wake)
             self.listener.start()
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), "interval", args=["periodic"],
+        self.scheduler.add_job(self._rescan_job, "interval", args=["periodic"],
                                id="rescan", seconds=self.config.daemon.rescan_seconds)
         self.scheduler.add_job(db.guarded("prune", self.prune_events), "interval", hours=1,
                                id="prune-events")
@@ -275,45 +278,64 @@ class Daemon:
         os._exit(1)
 
     def _record(self, event_type: str, facts: dict[str, Any]) -> None:
-        """The daemon's own event. Those the database does not take now (full, locked for
-        long, its server away) are written, in order, every EVENT_RETRY_SECONDS until it
-        does: the daemon runs all the same, and its event log catches up."""
-        with self._own_events_lock:
+        """The daemon's own event, written after those still owed. Those the database does
+        not take now (full, locked for long, its server away) are written, in order, every
+        EVENT_RETRY_SECONDS until it does: the daemon runs all the same, its log catches up."""
+        with self._own_events_lock:  # the list only: appends keep the order of the calls
             self._own_events.append((event_type, facts))
-        if not self._write_own_events():
-            self.scheduler.add_job(self._write_own_events, "interval", id="own-events",
-                                   seconds=EVENT_RETRY_SECONDS, replace_existing=True)
+        self._write_own_events()
 
-    def _write_own_events(self) -> bool:
-        """Write the own events not yet written, oldest first; True once none is left."""
-        with self._own_events_lock:
-            while self._own_events:
-                event_type, facts = self._own_events[0]
+    def _write_own_events(self, retry: bool = True) -> bool:
+        """Write the own events not yet written, oldest first; True once none is left. One
+        writer at a time, which also (un)schedules the retry, so that none is lost between."""
+        with self._own_events_writer:
+            while (head := self._peek_own_event()) is not None:
+                event_type, facts = head
                 name = event_type.rsplit(".", 1)[1]
                 try:
                     db.again_if_lost(lambda: jobs.emit(event_type, facts))
                 except Exception as exc:  # never fatal: at start it would end the start half-way
                     db.reset_connection()
+                    store = isinstance(exc, (pw.PeeweeException, sqlite3.Error))
+                    if not store or db.refused(exc):  # no new try would change it: dropped
+                        log.error(f"{name}_event_not_written", reason=str(exc))
+                        self._pop_own_event()
+                        continue
                     if not self._own_events_failing:
                         log.warning(f"{name}_event_not_written", reason=str(
-                            db.as_store_error(exc) if isinstance(exc, (pw.PeeweeException,
-                                                                       sqlite3.Error)) else exc),
-                                    then=f"tried again every {EVENT_RETRY_SECONDS:g} s")
+                            db.as_store_error(exc)), then=f"tried again every "
+                            f"{EVENT_RETRY_SECONDS:g} s" if retry else "the daemon is stopping")
                     self._own_events_failing = True
+                    if retry and self.scheduler.running:
+                        self.scheduler.add_job(self._write_own_events, "interval",
+                                               id="own-events", seconds=EVENT_RETRY_SECONDS,
+                                               replace_existing=True)
                     return False
-                self._own_events.pop(0)
+                self._pop_own_event()
                 if self._own_events_failing:
                     log.info(f"{name}_event_written")
             self._own_events_failing = False
-        with contextlib.suppress(JobLookupError):
-            self.scheduler.remove_job("own-events")
-        return True
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job("own-events")
+            return True
+
+    def _peek_own_event(self) -> tuple[str, dict[str, Any]] | None:
+        with self._own_events_lock:
+            return self._own_events[0] if self._own_events else None
+
+    def _pop_own_event(self) -> None:
+        with self._own_events_lock:
+            self._own_events.pop(0)
 
     def _stop_everything(self) -> None:
         self.notifier.stopping()
         with self._own_events_lock:  # after any still owed; no later try: the process ends
             self._own_events.append((jobs.DAEMON_STOPPING, self._facts()))
-        self._write_own_events()
+        if not self._write_own_events(retry=False):
+            with self._own_events_lock:
+                left = [event_type for event_type, _ in self._own_events]
+            log.error("daemon_events_not_written", types=left, reason="the database did not "
+                      "take them before the stop")
         self.watcher.stop()
         self.settler.stop()
         if self.listener is not None:
@@ -366,8 +388,10 @@ class Daemon:
         self.pool.reconfigure(new)
         # Each reload scans with its own projects: a scan still running may have begun on the
         # projects of the config before (two SIGHUPs in quick succession).
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["reload"])
-        self.scheduler.add_job(self._record, args=[jobs.DAEMON_RELOADED, self._facts()])
+        self.scheduler.add_job(self._rescan_job, args=["reload"])
+        with self._own_events_lock:  # in the order of the signals; written off the main thread
+            self._own_events.append((jobs.DAEMON_RELOADED, self._facts()))
+        self.scheduler.add_job(self._write_own_events)
         log.info("daemon_reloaded", projects=sorted(new.projects))
         self.notifier.ready(self._status_line)
 
@@ -403,7 +427,7 @@ class Daemon:
         hold up every other, and the file refused is logged and left to the next rescan."""
         while True:
             try:
-                created, rejected = intake.create_jobs(ready)
+                created, rejected = db.again_if_lost(lambda: intake.create_jobs(ready))
                 break
             except Exception as exc:
                 db.reset_connection()
@@ -445,7 +469,8 @@ class Daemon:
             self.settler.note(path, what)
 
         try:
-            db.guarded("rescan", lambda: self.rescan("start", note=note))()
+            scan_all = functools.partial(self.rescan, "start", note=note)
+            db.guarded("rescan", lambda: db.again_if_lost(scan_all))()
             self.settler.wait_settled(found, START_SETTLE_WAIT_SECONDS)
         finally:
             self.pool.resume()
@@ -454,14 +479,31 @@ class Daemon:
         """Scan every folder soon (in ``after`` seconds), on the scheduler's threads (several
         requests for the same moment coalesce). One may start while another of its kind still
         runs: that one may have passed the folders of the events just lost."""
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), "date", args=[reason],
+        self.scheduler.add_job(self._rescan_job, "date", args=[reason],
                                run_date=datetime.now(timezone.utc) + timedelta(seconds=after),
                                id=f"rescan-{reason}" + (f"-in-{after:g}s" if after else ""),
                                replace_existing=True, max_instances=2)
 
     def _scan_directory(self, path: str) -> None:
         """A directory appeared (or moved in): files inside it raised no events of their own."""
-        self.scheduler.add_job(db.guarded("rescan", self.rescan), args=["directory", path])
+        self.scheduler.add_job(self._rescan_job, args=["directory", path])
+
+    def _rescan_job(self, reason: str, top: str | None = None) -> None:
+        """A scan on the scheduler's threads: on a new connection if the old one was cut (a
+        server restarted); if the database fails, asked again in RESCAN_RETRY_SECONDS, so that
+        a reload's or an overflow's scan is not put off until the periodic one."""
+        try:
+            db.again_if_lost(lambda: self.rescan(reason, top))
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            db.reset_connection()
+            again = not db.refused(exc) and not self._stopping
+            log.warning("rescan_failed", scan=reason, reason=str(db.as_store_error(exc)),
+                        **({"then": f"tried again in {RESCAN_RETRY_SECONDS:g} s"} if again else {}))
+            if again:
+                self.scheduler.add_job(
+                    self._rescan_job, "date", args=[reason, top], replace_existing=True,
+                    id=f"rescan-again-{reason}-{top}", run_date=datetime.now(timezone.utc)
+                    + timedelta(seconds=RESCAN_RETRY_SECONDS))
 
     def rescan(self, reason: str, top: str | None = None,
                note: Callable[[str, str], None] | None = None) -> scan.ScanResult:

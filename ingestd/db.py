@@ -237,8 +237,10 @@ def connection_lost(exc: BaseException) -> bool:
     if orig is None or not type(orig).__module__.startswith("psycopg"):
         return False  # SQLite has no connection to lose: "locked" is not that
     state = getattr(orig, "sqlstate", None) or ""
-    if state:
-        return state.startswith(("08", "57P"))  # connection exception, operator intervention
+    if state:  # connection exception, operator intervention, idle in transaction too long
+        return state.startswith(("08", "57P", "25P03"))
+    if type(orig).__name__ not in ("OperationalError", "InterfaceError"):
+        return False  # the client refusing what it was given (a NUL in a text): a bug, not lost
     said = str(orig)  # the client's own: refused, closed, or what the server said at login
     return "FATAL" not in said or any(reason in said for reason in _SERVER_NOT_YET)
 

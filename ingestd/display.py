@@ -4,24 +4,26 @@ A file name may hold what would split a line (a newline, U+2028), move the curso
 the terminal (an escape sequence), or reorder or hide what follows it (a bidi override such as
 U+202E, a zero-width space). Every human output shows those escaped, as the JSON output and
 the event log do; letters, marks and spaces of every script are shown as they are, and so are
-the joiners some scripts and emoji need (U+200C, U+200D).
+the joiners some scripts and emoji need (U+200C, U+200D) and the format characters that show
+(Arabic and Syriac number signs).
 """
 
 from __future__ import annotations
 
 import unicodedata
 
-# Control characters, line and paragraph separators, lone surrogates (undecodable bytes).
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
-# Format characters that reorder or hide text: the bidi marks, embeddings, overrides and
-# isolates, zero-width space, word joiner, byte order mark, Mongolian vowel separator.
-_HIDDEN_FORMATS = frozenset("\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                            "\u2060\u2066\u2067\u2068\u2069\ufeff\u180e")
+# Control and format characters (bidi controls, zero-width and tag characters, invisible
+# operators, soft hyphens...), line and paragraph separators, lone surrogates (undecodable bytes).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# Format characters that are part of words or show: the joiners, Arabic, Syriac and Kaithi
+# number signs.
+_SHOWN_FORMATS = frozenset("\u200c\u200d\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f"
+                           "\u0890\u0891\u08e2\U000110bd\U000110cd")
 
 
 def hidden(ch: str) -> bool:
     """Whether ``ch`` is shown escaped."""
-    return ch in _HIDDEN_FORMATS or unicodedata.category(ch) in _HIDDEN_CATEGORIES
+    return unicodedata.category(ch) in _HIDDEN_CATEGORIES and ch not in _SHOWN_FORMATS
 
 
 def one_line(text: str) -> str:

@@ -35,6 +35,9 @@ from ingestd.sniff import SNIFF_BYTES, sniff_head
 log = structlog.get_logger(__name__)
 READ_CHUNK = 1 << 20
 MAX_BACKOFF_SECONDS = 300.0
+# How long an external sink's stored document waits for its completing transaction while the
+# database fails (a server restart takes seconds) before the job goes back to the queue.
+CUT_OFF_RETRY_SECONDS = 60.0
 
 
 class Permanent(Exception):
@@ -520,7 +523,7 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
         document_id = ctx.sink.ingest(_document(job, extracted, mime, sha,
                                                 documents.previous_version(job)))
     try:
-        final, owed = _again_if_cut_off(job, document_id, lambda: _complete_stored(
+        final, owed = _again_if_cut_off(job, ctx, document_id, lambda: _complete_stored(
             job, ctx, message, document_id, sha, mime))
     except Conflict:
         _undo_ingest(ctx, job, document_id)  # cancelled meanwhile: leave nothing behind
@@ -544,29 +547,35 @@ def _complete_stored(job: Job, ctx: Context, message: str, document_id: int, sha
         return final, _let_go_previous(ctx, job, None if previous == document_id else previous)
 
 
-def _again_if_cut_off(job: Job, document_id: int,
+def _again_if_cut_off(job: Job, ctx: Context, document_id: int,
                       complete: Callable[[], tuple[Job, retire.Owed | None]]
                       ) -> tuple[Job, retire.Owed | None]:
-    """The sink holds the document already: a completing transaction cut off by a lost
-    connection (a server restarted while the sink worked: the old connection is found dead
-    only now) is tried once more on a new one, rather than the job run again and the document
-    stored twice, the first never deleted. Should the first have committed after all (the
-    connection lost as the server answered), the job is completed with this document."""
-    try:
-        return complete()
-    except (pw.PeeweeException, sqlite3.Error) as exc:
-        # Within an outer transaction (none today: an external sink's job runs alone) a new
-        # connection could not take over what it wrote.
-        if not db.connection_lost(exc) or database.in_transaction():
-            raise
-        log.info("completion_tried_again", job_id=job.id, project=job.project_id,
-                 reason=str(db.as_store_error(exc)))
-        db.reset_connection()
-        current = Job.get_or_none(Job.id == job.id)
-        if (current is not None and current.status == JobStatus.COMPLETED
-                and current.canonical_document_id == document_id):
-            return current, None
-        return complete()
+    """The sink holds the document already: a completing transaction the database failed (a
+    server restarting: the old connection cut, new ones refused a while; SQLite locked past
+    its busy timeout) is tried again, on a new connection, with backoff for up to
+    CUT_OFF_RETRY_SECONDS, rather than the job run again and the document stored twice, the
+    first never deleted. Should an earlier try have committed after all (the connection lost
+    as the server answered), the job is completed with this document."""
+    give_up_at, delay = time.monotonic() + CUT_OFF_RETRY_SECONDS, 0.0
+    while True:
+        try:
+            if delay:
+                current = Job.get_or_none(Job.id == job.id)
+                if (current is not None and current.status == JobStatus.COMPLETED
+                        and current.canonical_document_id == document_id):
+                    return current, None
+            return complete()
+        except (pw.PeeweeException, sqlite3.Error) as exc:
+            # Within an outer transaction (none today: an external sink's job runs alone) a
+            # new connection could not take over what it wrote.
+            delay = min(max(2 * delay, 0.25), 2.0)
+            if (db.refused(exc) or database.in_transaction() or ctx.control.abandoned
+                    or time.monotonic() + delay > give_up_at):
+                raise
+            log.info("completion_tried_again", job_id=job.id, project=job.project_id,
+                     reason=str(db.as_store_error(exc)), in_seconds=delay)
+            db.reset_connection()
+            time.sleep(delay)
 
 
 def _let_go_previous(ctx: Context, job: Job, document_id: int | None) -> retire.Owed | None:

@@ -25,6 +25,8 @@ class Proxy:
         with self._lock:
             listener, self._listener = self._listener, None
             pairs, self._pairs = self._pairs, []
+        if listener is None:
+            return  # down already
         _close(listener)  # shut down first: closed alone, it goes on accepting in accept()
         for sock in pairs:
             _close(sock)
@@ -36,8 +38,7 @@ class Proxy:
         self._serve(listener)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self.down()
+        self.down()
 
     def _serve(self, listener: socket.socket) -> None:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -54,6 +55,10 @@ class Proxy:
                 client.close()
                 continue
             with self._lock:
+                if listener is not self._listener:  # accepted as down() began: cut too
+                    _close(client)
+                    _close(server)
+                    continue
                 self._pairs += [client, server]
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=_pump, args=(source, sink), daemon=True).start()

@@ -155,11 +155,12 @@ def test_a_project_name_with_a_joiner_is_taken(tmp_path, drop):
     assert list(config_mod.load(path).projects) == ["می\u200cروم"]
 
 
-@pytest.mark.parametrize("name", ["two\nlines", "bell\x07", "rtl\u202eoverride", "zero\u200bwidth"])
+@pytest.mark.parametrize("name", ["two\nlines", "bell\x07", "rtl\u202eoverride", "zero\u200bwidth",
+                                  "acme\U000e0041"])
 def test_a_project_name_with_control_or_format_characters_is_refused(tmp_path, drop, name):
     """Such a name split `status` lines and the printed config, or reordered them on a
     terminal: refused with the other naming rules."""
-    path = write_config(tmp_path, f'[projects.{json.dumps(name)}]\nfolders = ["{drop}"]\n')
+    path = write_config(tmp_path, f'[projects.{json.dumps(name, ensure_ascii=False)}]\nfolders = ["{drop}"]\n')
     assert "a project name must be non-empty and printable" in load_error(path)
 
 

@@ -610,6 +610,7 @@ class TestLifecycle:
         try:
             running.notify.wait_for(lambda m: "READY=1" in m, timeout=60,
                                     alive=lambda: running.alive)
+            assert "started_event_not_written" in running.log()  # owed when the stop comes
         finally:
             holder.execute("ROLLBACK")
             holder.close()

@@ -24,6 +24,7 @@ from ingestd.pipeline import READ_CHUNK, Context, Control, read_version, run_job
 from ingestd.procpool import PAGE_REPORT_SECONDS, ExtractorPool
 from ingestd.sinks import open_sink
 from proctree import descendants, gone
+from tcpproxy import Proxy
 
 
 def queue_file(cfg, path: Path, project: str = "acme", max_attempts: int = 3):
@@ -212,6 +213,47 @@ def test_a_completion_cut_off_by_a_lost_connection_is_tried_again_not_the_sink(
         assert (ended.status, ended.canonical_document_id, ended.attempts) == ("completed", 41, 1)
         assert (tmp_path / "calls").read_text() == "ingest\n"
     finally:
+        db.close_store()
+
+
+def test_a_completion_waits_out_a_server_restart(cfg, pg_url, drop, tmp_path, extractors):
+    """The server goes away while an external sink works and refuses connections for a few
+    seconds (a restart, played by a proxy): the completing transaction is tried again with
+    backoff until it is back, and the sink is called once. A single try right after the
+    failure met the server still down, and the job ran again."""
+    import threading
+
+    host, port = pg_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    proxy = Proxy((host, int(port)))
+    backend = config_mod.with_database(cfg, proxy.url(pg_url))
+    db.open_store(backend.daemon.database)
+    try:
+        program = tmp_path / "sink.py"
+        program.write_text(
+            "import os, sys, time\n"
+            "sys.stdin.read()\n"
+            f"open({str(tmp_path / 'calls')!r}, 'a').write('ingest\\n')\n"
+            f"while not os.path.exists({str(tmp_path / 'go')!r}):\n"
+            "    time.sleep(0.02)\n"
+            "print(41)\n")
+        sink = SinkConfig(kind="command", options={"command": [sys.executable, str(program)]})
+        project = dataclasses.replace(backend.projects["acme"], sink=sink)
+        queue_file(backend, drop_file(drop, "a.txt", "stored once"))
+        ended = []
+        worker = threading.Thread(target=lambda: ended.append(
+            run_next(backend, extractors, project)))
+        worker.start()
+        wait_for(lambda: (tmp_path / "calls").exists(), message="the sink to be called")
+        proxy.down()
+        (tmp_path / "go").touch()
+        time.sleep(2)  # the outage's length: the test's input, not a wait for a condition
+        proxy.up()
+        worker.join(timeout=60)
+        [job] = ended
+        assert (job.status, job.canonical_document_id, job.attempts) == ("completed", 41, 1)
+        assert (tmp_path / "calls").read_text() == "ingest\n"
+    finally:
+        proxy.close()
         db.close_store()
 
 
