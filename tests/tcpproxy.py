@@ -1,5 +1,5 @@
-"""A TCP proxy in front of the test PostgreSQL server that can play a server restart: every
-connection cut at once, new ones refused until it is back (its port stays the same)."""
+"""A TCP proxy in front of the test PostgreSQL server that can play a server starting late or
+restarting: every connection cut at once, new ones refused until it is up (its port stays)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import threading
 
 
 class Proxy:
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], port: int = 0, up: bool = True) -> None:
+        """On ``port`` (0: a free one); ``up=False``: nothing listens until :meth:`up`."""
         self.target = target
         self._lock = threading.Lock()
         self._pairs: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._serve(self._listener)
+        self._listener: socket.socket | None = None
+        self.port = port
+        if up:
+            self.up()
 
     def url(self, url: str) -> str:
         """``url`` (a postgresql:// URL on the target) through the proxy."""
@@ -33,6 +35,7 @@ class Proxy:
 
     def up(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = listener.getsockname()[1]
         with self._lock:
             self._listener = listener
         self._serve(listener)

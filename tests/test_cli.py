@@ -361,23 +361,19 @@ class TestControlCharactersInNames:
         assert "\x1b" not in submitted.stdout + "\n".join(listing) + shown
 
 
-    def test_characters_that_reorder_or_hide_text_are_shown_escaped(self, config_file, drop):
-        """A right-to-left override turns the rest of a shown path around on a terminal, a
-        zero-width space hides, U+2028 breaks the line: shown escaped, as the events are."""
-        path = drop / "in\u202evoice\u200b\u2028.txt"
-        path.write_text("text")
-        run_cli("jobs", "submit", "-p", "acme", str(path), config=config_file)
+    @pytest.mark.parametrize("name, shown", [
+        # A right-to-left override turns the rest of a shown path around on a terminal, a
+        # zero-width space hides, U+2028 breaks the line: shown escaped, as the events are.
+        ("in\u202evoice\u200b\u2028.txt", "in\\u202evoice\\u200b\\u2028.txt"),
+        # The path is the table's last column: its own trailing spaces are not cut as padding
+        # is (`x.txt ` looked like `x.txt`, a file named one space like its folder).
+        ("x.txt  ", "x.txt  ")])
+    def test_a_listed_path_shows_what_hides_and_keeps_its_trailing_spaces(
+            self, config_file, drop, name, shown):
+        (drop / name).write_text("text")
+        run_cli("jobs", "submit", "-p", "acme", str(drop / name), config=config_file)
         listing = run_cli("jobs", "list", "-p", "acme", config=config_file).stdout.splitlines()
-        assert listing[1].endswith(f"{drop}/in\\u202evoice\\u200b\\u2028.txt"), listing
-
-    def test_a_path_ending_in_spaces_keeps_them_in_a_table(self, config_file, drop):
-        """The path is the table's last column: its own trailing spaces are not cut as padding
-        is (`x.txt ` looked like `x.txt`, a file named one space like its folder)."""
-        path = drop / "x.txt  "
-        path.write_text("text")
-        run_cli("jobs", "submit", "-p", "acme", str(path), config=config_file)
-        listing = run_cli("jobs", "list", "-p", "acme", config=config_file).stdout.splitlines()
-        assert listing[1].endswith(f"{drop}/x.txt  "), listing
+        assert listing[1].endswith(f"{drop}/{shown}"), listing
 
     def test_a_file_named_with_spaces_only_can_be_submitted(self, config_file, drop):
         """A name of one space is a name: it was refused as "empty path"."""

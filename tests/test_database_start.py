@@ -1,7 +1,7 @@
 """A daemon whose PostgreSQL server cannot be reached at start (a boot where ingestd starts
 first, a server restarting), or whose SQLite file system is full, waits for it instead of
 exiting; a refused login still fails at once.
-The server is the real one, reached through a TCP relay the test opens only when it wants the
+The server is the real one, reached through a TCP proxy the test opens only when it wants the
 server to "come up"."""
 
 from __future__ import annotations
@@ -22,48 +22,9 @@ from ingestd.errors import StoreUnreachable
 
 from conftest import PG_URL, wait_for
 from harness import Daemon, node_config, wait_job
+from tcpproxy import Proxy
 
 pytest.importorskip("psycopg", reason="PostgreSQL support is the postgres extra")
-
-
-class Relay:
-    """Forwards every TCP connection on a local port to PostgreSQL's, from start() on."""
-
-    def __init__(self, port: int, target: tuple[str, int]) -> None:
-        self.port, self.target = port, target
-        self.listener: socket.socket | None = None
-
-    def start(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(self.target)
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
 
 
 def free_port() -> int:
@@ -106,7 +67,7 @@ def another_node_migrating() -> Iterator[Callable[[], None]]:
 
 def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url):
     port = free_port()
-    relay = Relay(port, server_of(PG_URL))
+    relay = Proxy(server_of(PG_URL), port, up=False)
     daemon = node(tmp_path, via_port(pg_url, port))
     daemon.start(wait_ready=False)
     try:
@@ -119,7 +80,7 @@ def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url)
         assert daemon.alive and not any("READY=1" in m for m in daemon.notify.messages)
         assert "Connection refused" in daemon.log()
 
-        relay.start()  # the server "comes up"
+        relay.up()  # the server "comes up"
         daemon.notify.wait_for(lambda m: "READY=1" in m, timeout=60, alive=lambda: daemon.alive)
         (tmp_path / "drop" / "a.txt").write_text("ingested once the database was there")
         db.open_store(pg_url)

@@ -200,11 +200,9 @@ def shut_out(pg_url):
         admin.execute(f"DROP ROLE {role}")
 
 
-def test_a_release_the_database_could_not_take_is_made_once_it_answers(cfg, drop, shut_out):
-    """A job given back while the server is gone (its end cut off, then its release refused)
-    is given back at the next heartbeat once the server answers: queued, its attempt not
-    counted. It stayed running until its lease expired, and the rescue counted the attempt
-    (with max_attempts = 1 the file failed for good, its worker alive all along)."""
+def released_in_an_outage(cfg, drop: Path, shut_out) -> tuple[WorkerPool, Job]:
+    """A pool running one job on the shut-out role's database, whose release (its end cut off)
+    the database did not take; the database is back when this returns."""
     url, switch = shut_out
     backend = config_mod.with_database(cfg, url)
     db.open_store(backend.daemon.database)
@@ -215,6 +213,16 @@ def test_a_release_the_database_could_not_take_is_made_once_it_answers(cfg, drop
     switch(out=True)
     pool._release(lambda running: True, "re-queued after a database error")
     switch(out=False)
+    assert queued.id in pool._unreleased
+    return pool, queued
+
+
+def test_a_release_the_database_could_not_take_is_made_once_it_answers(cfg, drop, shut_out):
+    """A job given back while the server is gone (its end cut off, then its release refused)
+    is given back at the next heartbeat once the server answers: queued, its attempt not
+    counted. It stayed running until its lease expired, and the rescue counted the attempt
+    (with max_attempts = 1 the file failed for good, its worker alive all along)."""
+    pool, queued = released_in_an_outage(cfg, drop, shut_out)
     db.reset_connection()  # as the heartbeat's guard does after a failed beat
     pool.heartbeat()
     job = Job.get_by_id(queued.id)
@@ -227,16 +235,7 @@ def test_a_pending_release_never_gives_back_the_job_claimed_again(cfg, drop, shu
     """A release the database did not take, then the outage outlasts the lease: a rescue
     re-queues the job and this same pool claims it again. The pending release must not give
     back the job its new run holds (it did: the run was abandoned, its work thrown away)."""
-    url, switch = shut_out
-    backend = config_mod.with_database(cfg, url)
-    db.open_store(backend.daemon.database)
-    [queued] = queue_files(backend, drop, 1)
-    pool = WorkerPool(backend, BackgroundScheduler())
-    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
-    control.begun = True
-    switch(out=True)
-    pool._release(lambda running: True, "re-queued after a database error")
-    switch(out=False)
+    pool, queued = released_in_an_outage(cfg, drop, shut_out)
     db.reset_connection()
     Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()  # the lease ran out
     jobs.rescue_expired()  # as another worker process would, one that saw no outage
@@ -252,16 +251,7 @@ def test_a_pending_release_never_gives_back_a_newer_run_not_yet_registered(cfg, 
     """Between the claim's commit and its registration the job is not in the pool's books:
     a pending release of its earlier run, tried then, must not match the new run (the
     release names the attempt it was for)."""
-    url, switch = shut_out
-    backend = config_mod.with_database(cfg, url)
-    db.open_store(backend.daemon.database)
-    [queued] = queue_files(backend, drop, 1)
-    pool = WorkerPool(backend, BackgroundScheduler())
-    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
-    control.begun = True
-    switch(out=True)
-    pool._release(lambda running: True, "re-queued after a database error")
-    switch(out=False)
+    pool, queued = released_in_an_outage(cfg, drop, shut_out)
     db.reset_connection()
     Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()
     jobs.rescue_expired()
@@ -277,16 +267,7 @@ def test_no_rescue_right_after_an_outage_longer_than_the_lease(cfg, drop, shut_o
     too. A rescue right after it counted the attempt of jobs their workers were about to give
     back (max_attempts = 1: failed for good). This pool's rescue waits a lease_seconds after
     its own failure; its heartbeat gives the job back uncounted."""
-    url, switch = shut_out
-    backend = config_mod.with_database(cfg, url)
-    db.open_store(backend.daemon.database)
-    [queued] = queue_files(backend, drop, 1)
-    pool = WorkerPool(backend, BackgroundScheduler())
-    [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
-    control.begun = True
-    switch(out=True)
-    pool._release(lambda running: True, "re-queued after a database error")
-    switch(out=False)
+    pool, queued = released_in_an_outage(cfg, drop, shut_out)
     db.reset_connection()
     Job.update(lease_expires_at=0).where(Job.id == queued.id).execute()  # it ran out meanwhile
     pool.rescue()
