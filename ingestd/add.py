@@ -9,14 +9,11 @@ not a daemon is running; a daemon's watcher then finds the job already there.
 from __future__ import annotations
 
 import os
-import sqlite3
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
-
-import peewee as pw
 
 from ingestd import db, intake, jobs, names
 from ingestd.config import ProjectConfig
@@ -160,7 +157,7 @@ def wait_for(job_ids: list[int], on_progress=None, poll: float = 0.2,
                 if job.status in [s.value for s in TERMINAL]:
                     ended[job.id] = job
                     remaining.discard(job.id)
-        except (pw.PeeweeException, sqlite3.Error) as exc:
+        except db.ERRORS as exc:
             if not db.connection_lost(exc):
                 raise
             db.reset_connection()

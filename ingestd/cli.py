@@ -12,11 +12,8 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import sys
 from typing import Any, Callable, NoReturn, Sequence
-
-import peewee as pw
 
 from ingestd import __version__, config as config_mod, db, intake, jobs, log, migrations
 from ingestd.display import one_line
@@ -26,8 +23,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 # --- output helpers ------------------------------------------------------------------------------
-
-
 
 def printable(text: Any) -> str:
     """``text`` on one terminal line (see display.py)."""
@@ -264,7 +259,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     try:
         ended = add.wait_for([job.id for job in created], progress, on_lost=lost)
-    except (pw.PeeweeException, sqlite3.Error) as exc:
+    except db.ERRORS as exc:
         queued = ", ".join(str(job.id) for job in created)
         raise StoreError(f"{db.as_store_error(exc)} (while waiting; queued: job "
                          f"{queued})") from None
@@ -570,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is not None:
             sys.stdout.flush()  # here, where its failure is one line, not at exit
         return code
-    except (pw.PeeweeException, sqlite3.Error) as exc:
+    except db.ERRORS as exc:
         return _fail(db.as_store_error(exc))
     except IngestdError as exc:
         return _fail(exc, every_problem=getattr(args, "handler", None) is cmd_config_check)

@@ -296,7 +296,7 @@ class Daemon:
                     db.again_if_lost(lambda: jobs.emit(event_type, facts))
                 except Exception as exc:  # never fatal: at start it would end the start half-way
                     db.reset_connection()
-                    store = isinstance(exc, (pw.PeeweeException, sqlite3.Error))
+                    store = isinstance(exc, db.ERRORS)
                     if not store or db.refused(exc):  # no new try would change it: dropped
                         log.error(f"{name}_event_not_written", reason=str(exc))
                         self._pop_own_event()
@@ -494,7 +494,7 @@ class Daemon:
         a reload's or an overflow's scan is not put off until the periodic one."""
         try:
             db.again_if_lost(lambda: self.rescan(reason, top))
-        except (pw.PeeweeException, sqlite3.Error) as exc:
+        except db.ERRORS as exc:
             db.reset_connection()
             again = not db.refused(exc) and not self._stopping
             log.warning("rescan_failed", scan=reason, reason=str(db.as_store_error(exc)),
@@ -586,7 +586,7 @@ class Daemon:
         running, database_error = [], None
         try:
             running = self._running()
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the rest is still worth showing
+        except db.ERRORS as exc:  # the rest is still worth showing
             database_error = str(db.as_store_error(exc))
             db.reset_connection()
         return {
@@ -614,7 +614,7 @@ class Daemon:
         """The deletes owed to this daemon's external sinks, and the latest reason one failed."""
         try:
             owed, last_error = retire.count_owed(list(self.config.projects))
-        except (pw.PeeweeException, sqlite3.Error):  # said by database_error
+        except db.ERRORS:  # said by database_error
             db.reset_connection()
             return None
         return {"owed": owed, "last_error": last_error}

@@ -18,6 +18,9 @@ from ingestd.errors import StoreError, StoreUnreachable
 from ingestd.models import database
 
 T = TypeVar("T")
+# What a database call raises when the database or its driver fails: peewee wraps the driver's
+# errors, and sqlite3 raises some of its own (a connection made outside peewee, the checkpointer).
+ERRORS = (pw.PeeweeException, sqlite3.Error)
 BUSY_TIMEOUT_SECONDS = 10.0
 CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL: give up a connection attempt after this long
 FULL_BELOW_BYTES = 1024 * 1024  # a file system with less room than this is full, for SQLite
@@ -182,7 +185,7 @@ def open_store(url: str, migrate: bool = True,
         # A full disk: SQLite cannot make the file beside the database that WAL needs ("disk
         # I/O error"), or write. Room may be made: a daemon waits, as for a server.
         if isinstance(db, pw.SqliteDatabase) and file_system_full(db.database):
-            with contextlib.suppress(pw.PeeweeException, sqlite3.Error):
+            with contextlib.suppress(*ERRORS):
                 db.close()
             raise StoreUnreachable(f"{exc} (its file system is full)") from None
         raise
@@ -209,7 +212,7 @@ def _connect(db: pw.Database, url: str) -> None:
     refused, timed out, an unknown host name) or is not taking connections yet."""
     try:
         db.connect(reuse_if_open=True)
-    except (pw.PeeweeException, sqlite3.Error) as exc:
+    except ERRORS as exc:
         said = str(exc)
         if is_postgres(db) and ("FATAL" not in said or any(s in said for s in _SERVER_NOT_YET)):
             raise StoreUnreachable(str(as_store_error(exc, url))) from None
@@ -250,7 +253,7 @@ def again_if_lost(task: Callable[[], T]) -> T:
     server cut long before (it restarted) is only found dead when used."""
     try:
         return task()
-    except (pw.PeeweeException, sqlite3.Error) as exc:
+    except ERRORS as exc:
         if not connection_lost(exc):
             raise
         reset_connection()
@@ -264,7 +267,7 @@ def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
     def run(*args: object) -> T | None:
         try:
             return task(*args)
-        except (pw.PeeweeException, sqlite3.Error) as exc:
+        except ERRORS as exc:
             structlog.get_logger(__name__).warning(f"{name}_failed", reason=str(as_store_error(exc)))
             reset_connection()
             return None
@@ -307,7 +310,7 @@ def translate_errors(url: str | None = None) -> Iterator[None]:
         yield
     except StoreError:
         raise
-    except (pw.PeeweeException, sqlite3.Error) as exc:
+    except ERRORS as exc:
         raise as_store_error(exc, url) from None
 
 

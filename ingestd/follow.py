@@ -21,7 +21,6 @@ import json
 import os
 import select
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import unquote
 
-import peewee as pw
 import structlog
 
 from ingestd import db, events, jobs
@@ -339,7 +337,7 @@ class Follower:
             try:
                 self.catch_up()
                 return
-            except (pw.PeeweeException, sqlite3.Error) as exc:
+            except db.ERRORS as exc:
                 log.warning("events_database_unavailable", reason=str(db.as_store_error(exc)),
                             last=self.last, retry_seconds=delay)
             db.reset_connection()

@@ -474,10 +474,6 @@ def _insert(project_id: str, source_id: int, version: FileVersion, key: str,
     return None if row is None else _to_job(row)
 
 
-def _stored(convert: Callable[[int], int], value: int | None) -> int | None:
-    return None if value is None else convert(value)
-
-
 def _insert_statement(project_id: str, rows: Sequence[tuple[int, FileVersion, str]],
                       max_attempts: int, is_deep_scan: bool, moment: float
                       ) -> tuple[str, list[Any]]:
@@ -488,8 +484,8 @@ def _insert_statement(project_id: str, rows: Sequence[tuple[int, FileVersion, st
         params += (project_id, source_id, version.path, version.raw_path,
                    version.original_filename, version.byte_size, version.mime_type,
                    Stage.INITIAL.value, JobStatus.QUEUED.value, 0.0, 0, max_attempts,
-                   is_deep_scan, key, _stored(stored_mtime_ns, version.mtime_ns),
-                   _stored(stored_inode, version.inode), False, moment, moment)
+                   is_deep_scan, key, stored_mtime_ns(version.mtime_ns),
+                   stored_inode(version.inode), False, moment, moment)
     marks = ["?"] * (len(_INSERT_COLUMNS) - 1)
     marks.insert(_INSERT_COLUMNS.index("not_before"), clock_sql())
     values = ", ".join([f"({', '.join(marks)})"] * len(rows))

@@ -21,12 +21,12 @@ database = pw.DatabaseProxy()
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
-def stored_mtime_ns(mtime_ns: int) -> int:
-    return min(max(mtime_ns, INT64_MIN), INT64_MAX)
+def stored_mtime_ns(mtime_ns: int | None) -> int | None:
+    return None if mtime_ns is None else min(max(mtime_ns, INT64_MIN), INT64_MAX)
 
 
-def stored_inode(inode: int) -> int:
-    return inode - 2**64 if inode > INT64_MAX else inode
+def stored_inode(inode: int | None) -> int | None:
+    return inode - 2**64 if inode is not None and inode > INT64_MAX else inode
 
 
 class JobStatus(str, enum.Enum):

@@ -14,12 +14,10 @@ import errno
 import hashlib
 import logging
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import peewee as pw
 import structlog
 
 from ingestd import db, documents, intake, jobs, originals, retire, sinks
@@ -565,7 +563,7 @@ def _again_if_cut_off(job: Job, ctx: Context, document_id: int,
                         and current.canonical_document_id == document_id):
                     return current, None
             return complete()
-        except (pw.PeeweeException, sqlite3.Error) as exc:
+        except db.ERRORS as exc:
             # Within an outer transaction (none today: an external sink's job runs alone) a
             # new connection could not take over what it wrote.
             delay = min(max(2 * delay, 0.25), 2.0)

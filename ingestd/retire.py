@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-import peewee as pw
 import structlog
 
 from ingestd import db, documents, jobs
@@ -107,7 +105,7 @@ def settle(owed: Owed | None, sink: Sink, say_failure: bool = True) -> str | Non
             _failed(owed, failure, say_failure)
             return str(failure)
         _forget(owed)
-    except (pw.PeeweeException, sqlite3.Error) as exc:  # the row stays: the daemon tries again
+    except db.ERRORS as exc:  # the row stays: the daemon tries again
         db.reset_connection()
         log.warning("sink_delete_not_recorded", project=owed.project_id,
                     document_id=owed.document_id, reason=str(db.as_store_error(exc)))

@@ -27,7 +27,6 @@ import functools
 import math
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -41,7 +40,6 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-import peewee as pw
 
 from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
@@ -264,7 +262,7 @@ class WorkerPool:
             db.again_if_lost(lambda: jobs.release(job_id, self.owner, what.reason,
                                                   attempt=what.attempts))
             log.info("job_requeued", job_id=job_id, project=what.project_id, reason=what.reason)
-        except (pw.PeeweeException, sqlite3.Error) as exc:
+        except db.ERRORS as exc:
             if db.refused(exc):  # no new try would change that: its lease expiry covers it
                 log.warning("job_not_released", job_id=job_id, reason=str(db.as_store_error(exc)))
                 return True
@@ -436,7 +434,7 @@ class WorkerPool:
                 finals = conclude_group([(job, ctx, found) for job, _, ctx, found in group])
                 if claim_next and not self._stopping.is_set():
                     claimed = self._claim()
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the files...
+        except db.ERRORS as exc:  # the database, not the files...
             if not db.refused(exc):
                 self._database_failed([job for job, *_ in group], exc)
                 return None
@@ -455,7 +453,7 @@ class WorkerPool:
             ctx.grouped = False
             try:
                 ended.append((job, control, self._end_alone(job, ctx, found)))
-            except (pw.PeeweeException, sqlite3.Error) as exc:
+            except db.ERRORS as exc:
                 if db.refused(exc):
                     ended.append((job, control, self._fail_refused(job, exc)))
                     continue
@@ -467,7 +465,7 @@ class WorkerPool:
         try:
             with database.atomic():
                 return conclude(job, ctx, found)
-        except (pw.PeeweeException, sqlite3.Error):
+        except db.ERRORS:
             raise
         except BaseException as exc:
             if not _raised_by_the_run(exc):
@@ -516,7 +514,7 @@ class WorkerPool:
         final = None
         try:
             final = end()
-        except (pw.PeeweeException, sqlite3.Error) as exc:  # the database, not the file...
+        except db.ERRORS as exc:  # the database, not the file...
             if not db.refused(exc):
                 self._database_failed([job], exc)
                 return
@@ -585,7 +583,7 @@ class WorkerPool:
         try:
             return db.again_if_lost(lambda: jobs.fail(
                 job.id, self.owner, f"the database refused what it would store: {said}"))
-        except (pw.PeeweeException, sqlite3.Error) as failed:
+        except db.ERRORS as failed:
             self._database_failed([job], failed)
             return None
         except Exception as other:  # ended meanwhile (cancelled, lease lost)
@@ -614,7 +612,7 @@ class WorkerPool:
     def _noting_store_failure(self) -> Iterator[None]:
         try:
             yield
-        except (pw.PeeweeException, sqlite3.Error):
+        except db.ERRORS:
             self._store_failed_at = time.monotonic()
             raise
 
