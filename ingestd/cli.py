@@ -99,12 +99,14 @@ def _config(args: argparse.Namespace, folders_must_exist: bool = True) -> config
     return config_mod.load(getattr(args, "config", None), folders_must_exist=folders_must_exist)
 
 
-def _open(args: argparse.Namespace, folders_must_exist: bool = False) -> config_mod.Config:
+def _open(args: argparse.Namespace, folders_must_exist: bool = False,
+          create: bool = False) -> config_mod.Config:
     """The config, with its database open (never migrated here: see migrations.check_current).
     Commands that only work on the database do not need the project folders: one that is gone
-    (a watched folder the daemon reports lost) must not stop them for every project."""
+    (a watched folder the daemon reports lost) must not stop them for every project. Only the
+    commands that queue jobs (or wait for events to come) ``create`` a SQLite database."""
     cfg = _config(args, folders_must_exist)
-    db.open_store(cfg.daemon.database, migrate=False)
+    db.open_store(cfg.daemon.database, migrate=False, create=create)
     return cfg
 
 
@@ -154,7 +156,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_submit(args: argparse.Namespace) -> int:
-    cfg = _open(args, folders_must_exist=True)
+    cfg = _open(args, folders_must_exist=True, create=True)
     project = cfg.project(args.project)
     folder, version = intake.inspect(project, os.fsencode(args.path))
     intake.check_type(project, version)
@@ -188,7 +190,7 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     from ingestd import follow
 
-    cfg = _open(args)
+    cfg = _open(args, create=args.follow)
     return follow.run_events(cfg, follow=args.follow, since=args.since, project=args.project,
                              types=args.type or [], as_json=True if args.json else None,
                              out=sys.stdout)
@@ -234,7 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from ingestd import add
 
-    cfg = _open(args, folders_must_exist=True)
+    cfg = _open(args, folders_must_exist=True, create=True)
     project = cfg.project(args.project)
     if args.files.count("-") > 1:
         raise UsageError("'-' (standard input) can be given once")

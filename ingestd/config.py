@@ -346,10 +346,11 @@ def _real(path: Path) -> Path:
 def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True) -> Config:
     """Load the configuration from ``path``, ``$INGESTD_CONFIG`` or the zero-config default.
     ``folders_must_exist=False`` is for asking a running daemon (``status``): a folder gone
-    since it started is what it may have to say."""
+    since it started is what it may have to say; the zero-config default then does not make
+    its ``./inbox`` either."""
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
     if chosen is None:
-        return zero_config(Path.cwd())
+        return zero_config(Path.cwd(), create=folders_must_exist)
     try:
         file = _resolve(Path(), os.fspath(chosen))
     except ValueError as exc:
@@ -365,12 +366,14 @@ def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True)
     return from_mapping(raw, file, folders_must_exist=folders_must_exist)
 
 
-def zero_config(cwd: Path) -> Config:
-    """Project ``default`` watching ``./inbox`` (created), state under ``./.ingestd``."""
+def zero_config(cwd: Path, create: bool = True) -> Config:
+    """Project ``default`` watching ``./inbox`` (made when ``create``: a command that only looks
+    must leave nothing behind where it was run), state under ``./.ingestd``."""
     inbox = cwd / "inbox"
-    inbox.mkdir(parents=True, exist_ok=True)
+    if create:
+        inbox.mkdir(parents=True, exist_ok=True)
     return from_mapping({"projects": {DEFAULT_PROJECT: {"folders": [str(inbox)]}}},
-                        None, base=cwd)
+                        None, base=cwd, folders_must_exist=create)
 
 
 def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = None,

@@ -79,8 +79,12 @@ def connect(url: str) -> pw.Database:
                      "(use sqlite:///PATH or postgresql://USER@HOST/DB)")
 
 
+def _sqlite_path(url: str) -> str:
+    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite:"):]
+
+
 def _sqlite(url: str) -> pw.SqliteDatabase:
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite:"):]
+    path = _sqlite_path(url)
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     # IMMEDIATE: a write transaction takes the write lock at BEGIN, so two writers queue on the
@@ -163,13 +167,17 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
 
 def open_store(url: str, migrate: bool = True,
                on_migration: Callable[[int, str], None] | None = None,
-               on_migration_wait: Callable[[], None] | None = None) -> pw.Database:
+               on_migration_wait: Callable[[], None] | None = None,
+               create: bool = True) -> pw.Database:
     """Bind the models to ``url``'s database, check it is usable, and bring its schema up to date
     (``migrate``; ``on_migration(version, name)`` as each migration begins, ``on_migration_wait()``
     before waiting for another node's) or check that it is this ingestd's (see
-    migrations.check_current)."""
+    migrations.check_current). ``create=False`` refuses a SQLite file that does not exist
+    instead of making one (and its folder)."""
     from ingestd import migrations
 
+    if not create:
+        _must_exist(url)
     db = connect(url)
     database.initialize(db)
     try:
@@ -190,6 +198,15 @@ def open_store(url: str, migrate: bool = True,
             raise StoreUnreachable(f"{exc} (its file system is full)") from None
         raise
     return db
+
+
+def _must_exist(url: str) -> None:
+    """A command that only looks at jobs, run where no daemon ever ran (the zero-config default
+    in another folder), must not leave a database behind and answer "no jobs"."""
+    if url.startswith("sqlite:") and (path := _sqlite_path(url)) != ":memory:" \
+            and not os.path.exists(path):
+        raise StoreError(f"{path}: no database there: nothing has run with this configuration "
+                         "yet (nothing was created)")
 
 
 def file_system_full(path: str) -> bool:

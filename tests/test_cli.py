@@ -150,7 +150,7 @@ def test_list_json_pages_with_a_cursor(config_file, drop):
     (["jobs", "cancel", "-p", "acme", "42"], 3, "job 42 not found"),
     (["jobs", "frobnicate"], 2, "invalid choice"),
 ])
-def test_errors_have_their_exit_codes_and_one_line(config_file, args, code, text):
+def test_errors_have_their_exit_codes_and_one_line(config_file, store, args, code, text):
     """Usage 2, not found 3; one line on stderr, never a traceback."""
     result = run_cli(*args, config=config_file)
     assert result.returncode == code, result.stderr
@@ -187,7 +187,7 @@ LIST = ["jobs", "list", "-p", "acme"]
     (["events", "--since", HUGE], f"invalid --since '{HUGE}'"),
     (["events", "--since", "\u0661"], "invalid --since '\u0661'"),
 ])
-def test_integers_out_of_range_or_not_ascii_are_usage_errors(config_file, args, text):
+def test_integers_out_of_range_or_not_ascii_are_usage_errors(config_file, store, args, text):
     """Ids, cursors, limits and sequences: exit 2 and one line naming the value, no traceback."""
     result = run_cli(*args, config=config_file)
     assert result.returncode == 2, result.stderr
@@ -208,7 +208,7 @@ def test_a_unicode_digit_does_not_name_a_job(config_file, drop):
     assert "queued" in run_cli("jobs", "show", "-p", "acme", "1", config=config_file).stdout
 
 
-def test_the_largest_64_bit_id_is_merely_not_found(config_file):
+def test_the_largest_64_bit_id_is_merely_not_found(config_file, store):
     """2**63 - 1 fits the id column: an ordinary "not found" (exit 3), not a usage error."""
     largest = str(2**63 - 1)
     for action in ("show", "cancel", "retry", "delete"):
@@ -408,3 +408,29 @@ def test_a_wait_for_the_write_lock_is_said_on_stderr_not_in_the_json(config_file
     assert cli.wait(timeout=30) == 0, err.read_text()
     assert json.loads(out.read_text())["status"] == "cancelled"
     assert f"pid {holder.pid}" in err.read_text()
+
+
+def test_a_look_where_nothing_ran_leaves_nothing_behind(tmp_path):
+    """The zero-config default in a folder where no daemon ran: the commands that only look at
+    jobs say there is no database there (exit 1, one line naming its file) and make neither
+    ./inbox nor ./.ingestd, instead of answering "no jobs" from a database they just made;
+    `add` makes them and queues its file, and then they answer."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    database = here / ".ingestd" / "ingestd.db"
+    for args in (["jobs", "list", "-p", "default"], ["jobs", "show", "-p", "default", "1"],
+                 ["jobs", "cancel", "-p", "default", "1"], ["jobs", "retry", "-p", "default", "1"],
+                 ["jobs", "delete", "-p", "default", "1"], ["search", "-p", "default", "x"],
+                 ["stats"], ["events"]):
+        result = run_cli(*args, cwd=here)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"ingestd: {database}: no database there: nothing has run with this configuration "
+            "yet (nothing was created)"], args
+    assert list(here.iterdir()) == []
+    (elsewhere / "a.txt").write_text("alpha")
+    assert run_cli("add", "-p", "default", str(elsewhere / "a.txt"), cwd=here).returncode == 0
+    listing = run_cli("jobs", "list", "-p", "default", cwd=here)
+    assert listing.returncode == 0 and "queued" in listing.stdout, listing.stderr
+    assert (here / "inbox" / "a.txt").read_text() == "alpha" and database.exists()

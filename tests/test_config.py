@@ -34,6 +34,16 @@ def test_zero_config_watches_inbox_and_keeps_state_in_dot_ingestd(tmp_path, monk
     assert cfg.daemon.database == f"sqlite:///{tmp_path / '.ingestd' / 'ingestd.db'}"
 
 
+def test_zero_config_for_a_look_makes_no_inbox(tmp_path, monkeypatch):
+    """A command that only looks (folders_must_exist=False) leaves no ./inbox behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INGESTD_CONFIG", raising=False)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    cfg = config_mod.load(None, folders_must_exist=False)
+    assert cfg.projects["default"].folders == (tmp_path / "inbox",)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_env_var_names_the_file(config_file, monkeypatch):
     """$INGESTD_CONFIG is used when no -c is given."""
     monkeypatch.setenv("INGESTD_CONFIG", str(config_file))
