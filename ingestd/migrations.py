@@ -423,6 +423,21 @@ def _v13(db: pw.Database, dialect: dict[str, str]) -> None:
         _run(db, dialect, V13_POSTGRES_PATHS)
 
 
+# A deleted document kept its text for good: a deleted job's content stayed in the database,
+# and each new version of a file left its old text behind. Now a deleted document's text is
+# dropped, and so is that of those deleted before (their chunks went when they were deleted;
+# any left go first: SQLite's trigger reads the document to take their words out of FTS5).
+V14_DROP_TEXT = [
+    """DELETE FROM chunks WHERE document_id IN
+        (SELECT id FROM documents WHERE deleted_at IS NOT NULL)""",
+    """UPDATE documents SET text = '' WHERE deleted_at IS NOT NULL AND text <> ''""",
+]
+
+
+def _v14(db: pw.Database, dialect: dict[str, str]) -> None:
+    _run(db, dialect, V14_DROP_TEXT)
+
+
 Migration = tuple[int, str, Callable[[pw.Database, dict[str, str]], None]]
 MIGRATIONS: list[Migration] = [
     (1, "jobs, sources, events", _v1),
@@ -438,6 +453,7 @@ MIGRATIONS: list[Migration] = [
     (11, "the full-text index sees the words SQLite's sees (PostgreSQL)", _v11),
     (12, "deletes owed to external sinks", _v12),
     (13, "jobs looked up by a path of any length (PostgreSQL)", _v13),
+    (14, "deleted documents' text dropped", _v14),
 ]
 LATEST = MIGRATIONS[-1][0]
 NEW_DATABASE = "a new database"

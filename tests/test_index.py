@@ -485,7 +485,8 @@ class TestDedupAndChanges:
         ingest(path)
         assert search.search("acme", "walruses") == []
         assert len(search.search("acme", "penguins")) == 1
-        assert Document.select().where(Document.deleted_at.is_null()).count() == 1
+        assert [document.text for document in Document.select().order_by(Document.id)] == [
+            "", "the new phrase about penguins, longer"]
 
     @pytest.mark.parametrize("again", ["touched", "rewritten with the same bytes"])
     def test_the_same_content_again_under_its_path_keeps_its_document(self, ingest, drop,
@@ -577,7 +578,9 @@ class TestRaces:
         assert ended.status == "cancelled" and ended.message.startswith("superseded")
         assert search.search("acme", "walruses") == []
         assert len(search.search("acme", "penguins")) == 1
-        assert Document.select().where(Document.deleted_at.is_null()).count() == 1
+        assert [document.text for document in Document.select().where(
+            Document.deleted_at.is_null())] == ["the new version mentions penguins, longer"]
+        assert "walruses" not in "".join(document.text for document in Document.select())
 
     def test_a_duplicate_whose_document_went_meanwhile_is_read_again(self, started, ingest,
                                                                      drop, delete):
@@ -761,11 +764,14 @@ class TestStorage:
 
 class TestDeletes:
     def test_deleting_the_only_job_removes_the_document_from_search(self, ingest, drop, delete):
-        """Soft-deleting the job takes its document and chunks out of the index."""
+        """Soft-deleting the job takes its document and chunks out of the index, and the
+        document's text out of the database (it was only marked deleted, the text kept)."""
         job = ingest(write(drop / "gone.txt", "ephemeral aardvark"))
         delete("acme", job)
         assert search.search("acme", "aardvark") == []
         assert Chunk.select().count() == 0
+        assert [(d.text, d.deleted_at is not None) for d in Document.select()] == [("", True)]
+        assert_full_text_index_consistent()
 
     def test_deleting_one_of_two_jobs_keeps_the_shared_document(self, ingest, drop, delete):
         """A document still referenced by a live job stays searchable."""

@@ -386,6 +386,40 @@ def test_migration_10_reads_new_chunks_text_from_their_documents_and_keeps_the_o
         db.close_store()
 
 
+def test_migration_14_drops_the_text_older_code_kept_of_deleted_documents(bare_url):
+    """Older code marked a deleted document and kept its text for good: migration 14 drops
+    that text (and any chunk left of it, out of the full-text index too) and keeps the live
+    documents searchable."""
+    from ingestd import search
+    from ingestd.config import ProjectConfig
+    from ingestd.models import database
+    from ingestd.sinks import Document
+    from ingestd.sinks.index import IndexSink
+    from test_index import assert_full_text_index_consistent
+
+    db.open_store(bare_url)
+    sink = IndexSink(ProjectConfig(name="acme", folders=()))
+    texts = ["a live okapi passage", "a secret walrus passage"]
+    with database.atomic():
+        live, gone = sink.ingest_many([(document, sink.parts_of(document)) for document in (
+            Document("acme", job_id, text, f"/drop/{job_id}.txt", f"{job_id}.txt",
+                     "text/plain", str(job_id) * 64, ((0, len(text)),))
+            for job_id, text in enumerate(texts, start=1))])
+    # As code of schema 13 left a deleted document: marked, its text kept (its chunk left too).
+    database.execute_sql(f"UPDATE documents SET deleted_at = 1 WHERE id = {gone}")
+    database.execute_sql("DELETE FROM schema_migrations WHERE version >= 14")
+    db.close_store()
+    db.open_store(bare_url)  # applies 14
+    try:
+        assert database.execute_sql("SELECT id, text FROM documents ORDER BY id").fetchall() == [
+            (live, texts[0]), (gone, "")]
+        assert database.execute_sql("SELECT count(*) FROM chunks").fetchone() == (1,)
+        assert [hit.document_id for hit in search.search("acme", "passage")] == [live]
+        assert_full_text_index_consistent()
+    finally:
+        db.close_store()
+
+
 def test_a_daemon_on_a_new_database_says_it_makes_one_not_ten_migrations(tmp_path):
     """A new database gets the whole schema: one `migrating` line for it, not one per
     migration, named after upgrades and repairs that never happened."""

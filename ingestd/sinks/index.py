@@ -61,5 +61,6 @@ class IndexSink(TextSink):
 
     def delete(self, document_id: int) -> None:
         with db.transaction():  # the worker's savepoint undoes it if the job's end fails
-            super().delete(document_id)
+            # The chunks first: SQLite takes their words out of FTS5 by reading the document.
             Chunk.delete().where(Chunk.document == document_id).execute()
+            super().delete(document_id)

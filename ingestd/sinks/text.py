@@ -70,5 +70,8 @@ class TextSink:
         """Store each document's parts under its id."""
 
     def delete(self, document_id: int) -> None:
-        (DocumentRow.update(deleted_at=time.time())
+        """Mark the document deleted and drop its text: deleting a job is how an operator takes
+        content out, and each new version of a file lets its old document go. The row stays,
+        as a deleted job's does (stats count the pages its job ingested)."""
+        (DocumentRow.update(deleted_at=time.time(), text="")
          .where(DocumentRow.id == document_id, DocumentRow.deleted_at.is_null()).execute())
