@@ -29,6 +29,7 @@ SINK_ERROR_CHOICES = ("fail", "warn")
 # Upper bounds: far above what any real setup needs, and within what the daemon's arithmetic
 # (timedelta, APScheduler intervals, thread waits, SQLite integers) handles.
 MAX_SECONDS = 365 * 24 * 3600  # one year, for every *_seconds key
+MIN_LEASE_SECONDS = 1.0
 MAX_RETENTION_DAYS = 36500  # a hundred years
 MAX_WORKERS = 256
 MAX_ATTEMPTS = 1000
@@ -146,6 +147,15 @@ def _at_most(limit: int, meaning: str = "") -> Check:
     return lambda value: None if value <= limit else f"must be at most {limit}{meaning}"
 
 
+def _at_least(limit: float, meaning: str = "") -> Check:
+    return lambda value: None if value >= limit else f"must be at least {limit:g}{meaning}"
+
+
+def _not_blank(value: str) -> str | None:
+    """A path key given as "" would name the config file's own folder."""
+    return None if value.strip() else "must not be empty"
+
+
 def _all(*checks: Check) -> Check:
     """The first thing ``checks`` (in order) find wrong."""
 
@@ -175,6 +185,10 @@ def _name_patterns(value: list[str]) -> str | None:
 
 def _not_empty(value: list[str]) -> str | None:
     return None if value else "must not be empty: the project would take no file"
+
+
+def _no_type_empty(value: list[str]) -> str | None:
+    return None if value else "must not be empty: every file would fail as a type not allowed"
 
 
 def _one_of(choices: tuple[str, ...]) -> Check:
@@ -210,10 +224,10 @@ PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "exclude": (*_STR_LIST, _name_patterns),
     "settle_seconds": (*_NUMBER, _DURATION_OR_ZERO),
     "max_bytes": (*_INT, _positive),
-    "allowed_types": (*_STR_LIST, None),
+    "allowed_types": (*_STR_LIST, _no_type_empty),
     "empty_files": (*_STR, _one_of(EMPTY_FILE_CHOICES)),
     "after": (*_STR, _one_of(AFTER_CHOICES)),
-    "move_to": (*_STR, None),
+    "move_to": (*_STR, _not_blank),
     "max_attempts": (*_INT, _all(_positive, _at_most(MAX_ATTEMPTS))),
     "job_timeout_seconds": (*_NUMBER, _DURATION),
     "recursive": (*_BOOL, None),
@@ -223,20 +237,22 @@ PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
 }
 
 DAEMON_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
-    "state_dir": (*_STR, None),
+    "state_dir": (*_STR, _not_blank),
     "database": (*_STR, None),
     "workers": (*_INT, _all(_positive, _at_most(MAX_WORKERS))),
-    "event_log": (*_STR, None),
-    "event_socket": (*_STR, None),
+    "event_log": (*_STR, _not_blank),
+    "event_socket": (*_STR, _not_blank),
     "socket_mode": (*_STR, _octal_mode),
     "rescan_seconds": (*_NUMBER, _DURATION),
     "event_retention_days": (*_NUMBER, _all(_finite, _positive,
                                             _at_most(MAX_RETENTION_DAYS, " (a hundred years)"))),
-    "lease_seconds": (*_NUMBER, _DURATION),
+    # A worker renews its leases every lease_seconds / 3, a database write each time: under a
+    # second the renewals fall behind, and live jobs are rescued as if their worker had died.
+    "lease_seconds": (*_NUMBER, _all(_DURATION, _at_least(MIN_LEASE_SECONDS))),
     "shutdown_grace_seconds": (*_NUMBER, _DURATION_OR_ZERO),
     "progress_events_per_second": (*_NUMBER, _all(_finite, _positive)),
     "subscriber_buffer_bytes": (*_INT, _positive),
-    "control_socket": (*_STR, None),
+    "control_socket": (*_STR, _not_blank),
     "metrics_address": (*_STR, _host_port),
 }
 
@@ -431,7 +447,23 @@ def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> Daemon
     values.setdefault("control_socket", runtime_dir / "control.sock")
     values.setdefault("workers", min(os.cpu_count() or 1, MAX_WORKERS))
     values.update(state_dir=state_dir, database=database)
+    _check_kinds(values, problems)
     return DaemonConfig(**values)
+
+
+def _check_kinds(values: Mapping[str, Any], problems: _Problems) -> None:
+    """The daemon makes its files and sockets itself: a folder already there under one of
+    their names (or a file under the state folder's) would stop it at start, with a message
+    naming neither the key nor this file."""
+    files = {key: values[key] for key in ("event_log", "event_socket", "control_socket")}
+    if (database := _sqlite_file(values["database"])) is not None:
+        files["database"] = database
+    for key, path in files.items():
+        if path.is_dir():
+            problems.add(f"daemon.{key}", f"{path}: is a folder (name a file in it)")
+    state_dir = values["state_dir"]
+    if state_dir.exists() and not state_dir.is_dir():
+        problems.add("daemon.state_dir", f"{state_dir}: not a folder")
 
 
 def _database(url: str | None, state_dir: Path, base: Path, problems: _Problems) -> str:
@@ -465,9 +497,8 @@ def _database(url: str | None, state_dir: Path, base: Path, problems: _Problems)
 
 def _sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL as :func:`_database` leaves it, else None."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url[len("sqlite:///"):])
-    return None
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _project(name: str, table: Mapping[str, Any], base: Path, daemon: DaemonConfig,

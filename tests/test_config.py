@@ -207,6 +207,47 @@ NO_HOME = "~ingestd-no-such-user/x"  # a ~user path that cannot be expanded
 
 
 @pytest.mark.parametrize("body, key, expected", [
+    ('[daemon]\nevent_socket = ""', "daemon.event_socket", "must not be empty"),
+    ('[daemon]\nstate_dir = " "', "daemon.state_dir", "must not be empty"),
+    ('[projects.acme]\nafter = "move"\nmove_to = ""', "projects.acme.move_to",
+     "must not be empty"),
+    ('[daemon]\ncontrol_socket = "made"', "daemon.control_socket",
+     "made: is a folder (name a file in it)"),
+    ('[daemon]\nevent_log = "made"', "daemon.event_log", "made: is a folder"),
+    ('[daemon]\ndatabase = "sqlite:///made"', "daemon.database", "made: is a folder"),
+    ('[daemon]\nstate_dir = "file.txt"', "daemon.state_dir", "file.txt: not a folder"),
+], ids=["empty-socket", "blank-state-dir", "empty-move-to", "socket-folder", "log-folder",
+        "database-folder", "state-dir-file"])
+def test_config_check_refuses_what_would_stop_the_daemon_at_start(tmp_path, drop, body, key,
+                                                                  expected):
+    """An empty path (it named the config's own folder), a folder where the daemon makes a file
+    or socket, a file where it keeps its state: `config check` passed them, and `run` then
+    failed at start with a message naming neither the key nor the file."""
+    (tmp_path / "made").mkdir()
+    (tmp_path / "file.txt").write_text("not a folder")
+    assert_one_problem(tmp_path, drop, body, key, expected)
+
+
+@pytest.mark.parametrize("overlap, refused", [(500, False), (501, True)])
+def test_a_chunk_overlap_over_half_the_chunk_size_is_refused(tmp_path, drop, overlap, refused):
+    """It was cut to half the size silently, while `config check` showed the value given."""
+    path = write_config(tmp_path, f"""
+        [projects.acme]
+        folders = ["{drop}"]
+        [projects.acme.sink]
+        chunk_size = 1000
+        chunk_overlap = {overlap}
+    """)
+    result = run_cli("config", "check", config=path)
+    if refused:
+        assert result.returncode == 1 and result.stderr.splitlines() == [
+            f"ingestd: {path}: projects.acme.sink.chunk_overlap: must be at most half of "
+            "chunk_size (500)"], result.stderr
+    else:
+        assert result.returncode == 0 and "chunk_overlap = 500" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("body, key, expected", [
     (f'[daemon]\ncontrol_socket = "{NO_HOME}"', "daemon.control_socket",
      "cannot expand ~ingestd-no-such-user"),
     (f'[daemon]\nevent_log = "{NO_HOME}"', "daemon.event_log", "cannot expand"),
@@ -228,7 +269,9 @@ def test_config_check_reports_a_path_that_cannot_be_resolved(tmp_path, drop, bod
     ('[defaults]\ninclude = ["**/*.txt"]', "defaults.include", "'**/*.txt' holds a '/'"),
     ("[projects.acme]\ninclude = []", "projects.acme.include",
      "must not be empty: the project would take no file"),
-], ids=["exclude-path", "include-path", "include-empty"])
+    ("[projects.acme]\nallowed_types = []", "projects.acme.allowed_types",
+     "must not be empty: every file would fail as a type not allowed"),
+], ids=["exclude-path", "include-path", "include-empty", "allowed-types-empty"])
 def test_config_check_refuses_patterns_that_never_match(tmp_path, drop, body, key, expected):
     """Patterns match names, so one with a "/" never matches: "archive/*" excluded nothing,
     "**/*.txt" took nothing, and an empty include took no file, all silently."""
@@ -240,6 +283,7 @@ def test_config_check_refuses_patterns_that_never_match(tmp_path, drop, body, ke
     ("[daemon]\nrescan_seconds = 1e308", "daemon.rescan_seconds", "must be at most 31536000"),
     ("[daemon]\nlease_seconds = inf", "daemon.lease_seconds", "must be a finite number"),
     ("[daemon]\nlease_seconds = 1e10", "daemon.lease_seconds", "must be at most 31536000"),
+    ("[daemon]\nlease_seconds = 0.001", "daemon.lease_seconds", "must be at least 1"),
     ("[daemon]\nshutdown_grace_seconds = nan", "daemon.shutdown_grace_seconds", "finite"),
     ("[daemon]\nevent_retention_days = inf", "daemon.event_retention_days", "finite"),
     ("[daemon]\nevent_retention_days = 1e9", "daemon.event_retention_days",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ingestd import chunking, db, words
 from ingestd.config import ProjectConfig
+from ingestd.errors import ConfigError
 from ingestd.extract import PDF
 from ingestd.models import Chunk, database
 from ingestd.sinks import Document
@@ -27,8 +28,10 @@ class IndexSink(TextSink):
     def __init__(self, project: ProjectConfig) -> None:
         super().__init__(project)
         self.size = self.option("chunk_size", chunking.DEFAULT_SIZE)
-        self.overlap = min(self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, minimum=0),
-                           self.size // 2)
+        self.overlap = self.option("chunk_overlap", chunking.DEFAULT_OVERLAP, minimum=0)
+        if self.overlap > self.size // 2:  # was cut to that silently; config check showed it not
+            raise ConfigError(f"projects.{project.name}.sink.chunk_overlap: must be at most "
+                              f"half of chunk_size ({self.size // 2})")
 
     def parts_of(self, document: Document) -> list[tuple]:
         pieces = chunking.chunk_text(document.text, document.pages, self.size, self.overlap,
