@@ -75,7 +75,7 @@ class Daemon:
         self._config_arg = config_arg
         self._signals = Inbox()
         self._stopping = False  # set in a signal handler: a plain flag, no lock
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # uptime: a stepped wall clock made it negative
         self.last_scan: dict[str, Any] | None = None
         self.notifier = Notifier()
         self.scheduler = new_scheduler(threads=4)
@@ -591,7 +591,7 @@ class Daemon:
             db.reset_connection()
         return {
             "pid": os.getpid(), "version": __version__, "node": self.owner,
-            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
             "config": str(self.config.source) if self.config.source else None,
             "database": db.describe(settings.database), "database_error": database_error,
             "projects": self._folders(),

@@ -229,6 +229,19 @@ def _sql(statement: str) -> str:
 _execute = execute
 
 
+# A queued job's not_before, when it may run: a time only while it waits out a retry's delay.
+# "Now" as the clock read was a time too, and a clock stepped back an hour left every job
+# queued before the step waiting an hour, while newer ones ran.
+DUE_NOW = 0.0
+# No delay is longer: a due time further ahead than this was set before a step back.
+MAX_DELAY_SECONDS = 3600.0
+
+
+def due_sql(clock: str) -> str:
+    """A row whose not_before has come, as SQL, ``clock`` being :func:`clock_sql`'s."""
+    return f"(not_before <= {clock} OR not_before > {clock} + {MAX_DELAY_SECONDS!r})"
+
+
 def clock_sql() -> str:
     """The database's clock in epoch seconds, as SQL. Leases and due times are set and compared
     with it, so nodes whose clocks disagree still agree on whose lease expired."""
@@ -487,7 +500,7 @@ def _insert_statement(project_id: str, rows: Sequence[tuple[int, FileVersion, st
                    is_deep_scan, key, stored_mtime_ns(version.mtime_ns),
                    stored_inode(version.inode), False, moment, moment)
     marks = ["?"] * (len(_INSERT_COLUMNS) - 1)
-    marks.insert(_INSERT_COLUMNS.index("not_before"), clock_sql())
+    marks.insert(_INSERT_COLUMNS.index("not_before"), str(DUE_NOW))
     values = ", ".join([f"({', '.join(marks)})"] * len(rows))
     return (f"INSERT INTO ingest_jobs ({', '.join(_INSERT_COLUMNS)}) VALUES {values} "
             f"ON CONFLICT (version_key) DO NOTHING RETURNING {_ALL_COLUMNS}", params)
@@ -674,7 +687,7 @@ def retry(project_id: str, job_id: int) -> Job:
     return _transition(job_id, project_id=project_id,
                        expect=[JobStatus.FAILED, JobStatus.CANCELLED], event=JOB_RETRYING,
                        action="retry", status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
-                       progress=0.0, attempts=0, not_before=Raw(clock_sql()), cancel_requested=False,
+                       progress=0.0, attempts=0, not_before=DUE_NOW, cancel_requested=False,
                        completed_at=None, error_message=None, message="retry requested", **_END)
 
 
@@ -723,7 +736,7 @@ def claim(owner: str, limit: int = 1, lease_seconds: float = 30.0,
         # subquery again during the update, and with SKIP LOCKED get other rows: more than n.
         rows = _execute(
             f"WITH due AS MATERIALIZED (SELECT id, {slow} AS alone FROM ingest_jobs "
-            f"WHERE status = 'queued' AND deleted_at IS NULL AND not_before <= {clock} "
+            f"WHERE status = 'queued' AND deleted_at IS NULL AND {due_sql(clock)} "
             f"{only}ORDER BY id LIMIT ?{lock}) "
             "UPDATE ingest_jobs SET status = 'running', lease_owner = ?, "
             f"lease_expires_at = {clock} + ?, attempts = attempts + 1, started_at = ?, "
@@ -843,7 +856,8 @@ def retry_later(job_id: int, owner: str, error_message: str, delay_seconds: floa
                            extra=["attempts < max_attempts", "NOT cancel_requested"],
                            status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
                            progress=0.0,
-                           not_before=Raw(f"{clock_sql()} + {float(delay_seconds)!r}"),
+                           not_before=Raw(f"{clock_sql()} + "
+                                          f"{min(float(delay_seconds), MAX_DELAY_SECONDS)!r}"),
                            error_message=error_message, **_END)
     except Conflict:
         job = Job.get_by_id(job_id)
@@ -879,7 +893,7 @@ def release(job_id: int, owner: str, reason: str = "re-queued at shutdown",
         return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING], event=JOB_REQUEUED,
                            action="release", extra=extra,
                            status=JobStatus.QUEUED.value, stage=Stage.INITIAL.value,
-                           progress=0.0, not_before=Raw(clock_sql()),
+                           progress=0.0, not_before=DUE_NOW,
                            attempts=Raw("attempts - 1"), message=reason, **_END)
     except Conflict:
         job = Job.get_by_id(job_id)
@@ -944,5 +958,5 @@ def _rescue_one(job: Job, still_expired: list[str]) -> Job:
                            error_message=gave_up(lost, job.attempts),
                            **common)
     return _transition(job.id, event=JOB_REQUEUED, status=JobStatus.QUEUED.value,
-                       stage=Stage.INITIAL.value, progress=0.0, not_before=Raw(clock_sql()),
+                       stage=Stage.INITIAL.value, progress=0.0, not_before=DUE_NOW,
                        message=f"re-queued: {lost}", **common)

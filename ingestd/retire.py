@@ -195,7 +195,7 @@ def _any_due(project_ids: list[str]) -> bool:
     takes no write lock."""
     marks = ", ".join("?" * len(project_ids))
     return _execute(f"SELECT 1 FROM sink_deletes WHERE project_id IN ({marks}) AND "
-                    f"not_before <= {jobs.clock_sql()} LIMIT 1", project_ids).fetchone() is not None
+                    f"{jobs.due_sql(jobs.clock_sql())} LIMIT 1", project_ids).fetchone() is not None
 
 
 def _claim_due(project_ids: list[str]) -> Owed | None:
@@ -203,8 +203,8 @@ def _claim_due(project_ids: list[str]) -> Owed | None:
     with transaction():
         row = _execute(
             f"UPDATE sink_deletes SET not_before = {clock} + ? WHERE id = (SELECT id FROM "
-            f"sink_deletes WHERE project_id IN ({marks}) AND not_before <= {clock} "
-            f"ORDER BY id LIMIT 1) AND not_before <= {clock} RETURNING {_COLUMNS}",
+            f"sink_deletes WHERE project_id IN ({marks}) AND {jobs.due_sql(clock)} "
+            f"ORDER BY id LIMIT 1) AND {jobs.due_sql(clock)} RETURNING {_COLUMNS}",
             (CLAIM_SECONDS, *project_ids)).fetchone()
     return None if row is None else Owed(*row)
 

@@ -38,7 +38,6 @@ from typing import Callable, Iterator
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
 
 
 from ingestd import db, jobs
@@ -49,6 +48,7 @@ from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
                               prepare)
 from ingestd.procpool import ExtractorPool
+from ingestd.scheduling import Scheduler
 from ingestd.sinks import OpenSinks, Sink, command
 
 log = structlog.get_logger(__name__)
@@ -100,7 +100,7 @@ class Running:
 class WorkerPool:
     """Claims and runs jobs; ``wake()`` when new jobs may be due."""
 
-    def __init__(self, config: Config, scheduler: BackgroundScheduler,
+    def __init__(self, config: Config, scheduler: Scheduler,
                  on_finished: Callable[[Job, Control], None] | None = None) -> None:
         self.config = config
         self.owner = node_owner()
@@ -664,8 +664,12 @@ class WorkerPool:
         Not for a lease_seconds after this pool itself could not reach the database: leases
         ran out meanwhile for the live workers as well (they could not renew them either), and
         each gives its jobs back, uncounted, at its next heartbeat. Rescued first, those jobs
-        had the attempt counted (with max_attempts = 1: failed for good)."""
-        if time.monotonic() - self._store_failed_at < self.config.daemon.lease_seconds:
+        had the attempt counted (with max_attempts = 1: failed for good). Nor for a
+        lease_seconds after the wall clock was stepped forward (SQLite's clock is this host's):
+        every lease looked expired, the live ones until their next heartbeat."""
+        lease = self.config.daemon.lease_seconds
+        if (time.monotonic() - self._store_failed_at < lease
+                or self._scheduler.clock_stepped_within(lease)):
             self.wake()
             return
         with self._noting_store_failure():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -456,6 +457,20 @@ class TestWorkerTransitions:
         jobs.claim("w1")
         jobs.retry_later(job.id, "w1", "busy", delay_seconds=3600)
         assert jobs.claim("w1") == []
+
+    def test_a_wall_clock_stepped_back_holds_no_job_back(self, any_store, job):
+        """A job due now is due whatever the clock reads later (its due time was the clock
+        read, so a step back of an hour left every job queued before it waiting an hour while
+        newer ones ran); a retry's due time further ahead than any delay can be was set before
+        a step back, and is due too. A delay within reach still holds its job back."""
+        assert Job.get_by_id(job.id).not_before == jobs.DUE_NOW
+        [claimed] = jobs.claim("w1")
+        jobs.retry_later(claimed.id, "w1", "busy", delay_seconds=600)
+        assert jobs.claim("w1") == []
+        moment = time.time()  # as a clock stepped back 2 h after the retry was set sees it
+        Job.update(not_before=moment + 600 + 7200).where(Job.id == job.id).execute()
+        assert [again.id for again in jobs.claim("w1")] == [job.id]
+        assert jobs.release(job.id, "w1").not_before == jobs.DUE_NOW
 
     def test_release_gives_the_attempt_back(self, any_store, job):
         """A job released at shutdown is queued again without using an attempt."""

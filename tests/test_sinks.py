@@ -1097,3 +1097,17 @@ class TestPluginsThatMisbehave:
             "failed", "internal error (see the daemon's log)")
         done = ingest("good.txt", "an ordinary document")
         assert (done.status, done.canonical_document_id) == ("completed", 1000 + done.id)
+
+
+def test_an_owed_delete_held_by_a_clock_stepped_back_is_due(cfg, store):
+    """An owed delete's due time further ahead than any delay can be was set before the wall
+    clock was stepped back: it is due (it waited out the step, an hour for an hour back). One
+    within reach still waits."""
+    project = replace(cfg.projects["acme"], sink=SinkConfig(
+        kind="command", options={"command": ["true"]}))
+    assert retire._record(project, 7, None) is not None  # due in FIRST_TRY_SECONDS
+    assert retire.retry_due([project], open_sink) == 0
+    db.execute("UPDATE sink_deletes SET not_before = ?",
+               (time.time() + retire.FIRST_TRY_SECONDS + 7200,))
+    assert retire.retry_due([project], open_sink) == 1
+    assert db.execute("SELECT count(*) FROM sink_deletes").fetchone() == (0,)

@@ -11,6 +11,7 @@ import sys
 import stat
 import textwrap
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Iterator
 
 import peewee as pw
 import pytest
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from conftest import PG_URL, wait_for
 from corpus import make_pdf
@@ -26,6 +26,7 @@ from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document, Event, Job
 from ingestd.pipeline import Control
+from ingestd.scheduling import Scheduler
 from ingestd.sinks.index import IndexSink
 from ingestd.work import WorkerPool
 
@@ -52,7 +53,7 @@ def test_a_group_ends_every_job_once_with_its_events_in_order(cfg, store, drop):
     """Ten small files claimed together all complete, each with one document and the events
     created, started, completed, numbered without gaps."""
     queue_files(cfg, drop, 10)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     claimed = jobs.claim(pool.owner, 16)
     assert len(claimed) == 10
     pool._run_batch([(job, Control()) for job in claimed], slot=0)
@@ -69,7 +70,7 @@ def test_a_job_cancelled_while_its_group_ends_is_cancelled_and_the_rest_complete
     jobs then end one by one: the cancelled one with no document, the others completed, and
     no event of the rolled-back attempt survives."""
     queue_files(cfg, drop, 6)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     claimed = jobs.claim(pool.owner, 16)
     victim = claimed[3]
     jobs.cancel("acme", victim.id)  # running: only flagged; the worker has not seen it yet
@@ -95,7 +96,7 @@ def test_a_group_of_new_files_duplicates_and_new_versions_ends_each_as_if_alone(
         backend, any_store, drop):
     """Fresh files end together; a copy of a file in the same group, a copy of a file ingested
     before, and a new version of a file ingested before end one by one, each as if alone."""
-    pool = WorkerPool(backend, BackgroundScheduler())
+    pool = WorkerPool(backend, Scheduler())
     (drop / "old.txt").write_text("the first version of old")
     (drop / "known.txt").write_text("content the project has")
     for name in ("old.txt", "known.txt"):
@@ -142,7 +143,7 @@ def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(
     """A constraint the database enforces on what a job's end writes fails that job, saying
     why, at its first try (released, it would come back at once, and its group with it, for
     ever); the jobs ending in its group complete. A PDF, which ends alone, likewise."""
-    pool = WorkerPool(backend, BackgroundScheduler())
+    pool = WorkerPool(backend, Scheduler())
     pool._sinks.keep(backend.projects["acme"], RefusingIndex(backend.projects["acme"]))
     names = ["fine-1.txt", "poison.txt", "fine-2.txt", "fine-3.txt"]
     for name in names:
@@ -207,7 +208,7 @@ def released_in_an_outage(cfg, drop: Path, shut_out) -> tuple[WorkerPool, Job]:
     backend = config_mod.with_database(cfg, url)
     db.open_store(backend.daemon.database)
     [queued] = queue_files(backend, drop, 1)
-    pool = WorkerPool(backend, BackgroundScheduler())
+    pool = WorkerPool(backend, Scheduler())
     [(_, control)] = pool._register(jobs.claim(pool.owner, 1))
     control.begun = True
     switch(out=True)
@@ -277,6 +278,26 @@ def test_no_rescue_right_after_an_outage_longer_than_the_lease(cfg, drop, shut_o
     assert (job.status, job.attempts) == ("queued", 0)
 
 
+def test_no_rescue_right_after_the_wall_clock_stepped_forward(cfg, store, drop, monkeypatch):
+    """A step of the wall clock forward makes every lease look expired, the live ones too
+    until their next heartbeat: a rescue then took back jobs whose workers were alive (run
+    twice, or failed with max_attempts = 1). A pool whose scheduler saw the step does not
+    rescue for a lease_seconds; one that saw none rescues the same job."""
+    [queued] = queue_files(cfg, drop, 1)
+    stepped, steady = Scheduler(), Scheduler()
+    [claimed] = jobs.claim("elsewhere", 1, cfg.daemon.lease_seconds)
+    Job.update(lease_expires_at=0).where(Job.id == claimed.id).execute()  # as after the step
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 7200)
+    stepped._keep_to_the_clock()  # the pass of its scheduler before the rescue's run
+    monkeypatch.undo()
+    WorkerPool(cfg, stepped).rescue()
+    assert Job.get_by_id(claimed.id).status == "running"
+    WorkerPool(cfg, steady).rescue()
+    job = Job.get_by_id(claimed.id)
+    assert (job.id, job.status, job.attempts) == (queued.id, "queued", 1)
+
+
 def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, drop):
     """PostgreSQL's tsvector holds at most 1 MB: a chunk past that (a project with a huge
     chunk_size) is refused on every try, as a program limit (an OperationalError, like a lost
@@ -285,7 +306,7 @@ def test_a_chunk_too_big_for_a_postgresql_tsvector_fails_its_job(cfg, pg_url, dr
     db.open_store(backend.daemon.database)
     try:
         project = backend.projects["acme"]
-        pool = WorkerPool(backend, BackgroundScheduler())
+        pool = WorkerPool(backend, Scheduler())
         pool._sinks.keep(project, IndexSink(replace(project, sink=replace(
             project.sink, kind="index", options={"chunk_size": 1_000_000}))))
         words = random.Random(5).sample(range(10**11, 10**12), 70_000)  # 13 bytes, all distinct
@@ -307,7 +328,7 @@ def test_the_last_group_of_a_batch_claims_the_next_batch_in_its_transaction(cfg,
     """One write transaction per batch: the group that ends a batch also claims the next one,
     whose jobs are then the worker's (their leases renewed by its heartbeat)."""
     queue_files(cfg, drop, 12)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     pool._job_seconds = 0.05 / 4  # batches of 4
     claimed = jobs.claim(pool.owner, 4)
     following = pool._run_batch(pool._register(claimed), slot=0)
@@ -342,7 +363,7 @@ def test_a_slot_extracts_its_next_pdf_while_the_last_one_is_still_ending(cfg, st
                                     "acme": replace(cfg.projects["acme"], sink=held)})
     queued = queue_files(config, drop, 2, lambda index: Path(make_pdf(
         drop / f"doc{index}.pdf", [f"page one of document {index}", "page two"])))
-    pool = WorkerPool(config, BackgroundScheduler())
+    pool = WorkerPool(config, Scheduler())
     first, second = (job.id for job in queued)
     slot = threading.Thread(target=pool._drain, args=(0,))
     try:
@@ -389,7 +410,7 @@ def test_a_slot_hands_a_pdfs_end_over_once_its_next_pdf_is_being_extracted(cfg, 
     queued = queue_files(cfg, drop, 3, lambda index: Path(make_pdf(
         drop / f"doc{index}.pdf", [f"page {page} of document {index}" for page in range(3)])))
     first, second, third = (job.id for job in queued)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     spied = Spied(pool)
     try:
         pool._drain(0)
@@ -406,7 +427,7 @@ def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, 
     down: the job ends on the slot's own thread (abandoned), it is not an error, and the job
     stays queued for the next start."""
     queue_files(cfg, drop, 1, lambda index: Path(make_pdf(drop / "late.pdf", ["late page"])))
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     [(job, control)] = pool._register(jobs.claim(pool.owner, 1))
     pool.stop(grace_seconds=0)
     pool._run(job, cfg.projects["acme"], control, slot=0)
@@ -421,7 +442,7 @@ def test_jobs_claimed_before_a_reload_removed_their_project_wait_for_it_again(cf
     not counted, where no slot takes them until the project is configured again."""
     queue_files(cfg, drop, 1)
     queue_files(cfg, drop, 1, lambda index: Path(make_pdf(drop / "b.pdf", ["page"])))
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     claimed = pool._register(jobs.claim(pool.owner, 10))
     assert len(claimed) == 2
     pool.reconfigure(replace(cfg, projects={}))
@@ -472,7 +493,7 @@ def test_a_claim_that_commits_after_stop_released_everything_is_released_before_
     commits later. Its jobs go back to the queue too, before stop() returns (the worker
     process exits right after): not left running until their lease expires."""
     [queued] = queue_files(cfg, drop, 1)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     slot = threading.Thread(target=pool._drain, args=(0,))
     stopping, at_return = stopper(pool, queued.id)
     with write_lock_taken(cfg) as lock_file:
@@ -495,7 +516,7 @@ def test_a_release_an_ending_thread_began_is_committed_before_stop_returns(cfg, 
     commit (the process exits right after stop returns): the job is queued, not left running
     until its lease expires."""
     [queued] = queue_files(cfg, drop, 1)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     [(job, _)] = pool._register(jobs.claim(pool.owner, 1))
     lost = pw.OperationalError("server closed the connection unexpectedly")
     ender = threading.Thread(target=pool._database_failed, args=([job], lost))
@@ -518,7 +539,7 @@ def test_the_heartbeat_shows_the_stage_of_a_long_step(cfg, store, drop):
     """A job in one stage for a while (a slow sink: no progress update comes meanwhile) is shown
     in that stage by the next heartbeat, once; a step shorter than that is not written."""
     [job] = queue_files(cfg, drop, 1)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     [(claimed, control)] = pool._register(jobs.claim(pool.owner, 1))
     control.begun = True
     control.enter("indexing")
@@ -537,7 +558,7 @@ def test_a_job_asked_to_cancel_during_a_long_step_still_shows_that_step(cfg, sto
     """A cancel asked for while a job waits on a slow sink (which a cancel waits for) flags the
     run and still writes the stage it is in: the row said `initial` until the sink answered."""
     [job] = queue_files(cfg, drop, 1)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     [(claimed, control)] = pool._register(jobs.claim(pool.owner, 1))
     control.begun = True
     control.enter("indexing")
@@ -554,7 +575,7 @@ def test_jobs_of_a_batch_taken_over_while_this_worker_stalled_are_forgotten(cfg,
     the batch's others are no longer its own. They stayed in its books, and its next stop
     warned "job_not_released" for each (47 after one stall)."""
     begun_job, waiting_job = queue_files(cfg, drop, 2)
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     [(_, begun), (_, waiting)] = pool._register(jobs.claim(pool.owner, 2))
     begun.begun = True
     jobs.rescue_owned([pool.owner])  # as the lease rescue of another worker would
@@ -578,7 +599,7 @@ def test_files_replaced_by_a_directory_or_a_socket_fail_at_once_saying_what_they
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(to_socket.source_path)
     try:
-        ended = {job.id: job for job in run_claimed(WorkerPool(cfg, BackgroundScheduler()))}
+        ended = {job.id: job for job in run_claimed(WorkerPool(cfg, Scheduler()))}
     finally:
         listener.close()
     assert [(ended[job.id].status, ended[job.id].attempts, ended[job.id].error_message)
@@ -595,7 +616,7 @@ def test_a_file_replaced_by_a_device_node_with_no_driver_says_so(cfg, store, dro
         os.mknod(job.source_path, 0o600 | stat.S_IFCHR, os.makedev(240, 0))
     except PermissionError:
         pytest.skip("making a device node needs root (CAP_MKNOD)")
-    [ended] = run_claimed(WorkerPool(cfg, BackgroundScheduler()))
+    [ended] = run_claimed(WorkerPool(cfg, Scheduler()))
     assert (ended.status, ended.attempts, ended.error_message) == (
         "failed", 1, "not a regular file (a character device)")
 
@@ -607,7 +628,7 @@ def test_a_name_not_in_utf8_and_a_name_written_as_its_escapes_are_two_paths(cfg,
     with open(undecodable, "wb") as out:
         out.write(b"the undecodable name's own text")
     (drop / "bad\\xff.txt").write_text("the literal name's own text")
-    pool = WorkerPool(cfg, BackgroundScheduler())
+    pool = WorkerPool(cfg, Scheduler())
     for path in (undecodable, drop / "bad\\xff.txt"):
         folder, version = intake.inspect(cfg.projects["acme"], path)
         jobs.create("acme", str(folder), version, 3)
