@@ -84,6 +84,11 @@ class Settler:
         self._on_directory = on_directory
         self._batch_size = batch_size
         self._pending: dict[str, Pending] = {}
+        # Paths noted but still in the inbox (how many notes each): pending too. A start scan
+        # fills the inbox with every file, drained a batch at a time, and the next scan took
+        # those it found still there for files whose events were lost, and noted them again.
+        self._queued: dict[str, int] = {}
+        self._queued_lock = threading.Lock()
         self._flushing = False
         self._heap: list[tuple[float, str]] = []
         self._stop = threading.Event()
@@ -93,6 +98,8 @@ class Settler:
 
     def note(self, path: str, what: str) -> None:
         """Record what happened to ``path`` (never blocks, never raises)."""
+        with self._queued_lock:
+            self._queued[path] = self._queued.get(path, 0) + 1
         self.inbox.put((path, what))
 
     def start(self) -> None:
@@ -126,7 +133,8 @@ class Settler:
         return len(self._pending)
 
     def is_pending(self, path: str) -> bool:
-        return path in self._pending
+        """Whether ``path`` was noted and has not become a job (or nothing) yet."""
+        return path in self._pending or path in self._queued
 
     # --- the settling thread ------------------------------------------------------------------
 
@@ -163,6 +171,11 @@ class Settler:
             pass
         for path, what in fold(notes):
             self._note(path, what)
+        with self._queued_lock:  # now in _pending, or decided
+            for path, _ in notes:
+                left = self._queued.pop(path, 0) - 1
+                if left > 0:
+                    self._queued[path] = left
 
     def _note(self, path: str, what: str) -> None:
         if not path:

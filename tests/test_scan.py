@@ -63,3 +63,25 @@ def test_a_path_too_long_to_reach_is_reported_not_skipped_in_silence(cfg, store,
         rescan(cfg)
     reasons = [entry["reason"] for entry in logs if entry["event"] == "scan_unreadable"]
     assert reasons == ["File name too long"], logs
+
+
+def test_files_still_in_the_settlers_inbox_are_not_missed_again(cfg, store, drop):
+    """A start scan notes every file at once, and the settler drains its inbox a batch at a
+    time: a scan meanwhile counted the files still in the inbox as missed by events (100,000
+    at a 300,000-file start), said so in its event and status, and noted them again."""
+    from ingestd.paths import ProjectMap
+    from ingestd.settle import Settler
+
+    for index in range(3):
+        (drop / f"{index}.txt").write_text(f"file {index}")
+    settler = Settler(ProjectMap(cfg.projects.values()), on_ready=lambda ready: None,
+                      on_directory=lambda path: None)  # not started: nothing drained yet
+
+    def scanned():
+        return scan.scan([cfg.projects["acme"]], settler.note, settler.is_pending,
+                         reason="timer").missed
+
+    assert scanned() == 3
+    assert scanned() == 0
+    settler._drain_inbox(0)  # both scans' notes, folded: each file is settling now
+    assert scanned() == 0 and all(settler.is_pending(str(drop / f"{i}.txt")) for i in range(3))
