@@ -76,6 +76,9 @@ class EventFilter:
     def matches(self, event_type: str, project: str | None) -> bool:
         if self.project is not None and project != self.project:
             return False
+        return self.matches_type(event_type)
+
+    def matches_type(self, event_type: str) -> bool:
         if not self.types:
             return True
         short = short_type(event_type)
@@ -358,22 +361,21 @@ class Follower:
 def recent_rows(selection: EventFilter, count: int = RECENT,
                 upto: int | None = None) -> list[Event]:
     """The newest ``count`` retained events (up to sequence ``upto``) that pass the filter,
-    oldest first. Walks back in batches, so that ``--type daemon.*`` finds daemon events
-    behind thousands of job events."""
-    found: list[Event] = []
-    below: int | None = None if upto is None else upto + 1
-    while len(found) < count:
-        query = Event.select().order_by(Event.seq.desc()).limit(events.REPLAY_BATCH)
-        if below is not None:
-            query = query.where(Event.seq < below)
-        if selection.project is not None:
-            query = query.where(Event.project_id == selection.project)
-        batch = list(query)
-        found += [row for row in batch if selection.matches(row.type, row.project_id)]
-        if len(batch) < events.REPLAY_BATCH:
-            break
-        below = batch[-1].seq
-    return list(reversed(found[:count]))
+    oldest first. The ``--type`` patterns are matched against the few types the events have,
+    and the database looks for those: walking back through the rows to match each in Python
+    took 14 s over 930,000 events for a type that had none."""
+    query = Event.select().order_by(Event.seq.desc()).limit(count)
+    if upto is not None:
+        query = query.where(Event.seq <= upto)
+    if selection.project is not None:
+        query = query.where(Event.project_id == selection.project)
+    if selection.types:
+        kinds = [kind for (kind,) in Event.select(Event.type).distinct().tuples()
+                 if selection.matches_type(kind)]
+        if not kinds:
+            return []
+        query = query.where(Event.type.in_(kinds))
+    return list(reversed(list(query)))
 
 
 def _print_recent(printer: Printer, selection: EventFilter, upto: int | None = None) -> None:

@@ -526,6 +526,12 @@ class TestReplay:
         command = site.events("--type", "daemon.*", "--format", "json")
         assert command.finish() == 0
         assert command.sequences() == [started]
+        command = site.events("--type", "io.ingestd.file.*", "-p", "acme", "--format", "json")
+        assert command.finish() == 0
+        assert command.sequences() == list(range(last_seq() - 19, last_seq() + 1))
+        for none in (["--type", "job.failed"], ["--type", "daemon.*", "-p", "acme"]):
+            command = site.events(*none, "--format", "json")
+            assert command.finish() == 0 and command.sequences() == [], none
 
     def test_follow_alone_prints_the_last_20_then_what_comes(self, site):
         """-f without --since starts as `tail -f` does: the newest 20, then live ones."""
