@@ -729,6 +729,9 @@ def test_out_of_file_descriptors_the_sockets_wait_then_serve_again(start, tmp_pa
     wait_for(lambda: _answers(state / "control.sock"), timeout=10, message="status answering")
 
     subscriber = Subscriber(state / "events.sock")
+    # Taken in (not waiting in the backlog while accepting still pauses): it gets what comes.
+    wait_for(lambda: query(state / "control.sock", timeout=5)["events"]["subscribers"] == 1,
+             timeout=10, message="the new subscriber accepted")
     (tmp_path / "drop" / "after.txt").write_text("after the crowd left")
     wait_for(lambda: any(event["type"] == "io.ingestd.job.completed"
                          for event in subscriber.lines), timeout=30,
