@@ -271,8 +271,9 @@ class Daemon:
 
     def _stop_overdue(self) -> None:
         log.error("stop_overdue", seconds=self.config.daemon.shutdown_grace_seconds
-                  + STOP_OVERDUE_SECONDS, reason="the database did not take the stop's writes "
-                  "(its write lock held elsewhere, or it does not answer)",
+                  + STOP_OVERDUE_SECONDS, reason="the stop did not end in time; most often "
+                  "the database did not take its writes (its write lock held elsewhere, or it "
+                  "does not answer)",
                   then="exiting now (exit code 1): the next start re-queues the jobs left running")
         self.pool.kill()
         os._exit(1)
