@@ -170,13 +170,13 @@ class WorkerPool:
                                     executor="workers", misfire_grace_time=None,
                                     replace_existing=True)
 
-    def stop(self, grace_seconds: float) -> None:
+    def stop(self, grace_seconds: float, reason: str = "re-queued at shutdown") -> None:
         """Stop claiming; give running jobs ``grace_seconds`` to end, then re-queue the rest
-        (claimed jobs whose turn had not come are re-queued at once)."""
+        (claimed jobs whose turn had not come are re-queued at once), with ``reason``."""
         self._stopping.set()
-        self._release(lambda running: not running.control.begun)
+        self._release(lambda running: not running.control.begun, reason)
         _wait_while(lambda: self.busy or self._disposing, grace_seconds)
-        self._release(lambda running: True)
+        self._release(lambda running: True, reason)
         command.stop_all()  # their jobs are back in the queue: no ingest may finish now
         # A slot or an ending thread whose sink program was just killed returns at once and
         # logs what became of its job (job_abandoned): let it, rather than exit under it.

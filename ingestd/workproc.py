@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
+# What the jobs a worker process gives back say when its daemon died (SIGKILL, a crash).
+ORPHANED = "re-queued: the daemon's process is gone"
 # What stops a child: the parent-reader thread posts it when the parent says "stop" or is gone
 # (the child ignores the signal itself: see child_main).
 STOP = signal.SIGTERM
@@ -251,6 +253,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     logging_setup.configure(log_level)
     stop = Inbox()
     grace = [config.daemon.shutdown_grace_seconds]
+    why = ["re-queued at shutdown"]  # what the jobs given back at the stop say
     # Ctrl-C in a terminal reaches the whole process group, and so does a SIGTERM from a shell's
     # `kill %1`, `timeout` or a supervisor that signals the group: the parent alone decides,
     # and tells its children to stop (a child that stopped on its own was reported dead, the
@@ -274,12 +277,12 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     pool.start()
     scheduler.start()
     report.send(("hello", pool.owner, pool.wait_ready(START_TIMEOUT_SECONDS)))
-    reader = threading.Thread(target=_read_parent, args=(conn, pool, stop, grace),
+    reader = threading.Thread(target=_read_parent, args=(conn, pool, stop, grace, why),
                               name="parent-reader", daemon=True)
     reader.start()
     while not stop.wait(REPORT_SECONDS):
         report.flush()
-    pool.stop(grace[0])
+    pool.stop(grace[0], why[0])
     report.flush()
     scheduler.shutdown(wait=False)
     db.close_store()
@@ -321,11 +324,13 @@ class _Reporter:
             pass  # the parent is gone: the reader thread stops this process
 
 
-def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float]) -> None:
+def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float],
+                 why: list[str]) -> None:
     while True:
         try:
             message = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
+        except (EOFError, OSError):  # the parent is gone (killed: nothing shut down)
+            why[0] = ORPHANED
             stop.post(STOP)
             return
         kind = message[0]

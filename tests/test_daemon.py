@@ -1000,7 +1000,8 @@ class TestWorkerProcesses:
     def test_worker_processes_requeue_and_exit_when_the_daemon_is_killed(self, make_daemon,
                                                                          folders, tmp_path):
         """SIGKILL the daemon: its worker processes see it gone, put their jobs back in the
-        queue within the grace period and exit."""
+        queue within the grace period, saying why (not "at shutdown": nothing shut down), and
+        exit."""
         sink, release = blocking_sink(tmp_path)
         daemon = make_daemon("shutdown_grace_seconds = 1", acme_extra=sink)
         pids = self.worker_pids(daemon)
@@ -1011,7 +1012,8 @@ class TestWorkerProcesses:
                  message="worker processes exited")
         job = wait_job(path, "queued")
         release.touch()  # the orphaned sink command exits
-        assert job.message == "re-queued at shutdown" and job.lease_owner is None
+        assert job.message == "re-queued: the daemon's process is gone"
+        assert job.lease_owner is None
 
 
 def test_event_rows_exist_for_every_job_transition(daemon, folders):
