@@ -650,8 +650,10 @@ def cancel(project_id: str, job_id: int) -> Job:
     if job.status == JobStatus.RUNNING and job.cancel_requested:
         return job  # asked already: nothing changes, so no second event
     if job.status == JobStatus.RUNNING:
+        # The message shows it (cancel_requested is not one of the job's fields).
         return _transition(job_id, project_id=project_id, expect=[JobStatus.RUNNING],
-                           event=JOB_CANCEL_REQUESTED, action="cancel", cancel_requested=True)
+                           event=JOB_CANCEL_REQUESTED, action="cancel", cancel_requested=True,
+                           message="cancellation requested")
     raise Conflict(f"cannot cancel job {job_id}: it is {job.status}, not queued or running")
 
 

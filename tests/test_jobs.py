@@ -285,10 +285,12 @@ class TestOperatorTransitions:
             "cancelled", "cancelled while it waited to be retried")
 
     def test_cancel_a_running_job_flags_it(self, any_store, job):
-        """A running job stays running, flagged; the worker ends it cancelled at its next check."""
+        """A running job stays running, flagged, its message saying so (the flag is no field of
+        the contract's); the worker ends it cancelled at its next check."""
         jobs.claim("w1")
         flagged = jobs.cancel("acme", job.id)
         assert flagged.status == "running" and flagged.cancel_requested
+        assert jobs.job_record(Job.get_by_id(job.id))["message"] == "cancellation requested"
         assert jobs.heartbeat("w1", [job.id], 30) == {job.id: True}
         assert jobs.finish_cancelled(job.id, "w1").status == "cancelled"
         assert event_types(job.id) == ["created", "started", "cancel_requested", "cancelled"]
