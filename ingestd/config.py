@@ -459,11 +459,20 @@ def _check_kinds(values: Mapping[str, Any], problems: _Problems) -> None:
     if (database := _sqlite_file(values["database"])) is not None:
         files["database"] = database
     for key, path in files.items():
-        if path.is_dir():
+        if _kind(path) == stat.S_IFDIR:
             problems.add(f"daemon.{key}", f"{path}: is a folder (name a file in it)")
     state_dir = values["state_dir"]
-    if state_dir.exists() and not state_dir.is_dir():
+    if _kind(state_dir) not in (None, stat.S_IFDIR):
         problems.add("daemon.state_dir", f"{state_dir}: not a folder")
+
+
+def _kind(path: Path) -> int | None:
+    """The file type of ``path`` (stat.S_IF*), None if it is not there or cannot be looked at
+    (a folder this user may not search: the daemon, maybe another user, says so itself)."""
+    try:
+        return stat.S_IFMT(path.stat().st_mode)
+    except (OSError, ValueError):
+        return None
 
 
 def _database(url: str | None, state_dir: Path, base: Path, problems: _Problems) -> str:

@@ -75,7 +75,9 @@ class Daemon:
         self._config_arg = config_arg
         self._signals = Inbox()
         self._stopping = False  # set in a signal handler: a plain flag, no lock
-        self.started_at = time.monotonic()  # uptime: a stepped wall clock made it negative
+        # Uptime by the clock that a wall-clock step does not move (a negative uptime was
+        # seen) and a suspend does not stop.
+        self.started_at = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.last_scan: dict[str, Any] | None = None
         self.notifier = Notifier()
         self.scheduler = new_scheduler(threads=4)
@@ -592,7 +594,8 @@ class Daemon:
             db.reset_connection()
         return {
             "pid": os.getpid(), "version": __version__, "node": self.owner,
-            "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            "uptime_seconds": round(time.clock_gettime(time.CLOCK_BOOTTIME)
+                                    - self.started_at, 3),
             "config": str(self.config.source) if self.config.source else None,
             "database": db.describe(settings.database), "database_error": database_error,
             "projects": self._folders(),

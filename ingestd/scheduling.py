@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -33,27 +34,42 @@ class Scheduler(BackgroundScheduler):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._clock_offset = time.time() - time.monotonic()
+        self._clock_lock = threading.Lock()
+        offset = _clock_offset()
+        self._clock_offset = time.time() - time.monotonic() if offset is None else offset
         self._stepped_at = -float("inf")  # time.monotonic() of the last step seen
 
     def clock_stepped_within(self, seconds: float) -> bool:
-        """Whether the wall clock was seen stepped in the last ``seconds``."""
+        """Whether the wall clock was stepped in the last ``seconds`` (looked at now too: a
+        step since the scheduler's last pass counts)."""
+        self._look_at_the_clock()
         return time.monotonic() - self._stepped_at < seconds
 
     def _process_jobs(self) -> float | None:
         self._keep_to_the_clock()
         return super()._process_jobs()
 
+    def _look_at_the_clock(self) -> None:
+        offset = _clock_offset()
+        if offset is None:
+            return
+        with self._clock_lock:
+            if abs(offset - self._clock_offset) >= CLOCK_STEP_SECONDS:
+                self._stepped_at = time.monotonic()
+            self._clock_offset = offset
+
     def _keep_to_the_clock(self) -> None:
-        offset = time.time() - time.monotonic()
-        if abs(offset - self._clock_offset) >= CLOCK_STEP_SECONDS:
-            self._stepped_at = time.monotonic()
-        self._clock_offset = offset
+        """On the scheduler's thread, before its pass: as _process_jobs changes jobs (through
+        their store: modify_job would look a job up among the pending ones once a shutdown
+        marked the scheduler stopped, and kill this thread when it is not there)."""
+        self._look_at_the_clock()
         now = datetime.now(self.timezone)
         with self._jobstores_lock:
-            for job in self.get_jobs():
-                if job.next_run_time is not None and _out_of_step(job, now):
-                    self.modify_job(job.id, next_run_time=now)
+            for store in self._jobstores.values():
+                for job in store.get_all_jobs():
+                    if job.next_run_time is not None and _out_of_step(job, now):
+                        job._modify(next_run_time=now)
+                        store.update_job(job)
 
     def remove_job(self, job_id: str, jobstore: str | None = None) -> None:
         """``shutdown()`` marks the scheduler stopped without taking its lock. A pass of the
@@ -66,6 +82,15 @@ class Scheduler(BackgroundScheduler):
         except JobLookupError:
             if self.state != STATE_STOPPED:
                 raise
+
+
+def _clock_offset() -> float | None:
+    """The wall clock less the monotonic one; None if this thread was held up between the
+    readings (a SIGSTOP, another thread holding the GIL), which would look like a step."""
+    before = time.monotonic()
+    wall = time.time()
+    after = time.monotonic()
+    return None if after - before > 0.1 else wall - (before + after) / 2
 
 
 def _out_of_step(job: Job, now: datetime) -> bool:

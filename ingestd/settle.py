@@ -134,7 +134,8 @@ class Settler:
 
     def is_pending(self, path: str) -> bool:
         """Whether ``path`` was noted and has not become a job (or nothing) yet."""
-        return path in self._pending or path in self._queued
+        # _queued first: a path leaves it only once in _pending (or decided).
+        return path in self._queued or path in self._pending
 
     # --- the settling thread ------------------------------------------------------------------
 
@@ -169,13 +170,15 @@ class Settler:
                 notes.append(self.inbox.get_nowait())
         except queue.Empty:
             pass
-        for path, what in fold(notes):
-            self._note(path, what)
-        with self._queued_lock:  # now in _pending, or decided
-            for path, _ in notes:
-                left = self._queued.pop(path, 0) - 1
-                if left > 0:
-                    self._queued[path] = left
+        try:
+            for path, what in fold(notes):
+                self._note(path, what)
+        finally:  # now in _pending, or decided (or lost to a bug: _run logs it)
+            with self._queued_lock:
+                for path, _ in notes:
+                    left = self._queued.pop(path, 0) - 1
+                    if left > 0:
+                        self._queued[path] = left
 
     def _note(self, path: str, what: str) -> None:
         if not path:

@@ -665,8 +665,8 @@ class WorkerPool:
         ran out meanwhile for the live workers as well (they could not renew them either), and
         each gives its jobs back, uncounted, at its next heartbeat. Rescued first, those jobs
         had the attempt counted (with max_attempts = 1: failed for good). Nor for a
-        lease_seconds after the wall clock was stepped forward (SQLite's clock is this host's):
-        every lease looked expired, the live ones until their next heartbeat."""
+        lease_seconds after this host's wall clock was stepped: forward, every lease judged by
+        it (SQLite's) looked expired, the live ones until their next heartbeat."""
         lease = self.config.daemon.lease_seconds
         if (time.monotonic() - self._store_failed_at < lease
                 or self._scheduler.clock_stepped_within(lease)):

@@ -23,6 +23,7 @@ from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
 from ingestd.sinks import Document as SinkDocument, open_sink
 from ingestd.sinks.index import SLICED_UP_TO, IndexSink
+from ingestd.sinks.text import TextSink
 
 import corpus
 from conftest import run_cli, wait_for
@@ -771,6 +772,16 @@ class TestDeletes:
         assert search.search("acme", "aardvark") == []
         assert Chunk.select().count() == 0
         assert [(d.text, d.deleted_at is not None) for d in Document.select()] == [("", True)]
+        assert_full_text_index_consistent()
+
+    def test_the_text_sink_deletes_what_the_index_made(self, ingest, drop, cfg):
+        """After a reload from the index to the text sink, a document the index made is
+        deleted by the text sink: its chunks go too, out of the full-text index (they stayed,
+        their words searchable in no document, and FTS5 was to be given an empty text for
+        them: a corrupt index)."""
+        job = ingest(write(drop / "a.txt", "a tapir in the index"))
+        TextSink(cfg.projects["acme"]).delete(job.canonical_document_id)
+        assert Chunk.select().count() == 0 and search.search("acme", "tapir") == []
         assert_full_text_index_consistent()
 
     def test_deleting_one_of_two_jobs_keeps_the_shared_document(self, ingest, drop, delete):

@@ -281,17 +281,16 @@ def test_no_rescue_right_after_an_outage_longer_than_the_lease(cfg, drop, shut_o
 def test_no_rescue_right_after_the_wall_clock_stepped_forward(cfg, store, drop, monkeypatch):
     """A step of the wall clock forward makes every lease look expired, the live ones too
     until their next heartbeat: a rescue then took back jobs whose workers were alive (run
-    twice, or failed with max_attempts = 1). A pool whose scheduler saw the step does not
-    rescue for a lease_seconds; one that saw none rescues the same job."""
+    twice, or failed with max_attempts = 1). A pool sees the step even before its scheduler's
+    next pass and does not rescue for a lease_seconds; one that saw none rescues the job."""
     [queued] = queue_files(cfg, drop, 1)
     stepped, steady = Scheduler(), Scheduler()
     [claimed] = jobs.claim("elsewhere", 1, cfg.daemon.lease_seconds)
     Job.update(lease_expires_at=0).where(Job.id == claimed.id).execute()  # as after the step
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 7200)
-    stepped._keep_to_the_clock()  # the pass of its scheduler before the rescue's run
-    monkeypatch.undo()
     WorkerPool(cfg, stepped).rescue()
+    monkeypatch.undo()
     assert Job.get_by_id(claimed.id).status == "running"
     WorkerPool(cfg, steady).rescue()
     job = Job.get_by_id(claimed.id)

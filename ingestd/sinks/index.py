@@ -10,7 +10,7 @@ from ingestd import chunking, db, words
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.extract import PDF
-from ingestd.models import Chunk, database
+from ingestd.models import database
 from ingestd.sinks import Document
 from ingestd.sinks.text import TextSink
 
@@ -61,9 +61,3 @@ class IndexSink(TextSink):
             database.execute_sql(
                 "INSERT INTO chunks_fts (rowid, text) SELECT id, text FROM chunk_texts "
                 f"WHERE document_id IN ({', '.join([database.param] * len(ids))})", ids)
-
-    def delete(self, document_id: int) -> None:
-        with db.transaction():  # the worker's savepoint undoes it if the job's end fails
-            # The chunks first: SQLite takes their words out of FTS5 by reading the document.
-            Chunk.delete().where(Chunk.document == document_id).execute()
-            super().delete(document_id)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from ingestd import db
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.models import Document as DocumentRow, database
+from ingestd.models import Chunk as ChunkRow, Document as DocumentRow, database
 from ingestd.sinks import Document
 
 
@@ -70,8 +70,12 @@ class TextSink:
         """Store each document's parts under its id."""
 
     def delete(self, document_id: int) -> None:
-        """Mark the document deleted and drop its text: deleting a job is how an operator takes
-        content out, and each new version of a file lets its old document go. The row stays,
-        as a deleted job's does (stats count the pages its job ingested)."""
-        (DocumentRow.update(deleted_at=time.time(), text="")
-         .where(DocumentRow.id == document_id, DocumentRow.deleted_at.is_null()).execute())
+        """Mark the document deleted and drop its text and chunks: deleting a job is how an
+        operator takes content out, and each new version of a file lets its old document go.
+        The row stays, as a deleted job's does (stats count the pages its job ingested).
+        Chunks too, here: the document may be the index's, from before a reload to this sink."""
+        with db.transaction():  # the worker's savepoint undoes it if the job's end fails
+            # The chunks first: SQLite takes their words out of FTS5 by reading the document.
+            ChunkRow.delete().where(ChunkRow.document == document_id).execute()
+            (DocumentRow.update(deleted_at=time.time(), text="")
+             .where(DocumentRow.id == document_id, DocumentRow.deleted_at.is_null()).execute())
