@@ -107,8 +107,12 @@ def scan(projects: list[ProjectConfig], note: Callable[[str, str], None],
 
 def _note_unknown(project: ProjectConfig, batch: list[tuple[str, str]],
                   note: Callable[[str, str], None], is_pending: Callable[[str], bool]) -> int:
-    """Note the files of ``batch`` without a job; dispose of those whose job ended and whose
-    original should be gone (a crash or a failed move came between)."""
+    """Note the files of ``batch`` without a job, and count them as missed by events; dispose
+    of those whose job ended and whose original should be gone (a crash or a failed move came
+    between). The settler's files are passed by (asked before the database, so a job made
+    meanwhile is seen there): a start scan's files wait in its inbox, and a scan took them for
+    missed and noted them again (each looked at and inserted twice)."""
+    batch = [(path, key) for path, key in batch if not is_pending(path)]
     if not batch:
         return 0
     known = jobs.existing_version_keys([key for _, key in batch])
@@ -118,7 +122,6 @@ def _note_unknown(project: ProjectConfig, batch: list[tuple[str, str]],
     missed = 0
     for path, key in batch:
         if key not in known and not intake.skipped_before(project, key):
-            if not is_pending(path):
-                missed += 1
+            missed += 1
             note(path, FOUND)
     return missed

@@ -89,6 +89,8 @@ class Settler:
         # those it found still there for files whose events were lost, and noted them again.
         self._queued: dict[str, int] = {}
         self._queued_lock = threading.Lock()
+        # Paths out of _pending whose jobs are being created: pending until that committed.
+        self._in_flight: set[str] = set()
         self._flushing = False
         self._heap: list[tuple[float, str]] = []
         self._stop = threading.Event()
@@ -134,8 +136,8 @@ class Settler:
 
     def is_pending(self, path: str) -> bool:
         """Whether ``path`` was noted and has not become a job (or nothing) yet."""
-        # _queued first: a path leaves it only once in _pending (or decided).
-        return path in self._queued or path in self._pending
+        # In the order a path goes through them: it is put in the next before it leaves one.
+        return path in self._queued or path in self._pending or path in self._in_flight
 
     # --- the settling thread ------------------------------------------------------------------
 
@@ -147,7 +149,10 @@ class Settler:
         while not self._stop.is_set():
             try:
                 self._drain_inbox(self._wait_time())
-                self._flush(self._due_files())
+                try:
+                    self._flush(self._due_files())
+                finally:
+                    self._in_flight.clear()
             except Exception:  # a bug here must not stop settling for good
                 log.exception("settler_error")
                 time.sleep(0.5)
@@ -263,12 +268,14 @@ class Settler:
                              if entry.scanned else entry.close_wait_until)
                 heapq.heappush(self._heap, (entry.due, path))
                 return None
-        del self._pending[path]
         if entry.projects is not self.projects:  # reloaded meanwhile: the project as it is now
             found = self.projects.wanted_in(path)
-            if found is None:
-                return None  # its project (or folder) is no longer watched, or it is excluded
+            if found is None:  # its project (or folder) is no longer watched, or it is excluded
+                del self._pending[path]
+                return None
             entry.project, entry.folder = found
+        self._in_flight.add(path)  # until its job is made (see is_pending)
+        del self._pending[path]
         return Ready(entry.project, path, current, entry.folder)
 
     def _flush(self, ready: list[Ready]) -> None:

@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -228,4 +229,31 @@ def test_the_settling_thread_takes_no_signal(cfg):
                  message="the settling thread to block signals")
         assert {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1} <= ASYNC_SIGNALS
     finally:
+        s.stop()
+
+
+def test_a_file_whose_job_is_being_made_is_still_pending(cfg, drop):
+    """Between leaving the settler's waiting files and its job's commit a file was in neither
+    place: a scan then took it for one the events had missed, and noted it again."""
+    path = drop / "old.txt"
+    path.write_text("settled long ago")
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # a scan's find of it is due at once
+    called, release = threading.Event(), threading.Event()
+
+    def making(ready):
+        called.set()
+        release.wait(timeout=30)
+
+    s = Settler(ProjectMap(cfg.projects.values()), on_ready=making,
+                on_directory=lambda path: None)
+    s.start()
+    try:
+        s.note(str(path), FOUND)
+        assert called.wait(timeout=10)
+        assert s.is_pending(str(path))  # its job is being made
+        release.set()
+        wait_for(lambda: not s.is_pending(str(path)), timeout=10, message="the job made")
+    finally:
+        release.set()
         s.stop()
