@@ -400,7 +400,7 @@ def from_mapping(raw: Mapping[str, Any], file: Path | None, base: Path | None = 
     for key in raw:
         if key not in ("daemon", "defaults", "projects"):
             problems.add(key, "unknown section (known: daemon, defaults, projects)")
-    daemon = _daemon(_table(raw, "daemon", problems), base, problems)
+    daemon = _daemon(_table(raw, "daemon", problems), base, problems, folders_must_exist)
     defaults = _check_table(_table(raw, "defaults", problems), PROJECT_KEYS, "defaults.",
                             problems)
     if defaults.pop("folders", None) is not None:
@@ -429,7 +429,11 @@ def _table(raw: Mapping[str, Any], key: str, problems: _Problems) -> Mapping[str
     return value
 
 
-def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> DaemonConfig:
+def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems,
+            for_a_start: bool = True) -> DaemonConfig:
+    """``for_a_start``: also refuse what would stop a daemon at its start (see _check_kinds).
+    Not for a look at a running one: its event log's path may be a folder now, which it
+    reports (`status`)."""
     values = _check_table(table, DAEMON_KEYS, "daemon.", problems)
     for key in PATH_KEYS & values.keys():
         path = _path(base, values.pop(key), f"daemon.{key}", problems)
@@ -447,7 +451,8 @@ def _daemon(table: Mapping[str, Any], base: Path, problems: _Problems) -> Daemon
     values.setdefault("control_socket", runtime_dir / "control.sock")
     values.setdefault("workers", min(os.cpu_count() or 1, MAX_WORKERS))
     values.update(state_dir=state_dir, database=database)
-    _check_kinds(values, problems)
+    if for_a_start:
+        _check_kinds(values, problems)
     return DaemonConfig(**values)
 
 
