@@ -147,8 +147,8 @@ def _at_most(limit: int, meaning: str = "") -> Check:
     return lambda value: None if value <= limit else f"must be at most {limit}{meaning}"
 
 
-def _at_least(limit: float, meaning: str = "") -> Check:
-    return lambda value: None if value >= limit else f"must be at least {limit:g}{meaning}"
+def _at_least(limit: float) -> Check:
+    return lambda value: None if value >= limit else f"must be at least {limit:g}"
 
 
 def _not_blank(value: str) -> str | None:
@@ -183,12 +183,8 @@ def _name_patterns(value: list[str]) -> str | None:
     return None
 
 
-def _not_empty(value: list[str]) -> str | None:
-    return None if value else "must not be empty: the project would take no file"
-
-
-def _no_type_empty(value: list[str]) -> str | None:
-    return None if value else "must not be empty: every file would fail as a type not allowed"
+def _not_empty(why: str) -> Check:
+    return lambda value: None if value else f"must not be empty: {why}"
 
 
 def _one_of(choices: tuple[str, ...]) -> Check:
@@ -220,11 +216,11 @@ _STR_LIST = ((list,), "a list of strings")
 
 PROJECT_KEYS: dict[str, tuple[tuple[type, ...], str, Check | None]] = {
     "folders": (*_STR_LIST, None),
-    "include": (*_STR_LIST, _all(_not_empty, _name_patterns)),
+    "include": (*_STR_LIST, _all(_not_empty("the project would take no file"), _name_patterns)),
     "exclude": (*_STR_LIST, _name_patterns),
     "settle_seconds": (*_NUMBER, _DURATION_OR_ZERO),
     "max_bytes": (*_INT, _positive),
-    "allowed_types": (*_STR_LIST, _no_type_empty),
+    "allowed_types": (*_STR_LIST, _not_empty("every file would fail as a type not allowed")),
     "empty_files": (*_STR, _one_of(EMPTY_FILE_CHOICES)),
     "after": (*_STR, _one_of(AFTER_CHOICES)),
     "move_to": (*_STR, _not_blank),
