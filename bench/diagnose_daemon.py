@@ -34,7 +34,8 @@ import bench_daemon as bench  # noqa: E402
 
 from ingestd import config as config_mod, db, intake, jobs, log, pipeline, scan  # noqa: E402
 from ingestd.paths import ProjectMap  # noqa: E402
-from ingestd.settle import Ready, Settler, signature_of  # noqa: E402
+from ingestd.intake import Ready, signature_of  # noqa: E402
+from ingestd.settle import Settler  # noqa: E402
 from ingestd.sinks import index as index_sink  # noqa: E402
 
 

@@ -145,8 +145,8 @@ def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) ->
     return created
 
 
-def wait_for(job_ids: list[int], on_progress=None, poll: float = 0.2,
-             on_lost: Callable[[str], None] = lambda reason: None) -> list[Job]:
+def wait_for(job_ids: list[int], on_progress: Callable[[int, int], None] | None = None,
+             poll: float = 0.2, on_lost: Callable[[str], None] = lambda reason: None) -> list[Job]:
     """Poll until every job has ended; ``on_progress(done, total)`` as they do. A lost
     connection to the database server (it restarts) is waited out, said once through
     ``on_lost(reason)``: the jobs are queued there, and the daemons run them once it is back."""

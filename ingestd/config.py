@@ -272,13 +272,11 @@ class _Problems:
 
 
 def _check_table(table: Mapping[str, Any], spec: Mapping, prefix: str,
-                 problems: _Problems, ignore: set[str] = frozenset()) -> dict[str, Any]:
+                 problems: _Problems) -> dict[str, Any]:
     """Type-check ``table`` against ``spec``; return only the valid entries."""
     valid: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{prefix}{key}"
-        if key in ignore:
-            continue
         if key not in spec:
             problems.add(name, f"unknown key (known: {', '.join(sorted(spec))})")
             continue

@@ -34,11 +34,12 @@ from ingestd.control import ControlServer
 from ingestd.display import one_line
 from ingestd.errors import ConfigError, IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
+from ingestd.intake import Ready
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap, file_identity
 from ingestd.publish import Publisher
 from ingestd.scheduling import new_scheduler
-from ingestd.settle import Ready, Settler
+from ingestd.settle import Settler
 from ingestd.sinks import OpenSinks, check_all as check_sinks
 from ingestd.stream import EventStream
 from ingestd.systemd import Notifier, StartExtender

@@ -1,9 +1,11 @@
 """Whether a project takes a path, and the :class:`FileVersion` a job is made from.
 
-The rules are the same for ``jobs submit``, ``ingestd add`` and the watcher: the path must exist,
-be a regular file, resolve (symlinks included) inside one of the project's folders, not bear a
-name of ingestd's own, and not be over ``max_bytes``; its type must be allowed. (A project's
-include and exclude patterns say what the watcher takes; an operator's submit may override them.)
+The rules of ``jobs submit`` and ``ingestd add``: the path must exist, be a regular file, resolve
+(symlinks included) inside one of the project's folders, not bear a name of ingestd's own, and
+not be over ``max_bytes``; its type must be allowed. (A project's include and exclude patterns
+say what the watcher takes; an operator's submit may override them.) A settled file the watcher
+found becomes a job even when too large, of a type not allowed or unreadable: the job fails
+saying why, where a refusal would leave nobody told. Empty files are refused or rejected alike.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from ingestd import jobs, names
@@ -18,13 +21,28 @@ from ingestd.config import ProjectConfig
 from ingestd.errors import InputRefused
 from ingestd.jobs import FileVersion
 from ingestd.models import Job, database
-from ingestd.settle import Ready
 from ingestd.sniff import sniff_file
 
 EMPTY_SKIPPED = "empty file (the project skips empty files)"
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode: a file version, as seen on disk
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A settled file, for :func:`create_jobs`."""
+
+    project: ProjectConfig
+    path: str
+    signature: Signature
+    folder: Path  # the project folder that holds it
+
+
+def signature_of(info: os.stat_result) -> Signature:
+    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 def irregular_kind(mode: int) -> str | None:
@@ -66,12 +84,8 @@ def resolve_in_project(project: ProjectConfig, path: str | bytes | os.PathLike) 
     return resolved, folder
 
 
-def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
-            enforce_size: bool = True) -> tuple[Path, FileVersion]:
-    """Check ``path`` against the project's rules; return its folder and file version.
-
-    ``enforce_size=False`` is for dropped files: a file over the limit still becomes a job, which
-    fails with the reason (a refusal would leave nobody told)."""
+def inspect(project: ProjectConfig, path: str | bytes | os.PathLike) -> tuple[Path, FileVersion]:
+    """Check ``path`` against the project's rules; return its folder and file version."""
     resolved, folder = resolve_in_project(project, path)
     shown, raw = display_path(resolved)
     try:
@@ -81,7 +95,7 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
     kind = irregular_kind(info.st_mode)
     if kind is not None:
         raise InputRefused(f"{shown}: not a regular file ({kind})")
-    if enforce_size and info.st_size > project.max_bytes:
+    if info.st_size > project.max_bytes:
         raise InputRefused(f"{shown}: too large ({info.st_size} bytes; the project's "
                            f"max_bytes is {project.max_bytes})")
     refuse_empty(project, shown, info.st_size)
@@ -98,8 +112,12 @@ def inspect(project: ProjectConfig, path: str | bytes | os.PathLike,
 def refuse_empty(project: ProjectConfig, shown: str, size: int) -> None:
     """An empty file, when the project skips them: refused (submit, add) or rejected (the
     watcher) alike, so one file never gets a job from one and a rejection from the other."""
-    if size == 0 and project.empty_files == "skip":
+    if skips_empty(project, size):
         raise InputRefused(f"{shown}: {EMPTY_SKIPPED}")
+
+
+def skips_empty(project: ProjectConfig, size: int) -> bool:
+    return size == 0 and project.empty_files == "skip"
 
 
 def type_allowed(project: ProjectConfig, mime_type: str | None) -> bool:
@@ -161,22 +179,19 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
     inspected, rejected = [], []
     projects = {item.project.name: item.project for item in ready}
     for item in ready:
-        if item.signature[0] == 0 and item.project.empty_files == "skip":
+        if skips_empty(item.project, item.signature[0]):
             rejected.append((item, EMPTY_SKIPPED))
             _remember_skipped(item)
             continue
-        try:
-            inspected.append((item, *_settled_version(item)))
-        except InputRefused as exc:
-            rejected.append((item, str(exc)))
+        inspected.append((item, *_settled_version(item)))
     by_project: dict[str, list[tuple[str, FileVersion]]] = {}
     for item, folder, version in inspected:
         by_project.setdefault(item.project.name, []).append((str(folder), version))
-    ready = [jobs.new_jobs(name, found, projects[name].max_attempts)
-             for name, found in by_project.items()]
+    to_create = [jobs.new_jobs(name, found, projects[name].max_attempts)
+                 for name, found in by_project.items()]
     created = []
     with database.atomic():
-        for new in ready:
+        for new in to_create:
             created += jobs.create_many(new)
         for item, reason in rejected:
             shown = display_path(item.path)[0]

@@ -66,7 +66,6 @@ _TIME_FIELDS = ("created_at", "updated_at", "completed_at", "deleted_at")
 
 # SQL literals, not parameters: SQLite only uses a partial index when the query's WHERE
 # visibly implies the index's WHERE.
-_IS_QUEUED = pw.SQL("status = 'queued'")
 _IS_RUNNING = pw.SQL("status = 'running'")
 
 
@@ -776,10 +775,9 @@ def heartbeat(owner: str, job_ids: Sequence[int], lease_seconds: float) -> dict[
 
 
 def progress(job_id: int, owner: str, *, stage: Stage | None = None,
-             fraction: float | None = None, message: str | None = None,
-             event: bool = True) -> Job:
-    """Record a running job's stage and progress (0..1); ``event=False`` skips the event row
-    (the caller throttles progress events, never stage changes)."""
+             fraction: float | None = None, message: str | None = None) -> Job:
+    """Record a running job's stage and progress (0..1), with its event (the caller throttles
+    them)."""
     changes: dict[str, Any] = {}
     if stage is not None:
         changes["stage"] = stage.value
@@ -788,7 +786,7 @@ def progress(job_id: int, owner: str, *, stage: Stage | None = None,
     if message is not None:
         changes["message"] = message
     return _transition(job_id, owner=owner, expect=[JobStatus.RUNNING],
-                       event=JOB_PROGRESS if event else None, action="update", **changes)
+                       event=JOB_PROGRESS, action="update", **changes)
 
 
 # error_message: an earlier attempt's reason, gone once an attempt succeeds.

@@ -307,10 +307,6 @@ def _log_end(bound: structlog.BoundLogger, final: Job) -> None:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def _signature(info: os.stat_result) -> tuple[int, int, int]:
-    return info.st_size, info.st_mtime_ns, info.st_ino
-
-
 def read_version(job: Job, project: ProjectConfig, check: Callable[[], None] = lambda: None,
                  check_head: Callable[[bytes], object] = lambda head: None
                  ) -> tuple[bytes, str]:
@@ -358,7 +354,7 @@ def _read_at(path: bytes, job: Job, project: ProjectConfig,
         if before.st_size > project.max_bytes:
             raise Permanent(f"too large ({before.st_size} bytes; max_bytes is {project.max_bytes})")
         data, digest = _read_all(handle, project.max_bytes, *reading)
-        if _signature(os.fstat(fd)) != _signature(before):
+        if intake.signature_of(os.fstat(fd)) != intake.signature_of(before):
             raise Superseded("the file changed while it was being read")
     return data, digest
 

@@ -27,6 +27,7 @@ import structlog
 
 from ingestd import writers
 from ingestd.config import ProjectConfig
+from ingestd.intake import Ready, Signature, signature_of
 from ingestd.paths import ProjectMap
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,6 @@ FOUND = "found"        # found by a scan
 GONE = "gone"          # deleted or moved away
 DIRECTORY = "directory"  # a directory appeared: scan it (files moved in with it make no events)
 
-Signature = tuple[int, int, int]  # size, mtime_ns, inode
 # Sent to the process by others (the daemon catches some): blocked in the settling thread.
 ASYNC_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                  signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH}
@@ -57,20 +57,6 @@ class Pending:
     written: bool = False  # not complete, and seen modified (a writer holds it, not a scan)
     close_wait_until: float | None = None  # waiting for a writer's close until then
     scanned: bool = False  # complete with no close seen: a scan's find, or a polled folder's
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """A settled file: hand it to the job creator."""
-
-    project: ProjectConfig
-    path: str
-    signature: Signature
-    folder: Path  # the project folder that holds it
-
-
-def signature_of(info: os.stat_result) -> Signature:
-    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 class Settler:

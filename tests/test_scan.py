@@ -6,7 +6,8 @@ import os
 
 from ingestd import intake, scan
 from ingestd.models import Event
-from ingestd.settle import FOUND, Ready, signature_of
+from ingestd.intake import Ready, signature_of
+from ingestd.settle import FOUND
 
 
 def rescan(cfg) -> list[tuple[str, str]]:

@@ -38,8 +38,8 @@ from ingestd import __version__
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.sinks import Document, SinkError, time_limit
-from ingestd.sinks.command import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
-                                   ingest_message, parse_document_id, shorten, timed_out)
+from ingestd.sinks.external import (DEFAULT_TIMEOUT_SECONDS, Options, decode_reply, encode,
+                                    ingest_message, parse_document_id, shorten, timed_out)
 
 MAX_REPLY_BYTES = 1 << 20  # an id, or an error page: never more than this is read
 TRANSIENT_STATUSES = frozenset({408, 429})  # besides every 5xx

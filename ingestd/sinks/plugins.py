@@ -38,7 +38,7 @@ import structlog
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.sinks import Document, Sink, SinkError
-from ingestd.sinks.command import MAX_DOCUMENT_ID, shorten
+from ingestd.sinks.external import is_document_id, shorten
 
 log = structlog.get_logger(__name__)
 ENTRY_POINT_GROUP = "ingestd.sinks"
@@ -124,8 +124,7 @@ class PluginSink:
         """The plugin's id for ``document``; a permanent SinkError if it is not a document id
         (the same plugin would answer the same way again)."""
         returned = self._call("ingest", document, job_id=document.job_id)
-        if (isinstance(returned, int) and not isinstance(returned, bool)
-                and 0 <= returned <= MAX_DOCUMENT_ID):
+        if is_document_id(returned):
             return int(returned)
         raise SinkError(f"plugin {self.kind!r} returned {_shown(returned)} from ingest, not a "
                         "document id (an integer from 0 to 2**63-1)", transient=False)
