@@ -439,6 +439,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = _Parser(prog="ingestd", parents=[common],
@@ -446,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser("run", parents=[common], help="the daemon, in the foreground")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     run.set_defaults(handler=cmd_run)
     add = commands.add_parser("add", parents=[common],
                               help="hand files to a project safely (- reads standard input)")
@@ -468,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glob on the event type, e.g. 'io.ingestd.job.*' (repeatable)")
     events.add_argument("--json", action="store_true",
                         help="raw CloudEvents JSON lines (the default when piped)")
+    events.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="on stderr; info: when -f switches between the daemon's socket "
+                             "and the database")
     events.set_defaults(handler=cmd_events)
     search = commands.add_parser("search", parents=[common],
                                  help='ranked passages: words, "phrases", prefix*, OR')
@@ -562,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.handler is not cmd_run:  # which configures the daemon's logging itself
-            log.configure_command()
+            log.configure_command(getattr(args, "log_level", "warning"))
         code = args.handler(args)
         if sys.stdout is not None:
             sys.stdout.flush()  # here, where its failure is one line, not at exit

@@ -53,8 +53,8 @@ def configure(level: str = "info", stream: TextIO | None = None, readable: bool 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def configure_command() -> None:
+def configure_command(level: str = "warning") -> None:
     """For a command other than ``run``: warnings (a wait for the write lock) as readable
     lines on stderr. Unconfigured, structlog prints to stdout, into the command's output (the
     one JSON document of ``--json``)."""
-    configure("warning", readable=True)
+    configure(level, readable=True)

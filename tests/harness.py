@@ -66,9 +66,11 @@ class Daemon:
         self.log_path = root / "daemon.log"
         self.starts = 0
         self._log_start = 0  # where this run's lines begin in the log
+        self._ended_by_test = False  # stop() or kill(): the test looked at how it ended
 
     def start(self, wait_ready: bool = True) -> "Daemon":
         self.starts += 1
+        self._ended_by_test = False
         self.notify = NotifySocket(self.root / f"notify-{self.starts}.sock")
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.extra_env}
         env.pop("INGESTD_CONFIG", None)
@@ -97,10 +99,12 @@ class Daemon:
         assert self.process is not None and self.own_group
         os.killpg(self.process.pid, number)
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM and wait; the exit code. A clean stop must also leave a clean log."""
+    def stop(self, timeout: float = 60, expect: int | None = 0) -> int:
+        """SIGTERM and wait; the exit code, which must be ``expect`` (None: any). Whatever the
+        code (a refused start exits 1 with a line saying why), the log must be clean."""
         if self.process is None:
             return 0
+        self._ended_by_test = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -111,10 +115,17 @@ class Daemon:
                 self.process.wait()
             if self.notify:
                 self.notify.close()
-        if code == 0:
-            unclean = self.unclean_lines()
-            assert not unclean, "\n".join(unclean)
+        unclean = self.unclean_lines()
+        assert not unclean, "\n".join(unclean)
+        assert expect is None or code == expect, \
+            f"the daemon exited with {code}, not {expect}:\n{self.log()[-3000:]}"
         return code
+
+    def finish(self) -> None:
+        """A fixture's end: a daemon the test left running (or that ended on its own) must
+        stop with exit 0 and a clean log. One the test stopped or killed itself, it checked."""
+        if self.process is not None and not self._ended_by_test:
+            self.stop()
 
     def unclean_lines(self) -> list[str]:
         """This run's log lines that a clean run never writes: an uncaught exception (a bare
@@ -131,6 +142,7 @@ class Daemon:
         """SIGKILL the daemon; ``with_children``: its worker processes too, as when the whole
         node goes down (alone, the workers see it gone and re-queue their jobs)."""
         assert self.process is not None
+        self._ended_by_test = True
         children = descendants(self.process.pid) if with_children else []
         self.process.kill()
         for pid in children:
@@ -148,6 +160,19 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def finish_all(daemons: list[Daemon]) -> None:
+    """Finish every daemon (see :meth:`Daemon.finish`), all of them even when one fails; then
+    the first failure."""
+    failures = []
+    for daemon in daemons:
+        try:
+            daemon.finish()
+        except AssertionError as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def node_config(root: Path, name: str, url: str, shared: Path, extra: str = "",

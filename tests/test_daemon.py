@@ -28,8 +28,8 @@ from ingestd.watch import Watcher
 
 import corpus
 from conftest import run_cli, wait_for
-from harness import (Daemon, document_text, events_of_type, jobs_for, open_db, wait_ended,
-                     wait_job, write_config)
+from harness import (Daemon, document_text, events_of_type, finish_all, jobs_for, open_db,
+                     wait_ended, wait_job, write_config)
 from proctree import children, descendants, gone
 
 SETTLE = 0.3
@@ -78,8 +78,7 @@ def make_daemon(tmp_path, folders):
         return running
 
     yield make
-    for running in started:
-        running.stop()
+    finish_all(started)
     db.close_store()
 
 
@@ -1312,7 +1311,7 @@ class TestWatchingSurvives:
             assert wait_job(drop(flap, "q.txt", "back")).canonical_document_id == 1
             assert daemon.stop(timeout=30) == 0, daemon.log()[-3000:]
         finally:
-            daemon.stop()
+            daemon.finish()
             db.close_store()
 
 

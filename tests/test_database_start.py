@@ -164,7 +164,7 @@ def test_a_login_the_server_refuses_fails_at_once(tmp_path, pg_url):
     daemon = node(tmp_path, unknown_role)
     daemon.start(wait_ready=False)
     assert daemon.process.wait(timeout=30) == 1
-    daemon.stop()  # it has exited: closes the test's notify socket
+    daemon.stop(expect=1)  # it has exited: closes the test's notify socket
     log = daemon.log()
     assert 'role "ingestd_no_such_role" does not exist' in log
     assert "database_unreachable" not in log

@@ -25,7 +25,7 @@ from ingestd.stream import EventStream
 
 import corpus
 from conftest import run_cli, wait_for
-from harness import Daemon, open_db, wait_job, write_config
+from harness import Daemon, finish_all, open_db, wait_job, write_config
 
 REQUIRED = {"specversion": str, "id": str, "source": str, "type": str, "time": str,
             "datacontenttype": str, "sequence": str, "data": dict}
@@ -62,8 +62,7 @@ def start(tmp_path):
         return running
 
     yield make
-    for running in started:
-        running.stop()
+    finish_all(started)
     db.close_store()
 
 

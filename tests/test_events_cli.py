@@ -1,12 +1,11 @@
 """`ingestd events`: recent events, replay after a sequence, and a live follow that switches from
 the database to the daemon's socket (and back, and again) with no gap and no duplicate.
 
-The command runs as a real subprocess through :func:`main` below (the CLI wires it later), against
-a real daemon subprocess, its real socket and the real SQLite file."""
+The command runs as the console script does, a real subprocess, against a real daemon subprocess,
+its real socket and the real SQLite file."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pty
@@ -28,46 +27,17 @@ from ingestd.events import installation_id, overflow_line, to_line
 from ingestd.models import Event, EventSequence, Job, database
 
 from conftest import run_cli, wait_for
-from harness import Daemon, open_db, write_config
+from harness import Daemon, finish_all, open_db, write_config
 
-TESTS = Path(__file__).resolve().parent
-RUNNER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import test_events_cli; "
-          "sys.exit(test_events_cli.main(sys.argv[1:]))")
-
-
-# --- the runner: what `ingestd events` will do once cli.py wires it ----------------------------
-
-def main(argv: list[str]) -> int:
-    """Parse ``CONFIG [-f] [--since N] [-p P] [--type T]... [--format auto|json|text]``, open the
-    store, run :func:`ingestd.follow.run_events` on stdout, report errors as the CLI does."""
-    from ingestd import config as config_mod, follow, log
-    from ingestd.errors import IngestdError
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("config")
-    parser.add_argument("-f", "--follow", action="store_true")
-    parser.add_argument("--since", type=int)
-    parser.add_argument("-p", "--project")
-    parser.add_argument("--type", action="append", default=[])
-    parser.add_argument("--format", choices=["auto", "json", "text"], default="auto")
-    args = parser.parse_args(argv)
-    log.configure("info")  # the tests read the follower's socket state from its stderr
-    as_json = {"auto": None, "json": True, "text": False}[args.format]
-    try:
-        cfg = config_mod.load(args.config)
-        db.open_store(cfg.daemon.database)
-        return follow.run_events(cfg, follow=args.follow, since=args.since,
-                                 project=args.project, types=args.type, as_json=as_json,
-                                 out=sys.stdout)
-    except IngestdError as exc:
-        print(f"ingestd: {exc}", file=sys.stderr)
-        return exc.exit_code
-    finally:
-        db.close_store()
+# The command as the console script runs it; at info, the follower says on stderr when it
+# switches between the daemon's socket and the database.
+EVENTS = (sys.executable, "-m", "ingestd")
+SOCKET_LOG = re.compile(r"\b(event_socket_[a-z_]+)\b")
 
 
 class EventsCommand:
-    """The runner as a subprocess; a thread collects its stdout lines (unless ``read=False``)."""
+    """``ingestd events`` as a subprocess; a thread collects its stdout lines (unless
+    ``read=False``)."""
 
     count = 0
 
@@ -76,7 +46,7 @@ class EventsCommand:
         self.stderr_path = config.parent / f"events-{EventsCommand.count}.err"
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", RUNNER, str(TESTS), str(config), *args],
+                [*EVENTS, "-c", str(config), "events", "--log-level", "info", *args],
                 stdout=subprocess.PIPE, stderr=stderr, text=True, encoding="utf-8")
         self.lines: list[str] = []
         self.reader: threading.Thread | None = None
@@ -109,15 +79,8 @@ class EventsCommand:
 
     def socket_log(self) -> list[str]:
         """The follower's socket log events, in order (connected, unavailable, closed ...)."""
-        found = []
-        for line in self.stderr().splitlines():
-            try:
-                name = json.loads(line).get("event", "")
-            except ValueError:
-                continue
-            if name.startswith("event_socket_"):
-                found.append(name)
-        return found
+        return [found.group(1) for found in map(SOCKET_LOG.search, self.stderr().splitlines())
+                if found]
 
     def socket_state(self) -> str | None:
         states = [s for s in self.socket_log()
@@ -192,8 +155,7 @@ class Site:
     def close(self) -> None:
         for command in self.commands:
             command.kill()
-        for running in self.daemons:
-            running.stop()
+        finish_all(self.daemons)
         db.close_store()
 
 
@@ -280,7 +242,7 @@ class TestFollow:
         drop_files(site.folders["acme"], "burst", 1000)
         wait_for(lambda: last_seq() >= 400, timeout=60, message="the burst under way")
         since = last_seq() // 2
-        follower = site.events("--since", str(since), "-f", "--format", "json")
+        follower = site.events("--since", str(since), "-f", "--json")
         wait_for(lambda: completed(1000), timeout=180, interval=0.2, message="1,000 completed")
         end = last_seq()
         follower.wait_for_sequence(end, timeout=60)
@@ -297,7 +259,7 @@ class TestFollow:
         early = drop_files(site.folders["acme"], "early", 2)
         for path in early:
             submit(site, "acme", path)
-        follower = site.events("--since", "0", "-f", "--format", "json")
+        follower = site.events("--since", "0", "-f", "--json")
         follower.wait_for_sequence(last_seq())
         wait_for(lambda: follower.socket_state() == "event_socket_unavailable",
                  message="the follower polling")
@@ -335,7 +297,7 @@ class TestFollow:
         """A follower that stops reading is cut off by the daemon; it resumes from the database."""
         site.daemon("subscriber_buffer_bytes = 65536")
         since = last_seq()
-        follower = site.events("--since", str(since), "-f", "--format", "json", read=False)
+        follower = site.events("--since", str(since), "-f", "--json", read=False)
         wait_for(lambda: follower.socket_state() == "event_socket_connected", message="following")
         drop_files(site.folders["acme"], "flood", 1000)  # ~2 MB of events: stdout is not read
         wait_for(lambda: completed(1000), timeout=180, interval=0.2, message="1,000 completed")
@@ -358,7 +320,7 @@ class TestFollow:
                             for seq in seqs)
 
         try:
-            follower = site.events("--since", "0", "-f", "--format", "json")
+            follower = site.events("--since", "0", "-f", "--json")
             first, _ = listener.accept()
             with Repeating(first, sent(5)):  # a repeat, often: the socket never looks idle,
                 follower.wait_for_sequence(10)  # so only the gap fill can find 12..14
@@ -387,7 +349,7 @@ class TestFollow:
         for i in range(3):
             reject(f"/drop/acme/mine{i}.txt")
         try:
-            follower = site.events("--since", "0", "-f", "--format", "json")
+            follower = site.events("--since", "0", "-f", "--json")
             peer, _ = listener.accept()
             follower.wait_for_sequence(3)
             stranger = Event(seq=4, type=jobs.FILE_REJECTED, project_id="acme", time=0,
@@ -431,7 +393,7 @@ class TestFilters:
         drop_files(site.folders["other"], "o", 2)
         wait_for(lambda: completed(5), message="5 completed")
         command = site.events("--since", "0", "--type", "io.ingestd.job.completed", "-p", "acme",
-                              "--format", "json")
+                              "--json")
         assert command.finish() == 0, command.stderr()
         expected = completions("acme", after=0)
         assert command.sequences() == expected and len(expected) == 3
@@ -445,7 +407,7 @@ class TestFilters:
         drop_files(site.folders["other"], "o", 2)
         wait_for(lambda: completed(2), message="2 completed")
         command = site.events("--since", "0", "--type", "io.ingestd.job.c*", "--type", "daemon.*",
-                              "--format", "json")
+                              "--json")
         assert command.finish() == 0, command.stderr()
         expected = [row.seq for row in Event.select().order_by(Event.seq)
                     if row.type in (jobs.JOB_CREATED, jobs.JOB_COMPLETED, jobs.DAEMON_STARTED)]
@@ -455,7 +417,7 @@ class TestFilters:
         """Live, filtered: only acme's completions appear, each once, after hidden events."""
         site.daemon()
         follower = site.events("-f", "--type", "io.ingestd.job.completed", "-p", "acme",
-                               "--format", "json")
+                               "--json")
         wait_for(lambda: follower.socket_state() == "event_socket_connected", message="following")
         start = last_seq()
         drop_files(site.folders["other"], "hidden", 5)
@@ -472,7 +434,7 @@ class TestFilters:
 def assert_since_refused(site: "Site", since: int, *reasons: str) -> None:
     """`--since N`, with and without -f: exit 1, nothing printed, the reasons on stderr."""
     for args in (["--since", str(since)], ["--since", str(since), "-f"]):
-        command = site.events(*args, "--format", "json")
+        command = site.events(*args, "--json")
         assert command.finish() == 1
         stderr = command.stderr()
         assert all(reason in stderr for reason in reasons), stderr
@@ -486,7 +448,7 @@ class TestReplay:
             reject(f"/drop/acme/old{i}.txt")
         database.execute_sql("DELETE FROM ingest_events WHERE seq <= 5")  # as prune() deletes
         assert_since_refused(site, 2, "events after sequence 2 are gone", "--since 5")
-        command = site.events("--since", "5", "--format", "json")
+        command = site.events("--since", "5", "--json")
         assert command.finish() == 0
         assert command.sequences() == [6, 7, 8, 9, 10]
 
@@ -496,7 +458,7 @@ class TestReplay:
         The follower must not skip 4..5 as seen: it ends (exit 1) saying what happened."""
         for i in range(5):
             reject(f"/drop/acme/before{i}.txt")
-        follower = site.events("--since", "0", "-f", "--format", "json")
+        follower = site.events("--since", "0", "-f", "--json")
         follower.wait_for_sequence(5)
         with database.atomic():  # what restoring the backup does to the outbox
             database.execute_sql("DELETE FROM ingest_events WHERE seq > 3")
@@ -513,24 +475,24 @@ class TestReplay:
         for i in range(3):
             reject(f"/drop/acme/r{i}.txt")
         assert_since_refused(site, 9, "there is no event 9: the last is 3", "--since 3")
-        assert site.events("--since", "3", "--format", "json").finish() == 0
+        assert site.events("--since", "3", "--json").finish() == 0
 
     def test_without_flags_the_last_20_events(self, site):
         """No --since, no -f: the newest 20 retained events, oldest first; filters look further back."""
         started = jobs.emit(jobs.DAEMON_STARTED, {"pid": 4242})
         for i in range(30):
             reject(f"/drop/acme/r{i}.txt")
-        command = site.events("--format", "json")
+        command = site.events("--json")
         assert command.finish() == 0, command.stderr()
         assert command.sequences() == list(range(last_seq() - 19, last_seq() + 1))
-        command = site.events("--type", "daemon.*", "--format", "json")
+        command = site.events("--type", "daemon.*", "--json")
         assert command.finish() == 0
         assert command.sequences() == [started]
-        command = site.events("--type", "io.ingestd.file.*", "-p", "acme", "--format", "json")
+        command = site.events("--type", "io.ingestd.file.*", "-p", "acme", "--json")
         assert command.finish() == 0
         assert command.sequences() == list(range(last_seq() - 19, last_seq() + 1))
         for none in (["--type", "job.failed"], ["--type", "daemon.*", "-p", "acme"]):
-            command = site.events(*none, "--format", "json")
+            command = site.events(*none, "--json")
             assert command.finish() == 0 and command.sequences() == [], none
 
     def test_follow_alone_prints_the_last_20_then_what_comes(self, site):
@@ -538,7 +500,7 @@ class TestReplay:
         for i in range(30):
             reject(f"/drop/acme/r{i}.txt")
         recent = list(range(last_seq() - 19, last_seq() + 1))
-        follower = site.events("-f", "--format", "json")
+        follower = site.events("-f", "--json")
         wait_for(lambda: len(follower.lines) >= 20, message="the last 20 printed")
         later = reject("/drop/acme/later.txt")
         follower.wait_for_sequence(later)
@@ -551,22 +513,22 @@ class TestReplay:
         [path] = drop_files(site.folders["acme"], "readable", 1)
         wait_for(lambda: completed(1), message="completed")
         reject("/drop/acme/bad\nname\x1b.txt")
-        command = site.events("--since", "0", "--format", "text")
-        assert command.finish() == 0, command.stderr()
+        code, lines = on_terminal(site.config, "--since", "0")
+        assert code == 0
         rows = list(Event.select().order_by(Event.seq))
-        assert len(command.lines) == len(rows)
-        for line, row in zip(command.lines, rows):
+        assert len(lines) == len(rows)
+        for line, row in zip(lines, rows):
             assert re.match(r"^\d{20} \d{4}-\d\d-\d\dT[\d:.]+Z \S+ \S+", line), line
             assert line.startswith(f"{row.seq:020d} ") and "io.ingestd." not in line
             assert line.split(" ")[2] == row.type.removeprefix("io.ingestd.")
         job = Job.get(Job.source_path == str(path))
-        by_type = {line.split(" ")[2]: line for line in command.lines}
+        by_type = {line.split(" ")[2]: line for line in lines}
         assert by_type["job.completed"].endswith(f" job.completed acme #{job.id} {path} completed")
         assert by_type["daemon.started"].endswith(f" pid {running.process.pid}")
         assert by_type["file.rejected"].endswith(r" acme /drop/acme/bad\nname\x1b.txt: empty file")
 
     def test_json_is_the_default_when_stdout_is_not_a_terminal(self, site):
-        """Piped without --json or --text: the raw CloudEvents lines, byte for byte."""
+        """Piped without --json: the raw CloudEvents lines, byte for byte."""
         for i in range(3):
             reject(f"/drop/acme/j{i}.txt")
         command = site.events("--since", "0")
@@ -574,17 +536,23 @@ class TestReplay:
         assert command.lines == db_lines(0, 3)
 
     def test_readable_lines_are_the_default_on_a_terminal(self, site):
-        """On a terminal, without --json or --text: readable lines, not JSON."""
+        """On a terminal, without --json: readable lines, not JSON."""
         seq = reject("/drop/acme/tty.txt")
-        master, slave = pty.openpty()
-        process = subprocess.Popen([sys.executable, "-c", RUNNER, str(TESTS), str(site.config),
-                                    "--since", "0"], stdout=slave, stderr=subprocess.DEVNULL)
-        os.close(slave)
-        output = read_terminal(master, process)
-        assert process.wait(timeout=30) == 0
-        assert output.decode().splitlines() == [
+        code, lines = on_terminal(site.config, "--since", "0")
+        assert code == 0
+        assert lines == [
             f"{seq:020d} {json.loads(db_lines(0, 1)[0])['time']} file.rejected acme "
             "/drop/acme/tty.txt: empty file"]
+
+
+def on_terminal(config: Path, *args: str) -> tuple[int, list[str]]:
+    """``ingestd events ARGS`` with its stdout on a pseudo-terminal: its exit code and lines."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen([*EVENTS, "-c", str(config), "events", *args], stdout=slave,
+                               stderr=subprocess.DEVNULL)
+    os.close(slave)
+    output = read_terminal(master, process)
+    return process.wait(timeout=30), output.decode().splitlines()
 
 
 def read_terminal(master: int, process: subprocess.Popen, timeout: float = 30) -> bytes:
@@ -613,7 +581,7 @@ class TestPipes:
         with database.atomic():
             for i in range(1500):
                 reject(f"/drop/acme/pipe{i:04d}-{'x' * 200}.txt")
-        command = site.events("--since", "0", "--format", "json", read=False)
+        command = site.events("--since", "0", "--json", read=False)
         first = command.process.stdout.readline()
         command.process.stdout.close()
         assert json.loads(first)["sequence"] == f"{1:020d}"
@@ -626,7 +594,7 @@ class TestPipes:
         with database.atomic():
             for i in range(backlog):
                 reject(f"/drop/acme/follow{i:04d}-{'x' * 200}.txt")
-        command = site.events("--since", "0", "-f", "--format", "json", read=False)
+        command = site.events("--since", "0", "-f", "--json", read=False)
         assert json.loads(command.process.stdout.readline())["sequence"] == f"{1:020d}"
         command.process.stdout.close()
         assert command.finish(timeout=30) == 0

@@ -20,7 +20,7 @@ from ingestd.models import Document, Event, Job
 
 from conftest import wait_for
 from tcpproxy import Proxy
-from harness import Daemon, claim_race, events_of_type, jobs_for, node_config, wait_job
+from harness import Daemon, claim_race, events_of_type, finish_all, jobs_for, node_config, wait_job
 
 @pytest.fixture
 def cluster(tmp_path, pg_url):
@@ -37,8 +37,7 @@ def cluster(tmp_path, pg_url):
 
     db.open_store(pg_url)
     yield start, shared
-    for node in nodes:
-        node.stop()
+    finish_all(nodes)
     db.close_store()
 
 
@@ -170,8 +169,7 @@ def test_daemons_with_different_projects_run_only_their_own_jobs(tmp_path, pg_ur
         by_status = Counter((job.project_id, job.status) for job in Job.select())
         assert by_status == {("alpha", "completed"): 100, ("beta", "completed"): 100}
     finally:
-        for node in nodes:
-            node.stop()
+        finish_all(nodes)
         db.close_store()
 
 
@@ -250,7 +248,7 @@ def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_bef
         assert len(events_of_type("io.ingestd.daemon.stopping")) == 1, node.log()[-3000:]
     finally:
         release.touch()
-        node.stop()
+        node.finish()
         db.close_store()
 
 

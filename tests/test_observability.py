@@ -47,7 +47,7 @@ def observed(tmp_path: Path):
     daemon = Daemon(tmp_path, config).start()
     open_db(config)
     yield daemon, drop, f"http://127.0.0.1:{port}/metrics"
-    daemon.stop()
+    daemon.finish()
     db.close_store()
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import PG_URL, wait_for
 import corpus
 from corpus import make_pdf
-from harness import Daemon, events_of_type, jobs_for, open_db, wait_job, write_config
+from harness import Daemon, events_of_type, finish_all, jobs_for, open_db, wait_job, write_config
 from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document, database
@@ -436,8 +436,7 @@ def make_daemon(tmp_path: Path):
         return running, folder
 
     yield make
-    for running in started:
-        running.stop()
+    finish_all(started)
     db.close_store()
 
 

@@ -33,7 +33,7 @@ from ingestd.sinks.http import HttpSink
 
 from conftest import run_cli, wait_for
 from proctree import gone
-from harness import Daemon, jobs_for, open_db, wait_ended, write_config
+from harness import Daemon, finish_all, jobs_for, open_db, wait_ended, write_config
 
 DOCUMENT = Document(project_id="acme", job_id=12, text="héllo wörld\nsecond page",
                     source_path="/srv/drop/acme/a.txt", original_filename="a.txt",
@@ -602,8 +602,7 @@ def sink_daemon(tmp_path):
 
     start.started = started
     yield start
-    for daemon in started:
-        daemon.stop()
+    finish_all(started)
     db.close_store()
 
 
