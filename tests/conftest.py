@@ -83,7 +83,9 @@ PG_SKIP = "PostgreSQL tests need INGESTD_TEST_PG_URL (set by .ci/run), e.g. post
 
 @pytest.fixture
 def pg_url() -> str:
-    """A URL for a fresh, empty schema of the test PostgreSQL database, dropped afterwards."""
+    """A URL for a fresh, empty schema of the test PostgreSQL database, dropped afterwards. Its
+    connections are named after the schema (application_name): a test that cuts or counts
+    connections touches only its own, not those of a suite running beside it."""
     if not PG_URL:
         pytest.skip(PG_SKIP)
     import uuid
@@ -94,9 +96,14 @@ def pg_url() -> str:
     with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
     separator = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    yield f"{PG_URL}{separator}application_name={schema}&options=-csearch_path%3D{schema}"
     with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as admin:
         admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def schema_of(url: str) -> str:
+    """The schema of a :func:`pg_url` URL, which is also its connections' application_name."""
+    return url.split("search_path%3D")[1]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

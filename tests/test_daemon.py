@@ -145,8 +145,8 @@ class TestDropping:
 
     def test_a_slow_writer_becomes_one_job_with_the_full_content(self, make_daemon, folders):
         """A file written in several open/write/close cycles over 5 s is one job, all of it."""
-        make_daemon(acme_extra="settle_seconds = 1.0")
-        path = folders["acme"] / "slow.txt"
+        make_daemon(acme_extra="settle_seconds = 2.0")  # 5x the pace: a stall of the test's
+        path = folders["acme"] / "slow.txt"                 # own process is not a finished file
         parts = [f"part {i}\n" for i in range(13)]
         for part in parts:
             with open(path, "a") as handle:
@@ -212,6 +212,7 @@ class TestDropping:
         path.unlink()
         barrier(folders["acme"])
         assert jobs_for(path) == []
+        assert [event for event in Event.select() if "fleeting" in event.data] == []
 
     def test_hidden_and_temp_names_are_ignored(self, daemon, folders):
         """Default excludes: hidden files, .part, .tmp, ~$ lock files."""
@@ -761,7 +762,7 @@ class TestJobControl:
         assert (ended.status, ended.message) == ("cancelled", "cancelled while running")
         [asked] = events_of_type("io.ingestd.job.cancel_requested")
         [cancelled] = events_of_type("io.ingestd.job.cancelled")
-        assert cancelled.time - asked.time < 5, cancelled.time - asked.time
+        assert cancelled.time - asked.time < 15, cancelled.time - asked.time  # heartbeat: 30 s
 
     def test_a_job_over_its_timeout_fails(self, make_daemon, folders):
         """A PDF that takes longer than job_timeout_seconds is stopped and failed."""

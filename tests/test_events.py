@@ -131,7 +131,7 @@ def test_a_subscriber_that_never_reads_is_dropped_with_an_overflow_line(start, t
     began = time.monotonic()
     drop_files(tmp_path / "drop", 5000)
     wait_for(lambda: completed() == 5000, timeout=120, interval=0.2, message="5,000 completed")
-    assert time.monotonic() - began < 120
+    stuck.sock.settimeout(60)  # a daemon that never cut it off: a timeout, not a hung suite
     stuck.read_all()  # now read what it was sent: lines, then the overflow notice, then EOF
     assert stuck.lines[-1]["type"] == "io.ingestd.stream.overflow"
     received = stuck.sequences()

@@ -18,7 +18,7 @@ from ingestd import db, jobs
 from ingestd.jobs import FileVersion
 from ingestd.models import Document, Event, Job
 
-from conftest import wait_for
+from conftest import schema_of, wait_for
 from tcpproxy import Proxy
 from harness import Daemon, claim_race, events_of_type, finish_all, jobs_for, node_config, wait_job
 
@@ -135,13 +135,13 @@ def test_a_daemon_survives_losing_its_database_connections(cluster, pg_url):
     for i in range(400):
         (shared / f"c{i:03d}.txt").write_text(f"connection test {i}")
     wait_for(lambda: completed() >= 50, timeout=60, message="some completed")
-    schema = pg_url.split("search_path%3D")[1]
+    schema = schema_of(pg_url)
     with psycopg.connect(PG_URL, autocommit=True) as admin:
         killed = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE pid <> pg_backend_pid() AND datname = current_database() "
-            "AND application_name = '' AND backend_type = 'client backend' "
-            "AND query NOT LIKE %s", (f"%{schema}%",)).fetchone()[0]
+            "AND application_name = %s AND backend_type = 'client backend' "
+            "AND query NOT LIKE %s", (schema, f"%{schema}%")).fetchone()[0]
     assert killed >= 1
     db.reset_connection()  # ours was among them
     wait_for(lambda: completed() == 400, timeout=120, interval=0.5, message="all 400 completed")
@@ -198,9 +198,9 @@ def test_a_follower_goes_on_after_its_database_connection_is_cut(tmp_path, pg_ur
         with psycopg.connect(PG_URL, autocommit=True) as admin:
             cut = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
-                "pg_backend_pid() AND datname = current_database() "
-                "AND query ILIKE '%ingest_events%' AND query NOT ILIKE '%pg_terminate%'"
-            ).fetchall()
+                "pg_backend_pid() AND datname = current_database() AND application_name = %s "
+                "AND query ILIKE '%%ingest_events%%' AND query NOT ILIKE '%%pg_terminate%%'",
+                (schema_of(pg_url),)).fetchall()
         assert cut, "the follower's connection was found and cut"
         db.reset_connection()  # this process's own connection may have been among them
         second = jobs.emit(jobs.DAEMON_STARTED, {"after": "the cut"})
@@ -239,7 +239,8 @@ def test_a_stop_requeues_running_jobs_though_the_database_cut_the_connection_bef
         wait_job(folder / "held.txt", "running")
         with psycopg.connect(PG_URL, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
-                          "pg_backend_pid() AND datname = current_database()")
+                          "pg_backend_pid() AND datname = current_database() "
+                          "AND application_name = %s", (schema_of(pg_url),))
         db.reset_connection()
         node.signal(signals.SIGTERM)
         assert node.process.wait(timeout=60) == 0, node.log()[-3000:]

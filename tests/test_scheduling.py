@@ -65,7 +65,7 @@ def test_a_job_the_wall_clock_stepped_away_from_runs_on(misplaced_by):
                              + timedelta(seconds=misplaced_by))
         placed, seen = time.monotonic(), len(runs)
         wait_for(lambda: len(runs) >= seen + 3, timeout=10, message="three more runs")
-        assert runs[seen] - placed < 2.0
+        assert runs[seen] - placed < 5.0
     finally:
         scheduler.shutdown(wait=False)
 

@@ -714,7 +714,7 @@ class TestWithTheDaemon:
         job = wait_ended(path, timeout=15)
         assert (job.status, job.error_message) == (
             "failed", "timed out after 3 s (job_timeout_seconds)")
-        assert job.completed_at - job.started_at < 5
+        assert job.completed_at - job.started_at < 10  # not the 3 s timeout once per attempt
         assert job.attempts == 1 and retrying_events(job.id) == 0
         [pid] = map(int, calls.read_text().split())
         wait_for(lambda: gone(pid), timeout=10, message="the sink program to be killed")
@@ -859,7 +859,7 @@ def test_a_look_for_due_deletes_with_none_due_takes_no_write_lock(cfg, store, tm
     try:
         started = time.monotonic()
         assert retire.retry_due([project], open_sink) == 0
-        assert time.monotonic() - started < 1  # SQLite's busy wait is 10 s
+        assert time.monotonic() - started < 5  # SQLite's busy wait is 10 s
     finally:
         holder.execute("ROLLBACK")
         holder.close()
