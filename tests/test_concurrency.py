@@ -71,12 +71,13 @@ def test_no_state_change_is_visible_without_its_event(backend, any_store, drop):
                for n in range(2)]
     for writer in writers:
         writer.start()
-    snapshots = 0
+    snapshots, sizes = 0, set()
     while any(w.is_alive() for w in writers) or snapshots < 3:
         seen, problems = _snapshot_is_consistent(url)
         assert problems == [], problems[:5]
-        snapshots += 1
+        snapshots, sizes = snapshots + 1, sizes | {seen}
     for writer in writers:
         writer.join(timeout=60)
         assert writer.exitcode == 0
     assert Job.select().count() == 300 and snapshots > 3
+    assert any(0 < size < 300 for size in sizes), sizes  # some looked while the writers wrote

@@ -443,6 +443,7 @@ class TestHttpSink:
         """A 404 to a DELETE means the document is gone already: no error."""
         server.replies["/docs/42"] = (404, b"not found")
         open_sink(project(tmp_path, "http", url=server.url + "/docs")).delete(42)
+        assert [request[:2] for request in server.requests] == [("DELETE", "/docs/42")]
 
     def test_a_redirect_is_not_followed(self, tmp_path, server):
         """A 3xx reply is a permanent error naming where it pointed; the POST is not replayed."""
