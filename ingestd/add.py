@@ -8,12 +8,16 @@ not a daemon is running; a daemon's watcher then finds the job already there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import select
+import signal
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ingestd import db, intake, jobs, names
 from ingestd.config import ProjectConfig
@@ -74,9 +78,12 @@ def check_name(project: ProjectConfig, name: str) -> None:
 def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
     """Copy ``source`` into the project's first folder as ``name`` (or ``name (N)``)."""
     folder, shown = project.folders[0], intake.display_path(name)[0]
-    temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}.part"  # no project takes it
+    temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}{names.ADD_PARTIAL_SUFFIX}"
     try:
         with open(temp, "xb") as out:
+            # Held while the copy lives: a scan removes a copy nobody holds (add was killed).
+            with contextlib.suppress(OSError):  # a file system without locks: by its age
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             written, head = _copy(source, out, project.max_bytes)
             out.flush()
             os.fsync(out.fileno())
@@ -92,7 +99,7 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
 def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> tuple[int, bytes]:
     """Bytes written (past ``limit``: stopped there), and the first SNIFF_BYTES of them."""
     written, head = 0, b""
-    while chunk := source.read(COPY_CHUNK):
+    for chunk in _chunks(source.fileno()):
         written += len(chunk)
         if written > limit:
             break
@@ -100,6 +107,29 @@ def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> tuple[int, bytes]:
             head += chunk[:SNIFF_BYTES - len(head)]
         out.write(chunk)
     return written, head
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """What ``fd`` holds, as it comes, until its end. Each read waits in select() on the fd and
+    on the signal wakeup fd too: a signal (``timeout``'s SIGTERM) landing just before a read
+    of a pipe that has nothing more yet made the read wait for more input, the handler that
+    removes the partial copy unrun (a buffered read of stdin ran many reads in a row)."""
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    before = signal.set_wakeup_fd(wake_write)
+    try:
+        while True:
+            if fd not in select.select([fd, wake_read], [], [])[0]:
+                with contextlib.suppress(BlockingIOError):  # a signal that raised nothing
+                    os.read(wake_read, 512)
+                continue
+            chunk = os.read(fd, COPY_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        signal.set_wakeup_fd(before)
+        os.close(wake_read)
+        os.close(wake_write)
 
 
 def _link_free_name(temp: Path, folder: Path, name: str) -> Path:
@@ -136,6 +166,8 @@ def add_files(project: ProjectConfig, paths: Iterable[str], name: str | None) ->
     created = []
     for path, target_as in zip(paths, targets):
         if path == "-":
+            if sys.stdin is None:  # started with it closed (<&-)
+                raise InputRefused("-: standard input is closed")
             target = deliver(project, sys.stdin.buffer, target_as)
         else:
             with open(path, "rb") as handle:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -116,10 +117,20 @@ def _project_with_jobs(cfg: config_mod.Config, name: str) -> None:
     be listed, shown and cancelled, and it is said why."""
     if name in cfg.projects:
         return
-    if not jobs.project_has_jobs(name):
+    if not _storable(name) or not jobs.project_has_jobs(name):
         cfg.project(name)  # raises, naming the projects configured
     print(f"ingestd: project {name!r} is not in the configuration; its jobs are still in the "
           "database, and no worker takes them", file=sys.stderr)
+
+
+def _storable(text: str) -> bool:
+    """Whether the database can hold ``text``: an argument with bytes that are not UTF-8
+    (surrogates in Python) names nothing there."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _integer(what: str, minimum: int = 1) -> Callable[[str], int]:
@@ -244,6 +255,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise UsageError(f"--name names one file; {len(args.files)} were given")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         raise UsageError(f"--name takes a file name, not a path: {args.name!r}")
+    for number in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: no copy left half-written
+        signal.signal(number, lambda signum, _: sys.exit(128 + signum))
     created = add.add_files(project, args.files, args.name)
     if not args.wait:
         _say_jobs("queued", created, args.json)
@@ -560,13 +573,29 @@ def _discard_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _open_streams(args: argparse.Namespace) -> None:
+    """A stdout the command was started without (``>&-``: None in Python, where print() writes
+    nothing, and print(file=sys.stderr) to stdout when stderr is the one closed: main() gives
+    that one /dev/null); and JSON's encoding, UTF-8 whatever the locale says (RFC 8259: under
+    an ASCII locale, backslashreplace wrote Python's \\xe9, which is no JSON escape)."""
+    if sys.stdout is None:
+        if args.handler is not cmd_run:  # the daemon writes nothing there
+            raise IngestdError("standard output is closed: nowhere to write the output")
+        sys.stdout = open(os.devnull, "w")
+    if getattr(args, "json", False) or (args.handler is cmd_events and not sys.stdout.isatty()):
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stderr is None:  # started with it closed: see _open_streams
+        sys.stderr = open(os.devnull, "w")
     for stream in (sys.stdout, sys.stderr):
-        if stream is not None:  # None: started with it closed (print() then writes nothing)
+        if stream is not None:
             stream.reconfigure(errors="backslashreplace")
     args = None
     try:
         args = build_parser().parse_args(argv)
+        _open_streams(args)
         if args.handler is not cmd_run:  # which configures the daemon's logging itself
             log.configure_command(getattr(args, "log_level", "warning"))
         code = args.handler(args)

@@ -8,6 +8,12 @@ from pathlib import Path
 
 NAME_MAX = 255  # bytes in a file name, on every file system Linux mounts for data
 OWN_PREFIX = ".ingestd-"  # ingestd's own temporary names beside users' files: no project takes them
+ADD_PARTIAL_SUFFIX = ".part"  # ingestd add's copy in flight: .ingestd-add-<random>.part
+
+
+def is_add_partial(name: str) -> bool:
+    """A copy ``ingestd add`` is writing, or one a killed ``add`` left behind."""
+    return name.startswith(f"{OWN_PREFIX}add-") and name.endswith(ADD_PARTIAL_SUFFIX)
 
 
 def name_max(folder: Path) -> int:

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 TAKEN = re.compile(rf"{re.escape(names.OWN_PREFIX)}(\d+)-[0-9a-f]{{12}}-(.*)\.taking\Z", re.DOTALL)
 UNLOCKABLE_AGE_SECONDS = 3600  # a taken file that cannot be locked (NFS) is left this long
+ADD_LOCKED_AFTER_SECONDS = 60  # an add's copy is locked within this of being made (see add.py)
 COPY_CHUNK = 1 << 20
 LOOKUP_BATCH = 500
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
@@ -413,6 +414,26 @@ def _recover(taken: bytes, directory: bytes, job_id: int, name: str,
     source = fs_path(job) if ours else os.path.join(directory, os.fsencode(name))
     _put_back(taken, os.path.join(os.path.dirname(taken), os.path.basename(source)), source)
     log.info("original_put_back", path=os.fsdecode(source), job_id=job_id)
+
+
+def remove_if_abandoned(path: str) -> None:
+    """Remove an ``ingestd add`` copy that nobody writes: its add was killed mid-copy. An add
+    holds a lock on its copy from just after making it; where locks do not work, the copy's
+    age tells."""
+    try:
+        with _claimed(os.fsencode(path)) as state:
+            if (state == "locked" and _unchanged_for(path, ADD_LOCKED_AFTER_SECONDS)
+                    or state == "unlockable" and _unchanged_for(path, UNLOCKABLE_AGE_SECONDS)):
+                os.unlink(path)
+                log.info("abandoned_copy_removed", path=path)
+    except FileNotFoundError:
+        pass  # its add ended meanwhile
+    except OSError as exc:  # a scan goes on whatever one file does
+        log.warning("abandoned_copy_not_removed", path=path, reason=exc.strerror)
+
+
+def _unchanged_for(path: str, seconds: float) -> bool:
+    return time.time() - os.lstat(path).st_mtime > seconds
 
 
 def _remove_partials(folder: bytes) -> None:

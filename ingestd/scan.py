@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import structlog
 
-from ingestd import intake, jobs, originals
+from ingestd import intake, jobs, names, originals
 from ingestd.config import ProjectConfig
 from ingestd.paths import is_excluded_name, is_wanted
 from ingestd.settle import FOUND
@@ -66,6 +66,8 @@ def walk_files(project: ProjectConfig, top: str, on_taken: Callable[[str], None]
                         yield entry.path, info
                     elif originals.is_taken(entry.name):
                         on_taken(entry.path)
+                    elif names.is_add_partial(entry.name):
+                        originals.remove_if_abandoned(entry.path)
 
 
 def _reached_without_links(folder: str, top: str) -> bool:

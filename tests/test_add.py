@@ -264,3 +264,74 @@ def test_wait_for_a_job_deleted_meanwhile_says_why_it_ended(config_file, drop, t
     assert waiting.returncode == 1
     assert out.splitlines()[-2:] == [f"job {job['id']} cancelled  {drop / 'gone.txt'}",
                                      "  cancelled before it ran (deleted)"], out
+
+
+class TestAnInterruptedCopy:
+    """`add -` copies into an ignored temporary name; whatever stops it, no partial copy stays."""
+
+    def start_copy(self, config_file: Path, drop: Path) -> subprocess.Popen:
+        """``add -`` with a pipe left open on stdin, once its partial copy exists."""
+        adding = subprocess.Popen([sys.executable, "-m", "ingestd", "-c", str(config_file),
+                                   "add", "-p", "acme", "--name", "big.txt", "-"],
+                                  stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        adding.stdin.write(b"a" * 500_000)  # under max_bytes, and more may come
+        adding.stdin.flush()
+        wait_for(lambda: partials(drop), timeout=30, message="the partial copy")
+        return adding
+
+    @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+    def test_a_signal_removes_the_partial_copy(self, config_file, drop, number):
+        """`timeout`, a closed terminal: the partial copy goes, exit 128 + the signal."""
+        adding = self.start_copy(config_file, drop)
+        adding.send_signal(number)
+        assert adding.wait(timeout=30) == 128 + number
+        assert list(drop.iterdir()) == []
+        assert b"Traceback" not in adding.stderr.read()
+
+    def test_a_scan_removes_a_killed_adds_copy_and_leaves_a_live_ones(self, config_file, drop,
+                                                                        cfg, store):
+        """SIGKILL leaves the copy: a scan removes it once nobody holds it and it is a minute
+        old; a copy whose add still runs (a slow pipe) stays, however old."""
+        from ingestd import scan
+
+        def rescan() -> None:
+            scan.scan([cfg.projects["acme"]], lambda path, what: None,
+                      is_pending=lambda path: False, reason="timer")
+
+        live = self.start_copy(config_file, drop)
+        [alive] = partials(drop)
+        killed = self.start_copy(config_file, drop)
+        [dead] = [path for path in partials(drop) if path != alive]
+        killed.kill()
+        killed.wait(timeout=30)
+        for path in (alive, dead):
+            os.utime(path, (1, 1))  # long unchanged
+        rescan()
+        assert partials(drop) == [alive]
+        live.stdin.close()  # the end of its input: it completes
+        assert live.wait(timeout=30) == 0
+        assert [path.name for path in drop.iterdir()] == ["big.txt"]
+
+    def test_a_fresh_copy_is_left_to_its_add(self, config_file, drop, cfg, store):
+        """Just made, not yet locked by its add: a scan does not take it for abandoned."""
+        from ingestd import scan
+
+        fresh = drop / ".ingestd-add-0123456789abcdef0123456789abcdef.part"
+        fresh.write_text("being written")
+        scan.scan([cfg.projects["acme"]], lambda path, what: None,
+                  is_pending=lambda path: False, reason="timer")
+        assert fresh.exists()
+
+
+def partials(drop: Path) -> list[Path]:
+    return sorted(path for path in drop.iterdir() if path.name.startswith(".ingestd-add-"))
+
+
+def test_stdin_closed_is_refused_in_one_line(config_file, drop):
+    """`ingestd add -p acme - <&-`: exit 5, saying so; nothing copied."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ingestd", "-c", str(config_file), "add", "-p", "acme", "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: os.close(0))
+    refused_in_one_line(result, "-: standard input is closed")
+    assert list(drop.iterdir()) == []

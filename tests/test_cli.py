@@ -94,7 +94,8 @@ def test_a_project_removed_from_the_file_keeps_its_jobs_within_reach(config_file
 
 def test_output_that_cannot_be_written_is_one_line_and_exit_1(config_file, drop):
     """stdout on a full disk: one line naming why, exit 1, no traceback (writing it failed in
-    the table printer, or at exit); stdout closed: the command runs, printing nothing."""
+    the table printer, or at exit); stdout closed (``>&-``), the same: it printed nothing and
+    said all was well."""
     (drop / "a.txt").write_text("alpha")
     submitted_id(config_file, drop / "a.txt")
     command = [sys.executable, "-m", "ingestd", "-c", str(config_file), "jobs", "list", "-p",
@@ -106,7 +107,52 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(config_file, drop)
     assert result.stderr.splitlines() == ["ingestd: No space left on device"]
     closed = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command], capture_output=True,
                             text=True, timeout=60)
-    assert (closed.returncode, closed.stderr) == (0, "")
+    assert (closed.returncode, closed.stderr) == (
+        1, "ingestd: standard output is closed: nowhere to write the output\n")
+
+
+def test_json_is_utf8_whatever_the_locale_says(config_file, drop):
+    """Under an ASCII locale (PYTHONIOENCODING=ascii here), --json and piped events are still
+    JSON: UTF-8, as RFC 8259 says. The replacement for what ASCII could not encode wrote
+    Python's \\xe9 escape, which JSON has not, and the command said all was well."""
+    (drop / "café.txt").write_text("au lait")
+    submitted_id(config_file, drop / "café.txt")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    env.pop("INGESTD_CONFIG", None)
+    base = [sys.executable, "-m", "ingestd", "-c", str(config_file)]
+    listed = subprocess.run([*base, "jobs", "list", "-p", "acme", "--json"], env=env,
+                            capture_output=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    [job] = json.loads(listed.stdout.decode("utf-8"))["jobs"]
+    assert job["source_path"] == str(drop / "café.txt")
+    replay = subprocess.run([*base, "events", "--since", "0"], env=env, capture_output=True,
+                            timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    [event] = [json.loads(line) for line in replay.stdout.decode("utf-8").splitlines()]
+    assert event["data"]["original_filename"] == "café.txt"
+
+
+def test_an_error_with_stderr_closed_puts_nothing_into_stdout(config_file, tmp_path):
+    """`... --json 2>&-`: the error line is lost, not written into the JSON output (Python
+    prints to stdout what goes to a missing stderr); the exit code still says it."""
+    assert run_cli("db", "migrate", config=config_file).returncode == 0
+    result = subprocess.run(["sh", "-c", '"$@" 2>&-', "sh", sys.executable, "-m", "ingestd",
+                             "-c", str(config_file), "jobs", "list", "-p", "nope", "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (3, "")
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"]])
+def test_a_project_name_that_is_not_utf8_is_not_found(config_file, command):
+    """Bytes that are no UTF-8 name no project: exit 3, one line (a database query with them
+    raised out of the driver, a traceback of 66 lines)."""
+    assert run_cli("db", "migrate", config=config_file).returncode == 0
+    ids = ["1"] if command != ["jobs", "list"] else []
+    result = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(config_file), *command,
+                             "-p", os.fsdecode(b"\xff"), *ids], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "unknown project" in result.stderr
 
 
 def test_read_commands_work_while_a_project_folder_is_gone(config_file, drop, tmp_path):

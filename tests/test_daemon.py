@@ -482,6 +482,13 @@ class TestLifecycle:
             stop.set()
             writer.join()
 
+    def test_a_daemon_started_with_stdout_closed_stops_with_exit_0(self, make_daemon, folders):
+        """`ingestd run >&-` (its logs go to stderr): SIGTERM still exits 0 with a clean log; it
+        exited 1 on a traceback, flushing the stdout it never had."""
+        running = make_daemon(wrapper=["sh", "-c", 'exec "$@" >&-', "sh"])
+        assert document_text(wait_job(drop(folders["acme"], "a.txt", "closed"))) == "closed"
+        assert running.stop() == 0
+
     def test_sigterm_requeues_running_jobs_and_exits_0(self, make_daemon, folders, tmp_path):
         """Jobs still running after the grace period go back to the queue; a restart finishes
         them. Their sink program is killed, which their worker hears of as a sink failure
