@@ -361,6 +361,8 @@ def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True)
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
     if chosen is None:
         return zero_config(Path.cwd(), create=folders_must_exist)
+    if not os.fspath(chosen):
+        raise ConfigError("config file: an empty path (-c or $INGESTD_CONFIG): name a file")
     try:
         file = _resolve(Path(), os.fspath(chosen))
     except ValueError as exc:
@@ -369,7 +371,11 @@ def load(path: str | os.PathLike | None = None, folders_must_exist: bool = True)
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{file}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None

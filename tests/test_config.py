@@ -182,6 +182,17 @@ def test_config_check_reports_errors_and_exits_1(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("given, said", [
+    ("", "config file: an empty path (-c or $INGESTD_CONFIG): name a file"),
+    (".", "a directory, not a config file"),
+])
+def test_a_config_path_that_names_no_file_says_why_in_one_line(tmp_path, given, said):
+    """`-c ""` said the current directory could not be read, with errno's raw text."""
+    result = run_cli("config", "check", config=given, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
+
+
 def test_config_check_reports_every_bad_sink_naming_the_file(tmp_path, drop):
     """Sinks are checked together: each bad one is a line naming the file and its key."""
     (tmp_path / "b").mkdir()
