@@ -245,6 +245,9 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except Conflict:
         if ctx.grouped:
             raise
+        if ctx.control.abandoned:  # a stop released it: a progress write then found it queued
+            bound.info("job_abandoned")
+            return None
         bound.warning("job_taken_over", reason="the job changed under this worker")
         return None
     return _finish(bound, final, ctx)

@@ -533,6 +533,8 @@ class TestLifecycle:
         [job] = jobs_for(path)
         assert (job.status, job.error_message) == ("queued", None), running.log()[-3000:]
         assert '"level": "error"' not in running.log(), running.log()[-3000:]
+        # A progress write after the release finds the job queued: its stop, not a take-over.
+        assert "job_taken_over" not in running.log(), running.log()[-3000:]
         running.start()
         assert wait_job(path, timeout=120).attempts == 1, running.log()[-3000:]
 
