@@ -10,14 +10,16 @@ threaded daemon can deadlock the child) and exit when the pipe to the parent clo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import queue
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from typing import Callable
+from typing import Callable, Iterator
 
 import structlog
 
@@ -27,6 +29,29 @@ log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")
 PAGE_REPORT_SECONDS = 0.1
 START_TIMEOUT_SECONDS = 30.0  # a child that takes longer to start is used anyway, when it is up
+# What a whole process group gets from a terminal or a supervisor (Ctrl-C, `kill %1`, `timeout`,
+# a hangup), and the daemon alone acts on.
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def group_signals_blocked() -> Iterator[None]:
+    """Start children in this, and each calls :func:`unblock_group_signals` once it has set its
+    own dispositions: a child inherits the mask through fork and exec, and its interpreter
+    takes a second to start, in which such a signal killed it (a traceback, a worker
+    reported dead). Blocked here, one meant for the daemon waits for another thread or the
+    end of the block; none is lost."""
+    # Started first: starting it, a spawn unblocks SIGINT and SIGTERM in this thread.
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def unblock_group_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
 
 
 class ExtractionTimeout(Exception):
@@ -45,7 +70,9 @@ def _child(conn: Connection) -> None:
     """The child's loop: one PDF in, page reports and one result out, until the pipe closes."""
     # A SIGTERM to the daemon's whole process group would kill it under its PDF, which would
     # fail as if it were a bomb: the daemon decides, and its worker closes the pipe or kills.
+    # (SIGINT and SIGHUP its worker ignores, and so it does: ignoring outlives exec.)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    unblock_group_signals()
     importlib.import_module("pypdf")  # now, while idle: the first PDF need not wait for it
     try:
         _send(conn, ("ready",))
@@ -102,7 +129,8 @@ class _Worker:
         self.conn, child_conn = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(target=_child, args=(child_conn,), daemon=True,
                                         name="ingestd-extract")
-        self.process.start()
+        with group_signals_blocked():
+            self.process.start()
         child_conn.close()
 
     def wait_started(self, timeout: float) -> bool:

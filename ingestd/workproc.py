@@ -32,6 +32,7 @@ import structlog
 
 from ingestd.config import Config
 from ingestd.inbox import Inbox
+from ingestd.procpool import group_signals_blocked, unblock_group_signals
 
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
@@ -70,7 +71,8 @@ class _Child:
         self.conn, child_conn = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(target=child_main, name=f"ingestd-worker-{index}",
                                         args=(child_conn, config, slots, log_level, held))
-        self.process.start()
+        with group_signals_blocked():
+            self.process.start()
         child_conn.close()
         self.owner: str | None = None
         self.ready = threading.Event()  # it said hello: up, with its extraction processes
@@ -263,6 +265,7 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _dropped)
+    unblock_group_signals()
     # The daemon ignores SIGIO for its leases (writers.py). Here originals.py takes them (is
     # a writer still at a file about to be moved?), with a handler: the sink programs and
     # extractors started from here get the default back, as exec resets a handler.

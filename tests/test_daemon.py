@@ -64,6 +64,13 @@ def config_text(folders: dict[str, Path], daemon_extra: str = "shutdown_grace_se
     """
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.fixture
 def make_daemon(tmp_path, folders):
     """Start a daemon on the two-project config (with extra keys); stopped after the test."""
@@ -537,6 +544,24 @@ class TestLifecycle:
         assert "job_taken_over" not in running.log(), running.log()[-3000:]
         running.start()
         assert wait_job(path, timeout=120).attempts == 1, running.log()[-3000:]
+
+    @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+    def test_a_group_signal_while_worker_processes_start_is_the_daemons_alone(
+            self, tmp_path, folders, number):
+        """Ctrl-C or `timeout` as the worker processes start: the daemon stops, exit 0. A
+        worker whose interpreter was still starting died of it (a KeyboardInterrupt traceback
+        on stderr; worker_process_died for SIGTERM)."""
+        config = write_config(tmp_path, config_text(folders, "shutdown_grace_seconds = 5", ""))
+        running = Daemon(tmp_path, config, own_group=True).start(wait_ready=False)
+        try:
+            wait_for(lambda: any("spawn_main" in cmdline(pid)
+                                 for pid in children(running.process.pid)),
+                     timeout=60, interval=0.005, message="a worker process spawned")
+            running.signal_group(number)
+            assert running.process.wait(timeout=60) == 0, running.log()[-3000:]
+            assert "worker_process_died" not in running.log(), running.log()[-3000:]
+        finally:
+            running.finish()
 
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
