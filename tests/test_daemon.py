@@ -1041,7 +1041,7 @@ class TestWorkerProcesses:
         pids = self.worker_pids(daemon)
         path = drop(folders["acme"], "held.txt", "held by the sink")
         wait_job(path, "running")
-        daemon.process.kill()
+        daemon.kill()
         wait_for(lambda: all(gone(pid) for pid in pids), timeout=30,
                  message="worker processes exited")
         job = wait_job(path, "queued")

@@ -485,6 +485,7 @@ def test_a_second_sigterm_during_a_pdf_leaves_one_json_object_per_log_line(make_
     running.notify.wait_for(lambda m: m == "STOPPING=1")
     running.signal(signal.SIGTERM)
     assert running.process.wait(timeout=10) == 1
+    running.stop(expect=1)  # exited: this checks its log has no traceback, and tidies up
     wait_for(lambda: all(gone(pid) for pid in below), timeout=30,
              message="the worker and extraction processes gone")
     lines = running.log_path.read_text(errors="replace").splitlines()
