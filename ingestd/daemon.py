@@ -108,7 +108,7 @@ class Daemon:
         self._signals.catch((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1),
                             at_once=self._on_signal)
         writers.ignore_lease_breaks()
-        if not self._open_store():
+        if not self._open_store() or self._stopped_before_starting():
             self.notifier.stopping()
             return 0
         self._store_identity = file_identity(db.sqlite_file())
@@ -147,6 +147,15 @@ class Daemon:
                 log.warning("signal_ignored", signal=signal.Signals(number).name,
                             reason="waiting for the database")
             delay = min(2 * delay, DATABASE_RETRY_MAX_SECONDS)
+
+    def _stopped_before_starting(self) -> bool:
+        """A stop signal came while the database was opened (a long migration): nothing is
+        started (no worker, no scan, no READY) only to be stopped."""
+        if not self._stopping:
+            return False
+        stops = [n for n in self._signals.wait(0) if n in (signal.SIGTERM, signal.SIGINT)]
+        log.info("daemon_stopping", signal=signal.Signals(stops[0]).name if stops else None)
+        return True
 
     def _waiting_for_migration(self, extender: StartExtender) -> None:
         """Another node is migrating the shared database: this one waits as long, and says so."""
@@ -202,6 +211,8 @@ class Daemon:
         # any worker competes with job creation for the interpreter.
         self.scheduler.add_job(self._start_scan, id="rescan-start")
         self._wait_for_workers()
+        if self._stopping:  # not ready, nor started: the main loop hears the signal and stops
+            return
         self._record(jobs.DAEMON_STARTED, self._facts())
         self._refresh_status()
         self.scheduler.add_job(self._refresh_status, "interval", seconds=STATUS_SECONDS,
@@ -215,7 +226,9 @@ class Daemon:
         began = time.monotonic()
         while not self.pool.wait_ready(0.1):
             waited = time.monotonic() - began
-            if self._stopping or waited > WORKERS_START_SECONDS:
+            if self._stopping:
+                return
+            if waited > WORKERS_START_SECONDS:
                 log.warning("worker_processes_not_ready", waited=round(waited, 1))
                 return
 

@@ -563,6 +563,23 @@ class TestLifecycle:
         finally:
             running.finish()
 
+    def test_a_stop_while_worker_processes_start_is_no_start(self, tmp_path, folders):
+        """SIGTERM before the daemon is ready (its workers still starting): exit 0 without
+        READY=1, a started event or a warning that the workers were not ready."""
+        config = write_config(tmp_path, config_text(folders, "shutdown_grace_seconds = 5", ""))
+        running = Daemon(tmp_path, config).start(wait_ready=False)
+        wait_for(lambda: any("spawn_main" in cmdline(pid)
+                             for pid in children(running.process.pid)),
+                 timeout=60, interval=0.005, message="a worker process spawned")
+        running.signal(signal.SIGTERM)
+        running.notify.wait_for(lambda m: m == "STOPPING=1", timeout=60)  # and all before it
+        assert running.process.wait(timeout=60) == 0
+        running.stop()  # exited: this checks its log, and tidies up
+        assert not any("READY=1" in m for m in running.notify.messages), running.log()[-3000:]
+        assert "worker_processes_not_ready" not in running.log()
+        open_db(config)
+        assert events_of_type("io.ingestd.daemon.started") == []
+
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
         sink, release = blocking_sink(tmp_path)

@@ -117,6 +117,32 @@ def test_a_daemon_waiting_for_another_nodes_migration_says_so_and_extends_its_st
                 daemon.kill(with_children=True)
 
 
+def test_a_stop_while_waiting_for_another_nodes_migration_starts_nothing(tmp_path, pg_url):
+    """SIGTERM while the database is being opened (another node's migration; a long one of
+    its own is the same): once it is open the daemon stops, exit 0, without starting first
+    (no worker processes, no scan, no READY=1, no started event)."""
+    from ingestd.models import Event
+
+    daemon = node(tmp_path, pg_url)
+    alive = lambda: daemon.alive  # noqa: E731
+    with another_node_migrating() as migrated:
+        daemon.start(wait_ready=False)
+        waiting = "STATUS=waiting for another node to migrate the database"
+        daemon.notify.wait_for(lambda m: m == waiting, alive=alive)
+        daemon.signal(signal.SIGTERM)  # heard once the lock's wait returns (a C call)
+        migrated()
+        daemon.notify.wait_for(lambda m: m == "STOPPING=1", timeout=60)  # and all before it
+        assert daemon.process.wait(timeout=60) == 0
+        daemon.stop()  # exited: this checks its log, and tidies up
+    assert not any("READY=1" in m for m in daemon.notify.messages), daemon.notify.messages
+    assert "worker_process_started" not in daemon.log() and '"rescanned"' not in daemon.log()
+    db.open_store(pg_url)
+    try:
+        assert Event.select().where(Event.type == "io.ingestd.daemon.started").count() == 0
+    finally:
+        db.close_store()
+
+
 def test_db_migrate_waiting_for_another_nodes_migration_says_so_then_migrates(tmp_path, pg_url):
     """`ingestd db migrate` on a database another node is migrating says it waits (a big
     migration takes minutes), and migrates once the other node is done."""
