@@ -27,7 +27,7 @@ import structlog
 from apscheduler.jobstores.base import JobLookupError
 
 from ingestd import (__version__, config as config_mod, db, events, intake, jobs, metrics,
-                     originals, retire, scan, writers)
+                     originals, retire, scan, work, writers)
 from ingestd.checkpoint import WalCheckpointer
 from ingestd.config import Config
 from ingestd.control import ControlServer
@@ -45,7 +45,6 @@ from ingestd.stream import EventStream
 from ingestd.systemd import Notifier, StartExtender
 from ingestd.wakeup import JobListener
 from ingestd.watch import Watcher
-from ingestd.work import node_owner
 from ingestd.workproc import Finished, WorkerProcesses
 
 log = structlog.get_logger(__name__)
@@ -72,7 +71,7 @@ class Daemon:
     def __init__(self, config: Config, config_arg: str | None = None,
                  log_level: str = "info") -> None:
         self.config = config
-        self.owner = node_owner()
+        self.owner = work.node_owner()
         self._config_arg = config_arg
         self._signals = Inbox()
         self._stopping = False  # set in a signal handler: a plain flag, no lock
@@ -187,6 +186,7 @@ class Daemon:
                 lambda: list(self.config.projects), self._live_numbers))
 
     def _start(self) -> None:
+        db.guarded("stopped_at_once", work.release_stopped_at_once)(self.config.daemon.state_dir)
         self.settler.start()
         failed = self.watcher.start(self.config.projects.values())
         if failed:  # gone since the config was read: keep the rest, and try again
@@ -267,9 +267,10 @@ class Daemon:
         """In the signal handler, before the main loop hears of it: takes no lock."""
         if number not in (signal.SIGTERM, signal.SIGINT):
             return
-        if self._stopping:
+        if self._stopping:  # second signal: at once; the next start gives the jobs back
+            work.note_stopped_at_once(self.config.daemon.state_dir, self.pool.owners)
             self.pool.kill()
-            os._exit(1)  # second signal: at once; leases of this dead process are rescued later
+            os._exit(1)
         self._stopping = True
 
     def _shutdown(self) -> None:

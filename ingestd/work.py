@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import socket
@@ -33,6 +34,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Iterator
 
 import structlog
@@ -42,7 +44,7 @@ from apscheduler.jobstores.base import JobLookupError
 
 from ingestd import db, jobs
 from ingestd.config import Config, ProjectConfig
-from ingestd.errors import Conflict
+from ingestd.errors import Conflict, NotFound
 from ingestd.models import Job, Stage, database
 from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
@@ -67,6 +69,41 @@ def node_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
+STOPPED_AT_ONCE = "stopped-at-once.json"  # in state_dir; see note_stopped_at_once
+STOPPED_AT_ONCE_REASON = "re-queued: the daemon was stopped at once (a second signal)"
+
+
+def note_stopped_at_once(state_dir: Path, owners: list[str]) -> None:
+    """In the daemon's signal handler, as a second signal stops it at once: its workers' lease
+    owners, for :func:`release_stopped_at_once`. A rescue would count the attempt of every job
+    they ran, and three impatient stops failed a good file. A file, not the database: a
+    database that keeps the stop waiting is a reason to stop at once."""
+    with contextlib.suppress(OSError):
+        (state_dir / STOPPED_AT_ONCE).write_text(json.dumps(owners))
+
+
+def release_stopped_at_once(state_dir: Path) -> None:
+    """At a start, before the workers (whose start rescues dead owners' jobs, counted): the jobs
+    a daemon stopped at once left running go back to the queue uncounted."""
+    path = state_dir / STOPPED_AT_ONCE
+    try:
+        owners = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        log.warning("stopped_at_once_unreadable", path=str(path), reason=str(exc))
+        owners = []
+    dead = [owner for owner in owners if isinstance(owner, str) and owner_is_dead_local(owner)]
+    for job in jobs.running_under(dead):
+        try:
+            jobs.release(job.id, job.lease_owner, STOPPED_AT_ONCE_REASON)
+        except (Conflict, NotFound):
+            continue  # ended or rescued meanwhile (another node, its lease expired)
+        log.info("job_requeued", job_id=job.id, project=job.project_id,
+                 reason=STOPPED_AT_ONCE_REASON)
+    path.unlink(missing_ok=True)
+
+
 def owner_is_dead_local(owner: str) -> bool:
     """True if ``owner`` was a process on this host that no longer runs."""
     host, _, rest = owner.partition("/")
@@ -79,7 +116,18 @@ def owner_is_dead_local(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """Dead, not yet reaped: a killed daemon's workers are left to an init that may take its
+    time (some containers' never reaps), and signal 0 still reaches them."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,8 @@ class WorkerProcesses:
     @property
     def owners(self) -> list[str]:
         """Lease owner ids of the live children (their jobs are this daemon's running jobs)."""
-        with self._lock:
-            return [child.owner for child in self._children if child.owner]
+        # No lock: a signal handler asks (see pids).
+        return [child.owner for child in list(self._children) if child.owner]
 
     @property
     def pids(self) -> list[int]:

@@ -581,19 +581,29 @@ class TestLifecycle:
         assert events_of_type("io.ingestd.daemon.started") == []
 
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
-        """SIGTERM twice: exit now; the next start rescues the running job and completes it."""
+        """SIGTERM twice: exit now, the job left running; the next start gives it back to the
+        queue without counting the attempt (the operator stopped it, not the job: three such
+        stops failed a good file, out of attempts) and completes it."""
         sink, release = blocking_sink(tmp_path)
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=sink)
         path = drop(folders["acme"], "interrupted.txt", "held by its sink")
-        wait_job(path, "running")
-        running.signal(signal.SIGTERM)
-        running.notify.wait_for(lambda m: m == "STOPPING=1")
-        running.signal(signal.SIGTERM)
-        assert running.process.wait(timeout=10) == 1
-        assert jobs_for(path)[0].status == "running"  # left as it was: its lease tells
+        for stop in range(3):  # max_attempts
+            if stop:
+                running.start()
+            wait_job(path, "running")
+            running.signal(signal.SIGTERM)
+            running.notify.wait_for(lambda m: m == "STOPPING=1")
+            running.signal(signal.SIGTERM)
+            assert running.process.wait(timeout=10) == 1
+            running.stop(expect=1)  # exited: this checks its log
+            assert jobs_for(path)[0].status == "running"  # left as it was
         release.touch()
         running.start()
-        assert wait_job(path, timeout=60).attempts == 2
+        job = wait_job(path, timeout=60)
+        assert (job.status, job.attempts) == ("completed", 1), running.log()[-3000:]
+        requeued = [json.loads(event.data)["message"]
+                    for event in events_of_type("io.ingestd.job.requeued")]
+        assert requeued == ["re-queued: the daemon was stopped at once (a second signal)"] * 3
 
     def test_a_stop_stuck_on_the_write_lock_gives_up_and_loses_nothing(self, make_daemon,
                                                                        folders, tmp_path):

@@ -636,3 +636,22 @@ def test_a_name_not_in_utf8_and_a_name_written_as_its_escapes_are_two_paths(cfg,
     live = Document.select().where(Document.deleted_at.is_null())
     assert sorted(d.text for d in live) == ["the literal name's own text",
                                             "the undecodable name's own text"]
+
+
+def test_a_dead_unreaped_worker_is_a_dead_owner():
+    """A killed daemon's worker processes go to an init that may not reap them soon (this
+    machine's does not): a zombie answers signal 0, and was taken for alive, so its jobs
+    waited for their leases to expire instead of being rescued at the next start."""
+    import socket
+
+    from ingestd.work import owner_is_dead_local
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        owner = f"{socket.gethostname()}/{pid}/0123abcd"
+        wait_for(lambda: owner_is_dead_local(owner), timeout=10, message="the zombie seen dead")
+        assert not owner_is_dead_local(f"{socket.gethostname()}/{os.getpid()}/0123abcd")
+    finally:
+        os.waitpid(pid, 0)
