@@ -70,13 +70,15 @@ def extract(data_or_path: Source, mime_type: str, on_page: OnPage | None = None)
     return extract_text(_read(data_or_path), mime_type)
 
 
-def extract_text(data: bytes, mime_type: str) -> Extracted:
-    """Decode a text file (see the module docstring for the encodings tried) into one span."""
+def extract_text(data: bytes, mime_type: str, check: Callable[[], None] = lambda: None
+                 ) -> Extracted:
+    """Decode a text file (see the module docstring for the encodings tried) into one span;
+    ``check()`` is called as it goes, and raises to stop (a job's deadline)."""
     mime = _base_type(mime_type)
     if not (mime.startswith("text/") or mime in TEXT_TYPES):
         raise ExtractError(f"type {mime or '(none)'} cannot be extracted")
     text, encoding, replaced = _decode(bytes(data))
-    text = composed(text.replace("\r\n", "\n"))
+    text = composed(text.replace("\r\n", "\n"), check)
     return Extracted(text, ((0, len(text)),), encoding, replaced)
 
 

@@ -406,7 +406,7 @@ def _check_type(job: Job, project: ProjectConfig, data: bytes) -> str:
 def _extract(data: bytes, mime: str, ctx: Context, progress: _Progress) -> Extracted:
     if mime != PDF:
         ctx.on_extracting()
-        return extract_text(data, mime)
+        return extract_text(data, mime, ctx.check)
 
     def on_page(done: int, total: int) -> None:
         progress.update(fraction=0.1 + 0.8 * done / max(total, 1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from typing import Callable
 
 # FTS5's separators (SQLite 3.40 measured, code point by code point), as hexadecimal ranges.
 _SEPARATORS = (
@@ -175,13 +176,38 @@ _LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\uf
                             "\ufb04": "ffl", "\ufb05": "st", "\ufb06": "st"})
 
 
-def composed(text: str) -> str:
+def composed(text: str, check: Callable[[], None] = lambda: None) -> str:
     """``text`` in Unicode's composed form (NFC) with its ligatures spelled out, as extracted
     text is stored and queries are read. An accent comes as one character with its letter
     ("é") or as a combining mark after it ("e\u0301": macOS file names, some PDF producers),
     and FTS5 tells the two apart outside Latin: a decomposed Russian "й" would be indexed as
-    "и", a Greek "ό" as "ο"."""
-    return text if text.isascii() else unicodedata.normalize("NFC", text).translate(_LIGATURES)
+    "и", a Greek "ό" as "ο". ``check()`` is called between pieces (see :func:`_nfc`): it
+    raises to stop."""
+    return text if text.isascii() else _nfc(text, check).translate(_LIGATURES)
+
+
+NFC_PIECE = 1024  # characters normalized at a time
+_ASCII = re.compile(r"[\x00-\x7f]")
+
+
+def _nfc(text: str, check: Callable[[], None]) -> str:
+    """NFC a piece at a time. Reordering a run of combining marks takes time quadratic in its
+    length, in C holding the GIL: a worker froze for minutes on a file of 1 MB of marks, its
+    heartbeat starved, its lease lost. A piece ends before an ASCII character, with which
+    nothing before it composes (exact: every text then normalizes as a whole would); one with
+    none in reach (CJK, whose characters compose with nothing, or thousands of marks) is cut."""
+    if len(text) <= 2 * NFC_PIECE:
+        return unicodedata.normalize("NFC", text)
+    pieces, start, size = [], 0, len(text)
+    while start < size:
+        end = start + NFC_PIECE
+        if end < size:
+            found = _ASCII.search(text, end, end + NFC_PIECE)
+            end = found.start() if found else end
+        pieces.append(unicodedata.normalize("NFC", text[start:end]))
+        start = end
+        check()
+    return "".join(pieces)
 
 
 def _pattern(text: str) -> re.Pattern:

@@ -343,6 +343,21 @@ class TestDropping:
 
 
 class TestBadInput:
+    def test_a_text_of_combining_marks_by_the_thousand_does_not_freeze_a_worker(
+            self, make_daemon, folders):
+        """Normalizing a run of combining marks takes time quadratic in its length, in C
+        holding the GIL: 800 KB of them froze a worker for minutes past job_timeout_seconds,
+        its heartbeat starved and its lease lost, then the next worker the same; the job
+        failed as 'stopped renewing its lease' and other files waited. Now it is normalized a
+        piece at a time, the job's deadline checked in between."""
+        make_daemon(acme_extra="job_timeout_seconds = 10")
+        marks = drop(folders["acme"], "marks.txt", "a" + "\u0301\u0316" * 200_000)
+        small = drop(folders["acme"], "small.txt", "dropped beside it")
+        assert wait_job(small, timeout=20).status == "completed"
+        job = wait_ended(marks, timeout=20)
+        assert (job.status, job.attempts) == ("completed", 1), job.error_message
+        assert len(document_text(job)) == 400_000  # "a" and its first acute make "á"
+
     def test_a_file_the_daemon_may_not_read_is_a_job_that_retries_then_fails(self, make_daemon,
                                                                              folders):
         """A permission problem may be fixed meanwhile: the file's job retries with backoff,

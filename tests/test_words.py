@@ -111,3 +111,34 @@ def test_a_word_too_long_for_a_tsvector_gets_a_lexeme_of_its_own():
 def test_tsvector_input_lists_each_word_once_with_its_positions():
     assert words.tsvector("Kiwi, fig; KIWI café") == "'kiwi':1,3 'fig':2 'cafe':4"
     assert words.tsvector("... ---") == ""
+
+
+def test_a_long_text_is_composed_a_piece_at_a_time_as_it_would_be_whole():
+    """composed() normalizes a long text in pieces (a run of combining marks costs time
+    quadratic in its length): the pieces end where nothing composes across, so the text comes
+    out as NFC of the whole would give it. Random texts of accents, marks in and out of order,
+    Hangul jamo, Indic and Oriya vowel signs, CJK, emoji."""
+    import random
+    import unicodedata
+
+    rng = random.Random(7)
+    alphabet = list("abcdefghij \n.,") + [
+        "\u0301", "\u0308", "\u0327", "\u0316", "e\u0301", "\u00e9", "\u4e2d", "\u1100\u1161",
+        "\u11a8", "\u0b47\u0b3e", "\u0915\u093c", "\U0001F600", "\u03bf\u0301", "\u0438\u0306"]
+    for _ in range(100):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2_000, 20_000)))
+        assert words.composed(text) == unicodedata.normalize("NFC", text)
+
+
+def test_composing_stops_when_its_check_says_so():
+    """The check (a job's deadline) is asked between pieces, and what it raises stops it."""
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise TimeoutError("past the deadline")
+
+    with pytest.raises(TimeoutError):
+        words.composed("a" + "\u0301\u0316" * 100_000, check)
+    assert len(calls) == 3
