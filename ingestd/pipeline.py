@@ -178,8 +178,8 @@ class Prepared:
     extracted: Extracted | None = None
     known: documents.Known | None = None
     error: Exception | None = None
-    # In a group, for a sink that takes many documents at once: the document and the sink's
-    # rows for it, made before the group's transaction.
+    # For the built-in sinks: the document and the sink's rows for it (chunks), made before
+    # the completing transaction, which holds the write lock.
     document: Document | None = None
     parts: list[tuple] = field(default_factory=list)
 
@@ -203,7 +203,8 @@ def prepare(job: Job, ctx: Context) -> Prepared:
             progress.update(Stage.EXTRACTING, 0.1)
             found.extracted = _extract(data, found.mime, ctx, progress)
             progress.update(Stage.INDEXING, 0.9)
-            if ctx.grouped and isinstance(ctx.sink, TextSink):  # the built-in sinks
+            if isinstance(ctx.sink, TextSink):  # the built-in sinks: split the text now, not
+                # in the completing transaction, holding the write lock (1 s for 100 MB)
                 found.document = _document(job, found.extracted, found.mime, found.sha, None)
                 found.parts = ctx.sink.parts_of(found.document)
     except (Abandoned, Cancelled, Superseded, Permanent, ExtractError, ExtractionTimeout,
@@ -223,7 +224,7 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
         if found.known is not None:
             final = _complete_duplicate(job, ctx, sha, mime)
         else:
-            final = _index(job, ctx, found.extracted, found.mime, sha)
+            final = _index(job, ctx, found, sha)
     except Abandoned:
         bound.info("job_abandoned")
         return None
@@ -490,7 +491,7 @@ def _indexed_message(extracted: Extracted) -> str:
     return f"{len(extracted.text)} characters from {len(extracted.pages)} page(s){replaced}"
 
 
-def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) -> Job:
+def _index(job: Job, ctx: Context, found: Prepared, sha: str) -> Job:
     """Hand the text to the sink and complete, retiring the path's previous document.
 
     For a sink in our own database all of it is one transaction, which also re-checks for a
@@ -498,6 +499,7 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
     document or the new one, never neither or both, and a cancel leaves nothing behind. An
     external sink is called before the completing transaction, and told to delete the
     previous document after it (see retire)."""
+    extracted, mime = found.extracted, found.mime
     message = _indexed_message(extracted)
     if ctx.sink.transactional:
         try:
@@ -507,7 +509,10 @@ def _index(job: Job, ctx: Context, extracted: Extracted, mime: str, sha: str) ->
                 if known is not None:
                     return _complete_duplicate(job, ctx, sha, mime, known)
                 previous = documents.previous_version(job)
-                document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, previous))
+                if found.document is not None:  # the built-in sinks, its parts made before
+                    document_id = ctx.sink.ingest_many([(found.document, found.parts)])[0]
+                else:
+                    document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, previous))
                 if not ctx.grouped:  # past its deadline (or cancelled) while indexing: undone
                     ctx.check()
                 _let_go_previous(ctx, job, previous)

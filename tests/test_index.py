@@ -511,7 +511,7 @@ class TestDedupAndChanges:
     def test_a_failed_sink_is_never_taken_for_a_duplicate(self, ingest, drop, cfg):
         """A failed attempt records no content: the same bytes later are indexed for real."""
         class Failing(IndexSink):
-            def ingest(self, document):
+            def ingest_many(self, documents):
                 from ingestd.sinks import SinkError
                 raise SinkError("index offline", transient=False)
 
@@ -835,10 +835,10 @@ class TestDeletes:
         """The index's work outlasting job_timeout_seconds: the job fails as timed out and its
         document is undone. It completed, however late (17 s against 10 s)."""
         class Slow(IndexSink):
-            def ingest(self, document):
-                document_id = super().ingest(document)
+            def ingest_many(self, documents):
+                ids = super().ingest_many(documents)
                 time.sleep(1.2)  # the index's own work, taking longer than the job may
-                return document_id
+                return ids
 
         cfg.projects["acme"] = dataclasses.replace(cfg.projects["acme"], job_timeout_seconds=1)
         job = ingest(write(drop / "slow.txt", "slowly indexed quokka"),
@@ -861,15 +861,32 @@ class TestDeletes:
     def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
         """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
         class CancelledMidway(IndexSink):
-            def ingest(self, document):
-                document_id = super().ingest(document)
-                jobs.cancel(document.project_id, document.job_id)  # the CLI, meanwhile
-                return document_id
+            def ingest_many(self, documents):
+                ids = super().ingest_many(documents)
+                for document, _ in documents:
+                    jobs.cancel(document.project_id, document.job_id)  # the CLI, meanwhile
+                return ids
 
         job = ingest(write(drop / "c.txt", "never to be indexed"),
                      sink=CancelledMidway(cfg.projects["acme"]))
         assert job.status == "cancelled"
         assert Document.select().count() == 0 and Chunk.select().count() == 0
+
+
+def test_a_lone_jobs_text_is_split_before_its_transaction(ingest, drop, cfg):
+    """Chunking 100 MB of text takes a second: done before the completing transaction, which
+    holds the write lock (a job in a group had it so; one alone did it inside)."""
+    from ingestd.models import database
+
+    inside = []
+
+    class Watching(IndexSink):
+        def parts_of(self, document):
+            inside.append(database.in_transaction())
+            return super().parts_of(document)
+
+    job = ingest(write(drop / "a.txt", "split before"), sink=Watching(cfg.projects["acme"]))
+    assert job.status == "completed" and inside == [False]
 
 
 def waiting_advisory_locks() -> int:
