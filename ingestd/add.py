@@ -81,17 +81,18 @@ def deliver(project: ProjectConfig, source: BinaryIO, name: str) -> Path:
     temp = folder / f"{names.OWN_PREFIX}add-{uuid.uuid4().hex}{names.ADD_PARTIAL_SUFFIX}"
     try:
         with open(temp, "xb") as out:
-            # Held while the copy lives: a scan removes a copy nobody holds (add was killed).
+            # Held until the copy is linked: a scan removes a copy nobody holds (a killed
+            # add's). Waited for: a scan that found the new file holds it for a moment.
             with contextlib.suppress(OSError):  # a file system without locks: by its age
-                fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
             written, head = _copy(source, out, project.max_bytes)
             out.flush()
             os.fsync(out.fileno())
-        if written > project.max_bytes:
-            raise InputRefused(f"{shown}: too large (over max_bytes {project.max_bytes})")
-        intake.refuse_empty(project, shown, written)  # stdin is only measured (and sniffed) here
-        _refuse_type(project, shown, head, name)  # before the link: a watcher would take it
-        return _link_free_name(temp, folder, name)
+            if written > project.max_bytes:
+                raise InputRefused(f"{shown}: too large (over max_bytes {project.max_bytes})")
+            intake.refuse_empty(project, shown, written)  # stdin is only measured here
+            _refuse_type(project, shown, head, name)  # before the link: a watcher would take it
+            return _link_free_name(temp, folder, name)
     finally:
         temp.unlink(missing_ok=True)
 
@@ -110,15 +111,19 @@ def _copy(source: BinaryIO, out: BinaryIO, limit: int) -> tuple[int, bytes]:
 
 
 def _chunks(fd: int) -> Iterator[bytes]:
-    """What ``fd`` holds, as it comes, until its end. Each read waits in select() on the fd and
+    """What ``fd`` holds, as it comes, until its end. Each read waits in poll() on the fd and
     on the signal wakeup fd too: a signal (``timeout``'s SIGTERM) landing just before a read
     of a pipe that has nothing more yet made the read wait for more input, the handler that
     removes the partial copy unrun (a buffered read of stdin ran many reads in a row)."""
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    before = signal.set_wakeup_fd(wake_write)
+    before = None
     try:
+        before = signal.set_wakeup_fd(wake_write)
+        ready = select.poll()  # not select(): it takes no descriptor above 1023
+        ready.register(fd, select.POLLIN)
+        ready.register(wake_read, select.POLLIN)
         while True:
-            if fd not in select.select([fd, wake_read], [], [])[0]:
+            if fd not in [found for found, _ in ready.poll()]:
                 with contextlib.suppress(BlockingIOError):  # a signal that raised nothing
                     os.read(wake_read, 512)
                 continue
@@ -127,7 +132,8 @@ def _chunks(fd: int) -> Iterator[bytes]:
                 return
             yield chunk
     finally:
-        signal.set_wakeup_fd(before)
+        if before is not None:
+            signal.set_wakeup_fd(before)
         os.close(wake_read)
         os.close(wake_write)
 

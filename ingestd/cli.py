@@ -583,7 +583,7 @@ def _open_streams(args: argparse.Namespace) -> None:
             raise IngestdError("standard output is closed: nowhere to write the output")
         sys.stdout = open(os.devnull, "w")
     if getattr(args, "json", False) or (args.handler is cmd_events and not sys.stdout.isatty()):
-        sys.stdout.reconfigure(encoding="utf-8")
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # else strict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -292,6 +292,7 @@ class Daemon:
                   "the database did not take its writes (its write lock held elsewhere, or it "
                   "does not answer)",
                   then="exiting now (exit code 1): the next start re-queues the jobs left running")
+        work.note_stopped_at_once(self.config.daemon.state_dir, self.pool.owners)
         self.pool.kill()
         os._exit(1)
 

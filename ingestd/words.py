@@ -18,6 +18,7 @@ SQLite in use, for every code point.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -174,6 +175,7 @@ def fold(text: str) -> str:
 # full-width forms).
 _LIGATURES = str.maketrans({"\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi",
                             "\ufb04": "ffl", "\ufb05": "st", "\ufb06": "st"})
+_LIGATURE_CHARS = "".join(map(chr, _LIGATURES))
 
 
 def composed(text: str, check: Callable[[], None] = lambda: None) -> str:
@@ -183,7 +185,12 @@ def composed(text: str, check: Callable[[], None] = lambda: None) -> str:
     and FTS5 tells the two apart outside Latin: a decomposed Russian "й" would be indexed as
     "и", a Greek "ό" as "ο". ``check()`` is called between pieces (see :func:`_nfc`): it
     raises to stop."""
-    return text if text.isascii() else _nfc(text, check).translate(_LIGATURES)
+    if text.isascii():
+        return text
+    text = _nfc(text, check)
+    # translate() maps character by character in Python's own loop (5 s for 90 MB): only
+    # where there is a ligature to spell out.
+    return text.translate(_LIGATURES) if any(map(text.__contains__, _LIGATURE_CHARS)) else text
 
 
 NFC_PIECE = 1024  # characters normalized at a time
@@ -193,21 +200,49 @@ _ASCII = re.compile(r"[\x00-\x7f]")
 def _nfc(text: str, check: Callable[[], None]) -> str:
     """NFC a piece at a time. Reordering a run of combining marks takes time quadratic in its
     length, in C holding the GIL: a worker froze for minutes on a file of 1 MB of marks, its
-    heartbeat starved, its lease lost. A piece ends before an ASCII character, with which
-    nothing before it composes (exact: every text then normalizes as a whole would); one with
-    none in reach (CJK, whose characters compose with nothing, or thousands of marks) is cut."""
+    heartbeat starved, its lease lost. A piece ends before a character that nothing before it
+    composes with or reorders across (see :func:`_cut`), so the text comes out as NFC of the
+    whole gives it; only a run of more than NFC_PIECE marks is cut anywhere."""
     if len(text) <= 2 * NFC_PIECE:
         return unicodedata.normalize("NFC", text)
+    if unicodedata.is_normalized("NFC", text):  # linear: most text, CJK without a space too
+        return text
     pieces, start, size = [], 0, len(text)
     while start < size:
-        end = start + NFC_PIECE
-        if end < size:
-            found = _ASCII.search(text, end, end + NFC_PIECE)
-            end = found.start() if found else end
+        end = _cut(text, start + NFC_PIECE) if start + NFC_PIECE < size else size
         pieces.append(unicodedata.normalize("NFC", text[start:end]))
         start = end
         check()
     return "".join(pieces)
+
+
+def _cut(text: str, at: int) -> int:
+    """Where a piece may end, from ``at`` on: before an ASCII character (no composition has
+    one second), else before a starter that is no composition's second either (a decomposed
+    Japanese or Korean paragraph has no ASCII for thousands of characters)."""
+    found = _ASCII.search(text, at, at + NFC_PIECE)
+    if found:
+        return found.start()
+    seconds = _composing_starters()
+    for index in range(at, min(at + NFC_PIECE, len(text))):
+        if not unicodedata.combining(text[index]) and text[index] not in seconds:
+            return index
+    return at  # marks by the thousand: no text composes so, nothing is lost but their order
+
+
+@functools.cache
+def _composing_starters() -> frozenset[str]:
+    """Starters (combining class 0) that NFC joins to the character before them: the second
+    of a two-character canonical decomposition (some Indic vowel signs, kana voicing marks
+    are not starters), and Hangul's vowel and final jamo."""
+    found = {chr(code) for code in (*range(0x1161, 0x1176), *range(0x11A8, 0x11C3))}
+    for code in range(0x110000):
+        parts = unicodedata.decomposition(chr(code)).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            second = chr(int(parts[1], 16))
+            if not unicodedata.combining(second):
+                found.add(second)
+    return frozenset(found)
 
 
 def _pattern(text: str) -> re.Pattern:

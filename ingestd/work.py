@@ -70,11 +70,11 @@ def node_owner() -> str:
 
 
 STOPPED_AT_ONCE = "stopped-at-once.json"  # in state_dir; see note_stopped_at_once
-STOPPED_AT_ONCE_REASON = "re-queued: the daemon was stopped at once (a second signal)"
+STOPPED_AT_ONCE_REASON = "re-queued: the daemon was stopped at once"
 
 
 def note_stopped_at_once(state_dir: Path, owners: list[str]) -> None:
-    """In the daemon's signal handler, as a second signal stops it at once: its workers' lease
+    """As the daemon exits at once (a second signal, or a stop overdue): its workers' lease
     owners, for :func:`release_stopped_at_once`. A rescue would count the attempt of every job
     they ran, and three impatient stops failed a good file. A file, not the database: a
     database that keeps the stop waiting is a reason to stop at once."""

@@ -132,6 +132,20 @@ def test_json_is_utf8_whatever_the_locale_says(config_file, drop):
     assert event["data"]["original_filename"] == "café.txt"
 
 
+def test_json_with_a_name_that_is_not_utf8_is_still_json(tmp_path):
+    """Bytes that are no UTF-8 in a path (a folder named so) come out as JSON escapes: the
+    UTF-8 that JSON output is written in must not turn them into a traceback."""
+    home = tmp_path / os.fsdecode(b"dir\xff")
+    (home / "drop").mkdir(parents=True)
+    config = home / "c.toml"
+    config.write_bytes(b'[daemon]\nstate_dir = "state"\n[projects.acme]\nfolders = ["drop"]\n')
+    result = subprocess.run([sys.executable, "-m", "ingestd", "-c", str(config), "config",
+                             "check", "--json"], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout.decode("utf-8"))
+    assert "\udcff" in json.dumps(shown, ensure_ascii=False)
+
+
 def test_an_error_with_stderr_closed_puts_nothing_into_stdout(config_file, tmp_path):
     """`... --json 2>&-`: the error line is lost, not written into the JSON output (Python
     prints to stdout what goes to a missing stderr); the exit code still says it."""

@@ -128,6 +128,14 @@ def test_a_long_text_is_composed_a_piece_at_a_time_as_it_would_be_whole():
     for _ in range(100):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2_000, 20_000)))
         assert words.composed(text) == unicodedata.normalize("NFC", text)
+    no_ascii = [letter for letter in alphabet if not letter.isascii()]
+    for _ in range(50):  # no ASCII for thousands of characters: cut before other starters
+        text = "".join(rng.choice(no_ascii) for _ in range(rng.randint(2_000, 20_000)))
+        assert words.composed(text) == unicodedata.normalize("NFC", text)
+    for text in ("あ" + unicodedata.normalize("NFD", "が" * 3000),  # decomposed: macOS
+                 unicodedata.normalize("NFD", "한국어" * 2000),
+                 unicodedata.normalize("NFD", "άέήίόύώ" * 800)):
+        assert words.composed(text) == unicodedata.normalize("NFC", text)
 
 
 def test_composing_stops_when_its_check_says_so():
