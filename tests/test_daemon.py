@@ -71,6 +71,12 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def wait_worker_spawned(running: Daemon) -> None:
+    """Until the daemon has spawned a worker process (whose interpreter is still starting)."""
+    wait_for(lambda: any("spawn_main" in cmdline(pid) for pid in children(running.process.pid)),
+             timeout=60, interval=0.005, message="a worker process spawned")
+
+
 @pytest.fixture
 def make_daemon(tmp_path, folders):
     """Start a daemon on the two-project config (with extra keys); stopped after the test."""
@@ -569,9 +575,7 @@ class TestLifecycle:
         config = write_config(tmp_path, config_text(folders, "shutdown_grace_seconds = 5", ""))
         running = Daemon(tmp_path, config, own_group=True).start(wait_ready=False)
         try:
-            wait_for(lambda: any("spawn_main" in cmdline(pid)
-                                 for pid in children(running.process.pid)),
-                     timeout=60, interval=0.005, message="a worker process spawned")
+            wait_worker_spawned(running)
             running.signal_group(number)
             assert running.process.wait(timeout=60) == 0, running.log()[-3000:]
             assert "worker_process_died" not in running.log(), running.log()[-3000:]
@@ -583,9 +587,7 @@ class TestLifecycle:
         READY=1, a started event or a warning that the workers were not ready."""
         config = write_config(tmp_path, config_text(folders, "shutdown_grace_seconds = 5", ""))
         running = Daemon(tmp_path, config).start(wait_ready=False)
-        wait_for(lambda: any("spawn_main" in cmdline(pid)
-                             for pid in children(running.process.pid)),
-                 timeout=60, interval=0.005, message="a worker process spawned")
+        wait_worker_spawned(running)
         running.signal(signal.SIGTERM)
         running.notify.wait_for(lambda m: m == "STOPPING=1", timeout=60)  # and all before it
         assert running.process.wait(timeout=60) == 0
