@@ -510,7 +510,10 @@ def _index(job: Job, ctx: Context, found: Prepared, sha: str) -> Job:
                     return _complete_duplicate(job, ctx, sha, mime, known)
                 previous = documents.previous_version(job)
                 if found.document is not None:  # the built-in sinks, its parts made before
-                    document_id = ctx.sink.ingest_many([(found.document, found.parts)])[0]
+                    # A group has no savepoint to undo a job stopped part-way.
+                    document_id = ctx.sink.ingest_many(
+                        [(found.document, found.parts)],
+                        None if ctx.grouped else ctx.check)[0]
                 else:
                     document_id = ctx.sink.ingest(_document(job, extracted, mime, sha, previous))
                 if not ctx.grouped:  # past its deadline (or cancelled) while indexing: undone

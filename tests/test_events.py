@@ -128,7 +128,6 @@ def test_a_subscriber_that_never_reads_is_dropped_with_an_overflow_line(start, t
     sock_path = daemon.root / "state" / "events.sock"
     stuck = Subscriber(sock_path, read=False)
     reader = Subscriber(sock_path)
-    began = time.monotonic()
     drop_files(tmp_path / "drop", 5000)
     wait_for(lambda: completed() == 5000, timeout=120, interval=0.2, message="5,000 completed")
     stuck.sock.settimeout(60)  # a daemon that never cut it off: a timeout, not a hung suite

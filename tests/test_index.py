@@ -22,7 +22,7 @@ from ingestd.errors import UsageError
 from ingestd.models import Chunk, Document, Job
 from ingestd.pipeline import Context, Control, conclude, prepare, run_job
 from ingestd.sinks import Document as SinkDocument, open_sink
-from ingestd.sinks.index import SLICED_UP_TO, IndexSink
+from ingestd.sinks.index import BATCH_CHUNKS, SLICED_UP_TO, IndexSink
 from ingestd.sinks.text import TextSink
 
 import corpus
@@ -45,6 +45,13 @@ def ingest(cfg, any_store, extractors):
         return run_job(claimed, context)
 
     return run
+
+
+def long_text(paragraphs: int, word: str) -> str:
+    """Paragraphs of about 730 characters, each starting with its own marker word (``word``
+    and the paragraph's number): more chunks of the default size than paragraphs / 1.2."""
+    filler = " ".join(["lorem ipsum dolor sit amet consectetur adipiscing"] * 14)
+    return "\n\n".join(f"{word}{index} {filler}" for index in range(paragraphs))
 
 
 def write(path: Path, text: str) -> Path:
@@ -511,7 +518,7 @@ class TestDedupAndChanges:
     def test_a_failed_sink_is_never_taken_for_a_duplicate(self, ingest, drop, cfg):
         """A failed attempt records no content: the same bytes later are indexed for real."""
         class Failing(IndexSink):
-            def ingest_many(self, documents):
+            def ingest_many(self, documents, check=None):
                 from ingestd.sinks import SinkError
                 raise SinkError("index offline", transient=False)
 
@@ -835,8 +842,8 @@ class TestDeletes:
         """The index's work outlasting job_timeout_seconds: the job fails as timed out and its
         document is undone. It completed, however late (17 s against 10 s)."""
         class Slow(IndexSink):
-            def ingest_many(self, documents):
-                ids = super().ingest_many(documents)
+            def ingest_many(self, documents, check=None):
+                ids = super().ingest_many(documents, check)
                 time.sleep(1.2)  # the index's own work, taking longer than the job may
                 return ids
 
@@ -846,6 +853,59 @@ class TestDeletes:
         assert (job.status, job.error_message) == (
             "failed", "timed out after 1 s (job_timeout_seconds)")
         assert search.search("acme", "quokka") == [] and Document.select().count() == 0
+
+    @pytest.mark.parametrize("stop", ["deadline", "cancel"])
+    def test_a_long_text_stops_between_batches_of_its_chunks(self, ingest, drop, cfg, stop):
+        """A job alone writes its chunks BATCH_CHUNKS at a time, checking between them: in one
+        statement, a 99 MB text ran 7 s past a job_timeout_seconds of 5, holding the write
+        lock. Here the deadline passes (or a cancel comes) as the first batch is written: the
+        job ends then, no second batch is written, and nothing is left."""
+        batches = []
+
+        class Watched(IndexSink):
+            def store_parts(self, parts, check=None):
+                context = check.__self__  # the job's Context
+
+                def then_stopped():
+                    if batches and stop == "deadline":
+                        context.deadline = time.monotonic() - 1
+                    elif batches:
+                        context.control.cancelled = True
+                    check()
+                return super().store_parts(parts, then_stopped)
+
+            def _store(self, parts, after=0):
+                batches.append(sum(len(chunks) for _, chunks in parts))
+                IndexSink._store(parts, after)
+
+        settings = dataclasses.replace(cfg.projects["acme"], max_bytes=10 ** 8,
+                                       job_timeout_seconds=60)
+        cfg.projects["acme"] = settings
+        job = ingest(write(drop / "long.txt", long_text(3 * BATCH_CHUNKS, "quokka")),
+                     sink=Watched(settings))
+        assert (job.status, job.error_message or job.message) == (
+            ("failed", "timed out after 60 s (job_timeout_seconds)") if stop == "deadline"
+            else ("cancelled", "cancelled while running"))
+        assert batches == [BATCH_CHUNKS]
+        assert Document.select().count() == Chunk.select().count() == 0
+        assert search.search("acme", "quokka0") == []
+
+    def test_a_long_text_written_in_batches_is_searchable_throughout(self, ingest, drop, cfg):
+        """Each batch of a long document's chunks reaches the full-text index once: a word of
+        the first, a middle and the last chunk is found, in one passage each, and the index
+        holds as many chunks as the table."""
+        cfg.projects["acme"] = dataclasses.replace(cfg.projects["acme"], max_bytes=10 ** 8)
+        paragraphs = 4 * BATCH_CHUNKS
+        job = ingest(write(drop / "long.txt", long_text(paragraphs, "quokka")))
+        assert job.status == "completed"
+        chunks = Chunk.select().count()
+        assert chunks > 3 * BATCH_CHUNKS
+        for marker in ("quokka0", f"quokka{paragraphs // 2}", f"quokka{paragraphs - 1}"):
+            assert {hit.job_id for hit in search.search("acme", marker)} == {job.id}, marker
+        if not db.is_postgres():
+            [[indexed]] = Chunk._meta.database.execute_sql(
+                "SELECT count(*) FROM chunks_fts_docsize").fetchall()
+            assert indexed == chunks
 
     def test_a_pdf_whose_text_passes_max_bytes_fails(self, ingest, drop, tmp_path):
         """A PDF's text is held to the project's max_bytes characters (1,000,000 here), as a
@@ -861,8 +921,8 @@ class TestDeletes:
     def test_cancel_during_indexing_leaves_no_partial_document(self, ingest, drop, cfg):
         """An operator's cancel that lands while the sink writes: cancelled, nothing indexed."""
         class CancelledMidway(IndexSink):
-            def ingest_many(self, documents):
-                ids = super().ingest_many(documents)
+            def ingest_many(self, documents, check=None):
+                ids = super().ingest_many(documents, check)
                 for document, _ in documents:
                     jobs.cancel(document.project_id, document.job_id)  # the CLI, meanwhile
                 return ids

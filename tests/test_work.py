@@ -131,11 +131,11 @@ class RefusingIndex(IndexSink):
     """The index, writing for a document that says "poison" a value the database refuses (a
     progress out of its CHECK's range), as a sink whose data the database cannot hold."""
 
-    def ingest_many(self, documents):
+    def ingest_many(self, documents, check=None):
         for document, _ in documents:
             if "poison" in document.text:
                 Job.update(progress=2.0).where(Job.id == document.job_id).execute()
-        return super().ingest_many(documents)
+        return super().ingest_many(documents, check)
 
 
 def test_a_job_whose_data_the_database_refuses_fails_and_its_group_completes(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ingestd import db
 from ingestd.config import ProjectConfig
@@ -43,9 +43,11 @@ class TextSink:
         database's write lock is not held while text is split."""
         return []
 
-    def ingest_many(self, documents: Sequence[tuple[Document, list[tuple]]]) -> list[int]:
+    def ingest_many(self, documents: Sequence[tuple[Document, list[tuple]]],
+                    check: Callable[[], None] | None = None) -> list[int]:
         """Insert documents with their parts (from :meth:`parts_of`) in one statement per
-        table; their ids, in order."""
+        table; their ids, in order. ``check`` raises to stop a long document's parts part-way
+        (the job's deadline, a cancel); the caller's savepoint undoes what was written."""
         param, moment = database.param, time.time()
         values = ", ".join([f"({', '.join([param] * 9)})"] * len(documents))
         params: list[Any] = []
@@ -63,11 +65,13 @@ class TextSink:
                 raise ValueError("ingest_many takes one document per job")
             ids = [by_job[document.job_id] for document, _ in documents]
             self.store_parts([(document_id, parts)
-                              for document_id, (_, parts) in zip(ids, documents) if parts])
+                              for document_id, (_, parts) in zip(ids, documents) if parts],
+                             check)
         return ids
 
-    def store_parts(self, parts: list[tuple[int, list[tuple]]]) -> None:
-        """Store each document's parts under its id."""
+    def store_parts(self, parts: list[tuple[int, list[tuple]]],
+                    check: Callable[[], None] | None = None) -> None:
+        """Store each document's parts under its id, calling ``check`` now and then if given."""
 
     def delete(self, document_id: int) -> None:
         """Mark the document deleted and drop its text and chunks: deleting a job is how an
