@@ -342,12 +342,16 @@ def _sync_folder(folder: bytes) -> None:
 @contextlib.contextmanager
 def _claimed(taken: bytes) -> Iterator[str | None]:
     """An exclusive lock on a taken file while it is moved, so that the scan's recovery leaves
-    it alone meanwhile: "locked", "unlockable" (a file system without locks), or None if not
-    ours (someone holds it, or it was dealt with already)."""
+    it alone meanwhile: "locked", "unlockable" (a file system without locks, or a file the
+    daemon may not read, which it may still move), or None if not ours (someone holds it, or
+    it was dealt with already)."""
     try:
         fd = os.open(taken, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         yield None
+        return
+    except PermissionError:  # it stayed hidden under its taken name: it failed for this reason
+        yield "unlockable"
         return
     try:
         try:

@@ -385,6 +385,27 @@ class TestBadInput:
                               if e.time > failed_at]) >= 2, message="two rescans after it failed")
         assert events_of_type("io.ingestd.file.rejected") == [] and len(jobs_for(path)) == 1
 
+    def test_a_file_the_daemon_may_not_read_is_quarantined_under_after_move(
+            self, make_daemon, folders, tmp_path):
+        """after = "move" takes a failed file to failed/ by renaming it, which needs no read
+        permission. The daemon could not open it to lock it, and left it hidden in the drop
+        folder under its taken name (``.ingestd-N-...taking``), for good: a retry then said the
+        file had vanished."""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or os.geteuid() != 0:
+            pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
+        moved = tmp_path / "moved"
+        make_daemon(acme_extra=f'max_attempts = 1\nafter = "move"\nmove_to = "{moved}"',
+                    wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+        path = drop(folders["acme"], "secret.txt", "not for the daemon's eyes")
+        path.chmod(0)
+        job = wait_job(path, status="failed")
+        assert job.error_message.startswith("cannot open: Permission denied")
+        quarantined = wait_for(lambda: list((moved / "failed").glob("*secret*")),
+                               message="the file in failed/")
+        assert [p.name for p in quarantined] == [f"{job.id}-secret.txt"]
+        assert list(folders["acme"].iterdir()) == []
+
     def test_broken_files_fail_with_a_clear_reason_and_the_daemon_keeps_running(self, daemon, folders):
         """Each malformed file ends FAILED with a one-line reason; good files still complete."""
         acme = folders["acme"]
