@@ -132,6 +132,7 @@ class Daemon:
                                       version, name, extender),
                                   on_migration_wait=lambda: self._waiting_for_migration(
                                       extender))
+                db.check_writable(self.config.daemon.database)
                 return True
             except StoreUnreachable as exc:
                 log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)

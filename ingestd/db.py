@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -18,6 +19,7 @@ from ingestd.errors import StoreError, StoreUnreachable
 from ingestd.models import database
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 # What a database call raises when the database or its driver fails: peewee wraps the driver's
 # errors, and sqlite3 raises some of its own (a connection made outside peewee, the checkpointer).
 ERRORS = (pw.PeeweeException, sqlite3.Error)
@@ -98,6 +100,18 @@ def _sqlite(url: str) -> pw.SqliteDatabase:
 _NOT_OPENED = -1  # this thread has not tried to open the lock file yet
 
 
+_lock_file_said: set[str] = set()
+
+
+def _lock_file_unusable(path: str, exc: OSError) -> None:
+    """Said once per process and file: without the queue, writers wait on SQLite's busy
+    timeout (a long wait may fail) and a long wait is no longer reported."""
+    if path not in _lock_file_said:
+        _lock_file_said.add(path)
+        log.warning("write_lock_file_unusable", path=path, reason=exc.strerror or str(exc),
+                    then="writers wait on SQLite's busy timeout instead of queueing")
+
+
 class QueuedWriterSqlite(pw.SqliteDatabase):
     """SQLite whose write transactions queue on a lock file (``flock``) before BEGIN.
 
@@ -122,8 +136,9 @@ class QueuedWriterSqlite(pw.SqliteDatabase):
         if fd == _NOT_OPENED:
             try:
                 fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
-            except OSError:
+            except OSError as exc:
                 fd = None
+                _lock_file_unusable(self._lock_path, exc)
             self._lock_fds.fd = fd
         return fd
 
@@ -198,6 +213,34 @@ def open_store(url: str, migrate: bool = True,
             raise StoreUnreachable(f"{exc} (its file system is full)") from None
         raise
     return db
+
+
+def check_writable(url: str) -> None:
+    """StoreError unless this process may write the bound database: SQLite opens a file it may
+    only read without a word (another user's: restored by root with `cp`, or made by root's
+    `ingestd db migrate`), and every write then fails; so does a PostgreSQL standby's."""
+    try:
+        with translate_errors(url), database.atomic():
+            database.execute_sql("DELETE FROM schema_migrations WHERE 1 = 0")  # writes nothing
+    except StoreError as exc:
+        if "readonly" not in str(exc) and "read-only" not in str(exc):
+            raise
+        path = sqlite_file()
+        raise StoreError(f"{describe(url)}: this process (uid {os.geteuid()}) may not write it"
+                         + (f" ({_owner(path)})" if path else "")) from None
+
+
+def _owner(path: str) -> str:
+    """Who may write the SQLite file and its folder (where SQLite makes its -wal and -shm)."""
+    said = []
+    for what, where in (("the file", path), ("its folder", os.path.dirname(path) or ".")):
+        try:
+            info = os.stat(where)
+        except OSError as exc:
+            said.append(f"{what}: {exc.strerror}")
+            continue
+        said.append(f"{what} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):04o}")
+    return "; ".join(said)
 
 
 def _must_exist(url: str) -> None:
@@ -285,7 +328,7 @@ def guarded(name: str, task: Callable[..., T]) -> Callable[..., T | None]:
         try:
             return task(*args)
         except ERRORS as exc:
-            structlog.get_logger(__name__).warning(f"{name}_failed", reason=str(as_store_error(exc)))
+            log.warning(f"{name}_failed", reason=str(as_store_error(exc)))
             reset_connection()
             return None
 

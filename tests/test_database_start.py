@@ -1,13 +1,17 @@
 """A daemon whose PostgreSQL server cannot be reached at start (a boot where ingestd starts
 first, a server restarting), or whose SQLite file system is full, waits for it instead of
-exiting; a refused login still fails at once.
+exiting; a refused login still fails at once, and so does a SQLite file the daemon may not write.
 The server is the real one, reached through a TCP proxy the test opens only when it wants the
 server to "come up"."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import signal
+import stat
 import socket
 import threading
 import time
@@ -20,7 +24,7 @@ import pytest
 from ingestd import db
 from ingestd.errors import StoreUnreachable
 
-from conftest import PG_URL, wait_for
+from conftest import PG_URL, run_cli, wait_for, write_config
 from harness import Daemon, node_config, wait_job
 from tcpproxy import Proxy
 
@@ -284,3 +288,67 @@ def test_a_daemon_whose_sqlite_file_system_is_full_at_start_waits_for_room(tmp_p
         if daemon.alive:
             daemon.kill(with_children=True)
         db.close_store()
+
+
+def sqlite_node(tmp_path: Path) -> tuple[Path, Path]:
+    """A config on a SQLite file that root's `ingestd db migrate` made; the file's path."""
+    (tmp_path / "drop").mkdir()
+    config = write_config(tmp_path, f"""
+        [daemon]
+        state_dir = "state"
+        workers = 1
+        shutdown_grace_seconds = 5
+
+        [projects.acme]
+        folders = ["{tmp_path / 'drop'}"]
+        settle_seconds = 0.2
+    """)
+    assert run_cli("db", "migrate", config=config).returncode == 0
+    return config, tmp_path / "state" / "ingestd.db"
+
+
+def without_dac_override() -> list[str]:
+    """A wrapper that runs the daemon as root without the capabilities that let root write any
+    file: the file's own mode applies."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to keep a file from the daemon")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_a_sqlite_file_the_daemon_may_not_write_is_refused_at_start(tmp_path):
+    """SQLite opens a file it may only read without a word (one root made or restored with
+    `cp`): the daemon ran 'started', failing every write twice a second, and made no job. It
+    now exits 1 at once, saying whose the file is."""
+    config, database = sqlite_node(tmp_path)
+    database.chmod(0o444)
+    daemon = Daemon(tmp_path, config, wrapper=without_dac_override())
+    daemon.start(wait_ready=False)
+    assert daemon.process.wait(timeout=30) == 1
+    daemon.stop(expect=1)
+    said = [line for line in daemon.log().splitlines() if line.startswith("ingestd: ")]
+    assert said == [f"ingestd: sqlite:///{database}: this process (uid 0) may not write it "
+                    f"(the file is uid 0's, mode 0444; its folder is uid 0's, mode "
+                    f"{stat.S_IMODE(database.parent.stat().st_mode):04o})"]
+    assert "daemon_started" not in daemon.log() and "READY=1" not in daemon.notify.messages
+
+
+def test_a_write_lock_file_the_daemon_may_not_open_is_said_once_per_process(tmp_path):
+    """Writers queue on the lock file beside the database; one that cannot be opened (root's,
+    mode 0600 or 0640) turned the queue off without a word. Each process says so once, and
+    writes on."""
+    config, database = sqlite_node(tmp_path)
+    lock = Path(f"{database}.writelock")
+    lock.chmod(0)
+    daemon = Daemon(tmp_path, config, wrapper=without_dac_override()).start()
+    (tmp_path / "drop" / "a.txt").write_text("written without the queue")
+    db.open_store(f"sqlite:///{database}", migrate=False)
+    try:
+        wait_job(tmp_path / "drop" / "a.txt")
+    finally:
+        db.close_store()
+    daemon.stop()
+    said = [json.loads(line) for line in daemon.log().splitlines()
+            if "write_lock_file_unusable" in line]
+    assert len(said) == 2  # the daemon's process and its one worker process
+    assert {(line["path"], line["reason"]) for line in said} == {(str(lock), "Permission denied")}
