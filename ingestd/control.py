@@ -88,6 +88,9 @@ def query(path: Path, timeout: float = 10.0) -> dict[str, Any]:
             chunks.append(chunk)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunning(f"ingestd is not running (nothing answers at {path})") from None
+    except PermissionError:  # it may well be running: exit 3 would tell a monitor it is not
+        raise IngestdError(f"{path}: permission denied: this user may not ask the daemon "
+                           "(the socket's mode is socket_mode, its group the daemon's)") from None
     except OSError as exc:
         raise NotRunning(f"ingestd is not answering at {path}: {exc}") from None
     finally:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -101,6 +105,31 @@ def test_a_daemon_that_fails_to_make_its_state_gets_a_one_line_error(tmp_path):
         server.stop()
     assert result.returncode == 1 and "sent no state" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_refused_by_the_sockets_permissions_exits_1_not_3(tmp_path):
+    """A user who may not connect to the control socket is not told that no daemon runs (exit
+    3, as systemctl's "inactive"): a monitoring check run as such a user reported a running
+    daemon as down. Exit 1, saying why."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to keep a socket from the command")
+    (tmp_path / "drop").mkdir()
+    sock = tmp_path / "control.sock"
+    config = write_config(tmp_path, f'[daemon]\ncontrol_socket = "{sock}"\n'
+                                    f'[projects.acme]\nfolders = ["{tmp_path / "drop"}"]\n')
+    server = ControlServer(sock, 0o000, lambda: {"pid": 1})
+    server.start()
+    try:
+        result = subprocess.run(
+            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+             "ingestd", "-c", str(config), "status"], capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"ingestd: {sock}: permission denied: this user may not ask the "
+                             "daemon (the socket's mode is socket_mode, its group the "
+                             "daemon's)\n")
 
 
 def test_metrics_parse_and_move_as_files_are_processed(observed):
