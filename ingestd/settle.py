@@ -337,9 +337,15 @@ def _writer_may_hold(path: str, entry: Pending) -> bool:
 
 
 def _stat(path: str) -> os.stat_result | None:
-    """The file's stat if it is a regular file (symlinks are not followed: see README)."""
+    """The file's stat if it is a regular file (symlinks are not followed: see README); None
+    if it is not, or is gone. One there that cannot be reached (its folder made unreadable
+    while it settled) is said and let go: a scan finds it once it can be reached."""
     try:
         info = os.lstat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        log.warning("file_unreachable", path=path, reason=exc.strerror or str(exc),
+                    then="left to the next scan")
         return None
     return info if stat.S_ISREG(info.st_mode) else None

@@ -406,6 +406,31 @@ class TestBadInput:
         assert [p.name for p in quarantined] == [f"{job.id}-secret.txt"]
         assert list(folders["acme"].iterdir()) == []
 
+    def test_a_file_whose_folder_becomes_unreachable_as_it_settles_is_said_then_scanned(
+            self, make_daemon, folders):
+        """A subfolder made unreadable while its new file settled: the file was dropped as if
+        deleted, without a word, until a scan. Now it is said (file_unreachable), and the
+        scan after the folder is readable again makes its one job."""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or os.geteuid() != 0:
+            pytest.skip("needs root and setpriv to keep a folder from the daemon")
+        daemon = make_daemon(daemon_extra="shutdown_grace_seconds = 5\nrescan_seconds = 1",
+                             acme_extra="settle_seconds = 5",
+                             wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+        sub = folders["acme"] / "sub"
+        sub.mkdir()
+        wait_for(lambda: f'"top": "{sub}"' in daemon.log(), message="the subfolder watched")
+        path = drop(sub, "hidden.txt", "behind a closed door for a while")
+        wait_for(lambda: json.loads(run_cli("status", "--json", config=daemon.config).stdout)[
+            "settling_files"] == 1, message="the file settling")
+        sub.chmod(0)
+        said = wait_for(lambda: [line for line in daemon.log().splitlines()
+                                 if "file_unreachable" in line], message="the file said")
+        assert {(json.loads(line)["path"], json.loads(line)["reason"])
+                for line in said} == {(str(path), "Permission denied")}
+        sub.chmod(0o755)
+        assert wait_job(path).status == "completed" and len(jobs_for(path)) == 1
+
     def test_broken_files_fail_with_a_clear_reason_and_the_daemon_keeps_running(self, daemon, folders):
         """Each malformed file ends FAILED with a one-line reason; good files still complete."""
         acme = folders["acme"]
