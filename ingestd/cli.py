@@ -249,6 +249,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     cfg = _open(args, folders_must_exist=True, create=True)
     project = cfg.project(args.project)
+    db.check_writable(cfg.daemon.database)  # before a copy it could not make a job of
     if args.files.count("-") > 1:
         raise UsageError("'-' (standard input) can be given once")
     if args.name is not None and len(args.files) > 1:

@@ -176,6 +176,29 @@ class TestUnreadable:
         refused_in_one_line(result, f"{secret}: cannot read: Permission denied")
         assert list(drop.iterdir()) == []
 
+    def test_a_database_add_may_not_write_is_said_before_anything_is_copied(
+            self, config_file, drop, tmp_path):
+        """A user who may write the drop folder but not the database: add copied the file in,
+        then failed making its job (exit 1); the watcher made the job later anyway, and running
+        add again put the file in twice. Now nothing is copied and it says why."""
+        setpriv = shutil.which("setpriv")
+        if setpriv is None or os.geteuid() != 0:
+            pytest.skip("needs root and setpriv to keep the database from the CLI")
+        assert run_cli("db", "migrate", config=config_file).returncode == 0
+        database = tmp_path / "state" / "ingestd.db"
+        database.chmod(0o444)
+        source = tmp_path / "report.txt"
+        source.write_text("for the archive")
+        result = subprocess.run(
+            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+             "ingestd", "-c", str(config_file), "add", "-p", "acme", str(source)],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(f"ingestd: sqlite:///{database}: this process (uid 0) "
+                                        "may not write it (the file is uid 0's, mode 0444;")
+        assert len(result.stderr.splitlines()) == 1
+        assert list(drop.iterdir()) == []
+
     def test_a_name_that_is_not_utf8_is_shown_with_escapes(self, config_file, drop, tmp_path):
         """Error messages show undecodable bytes as \\xNN, as every other output does."""
         missing = os.fsencode(tmp_path) + b"/missing\xff.txt"
