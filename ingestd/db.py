@@ -405,6 +405,23 @@ def as_store_error(exc: BaseException, url: str | None = None) -> StoreError:
     if "locked" in text or "busy" in text:
         return StoreError(f"{where}: database is locked by another process "
                           f"(waited {BUSY_TIMEOUT_SECONDS:g}s)")
+    if "readonly database" in text and (hint := _shared_memory_missing()):
+        return StoreError(f"{where}: {hint}")
     if isinstance(exc, (pw.OperationalError, sqlite3.OperationalError, pw.InterfaceError)):
         return StoreError(f"{where}: {text}")
     return StoreError(f"{where}: not a usable database: {text}")
+
+
+def _shared_memory_missing() -> str | None:
+    """Why a user who may read a SQLite database cannot, if that is the reason: with no process
+    holding it open, its -shm file is gone (the last one to close removes it), and SQLite must
+    make it again beside the database, in a folder this user may not write."""
+    path = sqlite_file()
+    if path is None or os.path.exists(f"{path}-shm"):
+        return None
+    folder = os.path.dirname(path) or "."
+    if os.access(folder, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    return (f"this user may read it only while another process has it open (the daemon, "
+            f"or a command of a user who may write {folder}): SQLite must make "
+            f"{os.path.basename(path)}-shm there first")

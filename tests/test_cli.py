@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,33 @@ def test_read_commands_work_while_a_project_folder_is_gone(config_file, drop, tm
         assert result.returncode == 0, (command, result.stderr)
     refused = run_cli("jobs", "submit", "-p", "acme", str(drop / "a.txt"), config=config_file)
     assert refused.returncode == 1 and "no such folder" in refused.stderr
+
+
+@pytest.mark.parametrize("command", [["jobs", "list", "-p", "acme"], ["stats", "-p", "acme"],
+                                     ["search", "-p", "acme", "hello"], ["events"]])
+def test_a_reader_who_may_not_make_the_shm_file_is_told_why(config_file, command, tmp_path):
+    """A user who may read the database but not write its folder (the ingestd group) can read
+    only while another process has it open: with none, its -shm file is gone and SQLite must
+    make it again. Such a read said "attempt to write a readonly database"; it says why."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to keep the state folder from the CLI")
+    assert run_cli("db", "migrate", config=config_file).returncode == 0
+    state = tmp_path / "state"
+    assert not (state / "ingestd.db-shm").exists()  # the last to close removed it
+    state.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+             "ingestd", "-c", str(config_file), *command],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        state.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"ingestd: sqlite:///{state / 'ingestd.db'}: this user may read it only while another "
+        f"process has it open (the daemon, or a command of a user who may write {state}): "
+        "SQLite must make ingestd.db-shm there first\n")
 
 
 def test_list_json_pages_with_a_cursor(config_file, drop):
