@@ -1,14 +1,16 @@
 """The publisher: the outbox, in sequence order, to the event log and the event socket.
 
 It follows the whole database's outbox (rows written by the CLI or other nodes too), appends
-each batch to the JSON Lines log and flushes it, then records how far it got. After a SIGKILL it
+each batch to the JSON Lines log and flushes it, sends it to the socket's clients, then records
+how far it got. After a SIGKILL it
 resumes after the last sequence found in the log itself, so an event committed but not yet
 published appears exactly once after the restart. A log whose last line is another database's
 (another installation id, or a sequence past this database's) is set aside, not continued. The
 log is reopened on SIGUSR1 and when it was moved away (logrotate without copytruncate). When it
 cannot be written, at start or later (disk full, a directory at its path...), the failure is
 logged, the lines written whole count as published and the rest is retried every RETRY_SECONDS;
-a line that a full disk cut short is finished, not written again.
+a line that a full disk cut short is finished, not written again. Meanwhile the socket's clients
+get the events as they come: a live feed does not wait for a file.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class Publisher:
         self.installation = installation
         self.consumer = f"log:{socket.gethostname()}:{log_path}"
         self.published = 0
-        self.cursor = 0
+        self.cursor = 0  # the last sequence in the log
+        self.streamed = 0  # the last sequence sent to the socket's clients (ahead while the log fails)
+        self._tried_at = 0.0  # when the failing log was last tried
         self._stored = 0  # the cursor as last stored
         self._cursor_stored_at = 0.0
         self._file: io.FileIO | None = None
@@ -73,7 +77,7 @@ class Publisher:
         except OSError as exc:  # as when it fails later: said once, retried, the events wait
             self._report(exc)
         self._stored = self._stored_cursor()
-        self.cursor = max(self._stored, self._last_sequence_logged())
+        self.cursor = self.streamed = max(self._stored, self._last_sequence_logged())
         self._thread.start()
 
     def reopen(self) -> None:
@@ -100,8 +104,6 @@ class Publisher:
             if published is None:  # database busy or gone: try again shortly
                 published = 0
                 self._stop.wait(0.5)
-            elif self._failing_since is not None:  # the log is unwritable: not in a tight loop
-                self._stop.wait(RETRY_SECONDS)
             if stopping and published < BATCH:
                 db.guarded("publish", self._store_cursor)()
                 return
@@ -110,21 +112,46 @@ class Publisher:
                 self._wake.clear()
 
     def _publish_batch(self) -> int:
+        """A batch to the log and the socket; how many events went out (BATCH: more wait)."""
+        if self._failing_since is not None and not self._log_due():
+            return self._stream_ahead()
         rows = events.rows_after(self.cursor, BATCH)
-        logged = self._publish(rows) if rows else 0
+        sent = self._publish(rows) if rows else 0
+        if self._failing_since is not None:
+            sent = max(sent, self._stream_ahead())
         self._store_cursor_if_due(busy=bool(rows))
-        return logged
+        return sent
+
+    def _log_due(self) -> bool:
+        """Whether to try the failing log again: every RETRY_SECONDS, or at once on SIGUSR1."""
+        return self._reopen.is_set() or time.monotonic() - self._tried_at >= RETRY_SECONDS
 
     def _publish(self, rows: list[events.EventRow]) -> int:
         lines = [(row.seq, events.to_line(row, self.installation)) for row in rows]
         logged = self._append(lines)
         if logged:
-            if self.stream is not None:
-                self.stream.publish(lines[:logged])
             self.cursor = lines[logged - 1][0]
             self.published += logged
-            self._on_published(rows[:logged])
+        self._stream(rows[:logged], lines[:logged])
         return logged
+
+    def _stream_ahead(self) -> int:
+        """While the log cannot be written: the events after those streamed, to the socket."""
+        rows = events.rows_after(max(self.cursor, self.streamed), BATCH)
+        self._stream(rows, [(row.seq, events.to_line(row, self.installation)) for row in rows])
+        return len(rows)
+
+    def _stream(self, rows: list[events.EventRow], lines: list[tuple[int, str]]) -> None:
+        """To the socket's clients and ``on_published``, each event once: the log catching
+        up on what waited for it sends nothing again."""
+        fresh = next((index for index, (seq, _) in enumerate(lines) if seq > self.streamed),
+                     len(lines))
+        if fresh == len(lines):
+            return
+        if self.stream is not None:
+            self.stream.publish(lines[fresh:])
+        self.streamed = lines[-1][0]
+        self._on_published(rows[fresh:])
 
     def _store_cursor_if_due(self, busy: bool) -> None:
         """At most every CURSOR_SECONDS: while there are events (while the log fails too: what
@@ -143,6 +170,7 @@ class Publisher:
             while self._written < len(data):  # unbuffered: a short write (disk full) says how much
                 self._written += self._file.write(memoryview(data)[self._written:])
         except OSError as exc:
+            self._tried_at = time.monotonic()
             self._report(exc)
             whole = data.rfind(b"\n", 0, self._written) + 1
             self._written -= whole  # a started line stays: the next try finishes it, not repeats it

@@ -372,6 +372,15 @@ def log_lines(daemon: Daemon, event: str) -> list[dict]:
     return found
 
 
+def streamed_all(subscriber: Subscriber) -> None:
+    """The socket's client got every event committed so far, in order, each once."""
+    final = last_seq()
+    wait_for(lambda: subscriber.sequences() and subscriber.sequences()[-1] >= final, timeout=30,
+             message="the subscriber got every event")
+    got = subscriber.sequences()
+    assert got == list(range(got[0], got[-1] + 1))
+
+
 def assert_caught_up_exactly_once(daemon: Daemon, event_log: Path, subscriber: Subscriber) -> None:
     """Every committed event once, in order, in the log and on the socket; no thread died."""
     final = last_seq()
@@ -387,8 +396,9 @@ def assert_caught_up_exactly_once(daemon: Daemon, event_log: Path, subscriber: S
 
 
 def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_once(start, tmp_path):
-    """The log cannot be opened: one line says why (not one per event or retry); once the path
-    is a file again, every event reaches the log and the socket exactly once, in order."""
+    """The log cannot be opened: one line says why (not one per event or retry); the socket's
+    clients get the events meanwhile (they got nothing until the log could be written); once
+    the path is a file again, every event reaches the log, and the socket, exactly once."""
     daemon = start()
     event_log = daemon.root / "state" / "events.jsonl"
     subscriber = Subscriber(daemon.root / "state" / "events.sock")
@@ -406,7 +416,8 @@ def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_onc
     assert status["events"]["log_failure"]["reason"] == "Is a directory"
     assert "event log: NOT WRITABLE" in run_cli("status", config=daemon.config).stdout
     wait_for(lambda: completed() == 60, timeout=60, message="60 completed")
-    assert log_sequences(aside)[-1] < last_seq()  # events are waiting, none went anywhere
+    assert log_sequences(aside)[-1] < last_seq()  # events wait for the log...
+    streamed_all(subscriber)  # ...not for the socket
     event_log.rmdir()
     os.rename(aside, event_log)
     drop_files(tmp_path / "drop", 10, "c")
@@ -454,6 +465,7 @@ def test_a_full_disk_under_the_log_is_reported_and_then_every_event_logged_once(
     assert failures[0]["path"] == str(event_log)
     assert "No space left" in failures[0]["reason"]
     wait_for(lambda: completed() == 40, timeout=60, message="40 completed")
+    streamed_all(subscriber)
     filler.unlink()
     drop_files(tmp_path / "drop", 10, "b")
     wait_for(lambda: completed() == 50, timeout=60, message="50 completed")
@@ -483,8 +495,8 @@ def immutable_dir(tmp_path):
 def test_an_unwritable_log_at_start_is_reported_and_then_every_event_logged_once(
         immutable_dir, start, tmp_path):
     """The log cannot be created when the daemon starts: it starts anyway and works, says so in
-    one line and in its status, keeps the events in the database, and logs every one of them
-    once the log can be written (as when the log fails while it runs)."""
+    one line and in its status, sends the events to the socket and keeps them for the log, and
+    logs every one of them once it can be written (as when the log fails while it runs)."""
     logs, make_writable = immutable_dir
     event_log = logs / "events.jsonl"
     daemon = start(f'event_log = "{event_log}"')
@@ -495,7 +507,8 @@ def test_an_unwritable_log_at_start_is_reported_and_then_every_event_logged_once
     assert len(failures) == 1 and failures[0]["path"] == str(event_log)
     assert "Operation not permitted" in failures[0]["reason"]
     assert "event log: NOT WRITABLE" in run_cli("status", config=daemon.config).stdout
-    assert not event_log.exists() and not subscriber.lines  # the events wait in the database
+    assert not event_log.exists()  # the events wait in the database for the log...
+    streamed_all(subscriber)  # ...not for the socket
     make_writable()
     drop_files(tmp_path / "drop", 10, "b")
     wait_for(lambda: completed() == 30, timeout=60, message="30 completed")
