@@ -226,8 +226,10 @@ def check_writable(url: str) -> None:
         if "readonly" not in str(exc) and "read-only" not in str(exc):
             raise
         path = sqlite_file()
-        raise StoreError(f"{describe(url)}: this process (uid {os.geteuid()}) may not write it"
-                         + (f" ({_owner(path)})" if path else "")) from None
+        if path is None:  # a server that takes no writes (a standby): what it said
+            raise
+        raise StoreError(f"{describe(url)}: this process (uid {os.geteuid()}) may not write it "
+                         f"({_owner(path)})") from None
 
 
 def _owner(path: str) -> str:
