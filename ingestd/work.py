@@ -213,10 +213,14 @@ class WorkerPool:
         with self._lock:
             idle = [slot for slot in range(self.size) if slot not in self._draining]
             self._draining.update(idle)
+        # Two instances: a slot's drain lets the slot go (its last step) before APScheduler
+        # counts its run as over. A wake in between would be skipped at one ("maximum number of
+        # running instances reached"), leaving the slot marked as draining with nothing running
+        # it, for good. The second instance starts beside one that only returns.
         for slot in idle:
             self._scheduler.add_job(self._drain, args=[slot], id=f"worker-{slot}",
                                     executor="workers", misfire_grace_time=None,
-                                    replace_existing=True)
+                                    max_instances=2, replace_existing=True)
 
     def stop(self, grace_seconds: float, reason: str = "re-queued at shutdown") -> None:
         """Stop claiming; give running jobs ``grace_seconds`` to end, then re-queue the rest

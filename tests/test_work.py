@@ -26,7 +26,7 @@ from ingestd import config as config_mod, db, intake, jobs
 from ingestd.config import SinkConfig
 from ingestd.models import Document, Event, Job
 from ingestd.pipeline import Control
-from ingestd.scheduling import Scheduler
+from ingestd.scheduling import Scheduler, new_scheduler
 from ingestd.sinks.index import IndexSink
 from ingestd.work import WorkerPool
 
@@ -433,6 +433,46 @@ def test_a_slow_job_whose_turn_comes_after_the_pool_stopped_is_left_queued(cfg, 
     pool._hand_over(0)
     assert Job.get_by_id(job.id).status == "queued"
     assert not pool.busy
+
+
+def test_a_slot_woken_as_its_last_run_returns_runs_again(cfg, store, drop):
+    """A wake in the moment between a slot's drain letting the slot go and APScheduler counting
+    that run as over: the new run was skipped ("maximum number of running instances reached"),
+    and the slot stayed marked as draining with nothing running it, for good (a soak lost one
+    of its two workers so after 3 minutes). The new run goes ahead beside the one returning."""
+    class WokenAsItReturns(WorkerPool):
+        drains = 0
+        again = threading.Event()
+
+        def _drain(self, slot: int) -> None:
+            self.drains += 1
+            if self.drains == 2:
+                self.again.set()
+            super()._drain(slot)
+            if self.drains == 1:  # the slot is let go; APScheduler still counts this run
+                self.wake()
+                # ...while the scheduler hands the new run to the executor (whose one thread
+                # is this one: the new run starts once this one returns).
+                self.again.wait(1)
+
+    one_worker = replace(cfg, daemon=replace(cfg.daemon, workers=1))
+    scheduler = new_scheduler(threads=2)
+    scheduler.start()
+    pool = WokenAsItReturns(one_worker, scheduler)
+    pool.start()
+    try:
+        [first] = queue_files(cfg, drop, 1)
+        pool.wake()
+        wait_for(lambda: Job.get_by_id(first.id).status == "completed", message="the first job")
+        assert pool.again.wait(10), "the slot's new run never started"
+        (drop / "second.txt").write_text("the second file")
+        [second] = queue_files(cfg, drop, 1, lambda index: drop / "second.txt")
+        pool.wake()
+        wait_for(lambda: Job.get_by_id(second.id).status == "completed",
+                 message="the second job (the slot is not lost)")
+    finally:
+        pool.stop(grace_seconds=5)
+        scheduler.shutdown()
 
 
 def test_jobs_claimed_before_a_reload_removed_their_project_wait_for_it_again(cfg, store, drop):
