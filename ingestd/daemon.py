@@ -38,7 +38,7 @@ from ingestd.intake import Ready
 from ingestd.models import Job, JobStatus
 from ingestd.paths import ProjectMap, file_identity
 from ingestd.publish import Publisher
-from ingestd.scheduling import new_scheduler
+from ingestd.scheduling import Coalesced, new_scheduler
 from ingestd.settle import Settler
 from ingestd.sinks import OpenSinks, check_all as check_sinks
 from ingestd.stream import EventStream
@@ -97,6 +97,8 @@ class Daemon:
         # The daemon's own events not yet written (the database did not take them), in order.
         self._own_events: list[tuple[str, dict[str, Any]]] = []
         self._own_events_lock = threading.Lock()
+        self._scans: dict[str, Coalesced] = {}  # requested scans, by reason
+        self._scans_lock = threading.Lock()
         self._own_events_writer = threading.Lock()
         self._own_events_failing = False
 
@@ -496,13 +498,16 @@ class Daemon:
             self.pool.resume()
 
     def request_rescan(self, reason: str, after: float = 0.0) -> None:
-        """Scan every folder soon (in ``after`` seconds), on the scheduler's threads (several
-        requests for the same moment coalesce). One may start while another of its kind still
-        runs: that one may have passed the folders of the events just lost."""
-        self.scheduler.add_job(self._rescan_job, "date", args=[reason],
-                               run_date=datetime.now(timezone.utc) + timedelta(seconds=after),
-                               id=f"rescan-{reason}" + (f"-in-{after:g}s" if after else ""),
-                               replace_existing=True, max_instances=2)
+        """Scan every folder soon (in ``after`` seconds), on the scheduler's threads. Requests
+        while a scan of that reason runs are served by one more scan after it (it may have
+        passed the folders of the events just lost); none is dropped."""
+        with self._scans_lock:
+            scans = self._scans.get(reason)
+            if scans is None:
+                scans = self._scans[reason] = Coalesced(
+                    self.scheduler, functools.partial(self._rescan_job, reason),
+                    f"rescan-{reason}")
+        scans.request(after)
 
     def _scan_directory(self, path: str) -> None:
         """A directory appeared (or moved in): files inside it raised no events of their own."""
@@ -519,11 +524,12 @@ class Daemon:
             again = not db.refused(exc) and not self._stopping
             log.warning("rescan_failed", scan=reason, reason=str(db.as_store_error(exc)),
                         **({"then": f"tried again in {RESCAN_RETRY_SECONDS:g} s"} if again else {}))
-            if again:
-                self.scheduler.add_job(
-                    self._rescan_job, "date", args=[reason, top], replace_existing=True,
-                    id=f"rescan-again-{reason}-{top}", run_date=datetime.now(timezone.utc)
-                    + timedelta(seconds=RESCAN_RETRY_SECONDS))
+            if again and top is None:
+                self.request_rescan(reason, after=RESCAN_RETRY_SECONDS)
+            elif again:  # a folder's own scan: its own retry
+                self.scheduler.add_job(self._rescan_job, "date", args=[reason, top],
+                                       run_date=datetime.now(timezone.utc)
+                                       + timedelta(seconds=RESCAN_RETRY_SECONDS))
 
     def rescan(self, reason: str, top: str | None = None,
                note: Callable[[str, str], None] | None = None) -> scan.ScanResult:

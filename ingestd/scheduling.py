@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
@@ -82,6 +83,52 @@ class Scheduler(BackgroundScheduler):
         except JobLookupError:
             if self.state != STATE_STOPPED:
                 raise
+
+
+class Coalesced:
+    """A task run on a scheduler when asked; what is asked while it runs is served by one more
+    run after it, and nothing asked is ever dropped.
+
+    APScheduler's own folding cannot promise that: a job added (or made due) while an instance
+    of it still counts as running is skipped ("maximum number of running instances reached"),
+    and a run counts as running until its executor's bookkeeping after it returns. Here, under
+    a lock, a request either finds a run that will look again once it is over, or starts one
+    as a job of its own (its own id: nothing to skip)."""
+
+    def __init__(self, scheduler: BackgroundScheduler, task: Callable[[], object],
+                 name: str) -> None:
+        self._scheduler, self._task, self._name = scheduler, task, name
+        self._lock = threading.Lock()
+        self._asked = 0  # requests so far
+        self._running = False
+
+    def request(self, after: float = 0.0) -> None:
+        """Run the task soon (in ``after`` seconds: the request is made then)."""
+        if after > 0:
+            self._scheduler.add_job(self.request, "date", name=self._name, run_date=(
+                datetime.now(timezone.utc) + timedelta(seconds=after)))
+            return
+        with self._lock:
+            self._asked += 1
+            if self._running:
+                return  # the run under way runs once more
+            self._running = True
+        self._scheduler.add_job(self._run, name=self._name)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    asked = self._asked
+                self._task()
+                with self._lock:
+                    if self._asked == asked:
+                        self._running = False
+                        return
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
 
 
 def _clock_offset() -> float | None:

@@ -33,13 +33,11 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor as EndingThreads
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
 
 
 from ingestd import db, jobs
@@ -50,7 +48,7 @@ from ingestd.extract import PDF
 from ingestd.pipeline import (Context, Control, Prepared, after_end, conclude, conclude_group,
                               prepare)
 from ingestd.procpool import ExtractorPool
-from ingestd.scheduling import Scheduler
+from ingestd.scheduling import Coalesced, Scheduler
 from ingestd.sinks import OpenSinks, Sink, command
 
 log = structlog.get_logger(__name__)
@@ -174,6 +172,7 @@ class WorkerPool:
         # the lease expires and a rescue counts an attempt.
         self._unreleased: dict[int, _Unreleased] = {}
         self._disposing = 0  # ended jobs whose originals are being moved or deleted
+        self._heartbeat: Coalesced | None = None  # from start()
         # When this pool last failed to reach the database (monotonic): see rescue().
         self._store_failed_at = -math.inf
 
@@ -182,7 +181,9 @@ class WorkerPool:
     def start(self) -> None:
         lease = self.config.daemon.lease_seconds
         self._scheduler.add_executor(ThreadPoolExecutor(self.size), "workers")
-        self._scheduler.add_job(db.guarded("heartbeat", self.heartbeat), "interval",
+        self._heartbeat = Coalesced(self._scheduler, db.guarded("heartbeat", self.heartbeat),
+                                    "heartbeat")
+        self._scheduler.add_job(self._heartbeat.request, "interval",
                                 seconds=max(0.2, lease / 3), id="heartbeat")
         self._scheduler.add_job(db.guarded("rescue", self.rescue), "interval",
                                 seconds=max(0.5, lease / 2), id="rescue")
@@ -213,14 +214,13 @@ class WorkerPool:
         with self._lock:
             idle = [slot for slot in range(self.size) if slot not in self._draining]
             self._draining.update(idle)
-        # Two instances: a slot's drain lets the slot go (its last step) before APScheduler
-        # counts its run as over. A wake in between would be skipped at one ("maximum number of
-        # running instances reached"), leaving the slot marked as draining with nothing running
-        # it, for good. The second instance starts beside one that only returns.
+        # Each run a job of its own id: a slot's drain lets the slot go (its last step) before
+        # APScheduler counts its run as over, and a run of the same id added in between would be
+        # skipped ("maximum number of running instances reached"), leaving the slot marked as
+        # draining with nothing running it, for good. _draining already keeps to one drain.
         for slot in idle:
-            self._scheduler.add_job(self._drain, args=[slot], id=f"worker-{slot}",
-                                    executor="workers", misfire_grace_time=None,
-                                    max_instances=2, replace_existing=True)
+            self._scheduler.add_job(self._drain, args=[slot], name=f"worker-{slot}",
+                                    executor="workers", misfire_grace_time=None)
 
     def stop(self, grace_seconds: float, reason: str = "re-queued at shutdown") -> None:
         """Stop claiming; give running jobs ``grace_seconds`` to end, then re-queue the rest
@@ -685,9 +685,10 @@ class WorkerPool:
 
     def heartbeat_now(self) -> None:
         """Run the heartbeat now, not at its time: an operator asked to cancel a job, which
-        would otherwise be seen up to lease_seconds / 3 later."""
-        with contextlib.suppress(JobLookupError):  # not started, or stopped
-            self._scheduler.modify_job("heartbeat", next_run_time=datetime.now(timezone.utc))
+        would otherwise be seen up to lease_seconds / 3 later (a heartbeat running now, which
+        may have read the flags already, runs once more)."""
+        if self._heartbeat is not None:  # None: not started
+            self._heartbeat.request()
 
     def _taken_over(self, job_id: int, running: Running) -> None:
         """A job no longer ours (this process stalled past its lease; another worker took the

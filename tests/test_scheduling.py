@@ -10,6 +10,7 @@ import pytest
 from apscheduler.jobstores.base import JobLookupError
 
 from ingestd import scheduling
+from ingestd.daemon import Daemon
 from ingestd.scheduling import new_scheduler
 
 from conftest import wait_for
@@ -87,3 +88,103 @@ def test_a_step_of_the_wall_clock_is_noted(monkeypatch):
     finally:
         scheduler.shutdown(wait=False)
         monkeypatch.undo()
+
+
+class Recorded:
+    """A task that notes when each of its runs starts and ends, and can be held at its end."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[float, float]] = []
+        self.running = 0
+        self.overlapped = False
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+
+    def __call__(self) -> None:
+        self.running += 1
+        self.overlapped |= self.running > 1
+        began = time.monotonic()
+        self.started.set()
+        self.hold.wait(10)
+        self.running -= 1
+        self.runs.append((began, time.monotonic()))
+
+
+def test_a_request_while_a_coalesced_task_runs_is_served_by_one_more_run_after_it():
+    """Three requests while a scan runs (the overflows of a big burst): one more run after it,
+    not two beside it, and none dropped. APScheduler's own folding (max_instances) skipped
+    the third while two ran, and the files the last overflow lost waited for the periodic
+    scan."""
+    scheduler = new_scheduler(threads=4)
+    scheduler.start()
+    task = Recorded()
+    coalesced = scheduling.Coalesced(scheduler, task, "scan")
+    try:
+        task.hold.clear()
+        coalesced.request()
+        assert task.started.wait(10)
+        asked = time.monotonic()
+        for _ in range(3):
+            coalesced.request()
+        task.hold.set()
+        wait_for(lambda: len(task.runs) == 2, message="one more run")
+        time.sleep(0.3)  # a third run would have started by now: none does
+        assert len(task.runs) == 2 and not task.overlapped
+        assert task.runs[1][0] > asked
+    finally:
+        scheduler.shutdown()
+
+
+def test_no_request_to_a_coalesced_task_is_lost_whenever_it_comes():
+    """Requests from several threads at every moment of the task's runs, the moments around
+    its end included (where APScheduler still counted a returning run and skipped a new one):
+    each request is followed by a run that starts after it, and runs never overlap."""
+    scheduler = new_scheduler(threads=4)
+    scheduler.start()
+    task = Recorded()
+    coalesced = scheduling.Coalesced(scheduler, task, "scan")
+    last_asked = [0.0] * 4
+
+    def ask(index: int) -> None:
+        for number in range(200):
+            last_asked[index] = time.monotonic()  # before: the run serving it starts after
+            coalesced.request()
+            time.sleep(0.0005 * (number % 7))  # staggers, not a synchronisation
+
+    try:
+        askers = [threading.Thread(target=ask, args=[index]) for index in range(4)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join()
+        final = max(last_asked)
+        wait_for(lambda: task.runs and task.runs[-1][0] > final and task.running == 0,
+                 message="a run after the last request")
+        assert not task.overlapped
+    finally:
+        scheduler.shutdown()
+
+
+def test_overflows_while_scans_run_get_a_scan_after_the_last(cfg):
+    """The daemon's requests for a scan (inotify overflows in a burst): one while a scan runs
+    gets a scan after it. Each started a scan beside the running one, up to two; the third was
+    skipped, and with it the files the last overflow lost, until the periodic scan."""
+    daemon = Daemon(cfg)
+    task = Recorded()
+    daemon._rescan_job = lambda reason, top=None: task()
+    daemon.scheduler.start()
+    try:
+        task.hold.clear()
+        daemon.request_rescan("overflow")
+        assert task.started.wait(10)
+        daemon.request_rescan("overflow")
+        time.sleep(0.2)  # a stagger: time for a scan beside the first, as APScheduler ran one
+        asked = time.monotonic()
+        daemon.request_rescan("overflow")
+        task.hold.set()
+        wait_for(lambda: task.runs and task.runs[-1][0] > asked,
+                 message="a scan after the last overflow")
+        assert not task.overlapped
+    finally:
+        daemon.scheduler.shutdown()
