@@ -77,7 +77,6 @@ class Settler:
         self._queued_lock = threading.Lock()
         # Paths out of _pending whose jobs are being created: pending until that committed.
         self._in_flight: set[str] = set()
-        self._flushing = False
         self._heap: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
@@ -103,18 +102,20 @@ class Settler:
         for a writer's close excepted; False at the timeout. Files noted meanwhile do not make
         it wait longer: under a steady stream of drops some file is always settling."""
         deadline = time.monotonic() + timeout
-        drained = False  # the inbox was empty once since: each of ``paths`` reached _pending
-        while True:
-            drained = drained or self.inbox.empty()
-            pending = self._pending
-            if drained and not self._flushing and not any(
-                    entry.complete and entry.close_wait_until is None
-                    for entry in (pending.get(path) for path in list(paths))
-                    if entry is not None):
-                return True
+        while any(self._unsettled(path) for path in list(paths)):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        return True
+
+    def _unsettled(self, path: str) -> bool:
+        """Whether ``path`` is still on its way to a job: in the inbox, settling (unless it
+        waits for a writer's close), or being made a job. Each of them, not only the middle
+        one: a path taken off the inbox and not yet noted counted as settled."""
+        if path in self._queued or path in self._in_flight:
+            return True
+        entry = self._pending.get(path)
+        return entry is not None and entry.complete and entry.close_wait_until is None
 
     @property
     def pending_count(self) -> int:
@@ -266,11 +267,7 @@ class Settler:
 
     def _flush(self, ready: list[Ready]) -> None:
         if ready:
-            self._flushing = True
-            try:
-                self._on_ready(ready)
-            finally:
-                self._flushing = False
+            self._on_ready(ready)
 
 
 def fold(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -257,3 +257,35 @@ def test_a_file_whose_job_is_being_made_is_still_pending(cfg, drop):
     finally:
         release.set()
         s.stop()
+
+
+def test_a_path_taken_off_the_inbox_but_not_yet_noted_is_not_settled(cfg, drop):
+    """A start records the files its scan found before the workers start (wait_settled). A
+    file the settler had taken off its inbox and not yet noted counted as settled, and the
+    workers started while the scan's files were still being recorded."""
+    made: list = []
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Settler):
+        def _note(self, path: str, what: str) -> None:
+            entered.set()
+            release.wait(10)
+            super()._note(path, what)
+
+    s = Slow(ProjectMap(cfg.projects.values()), on_ready=made.extend,
+             on_directory=lambda path: None)
+    path = drop / "found.txt"
+    path.write_text("found by the start's scan")
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # quiet for longer than the window: due at once
+    s.start()
+    try:
+        s.note(str(path), FOUND)
+        assert entered.wait(10)
+        assert not s.wait_settled({str(path)}, timeout=0.3)
+        release.set()
+        assert s.wait_settled({str(path)}, timeout=10)
+        assert [ready.path for ready in made] == [str(path)]
+    finally:
+        release.set()
+        s.stop()
