@@ -249,13 +249,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     cfg = _open(args, folders_must_exist=True, create=True)
     project = cfg.project(args.project)
-    db.check_writable(cfg.daemon.database)  # before a copy it could not make a job of
     if args.files.count("-") > 1:
         raise UsageError("'-' (standard input) can be given once")
     if args.name is not None and len(args.files) > 1:
         raise UsageError(f"--name names one file; {len(args.files)} were given")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         raise UsageError(f"--name takes a file name, not a path: {args.name!r}")
+    db.check_writable(cfg.daemon.database)  # before a copy it could not make a job of
     for number in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: no copy left half-written
         signal.signal(number, lambda signum, _: sys.exit(128 + signum))
     created = add.add_files(project, args.files, args.name)

@@ -220,22 +220,23 @@ def check_writable(url: str) -> None:
     only read without a word (another user's: restored by root with `cp`, or made by root's
     `ingestd db migrate`), and every write then fails; so does a PostgreSQL standby's."""
     try:
-        with translate_errors(url), database.atomic():
+        with database.atomic():
             database.execute_sql("DELETE FROM schema_migrations WHERE 1 = 0")  # writes nothing
-    except StoreError as exc:
-        if "readonly" not in str(exc) and "read-only" not in str(exc):
-            raise
+    except ERRORS as exc:
         path = sqlite_file()
-        if path is None:  # a server that takes no writes (a standby): what it said
-            raise
-        raise StoreError(f"{describe(url)}: this process (uid {os.geteuid()}) may not write it "
-                         f"({_owner(path)})") from None
+        if path is not None and "readonly" in str(exc):
+            raise StoreError(f"{describe(url)}: this process (uid {os.geteuid()}) may not write "
+                             f"it ({_owner(path)})") from None
+        if getattr(getattr(exc, "orig", exc), "sqlstate", None) == "25006":  # read-only txn
+            raise StoreError(f"{describe(url)}: the server takes no writes here: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+        raise as_store_error(exc, url) from None
 
 
 def _owner(path: str) -> str:
     """Who may write the SQLite file and its folder (where SQLite makes its -wal and -shm)."""
     said = []
-    for what, where in (("the file", path), ("its folder", os.path.dirname(path) or ".")):
+    for what, where in (("the file", path), ("its folder", _folder_of(path))):
         try:
             info = os.stat(where)
         except OSError as exc:
@@ -421,9 +422,13 @@ def _shared_memory_missing() -> str | None:
     path = sqlite_file()
     if path is None or os.path.exists(f"{path}-shm"):
         return None
-    folder = os.path.dirname(path) or "."
+    folder = _folder_of(path)
     if os.access(folder, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
         return None
     return (f"this user may read it only while another process has it open (the daemon, "
             f"or a command of a user who may write {folder}): SQLite must make "
             f"{os.path.basename(path)}-shm there first")
+
+
+def _folder_of(path: str) -> str:
+    return os.path.dirname(path) or "."

@@ -126,8 +126,11 @@ class Publisher:
         """Whether to try the failing log again: every RETRY_SECONDS, or at once on SIGUSR1."""
         return self._reopen.is_set() or time.monotonic() - self._tried_at >= RETRY_SECONDS
 
+    def _lines(self, rows: list[events.EventRow]) -> list[tuple[int, str]]:
+        return [(row.seq, events.to_line(row, self.installation)) for row in rows]
+
     def _publish(self, rows: list[events.EventRow]) -> int:
-        lines = [(row.seq, events.to_line(row, self.installation)) for row in rows]
+        lines = self._lines(rows)
         logged = self._append(lines)
         if logged:
             self.cursor = lines[logged - 1][0]
@@ -138,7 +141,7 @@ class Publisher:
     def _stream_ahead(self) -> int:
         """While the log cannot be written: the events after those streamed, to the socket."""
         rows = events.rows_after(max(self.cursor, self.streamed), BATCH)
-        self._stream(rows, [(row.seq, events.to_line(row, self.installation)) for row in rows])
+        self._stream(rows, self._lines(rows))
         return len(rows)
 
     def _stream(self, rows: list[events.EventRow], lines: list[tuple[int, str]]) -> None:
@@ -203,7 +206,8 @@ class Publisher:
                   retry_seconds=RETRY_SECONDS)
 
     def _open_if_needed(self) -> None:
-        if self._file is None:  # its opening failed
+        if self._file is None:  # its opening failed: this try is the reopen asked for
+            self._reopen.clear()
             self._open()
         elif self._reopen.is_set() or self._moved_away():
             if self.cursor != self._stored:  # a kill now would find an empty log: store first

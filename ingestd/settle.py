@@ -77,6 +77,7 @@ class Settler:
         self._queued_lock = threading.Lock()
         # Paths out of _pending whose jobs are being created: pending until that committed.
         self._in_flight: set[str] = set()
+        self._unreachable: set[str] = set()  # said to be, until reached again (or gone)
         self._heap: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
@@ -186,7 +187,7 @@ class Settler:
             self._pending.pop(path, None)
             return
         project, folder = found
-        info = _stat(path)
+        info = self._stat(path)
         if info is None:
             self._pending.pop(path, None)
             return
@@ -218,6 +219,25 @@ class Settler:
                                       written, scanned=scanned)
         heapq.heappush(self._heap, (due, path))
 
+    def _stat(self, path: str) -> os.stat_result | None:
+        """The file's stat if it is a regular file (symlinks are not followed: see README);
+        None if it is not, or is gone. One there that cannot be reached (its folder made
+        unreadable while it settled) is said, once while it cannot, and let go: a scan finds it
+        once it can be reached."""
+        try:
+            info = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._unreachable.discard(path)
+            return None
+        except OSError as exc:
+            if path not in self._unreachable:
+                self._unreachable.add(path)
+                log.warning("file_unreachable", path=path, reason=exc.strerror or str(exc),
+                            then="left to the next scan")
+            return None
+        self._unreachable.discard(path)
+        return info if stat.S_ISREG(info.st_mode) else None
+
     def _due_files(self) -> list[Ready]:
         now = time.monotonic()
         ready: list[Ready] = []
@@ -232,7 +252,7 @@ class Settler:
         return ready
 
     def _check(self, path: str, entry: Pending, now: float) -> Ready | None:
-        info = _stat(path)
+        info = self._stat(path)
         if info is None:
             del self._pending[path]
             return None
@@ -331,18 +351,3 @@ def _writer_may_hold(path: str, entry: Pending) -> bool:
     if not entry.complete:
         return writers.open_for_writing(path) is not False
     return entry.scanned and writers.open_for_writing(path) is True
-
-
-def _stat(path: str) -> os.stat_result | None:
-    """The file's stat if it is a regular file (symlinks are not followed: see README); None
-    if it is not, or is gone. One there that cannot be reached (its folder made unreadable
-    while it settled) is said and let go: a scan finds it once it can be reached."""
-    try:
-        info = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        log.warning("file_unreachable", path=path, reason=exc.strerror or str(exc),
-                    then="left to the next scan")
-        return None
-    return info if stat.S_ISREG(info.st_mode) else None

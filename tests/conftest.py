@@ -122,6 +122,16 @@ def any_store(backend: config_mod.Config):
     db.close_store()
 
 
+def without_dac_override(why: str) -> list[str]:
+    """A wrapper that runs a command as root without the capabilities that let root read and
+    write any file: files' own modes apply. Skips the test (saying ``why`` it needs them)
+    where there is no root or no setpriv."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip(f"needs root and setpriv {why}")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
 def run_cli(*args: str, config: Path | None = None, cwd: Path | None = None,
             stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m ingestd ARGS`` as a real subprocess."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from conftest import run_cli, wait_for, write_config
+from conftest import run_cli, wait_for, without_dac_override, write_config
 
 NAME_MAX = 255
 
@@ -163,14 +162,12 @@ class TestUnreadable:
     def test_a_file_add_cannot_read_is_refused_in_one_line(self, config_file, drop, tmp_path):
         """A file the caller may not read: exit 5 naming it, no traceback, nothing copied. (Run
         without the capabilities that let root read any file.)"""
-        setpriv = shutil.which("setpriv")
-        if setpriv is None or os.geteuid() != 0:
-            pytest.skip("needs root and setpriv to make a file unreadable to the CLI")
+        no_dac = without_dac_override("to make a file unreadable to the CLI")
         secret = tmp_path / "secret.txt"
         secret.write_text("not yours")
         secret.chmod(0)
         result = subprocess.run(
-            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+            [*no_dac, sys.executable, "-m",
              "ingestd", "-c", str(config_file), "add", "-p", "acme", str(secret)],
             capture_output=True, text=True, timeout=60)
         refused_in_one_line(result, f"{secret}: cannot read: Permission denied")
@@ -181,16 +178,14 @@ class TestUnreadable:
         """A user who may write the drop folder but not the database: add copied the file in,
         then failed making its job (exit 1); the watcher made the job later anyway, and running
         add again put the file in twice. Now nothing is copied and it says why."""
-        setpriv = shutil.which("setpriv")
-        if setpriv is None or os.geteuid() != 0:
-            pytest.skip("needs root and setpriv to keep the database from the CLI")
+        no_dac = without_dac_override("to keep the database from the CLI")
         assert run_cli("db", "migrate", config=config_file).returncode == 0
         database = tmp_path / "state" / "ingestd.db"
         database.chmod(0o444)
         source = tmp_path / "report.txt"
         source.write_text("for the archive")
         result = subprocess.run(
-            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+            [*no_dac, sys.executable, "-m",
              "ingestd", "-c", str(config_file), "add", "-p", "acme", str(source)],
             capture_output=True, text=True, timeout=60)
         assert result.returncode == 1, result.stderr

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from ingestd import __version__
 
-from conftest import run_cli, wait_for
+from conftest import run_cli, wait_for, without_dac_override
 
 
 def submit(config, path, project="acme"):
@@ -190,16 +189,14 @@ def test_a_reader_who_may_not_make_the_shm_file_is_told_why(config_file, command
     """A user who may read the database but not write its folder (the ingestd group) can read
     only while another process has it open: with none, its -shm file is gone and SQLite must
     make it again. Such a read said "attempt to write a readonly database"; it says why."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None or os.geteuid() != 0:
-        pytest.skip("needs root and setpriv to keep the state folder from the CLI")
+    no_dac = without_dac_override("to keep the state folder from the CLI")
     assert run_cli("db", "migrate", config=config_file).returncode == 0
     state = tmp_path / "state"
     assert not (state / "ingestd.db-shm").exists()  # the last to close removed it
     state.chmod(0o555)
     try:
         result = subprocess.run(
-            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+            [*no_dac, sys.executable, "-m",
              "ingestd", "-c", str(config_file), *command],
             capture_output=True, text=True, timeout=60)
     finally:

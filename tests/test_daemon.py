@@ -27,7 +27,7 @@ from ingestd.settle import CLOSE_FALLBACK_SECONDS
 from ingestd.watch import Watcher
 
 import corpus
-from conftest import run_cli, wait_for
+from conftest import run_cli, wait_for, without_dac_override
 from harness import (Daemon, document_text, events_of_type, finish_all, jobs_for, open_db,
                      wait_ended, wait_job, write_config)
 from proctree import children, descendants, gone
@@ -369,12 +369,10 @@ class TestBadInput:
         """A permission problem may be fixed meanwhile: the file's job retries with backoff,
         then fails saying why. Rescans find its job, so they reject nothing again and again.
         (The daemon runs without the capabilities that let root read any file.)"""
-        setpriv = shutil.which("setpriv")
-        if setpriv is None or os.geteuid() != 0:
-            pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
+        no_dac = without_dac_override("to make a file unreadable to the daemon")
         make_daemon(daemon_extra="shutdown_grace_seconds = 5\nrescan_seconds = 0.5",
                     acme_extra="max_attempts = 2",
-                    wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+                    wrapper=no_dac)
         path = drop(folders["acme"], "secret.txt", "not for the daemon's eyes")
         path.chmod(0)
         job = wait_job(path, status="failed")
@@ -391,12 +389,10 @@ class TestBadInput:
         permission. The daemon could not open it to lock it, and left it hidden in the drop
         folder under its taken name (``.ingestd-N-...taking``), for good: a retry then said the
         file had vanished."""
-        setpriv = shutil.which("setpriv")
-        if setpriv is None or os.geteuid() != 0:
-            pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
+        no_dac = without_dac_override("to make a file unreadable to the daemon")
         moved = tmp_path / "moved"
         make_daemon(acme_extra=f'max_attempts = 1\nafter = "move"\nmove_to = "{moved}"',
-                    wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+                    wrapper=no_dac)
         path = drop(folders["acme"], "secret.txt", "not for the daemon's eyes")
         path.chmod(0)
         job = wait_job(path, status="failed")
@@ -409,14 +405,13 @@ class TestBadInput:
     def test_a_file_whose_folder_becomes_unreachable_as_it_settles_is_said_then_scanned(
             self, make_daemon, folders):
         """A subfolder made unreadable while its new file settled: the file was dropped as if
-        deleted, without a word, until a scan. Now it is said (file_unreachable), and the
-        scan after the folder is readable again makes its one job."""
-        setpriv = shutil.which("setpriv")
-        if setpriv is None or os.geteuid() != 0:
-            pytest.skip("needs root and setpriv to keep a folder from the daemon")
+        deleted, without a word, until a scan. Now it is said (file_unreachable), once however
+        many events follow, and the scan after the folder is readable again makes its one
+        job."""
+        no_dac = without_dac_override("to keep a folder from the daemon")
         daemon = make_daemon(daemon_extra="shutdown_grace_seconds = 5\nrescan_seconds = 1",
                              acme_extra="settle_seconds = 5",
-                             wrapper=[setpriv, "--bounding-set=-dac_override,-dac_read_search"])
+                             wrapper=no_dac)
         sub = folders["acme"] / "sub"
         sub.mkdir()
         wait_for(lambda: f'"top": "{sub}"' in daemon.log(), message="the subfolder watched")
@@ -424,12 +419,24 @@ class TestBadInput:
         wait_for(lambda: json.loads(run_cli("status", "--json", config=daemon.config).stdout)[
             "settling_files"] == 1, message="the file settling")
         sub.chmod(0)
-        said = wait_for(lambda: [line for line in daemon.log().splitlines()
-                                 if "file_unreachable" in line], message="the file said")
-        assert {(json.loads(line)["path"], json.loads(line)["reason"])
-                for line in said} == {(str(path), "Permission denied")}
+        def said() -> list[dict]:
+            return [json.loads(line) for line in daemon.log().splitlines()
+                    if "file_unreachable" in line]
+
+        wait_for(said, message="the file said")
+        for more in range(3):  # a writer who may still reach it: an event each, said once
+            with path.open("a") as appending:
+                appending.write(f" and more {more}")
+        # Noted after those events (one watch, one inbox, in order): once it settles, they
+        # were looked at, while the folder could not be reached.
+        marker = drop(folders["acme"], "marker.txt", "noted after the appends")
+        wait_for(lambda: json.loads(run_cli("status", "--json", config=daemon.config).stdout)[
+            "settling_files"] == 1, message="the marker settling")
         sub.chmod(0o755)
+        assert wait_job(marker).status == "completed"
         assert wait_job(path).status == "completed" and len(jobs_for(path)) == 1
+        assert [(line["path"], line["reason"]) for line in said()] == [
+            (str(path), "Permission denied")]
 
     def test_broken_files_fail_with_a_clear_reason_and_the_daemon_keeps_running(self, daemon, folders):
         """Each malformed file ends FAILED with a one-line reason; good files still complete."""
@@ -1395,12 +1402,11 @@ class TestWatchingSurvives:
         capabilities that read anything): `ingestd status` shows it NOT WATCHED with the reason
         (watchdog polls on, and only logged it), then watched again once readable, and a file
         dropped meanwhile is ingested."""
-        if subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                           "true"]).returncode != 0:
+        no_dac = without_dac_override("to keep a folder from the daemon")
+        if subprocess.run([*no_dac, "true"]).returncode != 0:
             pytest.skip("setpriv cannot drop capabilities here")
         acme = folders["acme"]
-        daemon = make_daemon(acme_extra="polling = true",
-                             wrapper=["setpriv", "--bounding-set=-dac_override,-dac_read_search"])
+        daemon = make_daemon(acme_extra="polling = true", wrapper=no_dac)
         socket = control_socket(daemon)
         assert watched_folders(socket, "acme") == [str(acme)]
         acme.chmod(0)

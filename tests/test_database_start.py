@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import signal
 import stat
 import socket
@@ -22,9 +20,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from ingestd import db
-from ingestd.errors import StoreUnreachable
+from ingestd.errors import StoreError, StoreUnreachable
 
-from conftest import PG_URL, run_cli, wait_for, write_config
+from conftest import PG_URL, run_cli, wait_for, without_dac_override, write_config
 from harness import Daemon, node_config, wait_job
 from tcpproxy import Proxy
 
@@ -307,22 +305,13 @@ def sqlite_node(tmp_path: Path) -> tuple[Path, Path]:
     return config, tmp_path / "state" / "ingestd.db"
 
 
-def without_dac_override() -> list[str]:
-    """A wrapper that runs the daemon as root without the capabilities that let root write any
-    file: the file's own mode applies."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None or os.geteuid() != 0:
-        pytest.skip("needs root and setpriv to keep a file from the daemon")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-
-
 def test_a_sqlite_file_the_daemon_may_not_write_is_refused_at_start(tmp_path):
     """SQLite opens a file it may only read without a word (one root made or restored with
     `cp`): the daemon ran 'started', failing every write twice a second, and made no job. It
     now exits 1 at once, saying whose the file is."""
     config, database = sqlite_node(tmp_path)
     database.chmod(0o444)
-    daemon = Daemon(tmp_path, config, wrapper=without_dac_override())
+    daemon = Daemon(tmp_path, config, wrapper=without_dac_override("to keep a file from the daemon"))
     daemon.start(wait_ready=False)
     assert daemon.process.wait(timeout=30) == 1
     daemon.stop(expect=1)
@@ -340,7 +329,7 @@ def test_a_write_lock_file_the_daemon_may_not_open_is_said_once_per_process(tmp_
     config, database = sqlite_node(tmp_path)
     lock = Path(f"{database}.writelock")
     lock.chmod(0)
-    daemon = Daemon(tmp_path, config, wrapper=without_dac_override()).start()
+    daemon = Daemon(tmp_path, config, wrapper=without_dac_override("to keep a file from the daemon")).start()
     (tmp_path / "drop" / "a.txt").write_text("written without the queue")
     db.open_store(f"sqlite:///{database}", migrate=False)
     try:
@@ -352,3 +341,19 @@ def test_a_write_lock_file_the_daemon_may_not_open_is_said_once_per_process(tmp_
             if "write_lock_file_unusable" in line]
     assert len(said) == 2  # the daemon's process and its one worker process
     assert {(line["path"], line["reason"]) for line in said} == {(str(lock), "Permission denied")}
+
+
+def test_a_postgresql_server_that_takes_no_writes_is_refused_with_its_reason(pg_url):
+    """A standby, or a database set read-only: the daemon's start says so, in one line (it was
+    "not a usable database: ..."), instead of running with every write failing."""
+    db.open_store(pg_url)
+    db.close_store()
+    read_only = pg_url + "%20-cdefault_transaction_read_only%3Don"  # appended to its options
+    db.open_store(read_only, migrate=False)
+    try:
+        with pytest.raises(StoreError) as caught:
+            db.check_writable(read_only)
+    finally:
+        db.close_store()
+    assert str(caught.value) == (f"{db.describe(read_only)}: the server takes no writes here: "
+                                 "cannot execute DELETE in a read-only transaction")

@@ -373,7 +373,8 @@ def log_lines(daemon: Daemon, event: str) -> list[dict]:
 
 
 def streamed_all(subscriber: Subscriber) -> None:
-    """The socket's client got every event committed so far, in order, each once."""
+    """The socket's client got every event committed so far from its first one on (it
+    connected after the daemon's first events), in order, each once."""
     final = last_seq()
     wait_for(lambda: subscriber.sequences() and subscriber.sequences()[-1] >= final, timeout=30,
              message="the subscriber got every event")
@@ -526,6 +527,27 @@ def emit_many(count: int) -> int:
         for number in range(count):
             jobs.emit(jobs.DAEMON_RELOADED, {"number": number})
     return last_seq()
+
+
+def test_a_reopen_asked_while_the_log_cannot_be_opened_keeps_to_the_retry_pace(store, tmp_path):
+    """SIGUSR1 (logrotate's, daily) while the log could not be opened: the reopen it asked for
+    stayed asked, and the publisher tried to open the log every 20 ms, reading and encoding the
+    waiting events each time, until it could. It is one try, then one a RETRY_SECONDS."""
+    event_log = tmp_path / "events.jsonl"
+    event_log.mkdir()
+    emit_many(5)
+    publisher = Publisher(event_log, None, installation_id())
+    tries = []
+    opening = publisher._open
+    publisher._open = lambda: (tries.append(time.monotonic()), opening())
+    publisher.start()
+    try:
+        publisher.reopen()
+        wait_for(lambda: tries, message="a try")
+        time.sleep(2.0)  # the window the tries are counted in
+        assert 1 <= len(tries) <= 4, len(tries)
+    finally:
+        publisher.stop()
 
 
 def test_a_directory_at_the_log_path_at_start_is_reported_and_then_logged_to(store, tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from ingestd import db
 from ingestd.control import ControlServer
 
 import corpus
-from conftest import run_cli, wait_for
+from conftest import run_cli, wait_for, without_dac_override
 from harness import Daemon, open_db, wait_ended, wait_job, write_config
 
 ALLOWED_LABELS = {"project", "status", "stage", "reason", "le"}
@@ -111,9 +109,7 @@ def test_status_refused_by_the_sockets_permissions_exits_1_not_3(tmp_path):
     """A user who may not connect to the control socket is not told that no daemon runs (exit
     3, as systemctl's "inactive"): a monitoring check run as such a user reported a running
     daemon as down. Exit 1, saying why."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None or os.geteuid() != 0:
-        pytest.skip("needs root and setpriv to keep a socket from the command")
+    no_dac = without_dac_override("to keep a socket from the command")
     (tmp_path / "drop").mkdir()
     sock = tmp_path / "control.sock"
     config = write_config(tmp_path, f'[daemon]\ncontrol_socket = "{sock}"\n'
@@ -122,7 +118,7 @@ def test_status_refused_by_the_sockets_permissions_exits_1_not_3(tmp_path):
     server.start()
     try:
         result = subprocess.run(
-            [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+            [*no_dac, sys.executable, "-m",
              "ingestd", "-c", str(config), "status"], capture_output=True, text=True, timeout=60)
     finally:
         server.stop()

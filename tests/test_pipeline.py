@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PG_URL, wait_for
+from conftest import PG_URL, wait_for, without_dac_override
 import corpus
 from corpus import make_pdf
 from harness import Daemon, events_of_type, finish_all, jobs_for, open_db, wait_job, write_config
@@ -446,11 +445,8 @@ def test_a_job_that_succeeds_on_a_retry_keeps_no_error_and_gets_its_sniffed_type
     """A file the daemon could not read (nor so sniff) at first is retried; once readable it
     completes, and the completed job and its event carry no stale error and the type the
     worker sniffed. (The daemon runs without the capabilities that let root read any file.)"""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None or os.geteuid() != 0:
-        pytest.skip("needs root and setpriv to make a file unreadable to the daemon")
-    no_override = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-    running, folder = make_daemon(acme_extra="max_attempts = 3", wrapper=no_override)
+    no_dac = without_dac_override("to make a file unreadable to the daemon")
+    running, folder = make_daemon(acme_extra="max_attempts = 3", wrapper=no_dac)
     staging = folder.parent / f"locked.{kind}"
     if kind == "pdf":
         make_pdf(staging, ["locked at first"])
