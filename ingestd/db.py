@@ -218,7 +218,9 @@ def open_store(url: str, migrate: bool = True,
 def check_writable(url: str) -> None:
     """StoreError unless this process may write the bound database: SQLite opens a file it may
     only read without a word (another user's: restored by root with `cp`, or made by root's
-    `ingestd db migrate`), and every write then fails; so does a PostgreSQL standby's."""
+    `ingestd db migrate`), and every write then fails; so does a PostgreSQL standby's. Any
+    other failure says nothing of that (a write lock held past the busy timeout, a connection
+    cut): the daemon copes with those as it runs, as with any write."""
     try:
         with database.atomic():
             database.execute_sql("DELETE FROM schema_migrations WHERE 1 = 0")  # writes nothing
@@ -230,7 +232,7 @@ def check_writable(url: str) -> None:
         if getattr(getattr(exc, "orig", exc), "sqlstate", None) == "25006":  # read-only txn
             raise StoreError(f"{describe(url)}: the server takes no writes here: "
                              f"{str(exc).strip().splitlines()[0]}") from None
-        raise as_store_error(exc, url) from None
+        reset_connection()
 
 
 def _owner(path: str) -> str:
