@@ -526,8 +526,9 @@ class Daemon:
                         **({"then": f"tried again in {RESCAN_RETRY_SECONDS:g} s"} if again else {}))
             if again and top is None:
                 self.request_rescan(reason, after=RESCAN_RETRY_SECONDS)
-            elif again:  # a folder's own scan: its own retry
+            elif again:  # a folder's own scan: one retry of it at a time
                 self.scheduler.add_job(self._rescan_job, "date", args=[reason, top],
+                                       id=f"rescan-again-{reason}-{top}", replace_existing=True,
                                        run_date=datetime.now(timezone.utc)
                                        + timedelta(seconds=RESCAN_RETRY_SECONDS))
 

@@ -103,19 +103,31 @@ class Coalesced:
         self._running = False
 
     def request(self, after: float = 0.0) -> None:
-        """Run the task soon (in ``after`` seconds: the request is made then)."""
+        """Run the task soon. With ``after``, the request is made that many seconds after the
+        last such request (one timer: a database failing every scan at once keeps one retry
+        going, not one per failure)."""
         if after > 0:
-            self._scheduler.add_job(self.request, "date", name=self._name, run_date=(
-                datetime.now(timezone.utc) + timedelta(seconds=after)))
+            self._scheduler.add_job(self.request, "date", id=f"{self._name}-in-{after:g}s",
+                                    replace_existing=True, run_date=(
+                                        datetime.now(timezone.utc) + timedelta(seconds=after)))
             return
         with self._lock:
             self._asked += 1
             if self._running:
                 return  # the run under way runs once more
             self._running = True
-        self._scheduler.add_job(self._run, name=self._name)
+        self._start()
+
+    def _start(self) -> None:
+        try:
+            self._scheduler.add_job(self._run, name=self._name)
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
 
     def _run(self) -> None:
+        asked = 0
         try:
             while True:
                 with self._lock:
@@ -125,9 +137,11 @@ class Coalesced:
                     if self._asked == asked:
                         self._running = False
                         return
-        except BaseException:
+        except BaseException:  # what was asked meanwhile still gets its run
             with self._lock:
-                self._running = False
+                again = self._running = self._asked != asked
+            if again:
+                self._start()
             raise
 
 

@@ -112,11 +112,14 @@ class Settler:
     def _unsettled(self, path: str) -> bool:
         """Whether ``path`` is still on its way to a job: in the inbox, settling (unless it
         waits for a writer's close), or being made a job. Each of them, not only the middle
-        one: a path taken off the inbox and not yet noted counted as settled."""
-        if path in self._queued or path in self._in_flight:
+        one: a path taken off the inbox and not yet noted counted as settled. Looked at in the
+        order a path goes through them (see is_pending)."""
+        if path in self._queued:
             return True
         entry = self._pending.get(path)
-        return entry is not None and entry.complete and entry.close_wait_until is None
+        if entry is not None:
+            return entry.complete and entry.close_wait_until is None
+        return path in self._in_flight
 
     @property
     def pending_count(self) -> int:

@@ -6,10 +6,11 @@ import threading
 import time
 from datetime import timedelta
 
+import peewee as pw
 import pytest
 from apscheduler.jobstores.base import JobLookupError
 
-from ingestd import scheduling
+from ingestd import daemon as daemon_mod, scheduling
 from ingestd.daemon import Daemon
 from ingestd.scheduling import new_scheduler
 
@@ -187,4 +188,57 @@ def test_overflows_while_scans_run_get_a_scan_after_the_last(cfg):
                  message="a scan after the last overflow")
         assert not task.overlapped
     finally:
+        daemon.scheduler.shutdown()
+
+
+def test_a_request_made_while_a_run_raises_still_gets_its_run():
+    """A run that fails (a bug, an OSError in a scan): what was asked while it ran is still
+    served; the failure dropped it."""
+    scheduler = new_scheduler(threads=2)
+    scheduler.start()
+    entered, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    def task() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            entered.set()
+            release.wait(10)
+            raise OSError("the first run fails")
+
+    coalesced = scheduling.Coalesced(scheduler, task, "scan")
+    try:
+        coalesced.request()
+        assert entered.wait(10)
+        coalesced.request()  # asked while the first run is under way
+        release.set()
+        wait_for(lambda: len(runs) == 2, message="the run asked for during the failed one")
+    finally:
+        scheduler.shutdown()
+
+
+def test_scans_that_fail_at_once_keep_one_retry_going(cfg, monkeypatch):
+    """A database that fails every scan at once (a server down): overflow after overflow, each
+    failed scan asked for its own retry in 5 s, and each retry for another: loops scanning every
+    folder in step, as many as there had been requests. One timer per reason."""
+    monkeypatch.setattr(daemon_mod, "RESCAN_RETRY_SECONDS", 0.2)
+    daemon = Daemon(cfg)
+    scans: list[float] = []
+
+    def failing(reason: str, top: str | None = None) -> None:
+        scans.append(time.monotonic())
+        raise pw.OperationalError("database is locked")
+
+    daemon.rescan = failing
+    daemon.scheduler.start()
+    try:
+        for _ in range(5):
+            daemon.request_rescan("overflow")
+            time.sleep(0.05)  # staggered, as overflows come
+        time.sleep(0.5)  # let the retries settle into their pace...
+        counted_from = len(scans)
+        time.sleep(1.0)  # ...and count them over a second: one every 0.2 s
+        assert len(scans) - counted_from <= 8, len(scans) - counted_from
+    finally:
+        daemon._stopping = True
         daemon.scheduler.shutdown()
