@@ -237,7 +237,7 @@ def check_writable(url: str) -> None:
                              f"it ({_owner(path)})") from None
         if getattr(getattr(exc, "orig", exc), "sqlstate", None) == "25006":  # read-only txn
             raise StoreError(f"{describe(url)}: the server takes no writes here: "
-                             f"{str(exc).strip().splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         reset_connection()
 
 
@@ -412,7 +412,7 @@ def _bound_database() -> str:
 def as_store_error(exc: BaseException, url: str | None = None) -> StoreError:
     """A one-line StoreError for a database error (``url`` defaults to the bound database)."""
     where = describe(url) if url is not None else _bound_database()
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     if "locked" in text or "busy" in text:
         return StoreError(f"{where}: database is locked by another process "
                           f"(waited {BUSY_TIMEOUT_SECONDS:g}s)")
@@ -421,6 +421,12 @@ def as_store_error(exc: BaseException, url: str | None = None) -> StoreError:
     if isinstance(exc, (pw.OperationalError, sqlite3.OperationalError, pw.InterfaceError)):
         return StoreError(f"{where}: {text}")
     return StoreError(f"{where}: not a usable database: {text}")
+
+
+def first_line(exc: BaseException) -> str:
+    """What an error says, in one line (its type's name if it says nothing)."""
+    said = str(exc).strip()
+    return said.splitlines()[0] if said else type(exc).__name__
 
 
 def _shared_memory_missing() -> str | None:

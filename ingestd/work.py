@@ -629,7 +629,7 @@ class WorkerPool:
         """The database refused what the job's end wrote (rolled back): it would refuse it on
         every try, so the job fails, saying why (released, it would come back at once, and
         take the jobs ending with it along each time)."""
-        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        said = db.first_line(exc)
         log.warning("job_data_refused", job_id=job.id, project=job.project_id,
                     path=job.source_path, reason=said)
         try:
