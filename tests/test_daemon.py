@@ -473,8 +473,9 @@ class TestBadInput:
         elsewhere = drop(folders["other"], "now.txt", "written now")
         job = wait_job(future)
         assert document_text(job) == "written in 2300" and wait_job(elsewhere)
-        wait_for(lambda: not future.exists(), message="the original to be moved")
-        assert (tmp_path / "moved" / "processed" / f"{job.id}-future.txt").exists()
+        placed = tmp_path / "moved" / "processed" / f"{job.id}-future.txt"
+        wait_for(placed.exists, message="the original to be moved")
+        assert not future.exists()
 
     def test_a_file_the_database_refuses_holds_up_no_other(self, daemon, folders):
         """Anything but the database failing is about one file's values, which no retry
@@ -916,9 +917,12 @@ class TestJobControl:
         corpus.make_truncated_pdf(bad)
         good_job, bad_job = wait_job(good), wait_ended(bad)
         moved = tmp_path / "state" / "projects" / "acme"
-        wait_for(lambda: not good.exists() and not bad.exists(), message="originals moved")
-        assert (moved / "processed" / f"{good_job.id}-good.txt").read_text() == "fine"
-        assert (moved / "failed" / f"{bad_job.id}-bad.pdf").exists()
+        placed = (moved / "processed" / f"{good_job.id}-good.txt",
+                  moved / "failed" / f"{bad_job.id}-bad.pdf")
+        # The original leaves its name when it is taken (renamed beside it), before it is placed.
+        wait_for(lambda: all(path.exists() for path in placed), message="originals moved")
+        assert placed[0].read_text() == "fine"
+        assert not good.exists() and not bad.exists()
 
     def test_a_stop_lets_a_move_to_another_file_system_finish(self, make_daemon, folders,
                                                                another_file_system):
