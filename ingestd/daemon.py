@@ -584,12 +584,13 @@ class Daemon:
         self.request_rescan("unwatched")
 
     def _job_finished(self, job: Finished) -> None:
-        metrics.child(metrics.jobs_finished, job.project_id, job.status).inc()
         if job.status == JobStatus.COMPLETED and job.completed_at:
             metrics.child(metrics.job_duration, job.project_id).observe(
                 job.completed_at - job.created_at)
         for stage, seconds in job.stage_seconds.items():
             metrics.child(metrics.stage_duration, stage).observe(seconds)
+        # Counted last: a scrape that sees the end counted sees its durations too.
+        metrics.child(metrics.jobs_finished, job.project_id, job.status).inc()
 
     # --- state -----------------------------------------------------------------------------------
 

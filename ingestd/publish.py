@@ -179,10 +179,10 @@ class Publisher:
             self._written -= whole  # a started line stays: the next try finishes it, not repeats it
             return data.count(b"\n", 0, whole)
         self._written = 0
-        if self._failing_since is not None:
+        since, self._failing_since = self._failing_since, None
+        if since is not None:  # status says writable by the time this is read
             log.info("event_log_writable_again", path=str(self.log_path),
-                     after_seconds=round(time.monotonic() - self._failing_since, 1))
-            self._failing_since = None
+                     after_seconds=round(time.monotonic() - since, 1))
         return len(lines)
 
     @property

@@ -424,6 +424,8 @@ def test_a_directory_at_the_log_path_is_reported_and_then_every_event_logged_onc
     drop_files(tmp_path / "drop", 10, "c")
     wait_for(lambda: completed() == 70, timeout=60, message="70 completed")
     assert_caught_up_exactly_once(daemon, event_log, subscriber)
+    # Said once the lines are written: a moment after the log has caught up.
+    wait_for(lambda: log_lines(daemon, "event_log_writable_again"), message="the recovery said")
     assert len(log_lines(daemon, "event_log_unwritable")) == 1
     assert len(log_lines(daemon, "event_log_writable_again")) == 1
     status = json.loads(run_cli("status", "--json", config=daemon.config).stdout)
@@ -517,6 +519,8 @@ def test_an_unwritable_log_at_start_is_reported_and_then_every_event_logged_once
              message="lines in the log (it is tried every second)")
     assert_caught_up_exactly_once(daemon, event_log, subscriber)
     assert log_sequences(event_log)[0] == 1
+    # Said once the lines are written: a moment after the log has caught up.
+    wait_for(lambda: log_lines(daemon, "event_log_writable_again"), message="the recovery said")
     assert len(log_lines(daemon, "event_log_unwritable")) == 1
     assert len(log_lines(daemon, "event_log_writable_again")) == 1
 

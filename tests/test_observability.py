@@ -171,6 +171,8 @@ def test_every_log_line_is_json_and_a_failure_is_logged_once(observed):
     job = wait_ended(drop / "bad.pdf")
     (drop / "good.txt").write_text("fine")
     wait_job(drop / "good.txt")
+    # Logged after the failure is committed (what wait_ended saw).
+    wait_for(lambda: '"job_failed"' in daemon.log(), message="the failure logged")
     lines = [json.loads(line) for line in daemon.log().splitlines()]
     failures = [line for line in lines if line["event"] == "job_failed"]
     assert len(failures) == 1

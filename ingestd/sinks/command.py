@@ -143,12 +143,18 @@ def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tupl
 # The process groups of the programs running now: a worker that stops kills them (stop_all).
 _groups: set[int] = set()
 _groups_lock = threading.Lock()
+_stopped = False  # by stop_all, until allow_runs: a program started since is killed at once
 
 
 @contextlib.contextmanager
 def _running(process: subprocess.Popen) -> Iterator[None]:
     with _groups_lock:
-        _groups.add(process.pid)
+        stopped = _stopped
+        if not stopped:
+            _groups.add(process.pid)
+    if stopped:  # started as the stop killed the others: its job is back in the queue
+        _kill_group(process)
+        raise SinkError("not run: the worker is stopping", transient=True)
     try:
         yield
     finally:
@@ -156,11 +162,21 @@ def _running(process: subprocess.Popen) -> Iterator[None]:
             _groups.discard(process.pid)
 
 
-def stop_all() -> None:
-    """Kill every sink program still running. For a worker that stops: it has put their jobs
-    back in the queue, so an ingest finishing after that would be done again by the next run
-    (the programs run in sessions of their own, which the daemon's SIGTERM does not reach)."""
+def allow_runs() -> None:
+    """Sink programs may run (again): a worker pool starts."""
+    global _stopped
     with _groups_lock:
+        _stopped = False
+
+
+def stop_all() -> None:
+    """Kill every sink program still running, and any started from now until
+    :func:`allow_runs`. For a worker that stops: it has put their jobs back in the queue, so an
+    ingest finishing after that would be done again by the next run (the programs run in
+    sessions of their own, which the daemon's SIGTERM does not reach)."""
+    global _stopped
+    with _groups_lock:
+        _stopped = True
         groups = list(_groups)
     for group in groups:
         try:
