@@ -67,21 +67,35 @@ def start(tmp_path):
 
 
 class Subscriber:
-    """A socket client reading lines in a thread (or not reading at all)."""
+    """A socket client reading in a thread (or not reading at all). The thread only receives
+    bytes, the lines are parsed when asked for: a reader that parsed as it read fell over 1 MB
+    behind a burst on a loaded machine, and the daemon rightly cut it off as stuck."""
 
     def __init__(self, path: Path, read: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(path))
-        self.lines: list[dict] = []
+        self._received: list[bytes] = []
+        self._lock = threading.Lock()
+        self._parsed: list[dict] = []
+        self._rest = b""  # a line received in part
         self.closed = threading.Event()
         if read:
             threading.Thread(target=self.read_all, daemon=True).start()
 
     def read_all(self) -> None:
-        with self.sock.makefile("r", encoding="utf-8") as stream:
-            for line in stream:
-                self.lines.append(json.loads(line))
+        while chunk := self.sock.recv(1 << 20):
+            with self._lock:
+                self._received.append(chunk)
         self.closed.set()
+
+    @property
+    def lines(self) -> list[dict]:
+        """The events received so far, whole lines only."""
+        with self._lock:
+            data, self._received = self._rest + b"".join(self._received), []
+        whole, _, self._rest = data.rpartition(b"\n")
+        self._parsed.extend(json.loads(line) for line in whole.splitlines())
+        return self._parsed
 
     def sequences(self) -> list[int]:
         return [int(event["sequence"]) for event in self.lines
