@@ -589,7 +589,8 @@ class Daemon:
                 job.completed_at - job.created_at)
         for stage, seconds in job.stage_seconds.items():
             metrics.child(metrics.stage_duration, stage).observe(seconds)
-        # Counted last: a scrape that sees the end counted sees its durations too.
+        # Counted last (and registered first, in metrics.py: a scrape collects in that order):
+        # a scrape that sees the end counted sees its durations too.
         metrics.child(metrics.jobs_finished, job.project_id, job.status).inc()
 
     # --- state -----------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def conclude(job: Job, ctx: Context, found: Prepared) -> Job | None:
     except ExtractionTimeout:
         final = _timed_out(job, ctx, sha)
     except SinkError as exc:
-        if ctx.control.abandoned:  # a stop released the job, then killed its sink program
+        if ctx.control.abandoned:  # let go (a stop, a lost lease): its sink program killed
             bound.info("job_abandoned", reason=f"sink: {exc}")
             return None
         final = _sink_failed(job, ctx, exc, sha, mime)
@@ -524,7 +524,8 @@ def _index(job: Job, ctx: Context, found: Prepared, sha: str) -> Job:
             if ctx.grouped:
                 raise
             return _after_lost_completion(job, ctx)
-    with sinks.job_deadline(ctx.deadline):  # an external sink may block: give it the time left
+    # An external sink may block: give it the time left, and let it see the job let go.
+    with sinks.job_deadline(ctx.deadline), sinks.job_abandoned(lambda: ctx.control.abandoned):
         document_id = ctx.sink.ingest(_document(job, extracted, mime, sha,
                                                 documents.previous_version(job)))
     try:

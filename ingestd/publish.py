@@ -180,7 +180,7 @@ class Publisher:
             return data.count(b"\n", 0, whole)
         self._written = 0
         since, self._failing_since = self._failing_since, None
-        if since is not None:  # status says writable by the time this is read
+        if since is not None:  # cleared first: whoever reads this line sees the status writable
             log.info("event_log_writable_again", path=str(self.log_path),
                      after_seconds=round(time.monotonic() - since, 1))
         return len(lines)

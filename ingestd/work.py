@@ -180,7 +180,6 @@ class WorkerPool:
 
     def start(self) -> None:
         lease = self.config.daemon.lease_seconds
-        command.allow_runs()
         self._scheduler.add_executor(ThreadPoolExecutor(self.size), "workers")
         self._heartbeat = Coalesced(self._scheduler, db.guarded("heartbeat", self.heartbeat),
                                     "heartbeat")

@@ -93,9 +93,9 @@ class Subscriber:
         """The events received so far, whole lines only."""
         with self._lock:
             data, self._received = self._rest + b"".join(self._received), []
-        whole, _, self._rest = data.rpartition(b"\n")
-        self._parsed.extend(json.loads(line) for line in whole.splitlines())
-        return self._parsed
+            whole, _, self._rest = data.rpartition(b"\n")
+            self._parsed.extend(json.loads(line) for line in whole.splitlines())
+            return list(self._parsed)
 
     def sequences(self) -> list[int]:
         return [int(event["sequence"]) for event in self.lines

@@ -147,10 +147,10 @@ def test_truncated_pdf(tmp_path: Path) -> None:
 def test_nested_bomb_fails_fast(tmp_path: Path, where: str) -> None:
     """Deeply nested arrays end as an ExtractError within seconds, never a crash or a hang."""
     path = corpus.make_nested_pdf_bomb(tmp_path / "bomb.pdf", where=where)
-    deadline = time.monotonic() + 5
+    deadline = time.process_time() + 5  # CPU time: a loaded machine's wall clock says little
     with pytest.raises(ExtractError, match="^truncated or malformed PDF: objects nested too deeply$"):
         extract(path, "application/pdf")
-    assert time.monotonic() < deadline
+    assert time.process_time() < deadline
 
 
 def test_nested_dict_bomb_is_contained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

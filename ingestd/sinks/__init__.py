@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from ingestd.config import Config, ProjectConfig
 from ingestd.errors import ConfigError, IngestdError
@@ -73,6 +73,28 @@ def job_deadline(at: float) -> Iterator[None]:
         yield
     finally:
         _deadline.reset(token)
+
+
+_abandoned: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "ingestd_sink_abandoned", default=None)
+
+
+@contextlib.contextmanager
+def job_abandoned(check: Callable[[], bool]) -> Iterator[None]:
+    """Sink calls in this block are for a job that is no longer the worker's once ``check()``
+    (a stop put it back in the queue, its lease was lost): a sink about to start work that
+    could not be undone asks :func:`abandoned` first."""
+    token = _abandoned.set(check)
+    try:
+        yield
+    finally:
+        _abandoned.reset(token)
+
+
+def abandoned() -> bool:
+    """Whether the job this sink call is for is no longer the worker's (see job_abandoned)."""
+    check = _abandoned.get()
+    return check is not None and check()
 
 
 def time_limit(own_seconds: float) -> tuple[float, str]:

@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
-from ingestd.sinks import Document, SinkError, time_limit
+from ingestd.sinks import Document, SinkError, abandoned, time_limit
 from ingestd.sinks.external import (DEFAULT_TIMEOUT_SECONDS, Options, delete_message, encode,
                                     ingest_message, parse_document_id, shorten, timed_out)
 
@@ -143,18 +143,19 @@ def _communicate(process: subprocess.Popen, data: bytes, seconds: float) -> tupl
 # The process groups of the programs running now: a worker that stops kills them (stop_all).
 _groups: set[int] = set()
 _groups_lock = threading.Lock()
-_stopped = False  # by stop_all, until allow_runs: a program started since is killed at once
 
 
 @contextlib.contextmanager
 def _running(process: subprocess.Popen) -> Iterator[None]:
+    # Its job let go (a stop released it before stop_all takes this lock): killed before it
+    # is sent the document, which would otherwise be stored for a job back in the queue.
     with _groups_lock:
-        stopped = _stopped
-        if not stopped:
+        refused = abandoned()
+        if not refused:
             _groups.add(process.pid)
-    if stopped:  # started as the stop killed the others: its job is back in the queue
+    if refused:
         _kill_group(process)
-        raise SinkError("not run: the worker is stopping", transient=True)
+        raise SinkError("killed at its start: the job is no longer this worker's")
     try:
         yield
     finally:
@@ -162,21 +163,12 @@ def _running(process: subprocess.Popen) -> Iterator[None]:
             _groups.discard(process.pid)
 
 
-def allow_runs() -> None:
-    """Sink programs may run (again): a worker pool starts."""
-    global _stopped
-    with _groups_lock:
-        _stopped = False
-
-
 def stop_all() -> None:
-    """Kill every sink program still running, and any started from now until
-    :func:`allow_runs`. For a worker that stops: it has put their jobs back in the queue, so an
-    ingest finishing after that would be done again by the next run (the programs run in
-    sessions of their own, which the daemon's SIGTERM does not reach)."""
-    global _stopped
+    """Kill every sink program still running. For a worker that stops: it has put their jobs
+    back in the queue, so an ingest finishing after that would be done again by the next run
+    (the programs run in sessions of their own, which the daemon's SIGTERM does not reach).
+    One starting now is killed by :func:`_running`: its job is let go already."""
     with _groups_lock:
-        _stopped = True
         groups = list(_groups)
     for group in groups:
         try:
