@@ -18,6 +18,7 @@ processes ignore them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -33,6 +34,7 @@ import structlog
 from ingestd.config import Config
 from ingestd.inbox import Inbox
 from ingestd.procpool import group_signals_blocked, unblock_group_signals
+from ingestd.sinks import command
 
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
@@ -180,12 +182,16 @@ class WorkerProcesses:
             child.conn.close()
 
     def kill(self) -> None:
-        """At once (a second stop signal): nothing is lost, leases are rescued at the next start."""
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        """At once (a second stop signal, a stop overdue): nothing is lost, leases are rescued
+        at the next start. Their sink programs too: in sessions of their own, they outlived the
+        children and stored documents for jobs the next start ran again. Frozen first, a child
+        starts none while they are looked for (one a microsecond from its setsid is missed)."""
+        pids = self.pids
+        _send(pids, signal.SIGSTOP)
+        for program in command.programs_of(pids):
+            with contextlib.suppress(OSError):
+                os.killpg(program, signal.SIGKILL)
+        _send(pids, signal.SIGKILL)
 
     def _broadcast(self, message: tuple) -> None:
         with self._lock:
@@ -351,3 +357,9 @@ def _read_parent(conn: Connection, pool: Any, stop: Inbox, grace: list[float],
             grace[0] = message[1]
             stop.post(STOP)
             return
+
+
+def _send(pids: list[int], number: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, number)

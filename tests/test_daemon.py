@@ -659,20 +659,27 @@ class TestLifecycle:
     def test_a_second_signal_exits_at_once_and_loses_nothing(self, make_daemon, folders, tmp_path):
         """SIGTERM twice: exit now, the job left running; the next start gives it back to the
         queue without counting the attempt (the operator stopped it, not the job: three such
-        stops failed a good file, out of attempts) and completes it."""
+        stops failed a good file, out of attempts) and completes it. Its sink program is
+        killed too: in a session of its own, it outlived its killed worker process, and would
+        have stored the document for a job the next start runs again."""
         sink, release = blocking_sink(tmp_path)
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=sink)
         path = drop(folders["acme"], "interrupted.txt", "held by its sink")
+        pid_file = tmp_path / "sink.pid"
         for stop in range(3):  # max_attempts
             if stop:
                 running.start()
             wait_job(path, "running")
+            wait_for(pid_file.exists, message="the sink program running")
             running.signal(signal.SIGTERM)
             running.notify.wait_for(lambda m: m == "STOPPING=1")
             running.signal(signal.SIGTERM)
             assert running.process.wait(timeout=10) == 1
             running.stop(expect=1)  # exited: this checks its log
             assert jobs_for(path)[0].status == "running"  # left as it was
+            sink_pid = int(pid_file.read_text())
+            pid_file.unlink()
+            wait_for(lambda: gone(sink_pid), timeout=5, message="the sink program killed")
         release.touch()
         running.start()
         job = wait_job(path, timeout=60)
