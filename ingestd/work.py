@@ -40,7 +40,7 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 
 
-from ingestd import db, jobs
+from ingestd import db, jobs, proc
 from ingestd.config import Config, ProjectConfig
 from ingestd.errors import Conflict, NotFound
 from ingestd.models import Job, Stage, database
@@ -114,18 +114,9 @@ def owner_is_dead_local(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return _is_zombie(int(pid))
-
-
-def _is_zombie(pid: int) -> bool:
-    """Dead, not yet reaped: a killed daemon's workers are left to an init that may take its
-    time (some containers' never reaps), and signal 0 still reaches them."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            state = stat.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state in (b"Z", b"X")
+    # A zombie: a killed daemon's workers are left to an init that may take its time to reap
+    # them (some containers' never do), and signal 0 still reaches them.
+    return proc.is_zombie(int(pid))
 
 
 @dataclass(frozen=True)

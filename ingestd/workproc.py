@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import structlog
 
+from ingestd import proc
 from ingestd.config import Config
 from ingestd.inbox import Inbox
 from ingestd.procpool import group_signals_blocked, unblock_group_signals
@@ -39,6 +40,7 @@ from ingestd.sinks import command
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
+STOPPED_WAIT_SECONDS = 0.5  # kill(): for a SIGSTOP to reach every thread of a child
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
 # What the jobs a worker process gives back say when its daemon died (SIGKILL, a crash).
 ORPHANED = "re-queued: the daemon's process is gone"
@@ -184,14 +186,18 @@ class WorkerProcesses:
     def kill(self) -> None:
         """At once (a second stop signal, a stop overdue): nothing is lost, leases are rescued
         at the next start. Their sink programs too: in sessions of their own, they outlived the
-        children and stored documents for jobs the next start ran again. Frozen first, a child
-        starts none while they are looked for (one a microsecond from its setsid is missed)."""
-        pids = self.pids
+        children and stored documents for jobs the next start ran again. Stopped first, a
+        child starts none while they are looked for."""
+        # Our children still (not reaped): no other process has their pids.
+        pids = [pid for pid in self.pids if (info := proc.stat(pid)) and info.ppid == os.getpid()]
         _send(pids, signal.SIGSTOP)
-        for program in command.programs_of(pids):
-            with contextlib.suppress(OSError):
-                os.killpg(program, signal.SIGKILL)
-        _send(pids, signal.SIGKILL)
+        try:
+            proc.wait_stopped(pids, STOPPED_WAIT_SECONDS)
+            for program in command.programs_of(pids):
+                with contextlib.suppress(OSError):
+                    os.killpg(program, signal.SIGKILL)
+        finally:  # never leave them stopped, holding what they hold
+            _send(pids, signal.SIGKILL)
 
     def _broadcast(self, message: tuple) -> None:
         with self._lock:

@@ -666,21 +666,23 @@ class TestLifecycle:
         running = make_daemon(daemon_extra="shutdown_grace_seconds = 30", acme_extra=sink)
         path = drop(folders["acme"], "interrupted.txt", "held by its sink")
         pid_file = tmp_path / "sink.pid"
-        for stop in range(3):  # max_attempts
-            if stop:
-                running.start()
-            wait_job(path, "running")
-            wait_for(pid_file.exists, message="the sink program running")
-            running.signal(signal.SIGTERM)
-            running.notify.wait_for(lambda m: m == "STOPPING=1")
-            running.signal(signal.SIGTERM)
-            assert running.process.wait(timeout=10) == 1
-            running.stop(expect=1)  # exited: this checks its log
-            assert jobs_for(path)[0].status == "running"  # left as it was
-            sink_pid = int(pid_file.read_text())
-            pid_file.unlink()
-            wait_for(lambda: gone(sink_pid), timeout=5, message="the sink program killed")
-        release.touch()
+        try:
+            for stop in range(3):  # max_attempts
+                if stop:
+                    running.start()
+                wait_job(path, "running")
+                wait_for(pid_file.exists, message="the sink program running")
+                running.signal(signal.SIGTERM)
+                running.notify.wait_for(lambda m: m == "STOPPING=1")
+                running.signal(signal.SIGTERM)
+                assert running.process.wait(timeout=10) == 1
+                running.stop(expect=1)  # exited: this checks its log
+                assert jobs_for(path)[0].status == "running"  # left as it was
+                sink_pid = int(pid_file.read_text())
+                pid_file.unlink()
+                wait_for(lambda: gone(sink_pid), timeout=5, message="the sink program killed")
+        finally:  # a failed run leaves no program waiting for good
+            release.touch()
         running.start()
         job = wait_job(path, timeout=60)
         assert (job.status, job.attempts) == ("completed", 1), running.log()[-3000:]

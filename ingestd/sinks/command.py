@@ -42,6 +42,7 @@ import threading
 import time
 from typing import Any, Iterator
 
+from ingestd import proc
 from ingestd.config import ProjectConfig
 from ingestd.errors import ConfigError
 from ingestd.sinks import Document, SinkError, abandoned, time_limit
@@ -179,22 +180,10 @@ def stop_all() -> None:
 
 def programs_of(parents: list[int]) -> list[int]:
     """The sink programs that the processes ``parents`` started and that still run: their
-    children leading sessions of their own (see _start), read from /proc. For killing them
-    from outside (the daemon killing its worker processes at once, whose stop_all never runs).
-    Takes no lock: a signal handler asks."""
-    wanted, found = set(parents), []
-    with contextlib.suppress(OSError):
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as stat:  # "pid (comm) state ppid pgrp sid"
-                    _, ppid, _, session = stat.read().rpartition(b")")[2].split()[:4]
-            except (OSError, ValueError):
-                continue
-            if int(ppid) in wanted and int(session) == int(name):
-                found.append(int(name))
-    return found
+    children leading sessions of their own (see _start; a worker's extraction processes do
+    not). For killing them from outside (the daemon killing its worker processes at once,
+    whose stop_all never runs). Takes no lock: a signal handler asks."""
+    return [pid for pid, info in proc.children(parents).items() if info.session == pid]
 
 
 def _kill_group(process: subprocess.Popen) -> None:
