@@ -429,7 +429,9 @@ def new_jobs(project_id: str, found: Sequence[tuple[str, FileVersion]],
     work off the write lock; a folder seen for the first time gets its source row here)."""
     sources = {folder: ensure_source(project_id, folder) for folder, _ in found}
     keyed = {version.key(project_id): (sources[folder], version) for folder, version in found}
-    rows = [(source_id, version, key) for key, (source_id, version) in keyed.items()]
+    # In the order of their keys (mtime first): nodes that saw a burst in other orders take the
+    # rows' locks in one order, and never wait for each other in a circle (a deadlock).
+    rows = [(keyed[key][0], keyed[key][1], key) for key in sorted(keyed)]
     moment = now()
     return NewJobs([_insert_statement(project_id, rows[start:start + INSERT_BATCH],
                                       max_attempts, False, moment)

@@ -4,6 +4,7 @@ is lost or doubled, a dead node's jobs are finished by the others, events are se
 from __future__ import annotations
 
 import json
+import multiprocessing
 import socket
 import subprocess
 import sys
@@ -120,6 +121,42 @@ def test_eight_workers_racing_for_10000_jobs_never_claim_one_twice(pg_url):
         assert sum(1 for mine in claimed if mine) >= 4  # they really raced
         started = Counter(e.job_id for e in Event.select().where(Event.type == jobs.JOB_STARTED))
         assert len(started) == 10_000 and set(started.values()) == {1}
+    finally:
+        db.close_store()
+
+
+def _create_in_order(url: str, order: int, rounds: int, count: int, barrier, failures) -> None:
+    """Make jobs for ``rounds`` sets of the same ``count`` versions another node makes, the
+    files in ``order`` (1 or -1), each set in one transaction as the daemon does."""
+    db.open_store(url)
+    for round_ in range(rounds):
+        versions = [FileVersion(f"/srv/acme/{round_}-{i}", f"{i}", 1, i, i, "text/plain")
+                    for i in range(count)][::order]
+        new = jobs.new_jobs("acme", [("/srv/acme", version) for version in versions], 3)
+        barrier.wait(timeout=60)
+        try:
+            jobs.create_many(new)
+        except Exception as exc:  # a deadlock the server broke, most likely
+            failures.put(db.first_line(exc))
+
+
+def test_nodes_making_jobs_for_the_same_files_in_other_orders_never_deadlock(pg_url):
+    """Two nodes see a burst in different orders and make its jobs at once: each takes the
+    rows' locks in the order of their keys, so neither waits for the other in a circle. In
+    the order seen, PostgreSQL broke a deadlock and one node's whole batch waited a second."""
+    context = multiprocessing.get_context("spawn")
+    barrier, failures = context.Barrier(2), context.Queue()
+    nodes = [context.Process(target=_create_in_order, args=(pg_url, order, 5, 800, barrier,
+                                                             failures)) for order in (1, -1)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.join(timeout=120)
+    assert [node.exitcode for node in nodes] == [0, 0]
+    assert failures.empty(), failures.get()
+    db.open_store(pg_url)
+    try:
+        assert Job.select().count() == 5 * 800  # one job per version, whoever made it
     finally:
         db.close_store()
 
