@@ -33,6 +33,7 @@ import structlog
 
 from ingestd import proc
 from ingestd.config import Config
+from ingestd.errors import IngestdError, StoreUnreachable
 from ingestd.inbox import Inbox
 from ingestd.procpool import group_signals_blocked, unblock_group_signals
 from ingestd.sinks import command
@@ -40,6 +41,7 @@ from ingestd.sinks import command
 log = structlog.get_logger(__name__)
 _CONTEXT = mp.get_context("spawn")  # forking a threaded daemon can deadlock the child
 RESTART_DELAY_SECONDS = 1.0
+DATABASE_RETRY_MAX_SECONDS = 5.0  # a child waiting for its database tries at least this often
 STOPPED_WAIT_SECONDS = 0.5  # kill(): for a SIGSTOP to reach every thread of a child
 REPORT_SECONDS = 0.25  # how often a child reports the jobs it finished (for the metrics)
 # What the jobs a worker process gives back say when its daemon died (SIGKILL, a crash).
@@ -265,9 +267,6 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     from ingestd.work import WorkerPool
 
     logging_setup.configure(log_level)
-    stop = Inbox()
-    grace = [config.daemon.shutdown_grace_seconds]
-    why = ["re-queued at shutdown"]  # what the jobs given back at the stop say
     # Ctrl-C in a terminal reaches the whole process group, and so does a SIGTERM from a shell's
     # `kill %1`, `timeout` or a supervisor that signals the group: the parent alone decides,
     # and tells its children to stop (a child that stopped on its own was reported dead, the
@@ -282,7 +281,14 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     # a writer still at a file about to be moved?), with a handler: the sink programs and
     # extractors started from here get the default back, as exec resets a handler.
     writers.catch_lease_breaks()
-    db.open_store(config.daemon.database, migrate=False)
+    opened = _open_store(conn, config, held)
+    if opened is None:  # told to stop, or orphaned, before it began: it holds no job
+        logging.shutdown()
+        os._exit(0)
+    config, held = opened
+    stop = Inbox()
+    grace = [config.daemon.shutdown_grace_seconds]
+    why = ["re-queued at shutdown"]  # what the jobs given back at the stop say
     config = replace(config, daemon=replace(config.daemon, workers=slots))
     scheduler = new_scheduler(threads=2)
     report = _Reporter(conn)
@@ -305,6 +311,38 @@ def child_main(conn: Connection, config: Config, slots: int, log_level: str, hel
     # interpreter wait for that thread at exit.
     logging.shutdown()
     os._exit(0)
+
+
+def _open_store(conn: Connection, config: Config, held: bool) -> tuple[Config, bool] | None:
+    """Open the database, waiting (with backoff) while a PostgreSQL server cannot be reached:
+    a worker process started as it restarts died with a traceback, again each second. What the
+    parent says meanwhile is kept to; the config and held state to start with, or None if it
+    said stop (or is gone). A database refused for good (not this ingestd's schema, say) ends
+    the process with one line saying why: the parent reports it dead and starts another."""
+    from ingestd import db
+
+    delay = 0.5
+    while True:
+        try:
+            db.open_store(config.daemon.database, migrate=False)
+            return config, held
+        except StoreUnreachable as exc:
+            log.warning("database_unreachable", reason=str(exc), retry_seconds=delay)
+        except IngestdError as exc:
+            log.error("worker_process_cannot_start", reason=str(exc))
+            logging.shutdown()
+            os._exit(1)
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0 and conn.poll(left):
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return None
+            if message[0] == "stop":
+                return None
+            held = held and message[0] != "resume"
+            config = message[1] if message[0] == "config" else config
+        delay = min(2 * delay, DATABASE_RETRY_MAX_SECONDS)
 
 
 def _dropped(number: int, frame: object) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import stat
 import socket
@@ -88,6 +89,37 @@ def test_a_daemon_waits_for_its_database_to_come_up_then_works(tmp_path, pg_url)
         db.open_store(pg_url)
         assert wait_job(tmp_path / "drop" / "a.txt", timeout=60).status == "completed"
         assert daemon.stop() == 0
+    finally:
+        if daemon.alive:
+            daemon.kill(with_children=True)
+        relay.close()
+        db.close_store()
+
+
+def test_a_worker_process_started_while_the_server_is_down_waits_for_it(tmp_path, pg_url):
+    """A worker process that dies as the server restarts is started again: that one waits for
+    the server and then works. It died in its turn, with a traceback on stderr, every second
+    until the server was back."""
+    relay = Proxy(server_of(PG_URL), free_port())
+    daemon = node(tmp_path, via_port(pg_url, relay.port))
+    daemon.start()
+    db.open_store(pg_url)
+    try:
+        started = lambda: [json.loads(line)["pid"] for line in daemon.log().splitlines()  # noqa: E731
+                           if '"worker_process_started"' in line]
+        victim = started()[0]
+        relay.down()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(started()) == 3, message="its replacement started")
+        wait_for(lambda: daemon.log().count('"database_unreachable"') >= 2, timeout=30,
+                 message="the replacement waiting, saying so")
+        relay.up()
+        wait_for(lambda: daemon.log().count('"worker_process_ready"') == 3, timeout=30,
+                 message="the replacement ready")
+        (tmp_path / "drop" / "a.txt").write_text("ingested by two workers again")
+        assert wait_job(tmp_path / "drop" / "a.txt", timeout=60).status == "completed"
+        assert daemon.log().count('"worker_process_died"') == 1  # the one killed
+        assert daemon.stop() == 0  # its log holds no traceback
     finally:
         if daemon.alive:
             daemon.kill(with_children=True)
