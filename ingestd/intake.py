@@ -187,10 +187,13 @@ def create_jobs(ready: list[Ready]) -> tuple[list[Job], list[tuple[Ready, str]]]
     by_project: dict[str, list[tuple[str, FileVersion]]] = {}
     for item, folder, version in inspected:
         by_project.setdefault(item.project.name, []).append((str(folder), version))
-    to_create = [jobs.new_jobs(name, found, projects[name].max_attempts)
-                 for name, found in by_project.items()]
+    # Locks in one order on every node: projects by name, each one's rows by key (new_jobs),
+    # the event counter last (events_at_end). In the order a node had settled its files, two
+    # nodes could wait for each other in a circle, which PostgreSQL breaks as a deadlock.
+    to_create = [jobs.new_jobs(name, by_project[name], projects[name].max_attempts)
+                 for name in sorted(by_project)]
     created = []
-    with database.atomic():
+    with database.atomic(), jobs.events_at_end():
         for new in to_create:
             created += jobs.create_many(new)
         for item, reason in rejected:

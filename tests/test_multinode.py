@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
@@ -125,38 +126,61 @@ def test_eight_workers_racing_for_10000_jobs_never_claim_one_twice(pg_url):
         db.close_store()
 
 
-def _create_in_order(url: str, order: int, rounds: int, count: int, barrier, failures) -> None:
-    """Make jobs for ``rounds`` sets of the same ``count`` versions another node makes, the
-    files in ``order`` (1 or -1), each set in one transaction as the daemon does."""
+ROUNDS = 5  # sets of files made at once by two nodes
+
+
+def _create_in_order(url: str, folders: dict[str, str], order: int, rounds: int, barrier,
+                     failures) -> None:
+    """Make jobs as a daemon does for ``rounds`` sets of the same files another node sees, in
+    ``order`` (1 or -1: the projects and their files the other way round)."""
+    from ingestd import config as config_mod, intake
+
     db.open_store(url)
+    cfg = config_mod.from_mapping(
+        {"projects": {name: {"folders": [folder]} for name, folder in folders.items()}}, None)
     for round_ in range(rounds):
-        versions = [FileVersion(f"/srv/acme/{round_}-{i}", f"{i}", 1, i, i, "text/plain")
-                    for i in range(count)][::order]
-        new = jobs.new_jobs("acme", [("/srv/acme", version) for version in versions], 3)
+        ready = [intake.Ready(cfg.projects[name], str(path), intake.signature_of(os.lstat(path)),
+                              Path(folder))
+                 for name, folder in list(folders.items())[::order]
+                 for path in sorted(Path(folder).glob(f"{round_}-*"))[::order]]
         barrier.wait(timeout=60)
         try:
-            jobs.create_many(new)
+            intake.create_jobs(ready)
         except Exception as exc:  # a deadlock the server broke, most likely
             failures.put(db.first_line(exc))
 
 
-def test_nodes_making_jobs_for_the_same_files_in_other_orders_never_deadlock(pg_url):
-    """Two nodes see a burst in different orders and make its jobs at once: each takes the
-    rows' locks in the order of their keys, so neither waits for the other in a circle. In
-    the order seen, PostgreSQL broke a deadlock and one node's whole batch waited a second."""
+def test_nodes_making_jobs_for_the_same_files_in_other_orders_never_deadlock(tmp_path, pg_url):
+    """Two nodes see a burst in two projects in different orders and make its jobs at once:
+    each takes the locks in one order (projects by name, rows by key, the event counter
+    last), so neither waits for the other in a circle. In the order seen, PostgreSQL broke a
+    deadlock and one node's whole batch waited a second."""
+    folders = {}
+    for name in ("alpha", "beta"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for round_ in range(ROUNDS):
+            for index in range(400):
+                (folder / f"{round_}-{index:03d}.txt").write_text(f"{name} {round_} {index}")
+        folders[name] = str(folder)
     context = multiprocessing.get_context("spawn")
     barrier, failures = context.Barrier(2), context.Queue()
-    nodes = [context.Process(target=_create_in_order, args=(pg_url, order, 5, 800, barrier,
-                                                             failures)) for order in (1, -1)]
+    nodes = [context.Process(target=_create_in_order, args=(pg_url, folders, order, ROUNDS,
+                                                             barrier, failures))
+             for order in (1, -1)]
     for node in nodes:
         node.start()
-    for node in nodes:
-        node.join(timeout=120)
-    assert [node.exitcode for node in nodes] == [0, 0]
-    assert failures.empty(), failures.get()
+    try:
+        for node in nodes:
+            node.join(timeout=120)
+        assert [node.exitcode for node in nodes] == [0, 0]
+        assert failures.empty(), failures.get()
+    finally:
+        for node in nodes:
+            node.terminate()
     db.open_store(pg_url)
     try:
-        assert Job.select().count() == 5 * 800  # one job per version, whoever made it
+        assert Job.select().count() == 2 * ROUNDS * 400  # one job per version, whoever made it
     finally:
         db.close_store()
 
