@@ -195,9 +195,7 @@ class WorkerProcesses:
         _send(pids, signal.SIGSTOP)
         try:
             proc.wait_stopped(pids, STOPPED_WAIT_SECONDS)
-            for program in command.programs_of(pids):
-                with contextlib.suppress(OSError):
-                    os.killpg(program, signal.SIGKILL)
+            command.kill_programs_of(pids)
         finally:  # never leave them stopped, holding what they hold
             _send(pids, signal.SIGKILL)
 

@@ -66,29 +66,28 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def job_deadline(at: float) -> Iterator[None]:
-    """Sink calls in this block are for a job that must end by ``at`` (``time.monotonic()``)."""
-    token = _deadline.set(at)
+def _within(variable: contextvars.ContextVar, value: object) -> Iterator[None]:
+    token = variable.set(value)
     try:
         yield
     finally:
-        _deadline.reset(token)
+        variable.reset(token)
+
+
+def job_deadline(at: float) -> contextlib.AbstractContextManager[None]:
+    """Sink calls in this block are for a job that must end by ``at`` (``time.monotonic()``)."""
+    return _within(_deadline, at)
 
 
 _abandoned: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "ingestd_sink_abandoned", default=None)
 
 
-@contextlib.contextmanager
-def job_abandoned(check: Callable[[], bool]) -> Iterator[None]:
+def job_abandoned(check: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
     """Sink calls in this block are for a job that is no longer the worker's once ``check()``
     (a stop put it back in the queue, its lease was lost): a sink about to start work that
     could not be undone asks :func:`abandoned` first."""
-    token = _abandoned.set(check)
-    try:
-        yield
-    finally:
-        _abandoned.reset(token)
+    return _within(_abandoned, check)
 
 
 def abandoned() -> bool:

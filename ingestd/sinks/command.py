@@ -171,19 +171,27 @@ def stop_all() -> None:
     One starting now is killed by :func:`_running`: its job is let go already."""
     with _groups_lock:
         groups = list(_groups)
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _kill_groups(groups)
 
 
 def programs_of(parents: list[int]) -> list[int]:
     """The sink programs that the processes ``parents`` started and that still run: their
     children leading sessions of their own (see _start; a worker's extraction processes do
-    not). For killing them from outside (the daemon killing its worker processes at once,
-    whose stop_all never runs). Takes no lock: a signal handler asks."""
+    not). Takes no lock: a signal handler asks."""
     return [pid for pid, info in proc.children(parents).items() if info.session == pid]
+
+
+def kill_programs_of(parents: list[int]) -> None:
+    """Kill :func:`programs_of` ``parents`` from outside them (the daemon killing its worker
+    processes at once, whose stop_all never runs): stop the parents first, or one may start
+    another meanwhile."""
+    _kill_groups(programs_of(parents))
+
+
+def _kill_groups(groups: list[int]) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
